@@ -1,0 +1,146 @@
+"""Which kernel backends exist, why one is missing, and how one is chosen.
+
+A backend is a small object with four kernels (the contract every backend implements):
+
+    joint_counts(p1, p2, offsets, mask) -> J
+        p1, p2  : (B, K, *S) contiguous, float16/bfloat16/float32/float64, same device
+        offsets : flat tuple of ints, |O| * n values (n = len(S)), offset o is
+                  offsets[o*n:(o+1)*n] in spatial-dim order (D, H, W) or (H, W)
+        mask    : None or (B, *S) contiguous, same dtype as p1, values 0/1
+        J       : (|O|, K, K) in the accumulation dtype (float64 for float64 inputs,
+                  float32 otherwise), J[o, i, j] = sum_{b,s: s+d inside} m[s] m[s+d] p1[b,i,s] p2[b,j,s+d]
+    joint_counts_backward(grad_J, p1, p2, offsets, mask) -> (grad_p1, grad_p2)
+        grad_J  : (|O|, K, K) in the accumulation dtype; grads in the dtype of p1
+    boundary_cc(p, edge, window) -> (cc, u_range)
+        p       : (B, K, *S); edge: (B, 1, *S) contiguous in the accumulation dtype
+        cc      : 0-dim, accumulation dtype: CC(U(p), edge) of SPEC §5 (negative number)
+        u_range : (B, 2) accumulation dtype, per-sample [min, max] of the raw uncertainty U
+                  (saved for the backward so it need not re-reduce)
+    boundary_cc_backward(grad_cc, p, edge, u_range, window) -> grad_p
+        grad_cc : 0-dim accumulation dtype; grad_p in the dtype of p
+
+Kernels never modify their inputs, and never synchronise with the host for values.
+`bimi_kernels.ops` is the only caller: it wraps these in torch.library custom ops.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+BACKEND_NAMES = ("reference", "cpp", "triton", "cuda")
+
+# Where each backend lives: "module:attribute" of an object with the four kernels above and
+# `devices` (set of device types it serves) and `unavailable_reason(device_type) -> str | None`.
+_BACKEND_LOCATIONS = {
+    "reference": "bimi_kernels.reference_backend:BACKEND",
+    "cpp": "bimi_kernels.native:CPP_BACKEND",
+    "triton": "bimi_kernels.triton.backend:BACKEND",
+    "cuda": "bimi_kernels.native:CUDA_BACKEND",
+}
+
+# `auto` tries these in order; the first available for the tensors' device wins.
+_AUTO_ORDER = {
+    "cpu": ("cpp", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+
+@dataclass
+class Backend:
+    """A set of kernels. The kernel functions follow the contract in this module's docstring."""
+
+    name: str
+    devices: frozenset
+    joint_counts: Callable
+    joint_counts_backward: Callable
+    boundary_cc: Callable
+    boundary_cc_backward: Callable
+    # device_type -> None when usable there, else a human-readable reason
+    unavailable_reason: Callable[[str], Optional[str]] = field(default=lambda device_type: None)
+
+
+_loaded: dict = {}
+_load_errors: dict = {}
+
+
+def _load(name: str) -> Optional[Backend]:
+    """Import a backend lazily; remember why it failed so `available_backends` can say it."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    module_name, attr = _BACKEND_LOCATIONS[name].split(":")
+    try:
+        backend = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # an extension that was not built, triton missing, ...
+        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = backend
+    return backend
+
+
+def unavailable_reason(name: str, device_type: str) -> Optional[str]:
+    """None when backend `name` can run on tensors of `device_type`, else why not."""
+    if name not in _BACKEND_LOCATIONS:
+        return f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or 'auto'"
+    backend = _load(name)
+    if backend is None:
+        return f"could not be loaded ({_load_errors[name]})"
+    if device_type not in backend.devices:
+        served = ", ".join(sorted(backend.devices))
+        return f"runs on {served} tensors, not {device_type}"
+    return backend.unavailable_reason(device_type)
+
+
+def available_backends(device=None) -> dict:
+    """Map each backend name to None (available) or the reason it is not, for a device.
+
+    `device` defaults to "cuda" when a GPU is visible, else "cpu".
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    return {name: unavailable_reason(name, device_type) for name in BACKEND_NAMES}
+
+
+def resolve(requested: str, device_type: str) -> str:
+    """The backend name to use for `requested` ("auto" or a name) on tensors of `device_type`.
+
+    `BIMI_BACKEND` overrides "auto". An explicit request that cannot be served raises; it never
+    falls back silently.
+    """
+    if requested == "auto":
+        requested = os.environ.get("BIMI_BACKEND", "auto") or "auto"
+    if requested == "auto":
+        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+            if unavailable_reason(name, device_type) is None:
+                return name
+        return "reference"
+    if requested not in _BACKEND_LOCATIONS:
+        raise ValueError(
+            f"backend: unknown backend {requested!r}; expected 'auto' or one of {BACKEND_NAMES}"
+        )
+    reason = unavailable_reason(requested, device_type)
+    if reason is not None:
+        raise RuntimeError(
+            f"backend {requested!r} was requested for {device_type} tensors but is not available: "
+            f"{reason}. See bimi_kernels.available_backends()."
+        )
+    return requested
+
+
+def get(name: str) -> Backend:
+    """The loaded backend object for an already-resolved name."""
+    backend = _load(name)
+    if backend is None:
+        raise RuntimeError(f"backend {name!r} could not be loaded: {_load_errors.get(name)}")
+    return backend
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float dtype accumulates in float32 (SPEC §8)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,77 @@
+"""Offset sets: a window radius (times a dilation) or an explicit list of displacements."""
+from __future__ import annotations
+
+import itertools
+import numbers
+from typing import Sequence, Tuple, Union
+
+OffsetSpec = Union[int, Sequence[Sequence[int]]]
+Offsets = Tuple[Tuple[int, ...], ...]
+
+
+def make_offsets(offsets: OffsetSpec, ndim: int, dilation: int = 1) -> Offsets:
+    """The displacement set as a tuple of n-tuples (n = `ndim` spatial dims).
+
+    An int `r >= 0` gives the full window {-r..r}^n times `dilation` in lexicographic order;
+    `r = 0` is the zero displacement alone. A sequence gives exactly those displacements
+    (`dilation` is not applied to an explicit list).
+    """
+    if ndim not in (2, 3):
+        raise ValueError(f"offsets: expected 2 or 3 spatial dims, got {ndim}")
+    if isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral) or dilation < 1:
+        raise ValueError(f"dilation: expected an int >= 1, got {dilation!r}")
+    if isinstance(offsets, bool):
+        raise TypeError(f"offsets: expected an int radius or a sequence of tuples, got {offsets!r}")
+    if isinstance(offsets, numbers.Integral):
+        r = int(offsets)
+        if r < 0:
+            raise ValueError(f"offsets: a window radius must be >= 0, got {r}")
+        steps = [k * int(dilation) for k in range(-r, r + 1)]
+        return tuple(tuple(d) for d in itertools.product(steps, repeat=ndim))
+    if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence) and not hasattr(offsets, "__iter__"):
+        raise TypeError(f"offsets: expected an int radius or a sequence of tuples, got {offsets!r}")
+    result = []
+    for d in offsets:
+        if isinstance(d, numbers.Integral) or not hasattr(d, "__len__"):
+            raise TypeError(f"offsets: each offset must be a tuple of {ndim} ints, got {d!r}")
+        if len(d) != ndim:
+            raise ValueError(
+                f"offsets: offset {tuple(d)!r} has {len(d)} components, expected {ndim} "
+                f"(one per spatial dim)"
+            )
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in d):
+            raise TypeError(f"offsets: offset {tuple(d)!r} must hold ints")
+        result.append(tuple(int(v) for v in d))
+    if not result:
+        raise ValueError("offsets: the offset list is empty")
+    return tuple(result)
+
+
+def check_offsets_fit(offsets: Offsets, spatial: Sequence[int]) -> None:
+    """Every |d_k| must be smaller than the spatial size in dim k, else no pair is left to count."""
+    for d in offsets:
+        for k, (dk, size) in enumerate(zip(d, spatial)):
+            if abs(dk) >= size:
+                raise ValueError(
+                    f"offsets: offset {d!r} is too large for spatial size {tuple(spatial)!r} "
+                    f"(|{dk}| >= {size} in spatial dim {k}); no pixel pair would be left"
+                )
+
+
+def flatten(offsets: Offsets) -> Tuple[int, ...]:
+    """The flat int list the kernels take: offset o is flat[o*n:(o+1)*n]."""
+    return tuple(v for d in offsets for v in d)
+
+
+def unflatten(flat: Sequence[int], ndim: int) -> Offsets:
+    return tuple(tuple(int(v) for v in flat[i : i + ndim]) for i in range(0, len(flat), ndim))
+
+
+def overlap_slices(d: Sequence[int], spatial: Sequence[int]):
+    """Slices (first, second) over the spatial dims such that first-pixel s and second-pixel s+d
+    are both inside: first = s-range, second = (s+d)-range. Used by the reference."""
+    first, second = [], []
+    for dk, size in zip(d, spatial):
+        first.append(slice(max(0, -dk), size - max(0, dk)))
+        second.append(slice(max(0, dk), size - max(0, -dk)))
+    return tuple(first), tuple(second)

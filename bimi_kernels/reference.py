@@ -1,0 +1,229 @@
+"""The BIMI loss in plain PyTorch: the ground truth of every test, written to be read.
+
+SPEC §3-§6. Everything here is differentiable by autograd and works for 2-D maps
+(B, K, H, W) and 3-D maps (B, K, D, H, W). It is not fast: each offset slices the two maps and
+contracts them, and the box sums are convolutions with a window of ones. Memory stays at a few
+copies of the inputs.
+
+Accumulation follows SPEC §8: float64 inputs are computed in float64, everything else in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .offsets import Offsets, overlap_slices
+
+EPS_MI = 1e-5  # inside the logs of the regularised MI (SPEC §4)
+EPS_CC = 1e-5  # clamp of cross term and variances (SPEC §5)
+EPS_LOG_U = 1e-16  # inside the log of the uncertainty map
+EPS_MINMAX = 1e-6  # denominator of the min-max normalisation
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _apply_mask(p: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """p (B, K, *S) times mask (B, *S) or (B, 1, *S), in p's dtype."""
+    if mask is None:
+        return p
+    return p * mask.reshape(p.shape[0], 1, *p.shape[2:]).to(p.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# §3 joint counts
+# ------------------------------------------------------------------------------------------------
+def joint_counts(
+    p1: torch.Tensor, p2: torch.Tensor, offsets: Offsets, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """J[o, i, j] = sum over b and s with s+d_o inside (both pixels valid) of p1[b,i,s] p2[b,j,s+d_o].
+
+    Returns (|O|, K, K) in the accumulation dtype.
+    """
+    acc = accumulation_dtype(p1.dtype)
+    a = _apply_mask(p1.to(acc), mask)
+    b = _apply_mask(p2.to(acc), mask)
+    spatial = p1.shape[2:]
+    counts = []
+    for d in offsets:
+        first, second = overlap_slices(d, spatial)
+        x = a[(slice(None), slice(None)) + first]  # p1 at s
+        y = b[(slice(None), slice(None)) + second]  # p2 at s + d
+        counts.append(torch.einsum("bi...,bj...->ij", x, y))
+    return torch.stack(counts)
+
+
+def joint_counts_backward(
+    grad_j: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    offsets: Offsets,
+    mask: Optional[torch.Tensor] = None,
+):
+    """The backward of `joint_counts` written out (SPEC §3), not by autograd:
+
+        dL/dp1[b,i,s] = sum_d sum_j G_d[i,j] p2[b,j,s+d]     dL/dp2[b,j,t] = sum_d sum_i G_d[i,j] p1[b,i,t-d]
+
+    over pairs inside and valid. Returns gradients in the dtypes of p1 and p2.
+    """
+    acc = grad_j.dtype
+    a = _apply_mask(p1.to(acc), mask)
+    b = _apply_mask(p2.to(acc), mask)
+    grad_a = torch.zeros_like(a)
+    grad_b = torch.zeros_like(b)
+    spatial = p1.shape[2:]
+    lead = (slice(None), slice(None))
+    for g, d in zip(grad_j, offsets):
+        first, second = overlap_slices(d, spatial)
+        grad_a[lead + first] += torch.einsum("ij,bj...->bi...", g, b[lead + second])
+        grad_b[lead + second] += torch.einsum("ij,bi...->bj...", g, a[lead + first])
+    # the mask multiplies each map once more: d(m p)/dp = m
+    return _apply_mask(grad_a, mask).to(p1.dtype), _apply_mask(grad_b, mask).to(p2.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# §4 regularised mutual information
+# ------------------------------------------------------------------------------------------------
+def joint_distributions(j: torch.Tensor, symmetric: bool = True):
+    """Normalise each offset's counts to a distribution; symmetrise if asked.
+
+    Returns (P, valid): P (|O|, K, K), valid (|O|,) bool, False where an offset had no pair
+    (its P is all zeros). No host sync.
+    """
+    total = j.sum(dim=(-2, -1), keepdim=True)
+    valid = total > 0
+    p = j / torch.where(valid, total, torch.ones_like(total))
+    if symmetric:
+        p = (p + p.transpose(-2, -1)) / 2
+    return p, valid.reshape(-1)
+
+
+def regularized_mi_of_distribution(
+    p: torch.Tensor, alpha: float = 0.5, lamda: float = 1.0, eps: float = EPS_MI
+) -> torch.Tensor:
+    """L_RMI(P) for each distribution in a (..., K, K) batch (SPEC §4):
+
+    - sum T log(P + eps) + lamda sum P [log(r + eps) + log(c + eps)],  T = alpha I/K + (1-alpha) P.
+    """
+    k = p.shape[-1]
+    eye = torch.eye(k, dtype=p.dtype, device=p.device)
+    target = alpha * eye / k + (1 - alpha) * p
+    rows = p.sum(dim=-1, keepdim=True)  # r_i
+    cols = p.sum(dim=-2, keepdim=True)  # c_j
+    cross_entropy = -(target * torch.log(p + eps)).sum(dim=(-2, -1))
+    marginals = (p * (torch.log(rows + eps) + torch.log(cols + eps))).sum(dim=(-2, -1))
+    return cross_entropy + lamda * marginals
+
+
+def regularized_mi(
+    j: torch.Tensor,
+    alpha: float = 0.5,
+    lamda: float = 1.0,
+    symmetric: bool = True,
+    eps: float = EPS_MI,
+) -> torch.Tensor:
+    """L_MI: the mean over offsets with at least one pair of L_RMI(P_d); 0 when none has one."""
+    p, valid = joint_distributions(j, symmetric)
+    per_offset = regularized_mi_of_distribution(p, alpha, lamda, eps)
+    weight = valid.to(per_offset.dtype)
+    return (per_offset * weight).sum() / weight.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# §5 boundary-aware cross-correlation
+# ------------------------------------------------------------------------------------------------
+def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
+    """(x - min) / (max - min + 1e-6) per sample, min and max detached."""
+    flat = x.detach().flatten(1)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    lo = flat.min(dim=1).values.reshape(shape)
+    hi = flat.max(dim=1).values.reshape(shape)
+    return (x - lo) / (hi - lo + EPS_MINMAX)
+
+
+def edge_map(image: torch.Tensor, gamma: float = 0.75, size: Optional[Sequence[int]] = None):
+    """Edge magnitude of an image (B, C, *S): wrap-around backward differences along each spatial
+    dim, sqrt of the sum of squares, mean over channels, min-max per sample, to the power gamma.
+
+    Resized first (bilinear/trilinear, align_corners=False) when `size` differs from S.
+    Returns (B, 1, *S) in the accumulation dtype, without gradient.
+    """
+    x = image.detach().to(accumulation_dtype(image.dtype))
+    ndim = x.dim() - 2
+    if size is not None and tuple(x.shape[2:]) != tuple(size):
+        mode = "bilinear" if ndim == 2 else "trilinear"
+        x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    squares = sum((x - torch.roll(x, 1, dims=2 + k)) ** 2 for k in range(ndim))
+    magnitude = squares.sqrt().mean(dim=1, keepdim=True)
+    return minmax_normalize(magnitude).pow(gamma)
+
+
+def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
+    """U = -sum_k p_k log(p_k + 1e-16): (B, K, *S) -> (B, 1, *S), accumulation dtype."""
+    q = p.to(accumulation_dtype(p.dtype))
+    return -(q * torch.log(q + EPS_LOG_U)).sum(dim=1, keepdim=True)
+
+
+def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over a window^n box around each pixel, zero padding window // 2. x is (B, 1, *S)."""
+    ndim = x.dim() - 2
+    ones = torch.ones((1, 1) + (window,) * ndim, dtype=x.dtype, device=x.device)
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    return conv(x, ones, padding=window // 2)
+
+
+def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, eps: float = EPS_CC):
+    """CC(U, E) = -mean over (b, s) of cross^2 / (var_U var_E) with box windows (SPEC §5).
+
+    The window count is fixed at n = window^ndim (also at the borders); the cross term and both
+    variances are clamped at >= eps, so negatively correlated windows give no gradient.
+    """
+    n = float(window ** (u.dim() - 2))
+    s_u, s_e = box_sum(u, window), box_sum(e, window)
+    s_uu, s_ee, s_ue = box_sum(u * u, window), box_sum(e * e, window), box_sum(u * e, window)
+    mu_u, mu_e = s_u / n, s_e / n
+    cross = (s_ue - mu_e * s_u - mu_u * s_e + mu_u * mu_e * n).clamp(min=eps)
+    var_u = (s_uu - 2 * mu_u * s_u + mu_u * mu_u * n).clamp(min=eps)
+    var_e = (s_ee - 2 * mu_e * s_e + mu_e * mu_e * n).clamp(min=eps)
+    return -(cross * cross / (var_u * var_e)).mean()
+
+
+def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5) -> torch.Tensor:
+    """CC of one cluster map's normalised uncertainty with a precomputed edge map (B, 1, *S)."""
+    return local_cross_correlation(minmax_normalize(uncertainty_map(p)), edge, window)
+
+
+def boundary_cc_loss(
+    p1: torch.Tensor, p2: torch.Tensor, image: torch.Tensor, window: int = 5, gamma: float = 0.75
+) -> torch.Tensor:
+    """L_CC = (CC(U(p1), E) + CC(U(p2), E)) / 2 with E the edge map of `image`."""
+    edge = edge_map(image, gamma, size=p1.shape[2:])
+    return (boundary_cc(p1, edge, window) + boundary_cc(p2, edge, window)) / 2
+
+
+# ------------------------------------------------------------------------------------------------
+# §6 the full loss
+# ------------------------------------------------------------------------------------------------
+def bimi_loss(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    image: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    offsets: Offsets = ((0, 0),),
+    alpha: float = 0.5,
+    lamda: float = 1.0,
+    mi_weight: float = 1.0,
+    boundary_weight: float = 1.0,
+    window: int = 5,
+    gamma: float = 0.75,
+    symmetric: bool = True,
+) -> torch.Tensor:
+    """L = mi_weight * L_MI + boundary_weight * L_CC. `offsets` is an explicit tuple of tuples
+    (see `bimi_kernels.offsets.make_offsets`)."""
+    loss = mi_weight * regularized_mi(joint_counts(p1, p2, offsets, mask), alpha, lamda, symmetric)
+    if boundary_weight:
+        loss = loss + boundary_weight * boundary_cc_loss(p1, p2, image, window, gamma)
+    return loss

@@ -1,0 +1,53 @@
+"""The `reference` backend: the kernels of `backends.py` implemented by `reference.py`.
+
+Slow but always there, on any device. The joint-counts backward is the written-out formula of
+SPEC §3; the boundary backward differentiates the reference with autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backends import Backend
+from .offsets import unflatten
+
+
+def _offsets(flat, p):
+    return unflatten(flat, p.dim() - 2)
+
+
+def joint_counts(p1, p2, offsets, mask):
+    with torch.no_grad():
+        return reference.joint_counts(p1, p2, _offsets(offsets, p1), mask)
+
+
+def joint_counts_backward(grad_j, p1, p2, offsets, mask):
+    with torch.no_grad():
+        return reference.joint_counts_backward(grad_j, p1, p2, _offsets(offsets, p1), mask)
+
+
+def _u_range(p):
+    u = reference.uncertainty_map(p).flatten(1)
+    return torch.stack([u.min(dim=1).values, u.max(dim=1).values], dim=1)
+
+
+def boundary_cc(p, edge, window):
+    with torch.no_grad():
+        return reference.boundary_cc(p, edge, window), _u_range(p)
+
+
+def boundary_cc_backward(grad_cc, p, edge, u_range, window):
+    with torch.enable_grad():
+        x = p.detach().requires_grad_(True)
+        (grad_p,) = torch.autograd.grad(reference.boundary_cc(x, edge, window), x, grad_cc)
+    return grad_p
+
+
+BACKEND = Backend(
+    name="reference",
+    devices=frozenset({"cpu", "cuda", "meta", "mps", "xpu"}),
+    joint_counts=joint_counts,
+    joint_counts_backward=joint_counts_backward,
+    boundary_cc=boundary_cc,
+    boundary_cc_backward=boundary_cc_backward,
+)
