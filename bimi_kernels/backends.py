@@ -31,6 +31,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .reference import accumulation_dtype  # noqa: F401  (re-exported for backends)
+
 BACKEND_NAMES = ("reference", "cpp", "triton", "cuda")
 
 # Where each backend lives: "module:attribute" of an object with the four kernels above and
@@ -140,7 +142,3 @@ def get(name: str) -> Backend:
         raise RuntimeError(f"backend {name!r} could not be loaded: {_load_errors.get(name)}")
     return backend
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype accumulates in float32 (SPEC §8)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

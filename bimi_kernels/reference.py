@@ -118,18 +118,33 @@ def regularized_mi_of_distribution(
     return cross_entropy + lamda * marginals
 
 
-def regularized_mi(
+def regularized_mi_from_counts(
     j: torch.Tensor,
     alpha: float = 0.5,
     lamda: float = 1.0,
     symmetric: bool = True,
     eps: float = EPS_MI,
 ) -> torch.Tensor:
-    """L_MI: the mean over offsets with at least one pair of L_RMI(P_d); 0 when none has one."""
+    """L_MI from joint counts J (|O|, K, K): the mean over offsets with at least one pair of
+    L_RMI(P_d); 0 (with zero gradient) when no offset has one."""
     p, valid = joint_distributions(j, symmetric)
     per_offset = regularized_mi_of_distribution(p, alpha, lamda, eps)
     weight = valid.to(per_offset.dtype)
     return (per_offset * weight).sum() / weight.sum().clamp(min=1)
+
+
+def regularized_mi(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    offsets: Offsets,
+    mask: Optional[torch.Tensor] = None,
+    alpha: float = 0.5,
+    lamda: float = 1.0,
+    symmetric: bool = True,
+    eps: float = EPS_MI,
+) -> torch.Tensor:
+    """L_MI of two cluster maps (SPEC §4)."""
+    return regularized_mi_from_counts(joint_counts(p1, p2, offsets, mask), alpha, lamda, symmetric, eps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +211,49 @@ def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5) -> torch.T
     return local_cross_correlation(minmax_normalize(uncertainty_map(p)), edge, window)
 
 
+def boundary_cc_backward(
+    grad_cc: torch.Tensor, p: torch.Tensor, edge: torch.Tensor, window: int = 5, eps: float = EPS_CC
+) -> torch.Tensor:
+    """The backward of `boundary_cc` written out (what the kernels implement), not by autograd.
+
+    With c the window centres, N = B * prod(S) and g = dL/dCC, the per-centre coefficients
+
+        dcross = -g/N * 2 cross / (var_U var_E)       (0 where cross was clamped)
+        dvar_U = +g/N * cross^2 / (var_U^2 var_E)     (0 where var_U was clamped)
+        a = -mu_E dcross - 2 mu_U dvar_U,  b = dvar_U,  c = dcross
+
+    are box-summed back onto the pixels (the zero-padded odd box is its own transpose):
+    dL/dUn = S(a) + 2 Un S(b) + E S(c); then through the min-max (detached) and the entropy:
+    dL/dp_k = dL/dUn / (max - min + 1e-6) * -(log(p_k + 1e-16) + p_k / (p_k + 1e-16)).
+    """
+    q = p.to(accumulation_dtype(p.dtype))
+    u = uncertainty_map(q)
+    flat = u.flatten(1)
+    shape = (u.shape[0],) + (1,) * (u.dim() - 1)
+    lo, hi = flat.min(dim=1).values.reshape(shape), flat.max(dim=1).values.reshape(shape)
+    scale = 1.0 / (hi - lo + EPS_MINMAX)
+    un = (u - lo) * scale
+    e = edge.to(q.dtype)
+
+    n = float(window ** (u.dim() - 2))
+    s_u, s_e = box_sum(un, window), box_sum(e, window)
+    s_uu, s_ee, s_ue = box_sum(un * un, window), box_sum(e * e, window), box_sum(un * e, window)
+    mu_u, mu_e = s_u / n, s_e / n
+    cross_raw = s_ue - mu_e * s_u - mu_u * s_e + mu_u * mu_e * n
+    var_u_raw = s_uu - 2 * mu_u * s_u + mu_u * mu_u * n
+    var_e = (s_ee - 2 * mu_e * s_e + mu_e * mu_e * n).clamp(min=eps)
+    cross, var_u = cross_raw.clamp(min=eps), var_u_raw.clamp(min=eps)
+
+    g = grad_cc.to(q.dtype) / u.numel()  # d(-mean)/d(term) = -1/N, sign applied below
+    d_cross = -g * 2 * cross / (var_u * var_e) * (cross_raw >= eps)
+    d_var_u = g * cross * cross / (var_u * var_u * var_e) * (var_u_raw >= eps)
+    coef_u = -mu_e * d_cross - 2 * mu_u * d_var_u
+    grad_un = box_sum(coef_u, window) + 2 * un * box_sum(d_var_u, window) + e * box_sum(d_cross, window)
+    grad_u = grad_un * scale
+    grad_p = -grad_u * (torch.log(q + EPS_LOG_U) + q / (q + EPS_LOG_U))
+    return grad_p.to(p.dtype)
+
+
 def boundary_cc_loss(
     p1: torch.Tensor, p2: torch.Tensor, image: torch.Tensor, window: int = 5, gamma: float = 0.75
 ) -> torch.Tensor:
@@ -223,7 +281,7 @@ def bimi_loss(
 ) -> torch.Tensor:
     """L = mi_weight * L_MI + boundary_weight * L_CC. `offsets` is an explicit tuple of tuples
     (see `bimi_kernels.offsets.make_offsets`)."""
-    loss = mi_weight * regularized_mi(joint_counts(p1, p2, offsets, mask), alpha, lamda, symmetric)
+    loss = mi_weight * regularized_mi(p1, p2, offsets, mask, alpha, lamda, symmetric)
     if boundary_weight:
         loss = loss + boundary_weight * boundary_cc_loss(p1, p2, image, window, gamma)
     return loss

@@ -1,7 +1,8 @@
 """The `reference` backend: the kernels of `backends.py` implemented by `reference.py`.
 
 Slow but always there, on any device. The joint-counts backward is the written-out formula of
-SPEC §3; the boundary backward differentiates the reference with autograd.
+SPEC §3; the boundary backward is
+the written-out formula of `reference.boundary_cc_backward`.
 """
 from __future__ import annotations
 
@@ -37,10 +38,8 @@ def boundary_cc(p, edge, window):
 
 
 def boundary_cc_backward(grad_cc, p, edge, u_range, window):
-    with torch.enable_grad():
-        x = p.detach().requires_grad_(True)
-        (grad_p,) = torch.autograd.grad(reference.boundary_cc(x, edge, window), x, grad_cc)
-    return grad_p
+    with torch.no_grad():  # the reference recomputes the min-max itself; u_range is for kernels
+        return reference.boundary_cc_backward(grad_cc, p, edge, window)
 
 
 BACKEND = Backend(

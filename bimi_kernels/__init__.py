@@ -1,0 +1,23 @@
+"""bimi_kernels: fused kernels for the boundary-aware information-maximisation (BIMI) loss.
+
+Public API: the modules `BIMILoss`, `RegularizedMILoss`, `BoundaryCCLoss`; `functional`
+(the same losses as functions, and their pieces); `reference` (the plain-PyTorch ground truth);
+`available_backends()`.
+"""
+from . import functional, ops, reference  # noqa: F401  (ops registers the torch.library custom ops)
+from .backends import available_backends
+from .losses import BIMILoss, BoundaryCCLoss, RegularizedMILoss
+from .offsets import make_offsets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BIMILoss",
+    "RegularizedMILoss",
+    "BoundaryCCLoss",
+    "functional",
+    "reference",
+    "available_backends",
+    "make_offsets",
+    "__version__",
+]

@@ -1,0 +1,131 @@
+"""The one dispatch point: torch.library custom ops with fake implementations and autograd.
+
+Two ops touch every pixel and are therefore kernels: the joint counts (SPEC §3) and the
+boundary cross-correlation of one cluster map with an edge map (SPEC §5). Each takes the
+requested backend name ("auto" or a name); the op resolves it for the tensors' device
+(`backends.resolve`, which honours BIMI_BACKEND and never falls back silently) and calls that
+backend's kernel. Resolving inside the op keeps torch.compile graphs free of host-side logic.
+Backward passes are their own ops and call the same backend's backward kernels.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .reference import accumulation_dtype
+
+
+def _kernels(backend: str, device_type: str) -> backends.Backend:
+    return backends.get(backends.resolve(backend, device_type))
+
+
+# ------------------------------------------------------------------------------------------------
+# joint counts
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("bimi::joint_counts", mutates_args=())
+def joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor], backend: str) -> Tensor:
+    """J (|O|, K, K) in the accumulation dtype. `offsets` is flat: offset o is offsets[o*n:(o+1)*n]."""
+    kernels = _kernels(backend, p1.device.type)
+    mask = None if mask is None else mask.contiguous()
+    return kernels.joint_counts(p1.contiguous(), p2.contiguous(), tuple(offsets), mask)
+
+
+@joint_counts.register_fake
+def _joint_counts_fake(p1, p2, offsets, mask, backend):
+    k = p1.shape[1]
+    return p1.new_empty((len(offsets) // (p1.dim() - 2), k, k), dtype=accumulation_dtype(p1.dtype))
+
+
+@torch.library.custom_op("bimi::joint_counts_backward", mutates_args=())
+def joint_counts_backward(
+    grad_j: Tensor, p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor], backend: str
+) -> Tuple[Tensor, Tensor]:
+    """(dL/dp1, dL/dp2) from G = dL/dJ, in the dtypes of p1 and p2."""
+    kernels = _kernels(backend, p1.device.type)
+    mask = None if mask is None else mask.contiguous()
+    return kernels.joint_counts_backward(
+        grad_j.contiguous(), p1.contiguous(), p2.contiguous(), tuple(offsets), mask
+    )
+
+
+@joint_counts_backward.register_fake
+def _joint_counts_backward_fake(grad_j, p1, p2, offsets, mask, backend):
+    return torch.empty_like(p1, memory_format=torch.contiguous_format), torch.empty_like(
+        p2, memory_format=torch.contiguous_format
+    )
+
+
+def _joint_counts_setup_context(ctx, inputs, output):
+    p1, p2, offsets, mask, backend = inputs
+    ctx.save_for_backward(p1, p2, mask)
+    ctx.offsets, ctx.backend = offsets, backend
+
+
+def _joint_counts_autograd(ctx, grad_j):
+    p1, p2, mask = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None
+    grad_p1, grad_p2 = joint_counts_backward(grad_j, p1, p2, ctx.offsets, mask, ctx.backend)
+    return (
+        grad_p1 if ctx.needs_input_grad[0] else None,
+        grad_p2 if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+    )
+
+
+joint_counts.register_autograd(_joint_counts_autograd, setup_context=_joint_counts_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# boundary cross-correlation of one cluster map
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("bimi::boundary_cc", mutates_args=())
+def boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tuple[Tensor, Tensor]:
+    """(CC(U(p), edge), u_range): the 0-dim CC in the accumulation dtype and the per-sample
+    [min, max] of the raw uncertainty (B, 2), which the backward reuses."""
+    kernels = _kernels(backend, p.device.type)
+    return kernels.boundary_cc(p.contiguous(), edge.contiguous(), window)
+
+
+@boundary_cc.register_fake
+def _boundary_cc_fake(p, edge, window, backend):
+    acc = accumulation_dtype(p.dtype)
+    return p.new_empty((), dtype=acc), p.new_empty((p.shape[0], 2), dtype=acc)
+
+
+@torch.library.custom_op("bimi::boundary_cc_backward", mutates_args=())
+def boundary_cc_backward(
+    grad_cc: Tensor, p: Tensor, edge: Tensor, u_range: Tensor, window: int, backend: str
+) -> Tensor:
+    """dL/dp in the dtype of p, from the 0-dim dL/dCC."""
+    kernels = _kernels(backend, p.device.type)
+    return kernels.boundary_cc_backward(
+        grad_cc.contiguous(), p.contiguous(), edge.contiguous(), u_range.contiguous(), window
+    )
+
+
+@boundary_cc_backward.register_fake
+def _boundary_cc_backward_fake(grad_cc, p, edge, u_range, window, backend):
+    return torch.empty_like(p, memory_format=torch.contiguous_format)
+
+
+def _boundary_cc_setup_context(ctx, inputs, output):
+    p, edge, window, backend = inputs
+    ctx.save_for_backward(p, edge, output[1])
+    ctx.window, ctx.backend = window, backend
+
+
+def _boundary_cc_autograd(ctx, grad_cc, _grad_u_range):
+    p, edge, u_range = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    grad_p = boundary_cc_backward(grad_cc, p, edge, u_range, ctx.window, ctx.backend)
+    return grad_p, None, None, None
+
+
+boundary_cc.register_autograd(_boundary_cc_autograd, setup_context=_boundary_cc_setup_context)
