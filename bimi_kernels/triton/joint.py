@@ -60,7 +60,7 @@ def _joint_counts_forward_kernel(
 
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    n = N.to(tl.int64)
+    n = tl.cast(N, tl.int64)
     k_stride = k.to(tl.int64) * n
     kk_index = k[:, None] * K + k[None, :]
     kk_ok = k_ok[:, None] & k_ok[None, :]
@@ -122,7 +122,7 @@ def _joint_counts_backward_kernel(
 
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    n = N.to(tl.int64)
+    n = tl.cast(N, tl.int64)
     k_stride = k.to(tl.int64) * n
     kk_index = k[:, None] * K + k[None, :]
     kk_ok = k_ok[:, None] & k_ok[None, :]
