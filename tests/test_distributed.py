@@ -2,8 +2,9 @@
 
 One spawn of 2 ranks runs every distributed scenario and saves what each rank saw; the tests
 below compare that with one process on the concatenated batch. Ranks get equal slices of a
-batch of 4 (2 samples each), in float64 so that the only difference left is float summation
-order (tolerances ~1e-10 relative).
+batch of 4 (2 samples each; one MI case splits it 3 + 1, the 1 being a sample without a valid
+pixel), in float64 so that the only difference left is float summation order (tolerances
+~1e-10 relative).
 
 What must hold (bimi_kernels/distributed.py):
 - the MI term on every rank equals the single-process MI of the whole batch, bitwise the same
@@ -108,6 +109,11 @@ def _rank_scenarios(rank, inputs):
             lambda a, b: BF.regularized_mi(a, b, OFFSETS_3D, backend=backend, sync=True),
             inputs["p1_3d"][part], inputs["p2_3d"][part],
         )
+        uneven = slice(0, 3) if rank == 0 else slice(3, BATCH)  # the MI needs no equal split
+        out[backend, "mi_uneven"] = _loss_and_grads(
+            lambda a, b: BF.regularized_mi(a, b, OFFSETS, mask=inputs["mask"][uneven], backend=backend, sync=True),
+            inputs["p1"][uneven], inputs["p2"][uneven],
+        )
         out[backend, "mi_module"] = bimi_kernels.RegularizedMILoss(
             offsets=OFFSETS, backend=backend, sync=True
         )(p1, p2, mask).detach()
@@ -202,6 +208,19 @@ def test_mi_on_every_rank_is_the_global_batch_mi(ranks, inputs, backend):
         # the backward sums dL/dJ over the ranks: world_size x the single-process gradient
         _assert_close(rank_grad1, WORLD_SIZE * grad1[_part(rank)])
         _assert_close(rank_grad2, WORLD_SIZE * grad2[_part(rank)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mi_sync_with_unequal_rank_batches(ranks, inputs, backend):
+    one_process, (grad1, grad2) = _loss_and_grads(
+        lambda a, b: BF.regularized_mi(a, b, OFFSETS, mask=inputs["mask"], backend=backend),
+        inputs["p1"], inputs["p2"],
+    )
+    for part, result in zip((slice(0, 3), slice(3, BATCH)), ranks):
+        loss, (rank_grad1, rank_grad2) = result[backend, "mi_uneven"]
+        _assert_close(loss, one_process)
+        _assert_close(rank_grad1, WORLD_SIZE * grad1[part])
+        _assert_close(rank_grad2, WORLD_SIZE * grad2[part])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
