@@ -16,11 +16,16 @@ rank's L_q. Since all ranks compute the same L, it is world_size * dL/dJ_global,
                                              batch, restricted to rank r's pixels).
 
 DDP averages parameter gradients over ranks (divides by world_size), which cancels that
-factor: the parameter gradients of the MI term equal those of one process on the whole batch.
-The boundary term stays per rank (a mean over the rank's pixels); with equal per-rank batch
-sizes the DDP average of the per-rank means is the mean over the global batch, so the
-parameter gradients of the full loss equal the single-process ones as well. (The SUM in the
-backward also keeps the gradient right if ranks weight the MI term differently.)
+factor: the parameter gradients of the MI term equal those of one process on the whole batch,
+whatever the per-rank batch sizes. The boundary term stays per rank (a mean over the rank's
+pixels); with equal per-rank batch sizes the DDP average of the per-rank means is the mean
+over the global batch, so the parameter gradients of the full loss equal the single-process
+ones as well (with unequal sizes DDP weights each rank's boundary mean equally). The SUM in the
+backward is the gradient of the sum of the ranks' losses in general, so it stays right if
+ranks weight the MI term differently.
+
+The all-reduce is a plain `torch.distributed.all_reduce` inside an autograd.Function, which
+torch.compile(fullgraph=True) traces as a functional collective.
 
 Every rank of the group must call the loss with the same K and offsets, and must run the
 backward of it: the forward and the backward are collectives, and a rank that skips one makes
