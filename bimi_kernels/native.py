@@ -1,0 +1,88 @@
+"""The `cpp` (CPU C++) and `cuda` (CUDA C++) backends: the kernels compiled from csrc/.
+
+`bimi_kernels._C` registers the ops `torch.ops.bimi_C.*` with their CPU implementations;
+`bimi_kernels._C_cuda` adds the CUDA implementations. Both backends call the same ops and the
+dispatcher picks the implementation by the tensors' device. Importing this module never fails:
+when an extension is missing, the backend's `unavailable_reason` says why and how to build it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .backends import Backend
+
+_REBUILD = "rebuild with `pip install --no-build-isolation --no-deps -e .`"
+
+
+def _import_error(module: str) -> Optional[str]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or an undefined symbol from a mismatched torch
+        return f"{module} was not built: {type(exc).__name__}: {exc}; {_REBUILD}"
+    return None
+
+
+_CPU_ERROR = _import_error("bimi_kernels._C")
+if _CPU_ERROR is None:
+    _CUDA_ERROR = _import_error("bimi_kernels._C_cuda")
+else:
+    _CUDA_ERROR = f"needs bimi_kernels._C, which is missing ({_CPU_ERROR})"
+if _CUDA_ERROR is not None and _CPU_ERROR is None and torch.version.cuda is None:
+    _CUDA_ERROR = (
+        f"torch {torch.__version__} is a CPU-only build, so bimi_kernels._C_cuda was not built; "
+        f"install a CUDA build of torch, then {_REBUILD} (with CUDA_HOME set)"
+    )
+
+
+def _cpu_reason(device_type: str) -> Optional[str]:
+    return _CPU_ERROR
+
+
+def _cuda_reason(device_type: str) -> Optional[str]:
+    if _CUDA_ERROR is not None:
+        return _CUDA_ERROR
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
+def joint_counts(p1, p2, offsets, mask):
+    return torch.ops.bimi_C.joint_counts(p1, p2, list(offsets), mask)
+
+
+def joint_counts_backward(grad_j, p1, p2, offsets, mask):
+    grad_p1, grad_p2 = torch.ops.bimi_C.joint_counts_backward(grad_j, p1, p2, list(offsets), mask)
+    return grad_p1, grad_p2
+
+
+def boundary_cc(p, edge, window):
+    cc, u_range = torch.ops.bimi_C.boundary_cc(p, edge, int(window))
+    return cc, u_range
+
+
+def boundary_cc_backward(grad_cc, p, edge, u_range, window):
+    return torch.ops.bimi_C.boundary_cc_backward(grad_cc, p, edge, u_range, int(window))
+
+
+CPP_BACKEND = Backend(
+    name="cpp",
+    devices=frozenset({"cpu"}),
+    joint_counts=joint_counts,
+    joint_counts_backward=joint_counts_backward,
+    boundary_cc=boundary_cc,
+    boundary_cc_backward=boundary_cc_backward,
+    unavailable_reason=_cpu_reason,
+)
+
+CUDA_BACKEND = Backend(
+    name="cuda",
+    devices=frozenset({"cuda"}),
+    joint_counts=joint_counts,
+    joint_counts_backward=joint_counts_backward,
+    boundary_cc=boundary_cc,
+    boundary_cc_backward=boundary_cc_backward,
+    unavailable_reason=_cuda_reason,
+)

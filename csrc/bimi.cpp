@@ -1,0 +1,29 @@
+// The operator schemas of the native kernels (namespace bimi_C) and the Python module init of
+// bimi_kernels._C. CPU implementations live in cpu/, CUDA ones in cuda/ (bimi_kernels._C_cuda).
+// bimi_kernels.native wraps these as the `cpp` and `cuda` backends; autograd, fake tensors and
+// torch.compile support come from the torch.ops.bimi custom ops in bimi_kernels/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: importing it loads this library, whose static initialisers register the ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(bimi_C, m) {
+  // J (|O|, K, K) in the accumulation dtype; offsets flat, n = p1.dim() - 2 ints per offset.
+  m.def("joint_counts(Tensor p1, Tensor p2, int[] offsets, Tensor? mask) -> Tensor");
+  // (dL/dp1, dL/dp2) from dL/dJ.
+  m.def(
+      "joint_counts_backward(Tensor grad_j, Tensor p1, Tensor p2, int[] offsets, Tensor? mask)"
+      " -> (Tensor, Tensor)");
+  // (CC(U(p), edge), per-sample [min, max] of the raw uncertainty U).
+  m.def("boundary_cc(Tensor p, Tensor edge, int window) -> (Tensor, Tensor)");
+  // dL/dp from the 0-dim dL/dCC.
+  m.def(
+      "boundary_cc_backward(Tensor grad_cc, Tensor p, Tensor edge, Tensor u_range, int window)"
+      " -> Tensor");
+}

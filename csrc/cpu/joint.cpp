@@ -1,0 +1,312 @@
+// CPU joint counts (SPEC §3): J[o, i, j] = sum_{b, s} m[s] m[s+d_o] p1[b, i, s] p2[b, j, s + d_o]
+// and its backward, every offset in one pass over the pixels, without shifted copies.
+//
+// The pixels are cut into tiles of kTileRows image rows. A tile loads its rows of p1 and the band
+// of p2 rows its offsets reach (converted to the accumulation dtype, masked, zero-padded) and the
+// vectorised loops of joint_kernels_impl.h accumulate every offset's K x K block from them.
+// Determinism: the tiles are grouped into at most kMaxChunks chunks by the shape alone; each chunk
+// owns its partial J and the partials are summed in chunk order, so the result is bitwise the
+// same for any thread count and on every run.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../common/host_checks.h"
+#include "joint_kernels.h"
+
+namespace bimi {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTileRows = 8;
+constexpr int64_t kMaxChunks = 64;
+
+// The AVX2+FMA loops when the processor has them, unless BIMI_CPU_ISA=generic asks for the
+// baseline ones (the tests compare both).
+bool use_avx2() {
+#if defined(BIMI_HAVE_AVX2_KERNELS)
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* requested = std::getenv("BIMI_CPU_ISA");
+  if (requested != nullptr && std::strcmp(requested, "generic") == 0) return false;
+  return supported;
+#else
+  return false;
+#endif
+}
+
+template <typename acc_t>
+ForwardTileFn<acc_t> forward_kernel() {
+#if defined(BIMI_HAVE_AVX2_KERNELS)
+  if (use_avx2()) return &avx2::forward_tile<acc_t>;
+#endif
+  return &generic::forward_tile<acc_t>;
+}
+
+template <typename acc_t>
+BackwardTileFn<acc_t> backward_kernel() {
+#if defined(BIMI_HAVE_AVX2_KERNELS)
+  if (use_avx2()) return &avx2::backward_tile<acc_t>;
+#endif
+  return &generic::backward_tile<acc_t>;
+}
+
+// Sizes of the tile buffers for a set of offsets: which planes (dz) and rows (dy) the band holds
+// and how much zero padding each band row needs for the largest |dx|.
+struct BandLayout {
+  std::vector<int64_t> plane_dz;  // distinct dz, ascending
+  int64_t dy_min = 0, dy_max = 0;
+  int64_t pad_left = 0, pad_right = 0;
+  int64_t row_length = 0;       // padded tile row: width rounded up to 2 vectors
+  int64_t band_row_length = 0;  // pad_left + row_length + pad_right
+  int64_t band_rows = 0;        // kTileRows + dy_max - dy_min
+
+  int64_t plane_index(int64_t dz) const {
+    return std::lower_bound(plane_dz.begin(), plane_dz.end(), dz) - plane_dz.begin();
+  }
+};
+
+template <typename acc_t>
+BandLayout band_layout(const Volume& v, const std::vector<Offset3>& offsets) {
+  BandLayout layout;
+  int64_t dx_min = 0, dx_max = 0;
+  layout.dy_min = layout.dy_max = offsets[0].dy;
+  for (const Offset3& d : offsets) {
+    layout.plane_dz.push_back(d.dz);
+    layout.dy_min = std::min(layout.dy_min, d.dy);
+    layout.dy_max = std::max(layout.dy_max, d.dy);
+    dx_min = std::min(dx_min, d.dx);
+    dx_max = std::max(dx_max, d.dx);
+  }
+  std::sort(layout.plane_dz.begin(), layout.plane_dz.end());
+  layout.plane_dz.erase(std::unique(layout.plane_dz.begin(), layout.plane_dz.end()),
+                        layout.plane_dz.end());
+  const int64_t step = 2 * vector_lanes<acc_t>();
+  layout.pad_left = -dx_min;
+  layout.pad_right = dx_max;
+  layout.row_length = ceil_div(v.width, step) * step;
+  layout.band_row_length = layout.pad_left + layout.row_length + layout.pad_right;
+  layout.band_rows = kTileRows + layout.dy_max - layout.dy_min;
+  return layout;
+}
+
+// Rows y0 .. y0+rows-1 of plane z of sample b, every channel, as acc_t times the mask, each
+// channel row written at dst[k * row_stride + pad_left + x] with zeros around it. Rows outside
+// the image are all zeros.
+template <typename scalar_t, typename acc_t>
+void load_rows(const scalar_t* p, const scalar_t* mask, const Volume& v, int64_t b, int64_t z,
+               int64_t y0, int64_t rows, int64_t pad_left, int64_t row_stride, acc_t* dst) {
+  const int64_t k_count = v.channels;
+  const int64_t voxels = v.voxels();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = y0 + r;
+    acc_t* row = dst + r * k_count * row_stride;
+    if (z < 0 || z >= v.depth || y < 0 || y >= v.height) {
+      std::fill(row, row + k_count * row_stride, acc_t(0));
+      continue;
+    }
+    const int64_t pixel0 = v.voxel_index(z, y, 0);
+    const scalar_t* m = mask != nullptr ? mask + b * voxels + pixel0 : nullptr;
+    for (int64_t k = 0; k < k_count; ++k) {
+      const scalar_t* src = p + (b * k_count + k) * voxels + pixel0;
+      acc_t* out = row + k * row_stride;
+      std::fill(out, out + pad_left, acc_t(0));
+      if (m != nullptr) {
+        for (int64_t x = 0; x < v.width; ++x)
+          out[pad_left + x] = static_cast<acc_t>(src[x]) * static_cast<acc_t>(m[x]);
+      } else {
+        for (int64_t x = 0; x < v.width; ++x) out[pad_left + x] = static_cast<acc_t>(src[x]);
+      }
+      std::fill(out + pad_left + v.width, out + row_stride, acc_t(0));
+    }
+  }
+}
+
+// One tile of the image: sample b, plane z, rows y0 .. y0+rows-1.
+struct TileIndex {
+  int64_t b, z, y0, rows;
+};
+
+TileIndex tile_index(const Volume& v, int64_t t) {
+  const int64_t tiles_per_plane = ceil_div(v.height, kTileRows);
+  const int64_t plane = t / tiles_per_plane;
+  TileIndex tile;
+  tile.b = plane / v.depth;
+  tile.z = plane % v.depth;
+  tile.y0 = (t % tiles_per_plane) * kTileRows;
+  tile.rows = std::min(kTileRows, v.height - tile.y0);
+  return tile;
+}
+
+int64_t tile_count(const Volume& v) {
+  return v.batch * v.depth * ceil_div(v.height, kTileRows);
+}
+
+// Loads the band of `second` for a tile and fills the offset plans; returns the tile description.
+template <typename scalar_t, typename acc_t>
+JointTile<acc_t> prepare_band(const scalar_t* second, const scalar_t* mask, const Volume& v,
+                              const std::vector<Offset3>& offsets, const BandLayout& layout,
+                              const TileIndex& t, acc_t* band, OffsetPlan* plans) {
+  const int64_t band_row_stride = v.channels * layout.band_row_length;
+  const int64_t plane_stride = layout.band_rows * band_row_stride;
+  const int64_t rows_needed = t.rows + layout.dy_max - layout.dy_min;
+  for (size_t pl = 0; pl < layout.plane_dz.size(); ++pl) {
+    load_rows(second, mask, v, t.b, t.z + layout.plane_dz[pl], t.y0 + layout.dy_min, rows_needed,
+              layout.pad_left, layout.band_row_length, band + pl * plane_stride);
+  }
+  for (size_t o = 0; o < offsets.size(); ++o) {
+    const Offset3& d = offsets[o];
+    OffsetPlan& plan = plans[o];
+    plan.band_start = layout.plane_index(d.dz) * plane_stride +
+                      (d.dy - layout.dy_min) * band_row_stride + layout.pad_left + d.dx;
+    const bool plane_inside = t.z + d.dz >= 0 && t.z + d.dz < v.depth;
+    // tile rows y with 0 <= y0 + y + dy < H
+    plan.row_begin = std::max<int64_t>(0, -d.dy - t.y0);
+    plan.row_end = plane_inside ? std::min<int64_t>(t.rows, v.height - d.dy - t.y0) : 0;
+  }
+  JointTile<acc_t> tile;
+  tile.channels = v.channels;
+  tile.rows = t.rows;
+  tile.row_length = layout.row_length;
+  tile.first = nullptr;
+  tile.band = band;
+  tile.band_row_stride = band_row_stride;
+  tile.band_row_length = layout.band_row_length;
+  tile.plans = plans;
+  tile.num_offsets = static_cast<int64_t>(offsets.size());
+  return tile;
+}
+
+template <typename scalar_t, typename acc_t>
+void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask, const Volume& v,
+                   const std::vector<Offset3>& offsets, acc_t* joint) {
+  const BandLayout layout = band_layout<acc_t>(v, offsets);
+  const int64_t k = v.channels;
+  const int64_t joint_size = static_cast<int64_t>(offsets.size()) * k * k;
+  const int64_t tiles = tile_count(v);
+  const int64_t chunks = std::min(tiles, kMaxChunks);
+  std::vector<acc_t> partials(chunks * joint_size, acc_t(0));
+  const ForwardTileFn<acc_t> kernel = forward_kernel<acc_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> first(kTileRows * k * layout.row_length);
+    std::vector<acc_t> band(layout.plane_dz.size() * layout.band_rows * k * layout.band_row_length);
+    std::vector<OffsetPlan> plans(offsets.size());
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t t = chunk_begin(tiles, chunks, c); t < chunk_begin(tiles, chunks, c + 1); ++t) {
+        const TileIndex index = tile_index(v, t);
+        JointTile<acc_t> tile =
+            prepare_band(p2, mask, v, offsets, layout, index, band.data(), plans.data());
+        load_rows(p1, mask, v, index.b, index.z, index.y0, index.rows, 0, layout.row_length,
+                  first.data());
+        tile.first = first.data();
+        kernel(tile, partials.data() + c * joint_size);
+      }
+    }
+  });
+  std::fill(joint, joint + joint_size, acc_t(0));
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t e = 0; e < joint_size; ++e) joint[e] += partials[c * joint_size + e];
+}
+
+// out[b, i, s] = m[s] sum_o sum_j g[o, i, j] m[s+d_o] second[b, j, s + d_o]: the gradient of the
+// map in the first role. The second map's gradient is the same with the roles swapped, g
+// transposed per offset and the offsets negated.
+template <typename scalar_t, typename acc_t>
+void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Volume& v,
+                          const std::vector<Offset3>& offsets, const acc_t* g, scalar_t* out) {
+  const BandLayout layout = band_layout<acc_t>(v, offsets);
+  const int64_t k = v.channels;
+  const int64_t voxels = v.voxels();
+  const BackwardTileFn<acc_t> kernel = backward_kernel<acc_t>();
+  at::parallel_for(0, tile_count(v), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> band(layout.plane_dz.size() * layout.band_rows * k * layout.band_row_length);
+    std::vector<acc_t> result(kTileRows * k * layout.row_length);
+    std::vector<OffsetPlan> plans(offsets.size());
+    for (int64_t t = begin; t < end; ++t) {
+      const TileIndex index = tile_index(v, t);
+      const JointTile<acc_t> tile =
+          prepare_band(second, mask, v, offsets, layout, index, band.data(), plans.data());
+      kernel(tile, g, result.data());
+      for (int64_t r = 0; r < index.rows; ++r) {
+        const int64_t pixel0 = v.voxel_index(index.z, index.y0 + r, 0);
+        const scalar_t* m = mask != nullptr ? mask + index.b * voxels + pixel0 : nullptr;
+        for (int64_t i = 0; i < k; ++i) {
+          const acc_t* src = result.data() + (r * k + i) * layout.row_length;
+          scalar_t* dst = out + (index.b * k + i) * voxels + pixel0;
+          if (m != nullptr) {
+            for (int64_t x = 0; x < v.width; ++x)
+              dst[x] = static_cast<scalar_t>(src[x] * static_cast<acc_t>(m[x]));
+          } else {
+            for (int64_t x = 0; x < v.width; ++x) dst[x] = static_cast<scalar_t>(src[x]);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor joint_counts_cpu(const at::Tensor& p1_in, const at::Tensor& p2_in,
+                            at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
+  check_joint_inputs(p1_in, p2_in, mask_in);
+  const at::Tensor p1 = p1_in.contiguous();
+  const at::Tensor p2 = p2_in.contiguous();
+  const at::Tensor mask = mask_like(mask_in, p1);
+  const Volume v = volume_of(p1);
+  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
+  const int64_t k = v.channels;
+  at::Tensor joint = at::empty({static_cast<int64_t>(offsets.size()), k, k},
+                               p1.options().dtype(accumulation_type(p1.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    joint_forward<scalar_t, acc_t>(p1.data_ptr<scalar_t>(), p2.data_ptr<scalar_t>(),
+                                   mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, v, offsets,
+                                   joint.data_ptr<acc_t>());
+  });
+  return joint;
+}
+
+std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
+    const at::Tensor& grad_joint_in, const at::Tensor& p1_in, const at::Tensor& p2_in,
+    at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
+  check_joint_inputs(p1_in, p2_in, mask_in);
+  const at::Tensor p1 = p1_in.contiguous();
+  const at::Tensor p2 = p2_in.contiguous();
+  const at::Tensor mask = mask_like(mask_in, p1);
+  const Volume v = volume_of(p1);
+  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
+  const int64_t k = v.channels;
+  const auto acc_type = accumulation_type(p1.scalar_type());
+  TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({static_cast<int64_t>(offsets.size()), k, k}),
+              "bimi_C: grad_J must be (|O|, K, K), got ", grad_joint_in.sizes());
+  const at::Tensor g = grad_joint_in.to(acc_type).contiguous();
+  const at::Tensor g_transposed = g.transpose(1, 2).contiguous();
+  std::vector<Offset3> negated(offsets.size());
+  for (size_t o = 0; o < offsets.size(); ++o)
+    negated[o] = Offset3{-offsets[o].dz, -offsets[o].dy, -offsets[o].dx};
+  at::Tensor grad_p1 = at::empty_like(p1);
+  at::Tensor grad_p2 = at::empty_like(p2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* m = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+    joint_backward_first<scalar_t, acc_t>(p2.data_ptr<scalar_t>(), m, v, offsets,
+                                          g.data_ptr<acc_t>(), grad_p1.data_ptr<scalar_t>());
+    joint_backward_first<scalar_t, acc_t>(p1.data_ptr<scalar_t>(), m, v, negated,
+                                          g_transposed.data_ptr<acc_t>(), grad_p2.data_ptr<scalar_t>());
+  });
+  return {grad_p1, grad_p2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bimi_C, CPU, m) {
+  m.impl("joint_counts", &joint_counts_cpu);
+  m.impl("joint_counts_backward", &joint_counts_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace bimi

@@ -1,0 +1,72 @@
+// The vectorised inner loops of the CPU joint counts, compiled twice: once for the baseline ISA
+// (joint_kernels_generic.cpp) and once for AVX2+FMA (joint_kernels_avx2.cpp), picked at run time.
+// They see only plain arrays: the tiles are loaded (dtype conversion, mask) by cpu/joint.cpp.
+//
+// Tile layout. A tile is `rows` consecutive image rows of one plane of one sample. Its first map
+// is stored row by row, each row as K channels of `row_length` values (the image width rounded
+// up to a multiple of 2 vectors, zero past the width). The band of the second map holds, for
+// each distinct dz of the offsets, the rows y + dy the tile needs, each row as K channels of
+// `band_row_length` values: `pad_left` zeros, the row, zeros. Pixels outside the image are zero,
+// so a pair with its second pixel outside contributes nothing and the loops need no bounds.
+#pragma once
+
+#include <cstdint>
+
+namespace bimi {
+namespace cpu {
+
+// Where offset o reads the band for tile row 0, channel 0, pixel 0, and which tile rows have
+// their second pixel inside the image (the others are zero rows and are skipped).
+struct OffsetPlan {
+  int64_t band_start;
+  int64_t row_begin, row_end;
+};
+
+template <typename acc_t>
+struct JointTile {
+  int64_t channels;         // K
+  int64_t rows;             // tile rows
+  int64_t row_length;       // padded width of a tile row (multiple of 2 vectors)
+  const acc_t* first;       // rows x K x row_length (forward only)
+  const acc_t* band;        // planes x band_rows x K x band_row_length
+  int64_t band_row_stride;  // K * band_row_length
+  int64_t band_row_length;
+  const OffsetPlan* plans;  // one per offset
+  int64_t num_offsets;
+};
+
+// J[o, i, j] += sum over tile pixels s of first[i, s] * second[j, s + d_o].
+template <typename acc_t>
+using ForwardTileFn = void (*)(const JointTile<acc_t>& tile, acc_t* joint);
+
+// out[i, s] = sum_o sum_j g[o, i, j] * second[j, s + d_o] (out: rows x K x row_length).
+template <typename acc_t>
+using BackwardTileFn = void (*)(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out);
+
+#define BIMI_DECLARE_JOINT_KERNELS(isa)                                          \
+  namespace isa {                                                                \
+  template <typename acc_t>                                                      \
+  void forward_tile(const JointTile<acc_t>& tile, acc_t* joint);                 \
+  template <typename acc_t>                                                      \
+  void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out);  \
+  extern template void forward_tile<float>(const JointTile<float>&, float*);    \
+  extern template void forward_tile<double>(const JointTile<double>&, double*); \
+  extern template void backward_tile<float>(const JointTile<float>&, const float*, float*); \
+  extern template void backward_tile<double>(const JointTile<double>&, const double*, double*); \
+  }
+
+BIMI_DECLARE_JOINT_KERNELS(generic)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BIMI_HAVE_AVX2_KERNELS 1
+BIMI_DECLARE_JOINT_KERNELS(avx2)
+#endif
+
+// Lanes of one vector of the inner loops: 32 bytes, the same on every ISA, so the summation
+// order (and with it the result) does not depend on which build runs.
+template <typename acc_t>
+constexpr int64_t vector_lanes() {
+  return 32 / static_cast<int64_t>(sizeof(acc_t));
+}
+
+}  // namespace cpu
+}  // namespace bimi

@@ -1,0 +1,24 @@
+// The joint-count inner loops compiled for AVX2+FMA; cpu/joint.cpp calls them only when the
+// processor reports both (so the extension still runs on older x86-64 machines).
+#include <cstdint>
+
+#include "joint_kernels.h"
+
+#if defined(BIMI_HAVE_AVX2_KERNELS)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+#define BIMI_CPU_ISA avx2
+#include "joint_kernels_impl.h"
+#undef BIMI_CPU_ISA
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif

@@ -1,0 +1,175 @@
+// Definitions of the joint-count inner loops (declared in joint_kernels.h). Included by one
+// translation unit per ISA, with BIMI_CPU_ISA naming the namespace; no include guard on purpose.
+//
+// The loops use GCC/Clang vector extensions with 32-byte vectors: the compiler emits AVX2+FMA
+// instructions in the AVX2 unit and pairs of SSE2 instructions in the generic one.
+
+namespace bimi {
+namespace cpu {
+namespace BIMI_CPU_ISA {
+namespace {
+
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type load(const acc_t* p) {
+  typename Vec<acc_t>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void store(acc_t* p, typename Vec<acc_t>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type broadcast(acc_t s) {
+  typename Vec<acc_t>::type v = {};
+  return v + s;
+}
+
+// Lanes summed pairwise in a fixed order.
+template <typename acc_t>
+inline acc_t horizontal_sum(typename Vec<acc_t>::type v) {
+  constexpr int lanes = static_cast<int>(vector_lanes<acc_t>());
+  acc_t t[lanes];
+  __builtin_memcpy(t, &v, sizeof(v));
+  for (int width = lanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) t[l] += t[l + width];
+  return t[0];
+}
+
+// A KI x KJ block of J for one offset: KI*KJ vector accumulators over all tile pixels.
+template <typename acc_t, int KI, int KJ>
+void forward_block(const JointTile<acc_t>& tile, const OffsetPlan& plan, int64_t i0, int64_t j0,
+                   acc_t* joint) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const int64_t n = tile.row_length;
+  const int64_t first_row_stride = tile.channels * n;
+  V acc[KI][KJ];
+  for (int i = 0; i < KI; ++i)
+    for (int j = 0; j < KJ; ++j) acc[i][j] = broadcast<acc_t>(0);
+  for (int64_t y = plan.row_begin; y < plan.row_end; ++y) {
+    const acc_t* a = tile.first + y * first_row_stride + i0 * n;
+    const acc_t* b = tile.band + plan.band_start + y * tile.band_row_stride + j0 * tile.band_row_length;
+    for (int64_t x = 0; x < n; x += L) {
+      V bv[KJ];
+      for (int j = 0; j < KJ; ++j) bv[j] = load(b + j * tile.band_row_length + x);
+      for (int i = 0; i < KI; ++i) {
+        const V av = load(a + i * n + x);
+        for (int j = 0; j < KJ; ++j) acc[i][j] += av * bv[j];
+      }
+    }
+  }
+  const int64_t k = tile.channels;
+  for (int i = 0; i < KI; ++i)
+    for (int j = 0; j < KJ; ++j) joint[(i0 + i) * k + (j0 + j)] += horizontal_sum<acc_t>(acc[i][j]);
+}
+
+constexpr int kForwardBlockI = 4;
+constexpr int kForwardBlockJ = 3;
+
+template <typename acc_t, int KI>
+void forward_block_j(const JointTile<acc_t>& tile, const OffsetPlan& plan, int64_t i0, int64_t j0,
+                     int64_t kj, acc_t* joint) {
+  switch (kj) {
+    case 3: forward_block<acc_t, KI, 3>(tile, plan, i0, j0, joint); break;
+    case 2: forward_block<acc_t, KI, 2>(tile, plan, i0, j0, joint); break;
+    default: forward_block<acc_t, KI, 1>(tile, plan, i0, j0, joint); break;
+  }
+}
+
+// One i-block of 1..4 output rows over 2 vectors of pixels, all offsets and channels j.
+template <typename acc_t, int KI>
+void backward_block(const JointTile<acc_t>& tile, const acc_t* g, int64_t y, int64_t i0, int64_t x,
+                    acc_t* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const int64_t k = tile.channels;
+  V acc[KI][2];
+  for (int i = 0; i < KI; ++i) acc[i][0] = acc[i][1] = broadcast<acc_t>(0);
+  for (int64_t o = 0; o < tile.num_offsets; ++o) {
+    const OffsetPlan& plan = tile.plans[o];
+    if (y < plan.row_begin || y >= plan.row_end) continue;
+    const acc_t* b = tile.band + plan.band_start + y * tile.band_row_stride + x;
+    const acc_t* go = g + o * k * k + i0 * k;
+    for (int64_t j = 0; j < k; ++j) {
+      const V b0 = load(b + j * tile.band_row_length);
+      const V b1 = load(b + j * tile.band_row_length + L);
+      for (int i = 0; i < KI; ++i) {
+        const V gv = broadcast<acc_t>(go[i * k + j]);
+        acc[i][0] += gv * b0;
+        acc[i][1] += gv * b1;
+      }
+    }
+  }
+  const int64_t n = tile.row_length;
+  acc_t* dst = out + y * k * n + i0 * n + x;
+  for (int i = 0; i < KI; ++i) {
+    store(dst + i * n, acc[i][0]);
+    store(dst + i * n + L, acc[i][1]);
+  }
+}
+
+}  // namespace
+
+template <typename acc_t>
+void forward_tile(const JointTile<acc_t>& tile, acc_t* joint) {
+  const int64_t k = tile.channels;
+  for (int64_t o = 0; o < tile.num_offsets; ++o) {
+    const OffsetPlan& plan = tile.plans[o];
+    if (plan.row_begin >= plan.row_end) continue;
+    acc_t* joint_o = joint + o * k * k;
+    for (int64_t i0 = 0; i0 < k; i0 += kForwardBlockI) {
+      const int64_t ki = k - i0 < kForwardBlockI ? k - i0 : kForwardBlockI;
+      for (int64_t j0 = 0; j0 < k; j0 += kForwardBlockJ) {
+        const int64_t kj = k - j0 < kForwardBlockJ ? k - j0 : kForwardBlockJ;
+        switch (ki) {
+          case 4: forward_block_j<acc_t, 4>(tile, plan, i0, j0, kj, joint_o); break;
+          case 3: forward_block_j<acc_t, 3>(tile, plan, i0, j0, kj, joint_o); break;
+          case 2: forward_block_j<acc_t, 2>(tile, plan, i0, j0, kj, joint_o); break;
+          default: forward_block_j<acc_t, 1>(tile, plan, i0, j0, kj, joint_o); break;
+        }
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out) {
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const int64_t k = tile.channels;
+  for (int64_t y = 0; y < tile.rows; ++y) {
+    for (int64_t i0 = 0; i0 < k; i0 += 4) {
+      const int64_t ki = k - i0 < 4 ? k - i0 : 4;
+      for (int64_t x = 0; x < tile.row_length; x += 2 * L) {
+        switch (ki) {
+          case 4: backward_block<acc_t, 4>(tile, g, y, i0, x, out); break;
+          case 3: backward_block<acc_t, 3>(tile, g, y, i0, x, out); break;
+          case 2: backward_block<acc_t, 2>(tile, g, y, i0, x, out); break;
+          default: backward_block<acc_t, 1>(tile, g, y, i0, x, out); break;
+        }
+      }
+    }
+  }
+}
+
+template void forward_tile<float>(const JointTile<float>&, float*);
+template void forward_tile<double>(const JointTile<double>&, double*);
+template void backward_tile<float>(const JointTile<float>&, const float*, float*);
+template void backward_tile<double>(const JointTile<double>&, const double*, double*);
+
+}  // namespace BIMI_CPU_ISA
+}  // namespace cpu
+}  // namespace bimi
