@@ -4,7 +4,8 @@ One spawn of 2 ranks runs every distributed scenario and saves what each rank sa
 below compare that with one process on the concatenated batch. Ranks get equal slices of a
 batch of 4 (2 samples each; one MI case splits it 3 + 1, the 1 being a sample without a valid
 pixel), in float64 so that the only difference left is float summation order (tolerances
-~1e-10 relative).
+~1e-10 relative). Where a GPU is present the same runs again on CUDA tensors (both ranks on
+the one GPU, gloo), where "auto" is the GPU backend.
 
 What must hold (bimi_kernels/distributed.py):
 - the MI term on every rank equals the single-process MI of the whole batch, bitwise the same
@@ -54,7 +55,7 @@ class TinySegmenter(torch.nn.Module):
         return self.head(torch.tanh(self.features(x))).softmax(1)
 
 
-def _make_inputs():
+def _make_inputs(device):
     gen = torch.Generator().manual_seed(7)
     f64 = torch.float64
     mask = torch.ones(BATCH, 1, 6, 7, dtype=f64)
@@ -64,7 +65,7 @@ def _make_inputs():
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn(param.shape, generator=gen, dtype=f64))
-    return {
+    inputs = {
         "p1": torch.randn(BATCH, K, 6, 7, generator=gen, dtype=f64).softmax(1),
         "p2": torch.randn(BATCH, K, 6, 7, generator=gen, dtype=f64).softmax(1),
         "mask": mask,
@@ -75,6 +76,15 @@ def _make_inputs():
         "x_noise": 0.1 * torch.randn(BATCH, 1, 8, 8, generator=gen, dtype=f64),
         "model_state": model.state_dict(),
     }
+    inputs["model_state"] = {name: t.to(device) for name, t in inputs["model_state"].items()}
+    return {name: t if name == "model_state" else t.to(device) for name, t in inputs.items()}
+
+
+def _model(inputs):
+    """The test model with the inputs' weights, on their device."""
+    model = TinySegmenter().to(device=inputs["x"].device, dtype=torch.float64)
+    model.load_state_dict(inputs["model_state"])
+    return model
 
 
 def _two_views(model, x, x_noise):
@@ -122,8 +132,7 @@ def _rank_scenarios(rank, inputs):
         out[backend, "boundary_local"] = BF.boundary_cc_loss(p1, p2, image, backend=backend).detach()
 
         for sync in (True, False):
-            model = TinySegmenter().to(torch.float64)
-            model.load_state_dict(inputs["model_state"])
+            model = _model(inputs)
             ddp_model = torch.nn.parallel.DistributedDataParallel(model)
             criterion = bimi_kernels.BIMILoss(offsets=OFFSETS, backend=backend, sync=sync)
             x = inputs["x"][part]
@@ -149,7 +158,7 @@ def _rank_scenarios(rank, inputs):
     return out
 
 
-def _worker(rank, port, inputs_path, out_dir):
+def _worker(rank, port, device, inputs_path, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     # a short timeout: a collective that one rank misses fails the test instead of hanging it
@@ -158,7 +167,9 @@ def _worker(rank, port, inputs_path, out_dir):
     )
     try:
         torch.set_num_threads(1)
-        results = _rank_scenarios(rank, torch.load(inputs_path))
+        if device == "cuda":  # both ranks share the one GPU (gloo all-reduces CUDA tensors)
+            torch.cuda.set_device(0)
+        results = _rank_scenarios(rank, torch.load(inputs_path, map_location=device))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -170,18 +181,32 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def inputs():
-    return _make_inputs()
+@pytest.fixture(
+    scope="module",
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
+)
+def device(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def ranks(inputs, tmp_path_factory):
+def inputs(device):
+    return _make_inputs(device)
+
+
+@pytest.fixture(scope="module")
+def ranks(device, inputs, tmp_path_factory):
     """What each of the 2 ranks computed: [rank0 results, rank1 results]."""
     folder = tmp_path_factory.mktemp("ddp")
     inputs_path = str(folder / "inputs.pt")
     torch.save(inputs, inputs_path)
-    mp.spawn(_worker, args=(_free_port(), inputs_path, str(folder)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(_free_port(), device, inputs_path, str(folder)), nprocs=WORLD_SIZE, join=True)
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
@@ -265,8 +290,7 @@ def test_full_loss_mi_part_is_global_and_boundary_part_is_per_rank(ranks, inputs
 
 
 def _single_process_param_grads(inputs, backend, batch):
-    model = TinySegmenter().to(torch.float64)
-    model.load_state_dict(inputs["model_state"])
+    model = _model(inputs)
     x = inputs["x"][batch]
     view1, view2 = _two_views(model, x, inputs["x_noise"][batch])
     bimi_kernels.BIMILoss(offsets=OFFSETS, backend=backend)(view1, view2, image=x).backward()
