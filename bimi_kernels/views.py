@@ -40,6 +40,7 @@ __all__ = [
     "AffineParams",
     "TwoViews",
     "TwoViewTransform",
+    "affine_theta",
     "random_affine_params",
     "intensity_jitter",
     "validity_mask",
@@ -51,7 +52,7 @@ __all__ = [
 class AffineParams:
     """One random affine transform per sample (all tensors have a leading batch dim B).
 
-    rotation    : (B,) radians, counter-clockwise in pixel space
+    rotation    : (B,) radians (see `affine_theta` for the direction)
     scale       : (B,) zoom factor (> 1 enlarges the content)
     translation : (B, 2) shift of the content as a fraction of the image (x, y), in [-1, 1]
     flip        : (B,) bool, mirror left-right (along W) before rotating
@@ -68,6 +69,39 @@ class AffineParams:
 
 def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def affine_theta(
+    rotation: torch.Tensor,
+    scale: torch.Tensor,
+    translation: torch.Tensor,
+    flip: torch.Tensor,
+    size: Sequence[int],
+) -> torch.Tensor:
+    """The (B, 2, 3) `F.affine_grid` matrix (output -> input, normalised coordinates,
+    align_corners=False) of given transforms: mirror left-right where `flip` (B,) is True, then
+    rotate by `rotation` (B,) radians (positive turns the content from the +x axis (right)
+    towards the +y axis (down), i.e. clockwise as displayed with row 0 at the top), zoom by
+    `scale` (B,), shift by `translation` (B, 2) = (x, y) fractions of the image size. Rotation
+    and zoom are about the image centre and done in pixel space (rigid on non-square images).
+    Computed in float64."""
+    height, width = int(size[0]), int(size[1])
+    rotation, scale = rotation.to(torch.float64).cpu(), scale.to(torch.float64).cpu()
+    translation, flip = translation.to(torch.float64).cpu(), flip.cpu().bool()
+    batch = rotation.shape[0]
+    # Output pixel p samples the input at A p + t. Content turned by +r and zoomed by s means
+    # sampling at R(-r) p / s; the mirror, applied to the content first, is applied last here.
+    cos, sin = torch.cos(rotation), torch.sin(rotation)
+    inverse_rotation = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    mirror = torch.ones(batch, 2, dtype=torch.float64)
+    mirror[:, 0] = torch.where(flip, -1.0, 1.0)
+    a_pixels = mirror[:, :, None] * inverse_rotation / scale[:, None, None]
+    # Normalised coordinates are pixels / (W/2, H/2): A_norm = D^-1 A_pix D with D = diag(W, H).
+    half = torch.tensor([width / 2, height / 2], dtype=torch.float64)
+    a_normalised = a_pixels * half[None, None, :] / half[None, :, None]
+    # A content shift of +t (fraction of the size; the normalised span is 2) samples at -2t.
+    shift = -2 * torch.einsum("bij,bj->bi", a_normalised, translation)
+    return torch.cat([a_normalised, shift[:, :, None]], dim=2)
 
 
 def random_affine_params(
@@ -103,19 +137,7 @@ def random_affine_params(
     )
     flip = torch.rand(batch, generator=generator, dtype=torch.float64) < flip_prob
 
-    # Output pixel (x, y) samples the input at A (x, y) + t. In pixel units (centred), content
-    # rotated by +r and zoomed by s means sampling at R(-r) / s; the flip mirrors x first.
-    cos, sin = torch.cos(rotation), torch.sin(rotation)
-    inverse_rotation = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
-    mirror = torch.ones(batch, 2, dtype=torch.float64)
-    mirror[:, 0] = torch.where(flip, -1.0, 1.0)
-    a_pixels = mirror[:, :, None] * inverse_rotation / scale[:, None, None]
-    # Normalised coordinates are pixels / (W/2, H/2): A_norm = D^-1 A_pix D with D = diag(W, H).
-    half = torch.tensor([width / 2, height / 2], dtype=torch.float64)
-    a_normalised = a_pixels * half[None, None, :] / half[None, :, None]
-    # A content shift of +t (fraction of the size, normalised span 2) samples at -2t.
-    shift = -2 * torch.einsum("bij,bj->bi", a_normalised, translation)
-    theta = torch.cat([a_normalised, shift[:, :, None]], dim=2)
+    theta = affine_theta(rotation, scale, translation, flip, (height, width))
     as_out = dict(device=device, dtype=dtype)
     return AffineParams(
         rotation=rotation.to(**as_out),
@@ -163,7 +185,7 @@ def intensity_jitter(
     image: torch.Tensor,
     brightness: float = 0.1,
     contrast: float = 0.2,
-    noise_std: float = 0.02,
+    noise_std: float = 0.01,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """`image * c + b + noise` per sample: contrast c uniform in [1 - contrast, 1 + contrast],
@@ -227,7 +249,7 @@ class TwoViewTransform:
         flip_prob: float = 0.5,
         brightness: float = 0.1,
         contrast: float = 0.2,
-        noise_std: float = 0.02,
+        noise_std: float = 0.01,
     ):
         self.max_rotation = max_rotation
         self.scale_range = scale_range

@@ -1,0 +1,145 @@
+"""The two-view helper: known transforms, seeded reproducibility, image/map alignment, mask."""
+import math
+
+import pytest
+import torch
+
+from bimi_kernels.views import (
+    TwoViewTransform,
+    affine_theta,
+    random_affine_params,
+    validity_mask,
+    warp,
+)
+
+
+def _theta(rotation=0.0, scale=1.0, tx=0.0, ty=0.0, flip=False, size=(4, 4)):
+    return affine_theta(
+        torch.tensor([rotation]), torch.tensor([scale]), torch.tensor([[tx, ty]]), torch.tensor([flip]), size
+    ).float()
+
+
+def _blocks(batch=2, size=32, seed=0):
+    """Piecewise-constant label maps (B, H, W) with large regions, values 0..3."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, 4, (batch, 1, 4, 4), generator=g).float()
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="nearest")[:, 0].long()
+
+
+def test_identity_flip_rotation_translation_are_exact():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert torch.equal(warp(x, _theta(), mode="nearest"), x)
+    assert torch.equal(warp(x, _theta(flip=True), mode="nearest"), torch.flip(x, dims=[-1]))
+    # +90 degrees turns the content clockwise as displayed (row 0 at the top)
+    assert torch.equal(warp(x, _theta(rotation=math.pi / 2), mode="nearest"), torch.rot90(x, -1, dims=(2, 3)))
+    # a quarter of the width to the right: one pixel, zero padding on the left
+    shifted = torch.zeros_like(x)
+    shifted[..., 1:] = x[..., :-1]
+    assert torch.equal(warp(x, _theta(tx=0.25), mode="nearest"), shifted)
+    assert torch.equal(warp(x, _theta(tx=0.25), mode="bilinear"), shifted)
+
+
+def test_rotation_is_rigid_on_non_square_images():
+    # a 90-degree turn of a 4x8 image keeps a centred 4x4 square inside unchanged in shape
+    x = torch.zeros(1, 1, 4, 8)
+    x[..., :, 2:6] = torch.arange(16.0).reshape(4, 4)
+    turned = warp(x, _theta(rotation=math.pi / 2, size=(4, 8)), mode="nearest")
+    assert torch.equal(turned[..., :, 2:6], torch.rot90(x[..., :, 2:6], -1, dims=(2, 3)))
+
+
+def test_seeded_views_are_reproducible_and_seed_dependent():
+    images = torch.rand(3, 1, 24, 24, generator=torch.Generator().manual_seed(1))
+    transform = TwoViewTransform()
+    a = transform(images, generator=torch.Generator().manual_seed(7))
+    b = transform(images, generator=torch.Generator().manual_seed(7))
+    c = transform(images, generator=torch.Generator().manual_seed(8))
+    for field in ("original", "transformed", "mask"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert torch.equal(a.params.theta, b.params.theta)
+    assert not torch.equal(a.params.theta, c.params.theta)
+    assert not torch.equal(a.transformed, c.transformed)
+    assert a.transformed.shape == images.shape and a.mask.shape == (3, 1, 24, 24)
+
+
+def test_params_stay_in_their_ranges():
+    p = random_affine_params(
+        500, (16, 16), max_rotation=10, scale_range=(0.8, 1.2), max_translation=0.05, flip_prob=0.5,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert p.rotation.abs().max() <= math.radians(10) + 1e-6
+    assert 0.8 - 1e-6 <= p.scale.min() and p.scale.max() <= 1.2 + 1e-6
+    assert p.translation.abs().max() <= 0.05 + 1e-6
+    assert 0.35 < p.flip.float().mean() < 0.65
+    assert p.theta.shape == (500, 2, 3)
+
+
+def test_same_transform_aligns_image_and_map():
+    """The image warped bilinear and its label map warped nearest with the same parameters
+    still agree: the label map stays the segmentation of the warped image."""
+    labels = _blocks()
+    image = labels[:, None].float()  # an image whose intensity is its label
+    params = random_affine_params(2, (32, 32), max_rotation=30, generator=torch.Generator().manual_seed(3))
+    warped_image = warp(image, params.theta, mode="bilinear")[:, 0]
+    warped_labels = warp(labels[:, None], params.theta, mode="nearest")[:, 0]
+    assert warped_labels.dtype == labels.dtype
+    valid = validity_mask(params.theta, (32, 32))[:, 0] > 0
+    # away from region borders bilinear and nearest read the same value
+    interior = (warped_image - warped_image.round()).abs() < 1e-4
+    agree = warped_image.round().long() == warped_labels
+    assert agree[valid & interior].all()
+    assert agree[valid].float().mean() > 0.9
+
+
+def test_align_brings_view_one_maps_into_view_two_frame():
+    labels = _blocks(batch=3, size=40, seed=5)
+    image = labels[:, None].float()
+    transform = TwoViewTransform(brightness=0, contrast=0, noise_std=0, max_rotation=25)
+    views = transform(image, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(views.original, image)  # no jitter asked for
+    one_hot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()  # maps from view 1
+    aligned = views.align(one_hot).argmax(1)
+    valid = views.mask[:, 0] > 0
+    interior = (views.transformed[:, 0] - views.transformed[:, 0].round()).abs() < 1e-4
+    assert (aligned == views.transformed[:, 0].round().long())[valid & interior].all()
+    # maps at another resolution get the same transform and a mask of their size
+    half = torch.nn.functional.avg_pool2d(one_hot, 2)
+    assert views.align(half).shape == (3, 4, 20, 20)
+    assert views.mask_like(half).shape == (3, 1, 20, 20)
+
+
+def test_mask_marks_the_padding():
+    theta = _theta(tx=0.25, size=(8, 8))
+    mask = validity_mask(theta, (8, 8))
+    assert torch.equal(mask[0, 0, :, 0], torch.zeros(8)) and torch.equal(mask[0, 0, :, 2:], torch.ones(8, 6))
+    params = random_affine_params(4, (32, 32), max_rotation=30, max_translation=0.2, scale_range=(0.7, 1.0),
+                                  generator=torch.Generator().manual_seed(2))
+    ones = torch.ones(4, 1, 32, 32)
+    mask = validity_mask(params.theta, (32, 32))
+    bilinear, nearest = warp(ones, params.theta), warp(ones, params.theta, mode="nearest")
+    assert torch.allclose(bilinear[mask > 0], torch.ones(())), "a valid pixel read only inside pixels"
+    assert (mask[nearest == 0] == 0).all(), "every padded pixel is marked"
+    assert 0 < mask.mean() < 1
+
+
+def test_intensity_jitter_touches_the_image_only():
+    images = torch.rand(2, 1, 16, 16)
+    views = TwoViewTransform(max_rotation=0, scale_range=(1, 1), max_translation=0, flip_prob=0)(
+        images, generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.equal(views.original, images)  # jittered
+    maps = torch.rand(2, 5, 16, 16)
+    assert torch.equal(views.align(maps), maps)  # identity warp, no jitter on maps
+    assert torch.equal(views.mask, torch.ones(2, 1, 16, 16))
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="x"):
+        warp(torch.rand(4, 4), torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="theta"):
+        warp(torch.rand(2, 1, 4, 4), torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="mode"):
+        warp(torch.rand(1, 1, 4, 4), _theta(), mode="bicubic")
+    with pytest.raises(ValueError, match="image"):
+        TwoViewTransform()(torch.rand(1, 4, 4))
+    with pytest.raises(ValueError, match="flip_prob"):
+        random_affine_params(1, (4, 4), flip_prob=2.0)
