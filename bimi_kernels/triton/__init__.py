@@ -34,10 +34,13 @@ def padded_k(k: int) -> int:
     return max(16, next_power_of_2(k))
 
 
-def dot_precision() -> str:
-    """float32 tl.dot precision: 3xTF32 tensor cores on a GPU (about float32 accuracy), plain
-    float32 arithmetic under the interpreter."""
-    return "ieee" if INTERPRETED else "tf32x3"
+def dot_precision(device: torch.device) -> str:
+    """float32 tl.dot precision: 3xTF32 tensor cores on Ampere and newer (about float32
+    accuracy, unlike plain TF32); plain float32 arithmetic under the interpreter and on
+    older GPUs."""
+    if INTERPRETED or device.type != "cuda":
+        return "ieee"
+    return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 @functools.lru_cache(maxsize=None)

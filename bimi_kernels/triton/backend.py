@@ -37,7 +37,9 @@ def boundary_cc(p, edge, window):
 
 def boundary_cc_backward(grad_cc, p, edge, u_range, window):
     with torch.no_grad():
-        return boundary.boundary_cc_backward(grad_cc, p.contiguous(), edge.contiguous(), u_range, window)
+        return boundary.boundary_cc_backward(
+            grad_cc, p.contiguous(), edge.contiguous(), u_range, window
+        )
 
 
 @functools.lru_cache(maxsize=None)

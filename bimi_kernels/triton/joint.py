@@ -1,14 +1,17 @@
 """Triton kernels for the all-offset joint counts (SPEC §3), forward and backward.
 
-Layout: maps are (B, K, *S) contiguous; a 2-D map is treated as 3-D with D = 1, so one kernel
-serves both. A program works on a tile of BLOCK_P consecutive pixels of one sample and keeps it
-in registers while it loops over the offsets, gathering the partner pixels s + d (or t - d)
-directly from the input: no shifted or unfolded copy of a map is ever made.
+Layout: maps are (B, K, *S) contiguous; 2-D maps are 3-D ones with D = 1 (IS_3D=False only skips
+the depth checks). A program works on a tile of BLOCK_P consecutive pixels of the flattened
+(B, *S) (a tile may straddle two samples), keeps the tile of p1 in registers and loops over the
+offsets, gathering the partner pixels s + d (or t - d) directly from the input: no shifted or
+unfolded copy of a map is ever made. Which partners exist comes from a small per-offset table
+(flat shift and, per spatial dim, the coordinate range whose partner is inside).
 
 Forward: a persistent grid (n_pixel_programs, n_offset_groups). Program (q, g) walks the tiles
 q, q + n_pixel_programs, ... and adds, for each offset o of its group, the K x K product
 p1_tile @ p2_shifted_tile^T into its own slot partial[q, o]. No two programs share a slot, so no
-atomics are needed, and the launcher sums `partial` over q in a fixed order: deterministic.
+atomics are needed, and the launcher sums `partial` over q in a fixed order: deterministic. The
+number of pixel programs is bounded so `partial` stays under 1 MiB.
 
 Backward: one pass over the pixels computes both gradients; per tile and offset it gathers p2 at
 s + d and p1 at t - d, multiplies by G_d (resp. G_d^T) and accumulates in registers; each
@@ -87,7 +90,9 @@ def _joint_counts_forward_kernel(
         ).to(acc_dtype)  # p1 tile (K_PAD, BLOCK_P), read once for all offsets
         if HAS_MASK:
             a = a * tl.load(mask_ptr + g, mask=inside, other=0.0).to(acc_dtype)[None, :]
-        p2_tile = p2_ptr + (pixel_base[:, None] + k_stride[None, :])
+        # pixels along the last dim, so consecutive threads read consecutive addresses
+        p2_tile = p2_ptr + (k_stride[:, None] + pixel_base[None, :])
+        tile_k_ok = k_ok[:, None]
         for o in range(o_begin, o_end):
             row = table_ptr + o * 8
             shift = tl.load(row)
@@ -95,17 +100,20 @@ def _joint_counts_forward_kernel(
             ok = ok & (x >= tl.load(row + 5)) & (x < tl.load(row + 6))
             if IS_3D:
                 ok = ok & (z >= tl.load(row + 1)) & (z < tl.load(row + 2))
-            # p2 at s + d as (BLOCK_P, K_PAD), gathered straight from p2
-            bt = tl.load(p2_tile + shift, mask=ok[:, None] & k_ok[None, :], other=0.0).to(acc_dtype)
+            # p2 at s + d as (K_PAD, BLOCK_P), gathered straight from p2
+            c = tl.load(p2_tile + shift, mask=tile_k_ok & ok[None, :], other=0.0).to(acc_dtype)
             if HAS_MASK:
-                bt = bt * tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)[:, None]
+                c = c * tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)[None, :]
             slot = slot_base + o * K * K
             acc = tl.load(slot, mask=kk_ok, other=0.0)
             if USE_DOT:
-                acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(a, tl.trans(c), acc, input_precision=DOT_PRECISION)
             else:
-                acc += tl.sum(a[:, :, None] * bt[None, :, :], axis=1)
+                acc += tl.sum(a[:, None, :] * c[None, :, :], axis=2)
             tl.store(slot, acc, mask=kk_ok)
+            # The next tile's load of this slot may be done by other threads of the program
+            # (another register layout): make the store visible to the whole block first.
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -244,8 +252,8 @@ def joint_counts(p1, p2, offsets, mask=None, *, block_p=None, max_programs=None)
         p1, p2, mask if has_mask else p1, table, partial,
         k, n, dims[1], dims[2], total_pixels,
         n_offsets, offsets_per_group, n_tiles,
-        IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot, DOT_PRECISION=dot_precision(),
-        K_PAD=k_pad, BLOCK_P=block_p,
+        IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot,
+        DOT_PRECISION=dot_precision(p1.device), K_PAD=k_pad, BLOCK_P=block_p,
         num_warps=4,
     )
     # fixed-order reduction over the programs' partial sums: deterministic
@@ -274,8 +282,8 @@ def joint_counts_backward(grad_j, p1, p2, offsets, mask=None, *, block_p=None, m
         grad_j, p1, p2, mask if has_mask else p1, table, reverse_table, grad_p1, grad_p2,
         k, n, dims[1], dims[2], total_pixels,
         n_offsets, n_tiles,
-        IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot, DOT_PRECISION=dot_precision(),
-        K_PAD=k_pad, BLOCK_P=block_p,
+        IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot,
+        DOT_PRECISION=dot_precision(p1.device), K_PAD=k_pad, BLOCK_P=block_p,
         num_warps=4,
     )
     return grad_p1, grad_p2
