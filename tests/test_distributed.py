@@ -101,7 +101,7 @@ def _loss_and_grads(loss_fn, *maps):
 
 def _rank_scenarios(rank, inputs):
     """Everything one rank computes on its slice of the batch."""
-    part = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    part = _part(rank)
     p1, p2, mask, image = (inputs[k][part] for k in ("p1", "p2", "mask", "image"))
     out = {}
     for backend in BACKENDS:
