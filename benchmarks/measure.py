@@ -1,0 +1,249 @@
+"""How time and memory are measured.
+
+Time
+- CPU: `time.perf_counter` around each call, after `warmup_calls` untimed calls, with
+  `torch.set_num_threads` fixed for the whole run (the CSV records the count).
+- GPU: CUDA events around each call; before each call a 256 MiB buffer is zeroed so that no call
+  finds the previous one's data in L2 (what `triton.testing.do_bench` does too).
+Repeats continue until `min_repeats` and `min_seconds` are both reached (or `max_repeats`, or
+`max_seconds` after 3); the median and the 20th / 80th percentiles are reported.
+
+Peak extra memory
+- GPU: `torch.cuda.max_memory_allocated()` during one call minus `memory_allocated()` just before
+  it (the inputs, and for `backward` the graph that the forward saved), after a warm-up call.
+- CPU: the resident-set high-water mark in a fresh process forked from a small server process
+  (`serve()`: torch and the package imported, nothing computed): it allocates its own inputs, runs one warm-up call (thread pool,
+  lazy initialisation, oneDNN kernels), then resets the kernel's high-water mark
+  (`echo 5 > /proc/self/clear_refs`), reads VmRSS, runs one call and reports VmHWM - VmRSS. glibc
+  is started with a fixed `MALLOC_MMAP_THRESHOLD_=65536`, so every buffer of 64 KiB or more is its
+  own mmap that leaves the RSS when freed, and a call cannot hide its peak in memory that the
+  warm-up left cached in the heap. Page granularity (4 KiB); includes every allocation (torch
+  tensors, C++ std::vector, oneDNN scratch), not only torch's allocator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .providers import make_inputs, mode_callable
+
+GPU_MEMORY_METHOD = ("cuda max_memory_allocated during one call minus memory_allocated before it "
+                     "(inputs; for backward also the saved graph)")
+CPU_MEMORY_METHOD = ("peak RSS delta (VmHWM after a clear_refs reset, minus VmRSS) in a fresh "
+                     "forked process after inputs + one warm-up call; MALLOC_MMAP_THRESHOLD_=65536")
+
+# The environment of the measurement server (glibc reads it at start): see the module docstring.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def synchronize(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def call_seconds(fn: Callable, device_type: str) -> float:
+    """Wall time of one call, synchronised (used for the warm-up and the time budget)."""
+    synchronize(device_type)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device_type)
+    elapsed = time.perf_counter() - start
+    del result
+    return elapsed
+
+
+def time_repeats(fn: Callable, device_type: str, policy) -> Tuple[list, tuple]:
+    """Seconds of each timed repeat, and the last call's result (for the correctness check)."""
+    samples, total, result = [], 0.0, None
+    if device_type == "cuda":
+        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    while len(samples) < policy.max_repeats:
+        result = None  # free the previous output before the next call
+        if device_type == "cuda":
+            flush.zero_()
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            begin = time.perf_counter()
+            result = fn()
+            seconds = time.perf_counter() - begin
+        samples.append(seconds)
+        total += seconds
+        if len(samples) >= policy.min_repeats and total >= policy.min_seconds:
+            break
+        if len(samples) >= 3 and total >= policy.max_seconds:
+            break
+    return samples, result
+
+
+def summarize(samples: list) -> dict:
+    values = np.asarray(samples, dtype=np.float64)
+    return {
+        "repeats": len(values),
+        "time_median_s": float(np.median(values)),
+        "time_p20_s": float(np.percentile(values, 20)),
+        "time_p80_s": float(np.percentile(values, 80)),
+    }
+
+
+def gpu_peak_extra_bytes(fn: Callable) -> int:
+    """Peak bytes allocated during one call beyond what was allocated before it."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del result
+    return int(peak)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: peak RSS in a fresh process
+# ------------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_in_this_process(request: dict) -> dict:
+    """Runs in the freshly forked process: see the module docstring."""
+    from .configs import BenchConfig
+
+    config = BenchConfig(**{**request["config"], "spatial": tuple(request["config"]["spatial"])})
+    torch.set_num_threads(request["threads"])
+    inputs = make_inputs(config, "cpu")
+    fn = mode_callable(request["provider"], request["op"], request["mode"], inputs)
+    result = fn()  # warm-up
+    del result
+    gc.collect()
+    if not _reset_high_water_mark():
+        return {"error": "cannot reset VmHWM (/proc/self/clear_refs not writable)"}
+    before_kib = _status_kib("VmRSS")
+    result = fn()
+    peak_kib = _status_kib("VmHWM") - before_kib
+    del result
+    return {"peak_bytes": peak_kib * 1024}
+
+
+REPLY_MARK = "BIMI-MEMORY-REPLY "
+
+
+def serve() -> None:
+    """The measurement server (`python -m benchmarks.measure --serve`): torch and the package
+    imported, nothing computed, so no thread pool exists to break a fork. For each JSON request on
+    stdin it forks a child that measures and writes its answer to a pipe; the server waits (with
+    the request's timeout, killing a child that overruns) and prints one reply line."""
+    import torch._dynamo  # noqa: F401  (the custom ops import it on their first call: seconds)
+
+    import bimi_kernels.functional  # noqa: F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the measurement process
+            os.close(read_fd)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)  # stray prints must not reach the reply channel
+            try:
+                answer = _peak_rss_in_this_process(request)
+            except BaseException as exc:
+                answer = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            os.write(write_fd, json.dumps(answer).encode())
+            os._exit(0)
+        os.close(write_fd)
+        chunks, deadline = [], time.monotonic() + request["timeout_s"]
+        while True:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([read_fd], [], [], max(remaining, 0))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                answer = {"error": f"timed out after {request['timeout_s']:.0f} s"}
+                break
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                answer = json.loads(b"".join(chunks) or b"{}")
+                break
+            chunks.append(chunk)
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+        if not answer:
+            answer = {"error": f"measurement process died (wait status {status}; killed for memory?)"}
+        print(REPLY_MARK + json.dumps(answer), flush=True)
+
+
+class MemoryServer:
+    """Client of `serve()`: one server for the run, one fresh forked process per measurement."""
+
+    def __init__(self):
+        repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, **MALLOC_ENV)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.measure", "--serve"],
+                                        cwd=repo_root, env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+
+    def peak_extra_bytes(self, config, provider, op, mode, threads, timeout_s) -> Tuple[Optional[int], str]:
+        """(peak extra bytes or None, error message)."""
+        request = {"config": dataclasses.asdict(config), "provider": provider, "op": op,
+                   "mode": mode, "threads": threads, "timeout_s": timeout_s}
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            for line in self.process.stdout:
+                if line.startswith(REPLY_MARK):
+                    answer = json.loads(line[len(REPLY_MARK):])
+                    break
+            else:
+                return None, "the memory measurement server exited"
+        except OSError as exc:
+            return None, f"the memory measurement server failed: {exc}"
+        if "peak_bytes" in answer:
+            return int(answer["peak_bytes"]), ""
+        return None, answer.get("error", "no answer")
+
+    def close(self) -> None:
+        """The server holds no state worth a clean interpreter shutdown (seconds with torch)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        print("usage: python -m benchmarks.measure --serve  (started by benchmarks.run)", file=sys.stderr)
+        sys.exit(2)
