@@ -30,7 +30,9 @@ from bimi_kernels.triton import boundary, joint  # noqa: E402
 from bimi_kernels.triton.backend import BACKEND  # noqa: E402
 
 # the interpreter indexes with 1-element arrays, which numpy >= 1.25 warns about on every step
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
+)
 
 F64, F32 = torch.float64, torch.float32
 # relative tolerance (against the largest reference magnitude) per accumulation dtype, SPEC §8
@@ -48,8 +50,19 @@ def make_inputs(shape, dtype, masked, seed=0):
     p1, p2 = random_maps(shape, dtype=dtype, seed=seed, device=DEVICE)
     mask = None
     if masked:
-        mask = random_mask(shape, seed=seed + 2, keep=0.7, device=DEVICE)[:, 0].to(dtype).contiguous()
+        mask = random_mask(shape, seed=seed + 2, keep=0.7, device=DEVICE)[:, 0]
+        mask = mask.to(dtype).contiguous()
     return p1, p2, mask
+
+
+def check_low_precision_rule(what, ours, theirs, truth):
+    """SPEC §8: the kernel's error against the float64 result is at most twice the reference's
+    own error in the low-precision dtype, plus a small absolute floor."""
+    truth = truth.double()
+    floor = 1e-6 * truth.abs().max().item()
+    error = (ours.double() - truth).abs().max().item()
+    reference_error = (theirs.double() - truth).abs().max().item()
+    assert error <= 2 * reference_error + floor, f"{what}: {error:.3g} vs {reference_error:.3g}"
 
 
 def random_grad_j(n_offsets, k, dtype, seed=3):
@@ -101,7 +114,7 @@ JOINT_CASES = {
     "2d-K3-r1-mask-7tiles": ((2, 3, 9, 11), 1, 1, True, 32, F64),
     "2d-K10-r2": ((2, 10, 11, 13), 2, 1, False, None, F64),
     "2d-K17-r1-dilation2-mask": ((1, 17, 13, 10), 1, 2, True, 32, F64),
-    "2d-K3-list-mask": ((2, 3, 8, 9), [(0, 0), (0, 1), (1, 0), (-2, 3), (5, -7)], 1, True, None, F64),
+    "2d-K3-list-mask": ((2, 3, 8, 9), [(0, 0), (0, 1), (1, 0), (-2, 3), (5, -7)], 1, True, 64, F64),
     "2d-K3-r1-larger-than-tile": ((2, 3, 37, 41), 1, 1, True, None, F64),
     "2d-K10-r1-mask-f32": ((2, 10, 9, 11), 1, 1, True, None, F32),
     "3d-K3-r1-mask-4tiles": ((2, 3, 5, 6, 7), 1, 1, True, 128, F64),
@@ -119,6 +132,19 @@ def test_joint_counts_match_reference(case):
     p1, p2, mask = make_inputs(shape, dtype, masked)
     offsets = make_offsets(spec, len(shape) - 2, dilation)
     check_joint(p1, p2, offsets, mask, RTOL[dtype], block_p)
+
+
+@pytest.mark.parametrize("shape", [(2, 17, 9, 11), (1, 5, 4, 5, 6)], ids=["2d", "3d"])
+def test_joint_counts_backward_in_two_launches(shape):
+    """The GPU launch config computes dL/dp1 and dL/dp2 in separate launches for K > 16."""
+    p1, p2, mask = make_inputs(shape, F64, True)
+    offsets = make_offsets(1, len(shape) - 2)
+    grad_j = random_grad_j(len(offsets), shape[1], F64)
+    flat = flatten(offsets)
+    grads = joint.joint_counts_backward(grad_j, p1, p2, flat, mask, block_p=64, split=True)
+    expected = reference.joint_counts_backward(grad_j, p1, p2, offsets, mask)
+    for i in range(2):
+        assert_close_rel(grads[i], expected[i], RTOL[F64], f"dL/dp{i + 1}")
 
 
 def test_joint_counts_fully_masked_is_zero():
@@ -166,14 +192,9 @@ def test_joint_counts_low_precision_rule(dtype):
     grads_low = reference.joint_counts_backward(grad_j, p1, p2, offsets, mask)
     grads_64 = reference.joint_counts_backward(grad_j.double(), *exact[:2], offsets, exact[2])
 
-    pairs = [("J", counts, counts_low, counts_64)]
-    pairs += [(f"dL/dp{i + 1}", grads[i], grads_low[i], grads_64[i]) for i in range(2)]
-    for what, ours, theirs, truth in pairs:
-        truth = truth.double()
-        floor = 1e-6 * truth.abs().max().item()
-        error = (ours.double() - truth).abs().max().item()
-        reference_error = (theirs.double() - truth).abs().max().item()
-        assert error <= 2 * reference_error + floor, f"{what}: {error:.3g} vs ref {reference_error:.3g}"
+    check_low_precision_rule("J", counts, counts_low, counts_64)
+    for i in range(2):
+        check_low_precision_rule(f"dL/dp{i + 1}", grads[i], grads_low[i], grads_64[i])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,12 +258,10 @@ def test_boundary_cc_low_precision_rule(dtype):
     cc_low = reference.boundary_cc(p, edge, 5)
     cc_64 = reference.boundary_cc(exact, edge.double(), 5)
     grad_low = reference_boundary_gradient(torch.tensor(1.0, device=DEVICE), p, edge, 5)
-    grad_64 = reference_boundary_gradient(torch.tensor(1.0, dtype=F64, device=DEVICE), exact, edge.double(), 5)
-    for what, ours, theirs, truth in [("CC", cc, cc_low, cc_64), ("dL/dp", grad, grad_low, grad_64)]:
-        floor = 1e-6 * truth.abs().max().item()
-        error = (ours.double() - truth).abs().max().item()
-        reference_error = (theirs.double() - truth).abs().max().item()
-        assert error <= 2 * reference_error + floor, f"{what}: {error:.3g} vs ref {reference_error:.3g}"
+    one = torch.tensor(1.0, dtype=F64, device=DEVICE)
+    grad_64 = reference_boundary_gradient(one, exact, edge.double(), 5)
+    check_low_precision_rule("CC", cc, cc_low, cc_64)
+    check_low_precision_rule("dL/dp", grad, grad_low, grad_64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,10 +299,13 @@ def test_bimi_loss_matches_reference_backend(shape, offsets, window):
     results = {}
     for name in ("reference", "triton"):
         p1, p2 = random_maps(shape, device=DEVICE, requires_grad=True)
-        loss = functional.bimi_loss(p1, p2, image, mask=mask, offsets=offsets, window=window, backend=name)
+        loss = functional.bimi_loss(
+            p1, p2, image, mask=mask, offsets=offsets, window=window, backend=name
+        )
         loss.backward()
         results[name] = (loss.detach(), p1.grad, p2.grad)
-    for what, ours, theirs in zip(("loss", "dL/dp1", "dL/dp2"), results["triton"], results["reference"]):
+    names = ("loss", "dL/dp1", "dL/dp2")
+    for what, ours, theirs in zip(names, results["triton"], results["reference"]):
         assert_close_rel(ours, theirs, RTOL[F64], what)
 
 
@@ -303,3 +325,30 @@ def test_torch_compile_fullgraph_bimi_loss():
     assert_close_rel(loss.detach(), expected.detach(), RTOL[F32], "loss")
     assert_close_rel(p1.grad, q1.grad, RTOL[F32], "dL/dp1")
     assert_close_rel(p2.grad, q2.grad, RTOL[F32], "dL/dp2")
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU compiler, without a GPU
+# ------------------------------------------------------------------------------------------------
+def test_kernels_compile_for_h100_without_gpu():
+    """Compile every kernel (a representative set of dtypes, K, layouts) for sm_90 with Triton's
+    real compiler and ptxas, so GPU-only compile errors show up in CPU-only CI too."""
+    import subprocess
+    import sys
+
+    script = (
+        "import triton.backends\n"
+        "if 'nvidia' not in triton.backends.backends: raise SystemExit('SKIP no nvidia backend')\n"
+        "from bimi_kernels.triton.backend import compile_for_gpu\n"
+        "for r in compile_for_gpu(90): print(r)\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+        timeout=900,
+    )
+    if "SKIP" in done.stderr:
+        pytest.skip("this triton install has no NVIDIA backend to compile with")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("'kernel'") >= 20

@@ -199,10 +199,12 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_block_p(k_pad: int) -> int:
-    """Pixels per tile; on a GPU small enough that a (K_PAD, BLOCK_P) tile of p fits registers."""
+    """Pixels per tile. On a GPU the (K_PAD, BLOCK_P) tile of p in the gradient kernel is kept
+    to 2048 values per program (4 warps: 16 per thread), the box-sum kernels (k_pad=1) use 256;
+    chosen from `ptxas -v` register counts, not timed on hardware yet."""
     if INTERPRETED:
         return INTERPRETER_BLOCK_P
-    return max(32, min(256, 8192 // k_pad))
+    return max(32, min(256, 2048 // k_pad))
 
 
 def _check_block(block_p: int) -> int:

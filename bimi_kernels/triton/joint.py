@@ -23,6 +23,7 @@ float64 uses an explicit broadcast-multiply-and-sum so it stays float64 on every
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -121,9 +122,12 @@ def _joint_counts_backward_kernel(
     grad_j_ptr, p1_ptr, p2_ptr, mask_ptr, table_ptr, reverse_table_ptr, grad_p1_ptr, grad_p2_ptr,
     K, N, H, W, total_pixels,
     n_offsets, n_tiles,
+    GRAD_P1: tl.constexpr, GRAD_P2: tl.constexpr,
     IS_3D: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    # GRAD_P1 / GRAD_P2 pick the gradients this launch computes: both in one pass over the
+    # pixels, or one each in two launches when both accumulators would not fit the registers.
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     acc_dtype = grad_j_ptr.dtype.element_ty
@@ -147,44 +151,61 @@ def _joint_counts_backward_kernel(
             y = y - z * H
         tile_index = k_stride[:, None] + (b * K * n + s)[None, :]  # (K_PAD, BLOCK_P)
         tile_ok = k_ok[:, None] & inside[None, :]
-        p1_tile = p1_ptr + tile_index
-        p2_tile = p2_ptr + tile_index
-        grad1 = tl.zeros((K_PAD, BLOCK_P), dtype=acc_dtype)
-        grad2 = tl.zeros((K_PAD, BLOCK_P), dtype=acc_dtype)
+        if GRAD_P1:
+            p2_tile = p2_ptr + tile_index
+            grad1 = tl.zeros((K_PAD, BLOCK_P), dtype=acc_dtype)
+        if GRAD_P2:
+            p1_tile = p1_ptr + tile_index
+            grad2 = tl.zeros((K_PAD, BLOCK_P), dtype=acc_dtype)
         for o in range(0, n_offsets):
             g_d = tl.load(grad_j_ptr + o * K * K + kk_index, mask=kk_ok, other=0.0)
-            # dL/dp1[i, s] += sum_j G[i, j] p2[j, s + d]
-            row = table_ptr + o * 8
-            shift = tl.load(row)
-            ok = inside & (y >= tl.load(row + 3)) & (y < tl.load(row + 4))
-            ok = ok & (x >= tl.load(row + 5)) & (x < tl.load(row + 6))
-            if IS_3D:
-                ok = ok & (z >= tl.load(row + 1)) & (z < tl.load(row + 2))
-            q2 = tl.load(p2_tile + shift, mask=k_ok[:, None] & ok[None, :], other=0.0).to(acc_dtype)
-            if HAS_MASK:
-                q2 = q2 * tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)[None, :]
-            # dL/dp2[j, t] += sum_i G[i, j] p1[i, t - d]
-            row = reverse_table_ptr + o * 8
-            shift = tl.load(row)
-            ok = inside & (y >= tl.load(row + 3)) & (y < tl.load(row + 4))
-            ok = ok & (x >= tl.load(row + 5)) & (x < tl.load(row + 6))
-            if IS_3D:
-                ok = ok & (z >= tl.load(row + 1)) & (z < tl.load(row + 2))
-            q1 = tl.load(p1_tile + shift, mask=k_ok[:, None] & ok[None, :], other=0.0).to(acc_dtype)
-            if HAS_MASK:
-                q1 = q1 * tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)[None, :]
-            if USE_DOT:
-                grad1 = tl.dot(g_d, q2, grad1, input_precision=DOT_PRECISION)
-                grad2 = tl.dot(tl.trans(g_d), q1, grad2, input_precision=DOT_PRECISION)
-            else:
-                grad1 += tl.sum(g_d[:, :, None] * q2[None, :, :], axis=1)
-                grad2 += tl.sum(tl.trans(g_d)[:, :, None] * q1[None, :, :], axis=1)
+            if GRAD_P1:
+                # dL/dp1[i, s] += sum_j G[i, j] p2[j, s + d]
+                row = table_ptr + o * 8
+                shift = tl.load(row)
+                ok = inside & (y >= tl.load(row + 3)) & (y < tl.load(row + 4))
+                ok = ok & (x >= tl.load(row + 5)) & (x < tl.load(row + 6))
+                if IS_3D:
+                    ok = ok & (z >= tl.load(row + 1)) & (z < tl.load(row + 2))
+                q2 = tl.load(p2_tile + shift, mask=k_ok[:, None] & ok[None, :], other=0.0)
+                q2 = q2.to(acc_dtype)
+                if HAS_MASK:
+                    m2 = tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)
+                    q2 = q2 * m2[None, :]
+                if USE_DOT:
+                    grad1 = tl.dot(g_d, q2, grad1, input_precision=DOT_PRECISION)
+                else:
+                    grad1 += tl.sum(g_d[:, :, None] * q2[None, :, :], axis=1)
+            if GRAD_P2:
+                # dL/dp2[j, t] += sum_i G[i, j] p1[i, t - d]
+                row = reverse_table_ptr + o * 8
+                shift = tl.load(row)
+                ok = inside & (y >= tl.load(row + 3)) & (y < tl.load(row + 4))
+                ok = ok & (x >= tl.load(row + 5)) & (x < tl.load(row + 6))
+                if IS_3D:
+                    ok = ok & (z >= tl.load(row + 1)) & (z < tl.load(row + 2))
+                q1 = tl.load(p1_tile + shift, mask=k_ok[:, None] & ok[None, :], other=0.0)
+                q1 = q1.to(acc_dtype)
+                if HAS_MASK:
+                    m1 = tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)
+                    q1 = q1 * m1[None, :]
+                g_t = tl.trans(g_d)
+                if USE_DOT:
+                    grad2 = tl.dot(g_t, q1, grad2, input_precision=DOT_PRECISION)
+                else:
+                    grad2 += tl.sum(g_t[:, :, None] * q1[None, :, :], axis=1)
         if HAS_MASK:
             m_here = tl.load(mask_ptr + g, mask=inside, other=0.0).to(acc_dtype)[None, :]
-            grad1 = grad1 * m_here
-            grad2 = grad2 * m_here
-        tl.store(grad_p1_ptr + tile_index, grad1.to(grad_p1_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(grad_p2_ptr + tile_index, grad2.to(grad_p2_ptr.dtype.element_ty), mask=tile_ok)
+        if GRAD_P1:
+            if HAS_MASK:
+                grad1 = grad1 * m_here
+            out1 = grad1.to(grad_p1_ptr.dtype.element_ty)
+            tl.store(grad_p1_ptr + tile_index, out1, mask=tile_ok)
+        if GRAD_P2:
+            if HAS_MASK:
+                grad2 = grad2 * m_here
+            out2 = grad2.to(grad_p2_ptr.dtype.element_ty)
+            tl.store(grad_p2_ptr + tile_index, out2, mask=tile_ok)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,14 +215,25 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_block_p(k_pad: int, use_dot: bool) -> int:
-    """Pixels per tile. GPU: keep the (K_PAD, BLOCK_P) operands (and, for float64, the
-    (K_PAD, K_PAD, BLOCK_P) product) within the registers of one program."""
+class LaunchConfig(NamedTuple):
+    block_p: int  # pixels per tile (a power of two)
+    num_warps: int
+    split_backward: bool  # dL/dp1 and dL/dp2 in two launches (fewer live registers each)
+
+
+def default_config(k_pad: int, use_dot: bool) -> LaunchConfig:
+    """Fixed launch settings. Under the interpreter: big tiles (its cost is per tile). On a GPU:
+    the largest tiles whose registers do not spill, from `ptxas -v` on sm_90 code with
+    tf32x3 dots (fp32) and the broadcast product (fp64); not timed on hardware yet."""
     if INTERPRETED:
-        return INTERPRETER_BLOCK_P
-    if use_dot:
-        return 128 if k_pad <= 32 else 64
-    return max(16, 8192 // (k_pad * k_pad))
+        return LaunchConfig(INTERPRETER_BLOCK_P, 4, False)
+    if not use_dot:  # float64: the (K_PAD, K_PAD, BLOCK_P) product lives in registers
+        return LaunchConfig(max(1, 4096 // (k_pad * k_pad)), 4, False)
+    if k_pad <= 16:
+        return LaunchConfig(64, 8, False)
+    if k_pad <= 32:
+        return LaunchConfig(32, 8, True)
+    return LaunchConfig(16, 8, True)
 
 
 def _launch_geometry(p1, block_p):
@@ -209,11 +241,15 @@ def _launch_geometry(p1, block_p):
     d, h, w, n = spatial_dims(p1.shape)
     k_pad = padded_k(k)
     use_dot = p1.dtype != torch.float64
-    block_p = int(block_p) if block_p is not None else default_block_p(k_pad, use_dot)
-    if block_p < 1 or block_p & (block_p - 1):
-        raise ValueError(f"block_p: expected a power of two, got {block_p}")
+    config = default_config(k_pad, use_dot)
+    if block_p is not None:
+        config = config._replace(block_p=int(block_p))
+    if config.block_p < 1 or config.block_p & (config.block_p - 1):
+        raise ValueError(f"block_p: expected a power of two, got {config.block_p}")
+    if use_dot and not INTERPRETED and config.block_p < 16:
+        raise ValueError(f"block_p: tl.dot needs at least 16 pixels per tile, got {config.block_p}")
     total_pixels = batch * n
-    return batch, k, (d, h, w), n, k_pad, use_dot, block_p, total_pixels
+    return batch, k, (d, h, w), n, k_pad, use_dot, config, total_pixels
 
 
 def joint_counts(p1, p2, offsets, mask=None, *, block_p=None, max_programs=None):
@@ -222,12 +258,12 @@ def joint_counts(p1, p2, offsets, mask=None, *, block_p=None, max_programs=None)
     `block_p` (pixels per tile, a power of two) and `max_programs` (pixel-direction programs of
     the persistent grid) override the defaults; tests use them to cover multi-tile cases.
     """
-    batch, k, dims, n, k_pad, use_dot, block_p, total_pixels = _launch_geometry(p1, block_p)
+    batch, k, dims, n, k_pad, use_dot, config, total_pixels = _launch_geometry(p1, block_p)
     ndim = p1.dim() - 2
     table = offset_table(offsets, ndim, dims, p1.device)
     n_offsets = int(table.shape[0])
     acc_dtype = _accumulation_dtype(p1.dtype)
-    n_tiles = triton.cdiv(total_pixels, block_p)
+    n_tiles = triton.cdiv(total_pixels, config.block_p)
     if n_tiles == 0 or n_offsets == 0:
         return torch.zeros((n_offsets, k, k), dtype=acc_dtype, device=p1.device)
 
@@ -253,16 +289,21 @@ def joint_counts(p1, p2, offsets, mask=None, *, block_p=None, max_programs=None)
         k, n, dims[1], dims[2], total_pixels,
         n_offsets, offsets_per_group, n_tiles,
         IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot,
-        DOT_PRECISION=dot_precision(p1.device), K_PAD=k_pad, BLOCK_P=block_p,
-        num_warps=4,
+        DOT_PRECISION=dot_precision(p1.device), K_PAD=k_pad, BLOCK_P=config.block_p,
+        num_warps=config.num_warps,
     )
     # fixed-order reduction over the programs' partial sums: deterministic
     return partial.sum(dim=0)
 
 
-def joint_counts_backward(grad_j, p1, p2, offsets, mask=None, *, block_p=None, max_programs=None):
-    """(grad_p1, grad_p2) in the dtypes of p1 and p2; the contract's `joint_counts_backward`."""
-    batch, k, dims, n, k_pad, use_dot, block_p, total_pixels = _launch_geometry(p1, block_p)
+def joint_counts_backward(
+    grad_j, p1, p2, offsets, mask=None, *, block_p=None, max_programs=None, split=None
+):
+    """(grad_p1, grad_p2) in the dtypes of p1 and p2; the contract's `joint_counts_backward`.
+
+    `split` (default: the launch config's choice) computes the two gradients in two launches.
+    """
+    batch, k, dims, n, k_pad, use_dot, config, total_pixels = _launch_geometry(p1, block_p)
     ndim = p1.dim() - 2
     table = offset_table(offsets, ndim, dims, p1.device)
     reverse_table = offset_table(offsets, ndim, dims, p1.device, reverse=True)
@@ -271,19 +312,23 @@ def joint_counts_backward(grad_j, p1, p2, offsets, mask=None, *, block_p=None, m
     grad_j = grad_j.to(acc_dtype).contiguous()
     grad_p1 = torch.empty_like(p1)
     grad_p2 = torch.empty_like(p2)
-    n_tiles = triton.cdiv(total_pixels, block_p)
+    n_tiles = triton.cdiv(total_pixels, config.block_p)
     if n_tiles == 0:
         return grad_p1, grad_p2
     n_programs = grid_size(n_tiles, p1.device)
     if max_programs is not None:
         n_programs = max(1, min(n_programs, int(max_programs)))
     has_mask = mask is not None
-    _joint_counts_backward_kernel[(n_programs,)](
-        grad_j, p1, p2, mask if has_mask else p1, table, reverse_table, grad_p1, grad_p2,
-        k, n, dims[1], dims[2], total_pixels,
-        n_offsets, n_tiles,
-        IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot,
-        DOT_PRECISION=dot_precision(p1.device), K_PAD=k_pad, BLOCK_P=block_p,
-        num_warps=4,
-    )
+    split = config.split_backward if split is None else bool(split)
+    passes = [(True, False), (False, True)] if split else [(True, True)]
+    for want_p1, want_p2 in passes:
+        _joint_counts_backward_kernel[(n_programs,)](
+            grad_j, p1, p2, mask if has_mask else p1, table, reverse_table, grad_p1, grad_p2,
+            k, n, dims[1], dims[2], total_pixels,
+            n_offsets, n_tiles,
+            GRAD_P1=want_p1, GRAD_P2=want_p2,
+            IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot,
+            DOT_PRECISION=dot_precision(p1.device), K_PAD=k_pad, BLOCK_P=config.block_p,
+            num_warps=config.num_warps,
+        )
     return grad_p1, grad_p2
