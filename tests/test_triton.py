@@ -249,6 +249,30 @@ def test_boundary_cc_matches_reference(case):
         assert_close_rel(grad, expected_grad, rtol, "dL/dp")
 
 
+@st.composite
+def boundary_problems(draw):
+    ndim = draw(st.sampled_from([2, 3]))
+    spatial = tuple(draw(st.integers(1, 12 if ndim == 2 else 5)) for _ in range(ndim))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(2, 18))) + spatial
+    return shape, draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([32, None]))
+
+
+@settings(max_examples=5, deadline=None)
+@given(boundary_problems())
+def test_boundary_cc_property(problem):
+    shape, window, block_p = problem
+    p, edge = boundary_inputs(shape, F64, seed=sum(shape))
+    cc, u_range = boundary.boundary_cc(p, edge, window, block_p=block_p)
+    assert_close_rel(cc, reference.boundary_cc(p, edge, window), RTOL[F64], "CC")
+    grad_cc = torch.tensor(0.9, dtype=F64, device=DEVICE)
+    grad = boundary.boundary_cc_backward(grad_cc, p, edge, u_range, window, block_p=block_p)
+    expected = reference_boundary_gradient(grad_cc, p, edge, window)
+    if torch.count_nonzero(expected) == 0:
+        assert torch.count_nonzero(grad) == 0
+    else:
+        assert_close_rel(grad, expected, RTOL[F64], "dL/dp")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_boundary_cc_low_precision_rule(dtype):
     p, edge = boundary_inputs((2, 10, 13, 17), dtype)

@@ -5,6 +5,7 @@ only when TRITON_INTERPRET=1 was set before triton was imported (slow; meant for
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -18,25 +19,30 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def joint_counts(p1, p2, offsets, mask):
-    with torch.no_grad():
+    with torch.no_grad(), _on_device_of(p1):
         return joint.joint_counts(p1.contiguous(), p2.contiguous(), offsets, _contiguous(mask))
 
 
 def joint_counts_backward(grad_j, p1, p2, offsets, mask):
-    with torch.no_grad():
+    with torch.no_grad(), _on_device_of(p1):
         return joint.joint_counts_backward(
             grad_j, p1.contiguous(), p2.contiguous(), offsets, _contiguous(mask)
         )
 
 
 def boundary_cc(p, edge, window):
-    with torch.no_grad():
+    with torch.no_grad(), _on_device_of(p):
         return boundary.boundary_cc(p.contiguous(), edge.contiguous(), window)
 
 
 def boundary_cc_backward(grad_cc, p, edge, u_range, window):
-    with torch.no_grad():
+    with torch.no_grad(), _on_device_of(p):
         return boundary.boundary_cc_backward(
             grad_cc, p.contiguous(), edge.contiguous(), u_range, window
         )
