@@ -134,6 +134,17 @@ def test_joint_counts_match_reference(case):
     check_joint(p1, p2, offsets, mask, RTOL[dtype], block_p)
 
 
+@pytest.mark.parametrize("offset_groups", [2, 4])
+def test_joint_counts_grid_split_along_offsets(offset_groups):
+    """On a GPU the forward grid also splits the offsets across programs (uneven last group)."""
+    p1, p2, mask = make_inputs((2, 5, 9, 11), F64, True)
+    offsets = make_offsets(1, 2)
+    counts = joint.joint_counts(
+        p1, p2, flatten(offsets), mask, block_p=64, max_programs=3, offset_groups=offset_groups
+    )
+    assert_close_rel(counts, reference.joint_counts(p1, p2, offsets, mask), RTOL[F64], "J")
+
+
 @pytest.mark.parametrize("shape", [(2, 17, 9, 11), (1, 5, 4, 5, 6)], ids=["2d", "3d"])
 def test_joint_counts_backward_in_two_launches(shape):
     """The GPU launch config computes dL/dp1 and dL/dp2 in separate launches for K > 16."""

@@ -252,11 +252,14 @@ def _launch_geometry(p1, block_p):
     return batch, k, (d, h, w), n, k_pad, use_dot, config, total_pixels
 
 
-def joint_counts(p1, p2, offsets, mask=None, *, block_p=None, max_programs=None):
+def joint_counts(
+    p1, p2, offsets, mask=None, *, block_p=None, max_programs=None, offset_groups=None
+):
     """J (|O|, K, K) in the accumulation dtype; the backend contract's `joint_counts`.
 
-    `block_p` (pixels per tile, a power of two) and `max_programs` (pixel-direction programs of
-    the persistent grid) override the defaults; tests use them to cover multi-tile cases.
+    `block_p` (pixels per tile, a power of two), `max_programs` (pixel-direction programs of
+    the persistent grid) and `offset_groups` (programs along the offsets) override the
+    defaults; tests use them to cover the GPU's grid shapes under the interpreter.
     """
     batch, k, dims, n, k_pad, use_dot, config, total_pixels = _launch_geometry(p1, block_p)
     ndim = p1.dim() - 2
@@ -279,6 +282,8 @@ def joint_counts(p1, p2, offsets, mask=None, *, block_p=None, max_programs=None)
         n_groups = min(n_offsets, max(1, math.ceil(4 * sms / n_pixel_programs)))
     if max_programs is not None:
         n_pixel_programs = max(1, min(n_pixel_programs, int(max_programs)))
+    if offset_groups is not None:
+        n_groups = max(1, min(n_offsets, int(offset_groups)))
     offsets_per_group = math.ceil(n_offsets / n_groups)
     n_groups = math.ceil(n_offsets / offsets_per_group)
 
