@@ -6,7 +6,9 @@ Time
 - GPU: CUDA events around each call; before each call a 256 MiB buffer is zeroed so that no call
   finds the previous one's data in L2 (what `triton.testing.do_bench` does too).
 Repeats continue until `min_repeats` and `min_seconds` are both reached (or `max_repeats`, or
-`max_seconds` after 3); the median and the 20th / 80th percentiles are reported.
+`max_seconds` after 3); the median and the 20th / 80th percentiles are reported. The providers of
+one (config, op, mode) are timed interleaved, one call of each per round, so that load from other
+jobs on a shared machine hits them alike and the ratios between them stay meaningful.
 
 Peak extra memory
 - GPU: `torch.cuda.max_memory_allocated()` during one call minus `memory_allocated()` just before
@@ -52,43 +54,63 @@ def synchronize(device_type: str) -> None:
         torch.cuda.synchronize()
 
 
-def call_seconds(fn: Callable, device_type: str) -> float:
-    """Wall time of one call, synchronised (used for the warm-up and the time budget)."""
+def timed_call(fn: Callable, device_type: str) -> Tuple[float, tuple]:
+    """Wall time of one synchronised call and its result (the warm-up calls: they also decide
+    the time budget and give the output that the correctness check compares)."""
     synchronize(device_type)
     start = time.perf_counter()
     result = fn()
     synchronize(device_type)
-    elapsed = time.perf_counter() - start
-    del result
-    return elapsed
+    return time.perf_counter() - start, result
 
 
-def time_repeats(fn: Callable, device_type: str, policy) -> Tuple[list, tuple]:
-    """Seconds of each timed repeat, and the last call's result (for the correctness check)."""
-    samples, total, result = [], 0.0, None
-    if device_type == "cuda":
-        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    while len(samples) < policy.max_repeats:
-        result = None  # free the previous output before the next call
+class Timer:
+    """Times one call: perf_counter on CPU; on GPU CUDA events, with a 256 MiB buffer zeroed
+    before the call so that it does not find the previous call's data in L2."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
         if device_type == "cuda":
-            flush.zero_()
-            start.record()
+            self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+
+    def __call__(self, fn: Callable) -> float:
+        if self.device_type == "cuda":
+            self.flush.zero_()
+            self.start.record()
             result = fn()
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            begin = time.perf_counter()
-            result = fn()
-            seconds = time.perf_counter() - begin
-        samples.append(seconds)
-        total += seconds
-        if len(samples) >= policy.min_repeats and total >= policy.min_seconds:
-            break
-        if len(samples) >= 3 and total >= policy.max_seconds:
-            break
-    return samples, result
+            self.end.record()
+            self.end.synchronize()
+            del result
+            return self.start.elapsed_time(self.end) / 1e3
+        begin = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - begin
+        del result
+        return seconds
+
+
+def enough(samples: list, policy) -> bool:
+    """The stopping rule of the repeats (module docstring)."""
+    total = sum(samples)
+    return (len(samples) >= policy.max_repeats
+            or (len(samples) >= policy.min_repeats and total >= policy.min_seconds)
+            or (len(samples) >= 3 and total >= policy.max_seconds))
+
+
+def time_interleaved(fns: dict, device_type: str, policy) -> dict:
+    """Repeats of several providers' calls in rounds (one call of each per round), so that a burst
+    of load from other jobs on a shared machine slows all of them alike and their ratios hold.
+    Each provider leaves the rounds when its own repeats are enough. Returns {name: [seconds]}."""
+    timer = Timer(device_type)
+    samples = {name: [] for name in fns}
+    active = list(fns)
+    while active:
+        for name in active:
+            samples[name].append(timer(fns[name]))
+        active = [name for name in active if not enough(samples[name], policy)]
+    return samples
 
 
 def summarize(samples: list) -> dict:

@@ -269,8 +269,17 @@ def write_markdown(rows, path) -> None:
         out += _results_table(group_rows, gpu)
         out.append("")
     skipped = [r for r in rows if not _measured(r)]
+    unavailable = OrderedDict()  # backends that do not serve this device: one line each
+    for r in skipped:
+        if (r.get("skipped_reason") or "").startswith("backend not available"):
+            unavailable.setdefault((r["provider"], r["skipped_reason"]), []).append(r)
+    skipped = [r for r in skipped if not (r.get("skipped_reason") or "").startswith("backend not available")]
+    if unavailable or skipped:
+        out += ["## Skipped", ""]
+        out += [f"- `{provider}` everywhere ({len(group)} rows): {reason}"
+                for (provider, reason), group in unavailable.items()]
     if skipped:
-        out += ["## Skipped", "", "| config | op | mode | provider | reason |", "|---|---|---|---|---|"]
+        out += ["", "| config | op | mode | provider | reason |", "|---|---|---|---|---|"]
         for r in skipped:
             reason = (r.get("skipped_reason") or "").replace("|", "/")
             out.append(f"| {r['config']} | {r['op']} | {r['mode']} | {r['provider']} | {reason} |")

@@ -132,71 +132,101 @@ def _memory_budget_bytes(device_type: str) -> int:
     return 4 << 30
 
 
-def measure_one(row, config, inputs, provider, op, mode, device_type, policy, threads, cost_model,
-                reference_results, memory_server):
-    """Fill `row` with the measurement (or the reason it was skipped). Never raises."""
-    key = (provider, op, mode, len(config.spatial))
-    work = work_units(op, config)
+def _budget_reason(config, provider, op, mode, device_type, policy, cost_model):
+    """Why a measurement would run out of memory or take too long, or None."""
     # the target and authors' configs are always measured: they hold the headline ratios
-    predicted = None if config.group in ALWAYS_MEASURED else cost_model.predict(key, work)
-    if predicted is not None and predicted > policy.max_call_seconds:
-        row["skipped_reason"] = (f"too slow: ~{predicted:.1f} s per call extrapolated from smaller "
-                                 f"configs > budget {policy.max_call_seconds:.0f} s")
-        return
+    if config.group not in ALWAYS_MEASURED:
+        predicted = cost_model.predict((provider, op, mode, len(config.spatial)), work_units(op, config))
+        if predicted is not None and predicted > policy.max_call_seconds:
+            return (f"too slow: ~{predicted:.1f} s per call extrapolated from smaller configs > "
+                    f"budget {policy.max_call_seconds:.0f} s")
     estimate = estimate_peak_bytes(provider, op, mode, config)
     budget = _memory_budget_bytes(device_type)
     if estimate > budget:
-        row["skipped_reason"] = (f"would not fit: estimated peak {estimate / 2**30:.1f} GiB > "
-                                 f"budget {budget / 2**30:.1f} GiB")
-        return
-    try:
-        fn = mode_callable(provider, op, mode, inputs)
-        first = measure.call_seconds(fn, device_type)
-        for _ in range(policy.warmup_calls - 1):
-            measure.call_seconds(fn, device_type)
-        row["first_call_s"] = first
-        second = measure.call_seconds(fn, device_type) if first > 2 * policy.max_call_seconds else 0.0
-        if second > policy.max_call_seconds:
-            # too slow to repeat (twice: a first call can be slow for one-off reasons)
-            samples, result = [second], None
-            row["note"] = f"one timed call only (first {first:.1f} s, second {second:.1f} s > budget)"
-        else:
-            samples, result = measure.time_repeats(fn, device_type, policy)
-        row.update(measure.summarize(samples))
-        cost_model.add(key, work, row["time_median_s"])
-        if result is not None:
-            check_key = (op, mode)
+        return f"would not fit: estimated peak {estimate / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
+    return None
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"out of memory: {str(exc).splitlines()[0]}"
+    return f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def measure_group(rows: dict, config, inputs, op, mode, device_type, policy, threads, cost_model,
+                  memory_server) -> None:
+    """Measure every provider in `rows` ({provider: row}, reference first) for one config, op and
+    mode: warm-up and check each, time them interleaved, then measure each one's memory. Fills
+    the rows; a provider that fails or would not fit gets a skipped reason. Never raises."""
+    fns, reference_result = {}, None
+    for provider, row in rows.items():
+        reason = _budget_reason(config, provider, op, mode, device_type, policy, cost_model)
+        if reason:
+            row["skipped_reason"] = reason
+            continue
+        try:
+            fn = mode_callable(provider, op, mode, inputs)
+            first, result = measure.timed_call(fn, device_type)
+            row["first_call_s"] = first
             if provider == "reference":
-                reference_results[check_key] = tuple(t.detach() for t in result)
-            elif check_key in reference_results:
-                row["check_max_rel_diff"] = _max_rel_diff(result, reference_results[check_key])
-        result = None
+                reference_result = tuple(t.detach() for t in result)
+            elif reference_result is not None:
+                row["check_max_rel_diff"] = _max_rel_diff(result, reference_result)
+            result = None
+            for _ in range(policy.warmup_calls - 1):
+                measure.timed_call(fn, device_type)
+            if first > 2 * policy.max_call_seconds:
+                second, _ = measure.timed_call(fn, device_type)
+                if second > policy.max_call_seconds:
+                    # too slow to repeat (twice: a first call can be slow for one-off reasons)
+                    row.update(measure.summarize([second]))
+                    row["note"] = (f"one timed call only (first {first:.1f} s, second {second:.1f} s "
+                                   f"> budget)")
+                    fns[provider] = fn
+                    continue
+            fns[provider] = fn
+        except Exception as exc:  # a provider that fails is reported, not fatal
+            row["skipped_reason"] = _failure(exc)
+    reference_result = None
+    to_repeat = {p: fn for p, fn in fns.items() if rows[p].get("time_median_s") is None}
+    try:
+        samples = measure.time_interleaved(to_repeat, device_type, policy)
+    except Exception as exc:
+        for provider in to_repeat:
+            rows[provider]["skipped_reason"] = _failure(exc)
+        samples = {}
+    for provider, seconds in samples.items():
+        rows[provider].update(measure.summarize(seconds))
+    for provider, fn in fns.items():
+        row = rows[provider]
+        if row.get("skipped_reason"):
+            continue
+        cost_model.add((provider, op, mode, len(config.spatial)), work_units(op, config),
+                       row["time_median_s"])
         if mode != "forward":
             row["grad_bytes"] = 2 * inputs.map_bytes()  # dL/dp1 and dL/dp2 in the maps' dtype
         if memory_server is None:
-            return
-        if device_type == "cuda":
-            row["peak_extra_bytes"] = measure.gpu_peak_extra_bytes(fn)
-            row["memory_method"] = measure.GPU_MEMORY_METHOD
-        else:
-            del fn
-            timeout = 60 + 20 * (first + row["time_median_s"])
-            peak, error = memory_server.peak_extra_bytes(config, provider, op, mode, threads, timeout)
-            row["memory_method"] = measure.CPU_MEMORY_METHOD
-            if peak is None:
-                row["note"] = (row.get("note", "") + f" memory not measured: {error}").strip()
+            continue
+        try:
+            if device_type == "cuda":
+                row["peak_extra_bytes"] = measure.gpu_peak_extra_bytes(fn)
+                row["memory_method"] = measure.GPU_MEMORY_METHOD
             else:
-                row["peak_extra_bytes"] = peak
+                timeout = 60 + 20 * (row["first_call_s"] + row["time_median_s"])
+                peak, error = memory_server.peak_extra_bytes(config, provider, op, mode, threads, timeout)
+                row["memory_method"] = measure.CPU_MEMORY_METHOD
+                if peak is None:
+                    row["note"] = (row.get("note", "") + f" memory not measured: {error}").strip()
+                else:
+                    row["peak_extra_bytes"] = peak
+        except Exception as exc:
+            row["note"] = (row.get("note", "") + f" memory not measured: {_failure(exc)}").strip()
         if row.get("peak_extra_bytes") is not None and row.get("grad_bytes") is not None:
             # RSS is page-granular and small buffers reuse heap pages: never below 0
             row["peak_extra_minus_grads_bytes"] = max(0, row["peak_extra_bytes"] - row["grad_bytes"])
-    except torch.cuda.OutOfMemoryError as exc:
-        row["skipped_reason"] = f"out of memory: {str(exc).splitlines()[0]}"
-    except Exception as exc:  # a provider that fails is reported, not fatal
-        row["skipped_reason"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    finally:
-        if device_type == "cuda":
-            torch.cuda.empty_cache()
+    fns.clear()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _roofline(row, op, mode, config, device_type, device):
@@ -273,8 +303,8 @@ def _run_configs(args, configs, providers, backend_reasons, device_type, policy,
         ops = [op for op in config.ops if op in (args.op or OPS)]
         modes = [m for m in config.modes if not args.mode or m in args.mode]
         for op in ops:
-            reference_results = {}
             for mode in modes:
+                mode_rows, group_rows = [], {}
                 for provider in providers:
                     if not applicable(provider, op):
                         continue
@@ -290,16 +320,16 @@ def _run_configs(args, configs, providers, backend_reasons, device_type, policy,
                         provider_call=describe(provider), op=op, mode=mode,
                         input_bytes=inputs.input_bytes(op),
                     )
-                    reason = skip_reason(provider, op, config, backend_reasons)
-                    if reason:
-                        row["skipped_reason"] = reason
-                    else:
-                        measure_one(row, config, inputs, provider, op, mode, device_type, policy,
-                                    threads, cost_model, reference_results, memory_server)
-                        _roofline(row, op, mode, config, device_type, environment["device_name"])
-                    rows.append(row)
+                    row["skipped_reason"] = skip_reason(provider, op, config, backend_reasons)
+                    mode_rows.append(row)
+                    if not row["skipped_reason"]:
+                        group_rows[provider] = row
+                measure_group(group_rows, config, inputs, op, mode, device_type, policy, threads,
+                              cost_model, memory_server)
+                rows.extend(mode_rows)
+                for row in mode_rows:
+                    _roofline(row, op, mode, config, device_type, environment["device_name"])
                     _print_row(row, time.perf_counter() - started)
-            reference_results.clear()
         del inputs
         if args.out:
             _write(rows, args.out, partial=True)
