@@ -28,7 +28,7 @@ inline typename Vec<acc_t>::type load(const acc_t* p) {
 }
 
 template <typename acc_t>
-inline void store(acc_t* p, typename Vec<acc_t>::type v) {
+inline void store(acc_t* p, const typename Vec<acc_t>::type& v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
@@ -40,7 +40,7 @@ inline typename Vec<acc_t>::type broadcast(acc_t s) {
 
 // Lanes summed pairwise in a fixed order.
 template <typename acc_t>
-inline acc_t horizontal_sum(typename Vec<acc_t>::type v) {
+inline acc_t horizontal_sum(const typename Vec<acc_t>::type& v) {
   constexpr int lanes = static_cast<int>(vector_lanes<acc_t>());
   acc_t t[lanes];
   __builtin_memcpy(t, &v, sizeof(v));

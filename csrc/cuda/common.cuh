@@ -1,0 +1,49 @@
+// Helpers shared by the CUDA kernels: launch sizes, dtype dispatch and a fixed-order block sum.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <type_traits>
+
+#include "../common/geometry.h"
+
+namespace bimi {
+namespace cuda {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+inline int64_t blocks_for(int64_t items, int64_t threads = kThreads) {
+  return ceil_div(items, threads);
+}
+
+// Sum of one value per thread over a block of kThreads threads, in a fixed tree order; the
+// result is valid in thread 0. `scratch` holds kThreads values of shared memory.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value, acc_t* scratch) {
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) scratch[threadIdx.x] += scratch[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return scratch[0];
+}
+
+// out[e] = sum over c of partials[c * size + e], c ascending: the second, fixed-order stage of
+// every reduction (no atomics, so the result is the same on every run).
+template <typename acc_t>
+__global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t parts, int64_t size,
+                                    acc_t* __restrict__ out) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= size) return;
+  acc_t total = 0;
+  for (int64_t c = 0; c < parts; ++c) total += partials[c * size + e];
+  out[e] = total;
+}
+
+}  // namespace cuda
+}  // namespace bimi
