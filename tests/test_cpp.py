@@ -314,7 +314,7 @@ def freeze_uncertainty_extremes(p):
     those pixels fixed for gradcheck."""
     u = reference.uncertainty_map(p.detach()).flatten(1)
     keep = torch.ones_like(u)
-    rows = torch.arange(u.shape[0])
+    rows = torch.arange(u.shape[0], device=p.device)
     keep[rows, u.argmin(1)] = 0
     keep[rows, u.argmax(1)] = 0
     keep = keep.reshape(p.shape[0], 1, *p.shape[2:])
