@@ -1,0 +1,29 @@
+"""Shared test set-up. Triton runs on CPU tensors only through its interpreter, which must be
+switched on before triton is imported anywhere, so it is decided here, first."""
+import os
+
+if not os.path.exists("/dev/nvidiactl"):  # no GPU: run Triton kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+from helpers import random_maps  # noqa: E402
+
+
+@pytest.fixture
+def maps_2d():
+    return random_maps((2, 4, 9, 11))
+
+
+@pytest.fixture
+def maps_3d():
+    return random_maps((2, 3, 5, 6, 7))

@@ -1,0 +1,193 @@
+"""The custom ops, functional API and modules (reference backend): agreement with the
+reference's autograd, gradcheck in float64, low precision, no in-place changes, dispatch."""
+import pytest
+import torch
+
+import bimi_kernels
+import bimi_kernels.functional as BF
+from bimi_kernels import reference as R
+from bimi_kernels.offsets import make_offsets
+
+from helpers import random_image, random_maps, random_mask
+
+
+def freeze_uncertainty_extremes(p):
+    """gradcheck helper: the min-max normalisation of U is detached, so a finite difference at
+    the pixel holding a sample's min or max of U moves the normaliser, which the analytic
+    gradient by definition ignores. Hold those pixels fixed; everything else is checked."""
+    u = R.uncertainty_map(p.detach()).flatten(1)
+    keep = torch.ones_like(u)
+    rows = torch.arange(u.shape[0])
+    keep[rows, u.argmin(1)] = 0
+    keep[rows, u.argmax(1)] = 0
+    keep = keep.reshape((p.shape[0], 1) + tuple(p.shape[2:]))
+    fixed = p.detach().clone()
+    return lambda x: x * keep + fixed * (1 - keep)
+
+
+# ----------------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 3, 3, 4, 5)])
+def test_gradcheck_joint_counts_with_offsets_and_mask(shape):
+    p1, p2 = random_maps(shape, requires_grad=True)
+    mask = random_mask(shape)
+    f = lambda a, b: BF.joint_counts(a, b, offsets=1, mask=mask, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (p1, p2))
+
+
+def test_gradcheck_joint_counts_explicit_offsets_dilation():
+    p1, p2 = random_maps((1, 3, 6, 7), requires_grad=True)
+    f = lambda a, b: BF.joint_counts(a, b, offsets=[(0, 0), (2, -3), (-1, 1)], backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (p1, p2))
+    g = lambda a, b: BF.joint_counts(a, b, offsets=1, dilation=2, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(g, (p1, p2))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gradcheck_regularized_mi(symmetric):
+    p1, p2 = random_maps((2, 4, 5, 6), requires_grad=True)
+    mask = random_mask(p1.shape)
+    f = lambda a, b: BF.regularized_mi(  # noqa: E731
+        a, b, offsets=1, alpha=0.3, lamda=1.5, symmetric=symmetric, mask=mask, backend="reference"
+    )
+    assert torch.autograd.gradcheck(f, (p1, p2))
+
+
+@pytest.mark.parametrize("shape,window", [((2, 3, 7, 8), 3), ((1, 3, 4, 5, 6), 3), ((1, 4, 9, 9), 5)])
+def test_gradcheck_boundary_loss(shape, window):
+    p1, p2 = random_maps(shape, requires_grad=True)
+    image = random_image(shape, channels=2)
+    freeze1, freeze2 = freeze_uncertainty_extremes(p1), freeze_uncertainty_extremes(p2)
+    f = lambda a, b: BF.boundary_cc_loss(freeze1(a), freeze2(b), image, window=window, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (p1, p2))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 6, 7), (1, 3, 4, 5, 6)])
+def test_gradcheck_full_loss(shape):
+    p1, p2 = random_maps(shape, requires_grad=True)
+    image, mask = random_image(shape), random_mask(shape)
+    freeze1, freeze2 = freeze_uncertainty_extremes(p1), freeze_uncertainty_extremes(p2)
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, window=3, backend="reference")
+    f = lambda a, b: loss_fn(freeze1(a), freeze2(b), image, mask)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (p1, p2))
+
+
+# ----------------------------------------------------------------------------------- vs reference
+@pytest.mark.parametrize("shape", [(2, 5, 9, 10), (2, 3, 4, 5, 6)])
+@pytest.mark.parametrize("offsets,dilation", [(0, 1), (1, 1), (1, 2), ("explicit", 1)])
+def test_module_matches_reference_autograd(shape, offsets, dilation):
+    ndim = len(shape) - 2
+    if offsets == "explicit":
+        offsets = [(0,) * ndim, (1,) + (0,) * (ndim - 1), (0,) * (ndim - 1) + (-2,)]
+    p1, p2 = random_maps(shape, requires_grad=True)
+    image, mask = random_image(shape, channels=3), random_mask(shape)
+    kwargs = dict(alpha=0.4, lamda=1.2, mi_weight=0.7, boundary_weight=1.3, window=3, gamma=0.5)
+    loss = bimi_kernels.BIMILoss(offsets=offsets, dilation=dilation, backend="reference", **kwargs)(p1, p2, image, mask)
+    grads = torch.autograd.grad(loss, (p1, p2))
+    expected = R.bimi_loss(p1, p2, image, mask, offsets=make_offsets(offsets, ndim, dilation), **kwargs)
+    expected_grads = torch.autograd.grad(expected, (p1, p2))
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_three_modules_compose():
+    p1, p2 = random_maps((2, 4, 8, 8))
+    image = random_image(p1.shape)
+    mi = bimi_kernels.RegularizedMILoss(offsets=1)(p1, p2)
+    cc = bimi_kernels.BoundaryCCLoss()(p1, p2, image)
+    full = bimi_kernels.BIMILoss(offsets=1)(p1, p2, image)
+    torch.testing.assert_close(full, mi + cc)
+    assert cc.item() < 0
+
+
+def test_boundary_weight_zero_needs_no_image():
+    p1, p2 = random_maps((1, 3, 6, 6))
+    loss = bimi_kernels.BIMILoss(boundary_weight=0.0)(p1, p2)
+    torch.testing.assert_close(loss, bimi_kernels.RegularizedMILoss()(p1, p2))
+
+
+def test_image_is_resized_to_the_maps():
+    p1, p2 = random_maps((1, 3, 8, 8))
+    big = random_image((1, 3, 16, 16), channels=1)
+    loss = BF.boundary_cc_loss(p1, p2, big)
+    small = torch.nn.functional.interpolate(big, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(loss, BF.boundary_cc_loss(p1, p2, small))
+
+
+# ----------------------------------------------------------------------------------- numerics
+def test_output_dtypes():
+    for dtype, loss_dtype in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                              (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]:
+        p1, p2 = random_maps((1, 3, 6, 6), dtype=dtype, requires_grad=True)
+        loss = bimi_kernels.BIMILoss(offsets=1)(p1, p2, random_image(p1.shape))
+        assert loss.dtype == loss_dtype and loss.shape == ()
+        loss.backward()
+        assert p1.grad.dtype == dtype and p2.grad.dtype == dtype
+        assert BF.joint_counts(p1, p2).dtype == loss_dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_close_to_float64(dtype):
+    p1, p2 = random_maps((2, 6, 16, 16))
+    image = random_image(p1.shape)
+    exact = bimi_kernels.BIMILoss(offsets=1)(p1, p2, image)
+    low = bimi_kernels.BIMILoss(offsets=1)(p1.to(dtype), p2.to(dtype), image.to(dtype))
+    assert low.dtype == torch.float32
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    assert abs(low.item() - exact.item()) <= tolerance * max(1.0, abs(exact.item()))
+
+
+def test_deterministic():
+    p1, p2 = random_maps((2, 4, 9, 9), dtype=torch.float32, requires_grad=True)
+    image = random_image(p1.shape, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        loss = bimi_kernels.BIMILoss(offsets=1)(p1, p2, image)
+        runs.append((loss.detach(),) + torch.autograd.grad(loss, (p1, p2)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_inputs_are_not_modified():
+    p1, p2 = random_maps((2, 4, 7, 8), requires_grad=True)
+    image, mask = random_image(p1.shape), random_mask(p1.shape)
+    before = [t.detach().clone() for t in (p1, p2, image, mask)]
+    loss = bimi_kernels.BIMILoss(offsets=1)(p1, p2, image, mask)
+    loss.backward()
+    for t, b in zip((p1, p2, image, mask), before):
+        assert torch.equal(t.detach(), b)
+
+
+def test_non_contiguous_inputs():
+    p1, p2 = random_maps((2, 4, 8, 9))
+    t1, t2 = p1.transpose(2, 3).contiguous().transpose(2, 3), p2[:, :, :, :]  # a strided view
+    assert not t1.is_contiguous()
+    torch.testing.assert_close(BF.joint_counts(t1, t2, offsets=1), BF.joint_counts(p1, p2, offsets=1))
+
+
+# ----------------------------------------------------------------------------------- dispatch
+def test_available_backends_reports_reasons():
+    status = bimi_kernels.available_backends("cpu")
+    assert set(status) == {"reference", "cpp", "triton", "cuda"}
+    assert status["reference"] is None
+    assert isinstance(status["cuda"], str) and status["cuda"]
+
+
+def test_explicit_unavailable_backend_raises():
+    p1, p2 = random_maps((1, 3, 5, 5))
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        BF.joint_counts(p1, p2, backend="cuda")
+
+
+def test_unknown_backend_name_raises():
+    with pytest.raises(ValueError, match="backend"):
+        bimi_kernels.BIMILoss(backend="fast")
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    p1, p2 = random_maps((1, 3, 5, 5))
+    monkeypatch.setenv("BIMI_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        BF.joint_counts(p1, p2)
+    monkeypatch.setenv("BIMI_BACKEND", "reference")
+    torch.testing.assert_close(BF.joint_counts(p1, p2), R.joint_counts(p1, p2, ((0, 0),)))
