@@ -17,6 +17,7 @@
 
 #include "../common/boundary_math.h"
 #include "../common/host_checks.h"
+#include "simd_kernels.h"
 
 namespace bimi {
 namespace cpu {
@@ -55,11 +56,13 @@ struct RegionGrid {
 
 // Box sums (window (2rz+1) x (2ry+1) x (2rx+1), zero outside the volume) of `channels` maps over
 // the output block planes [z0, z1) x rows [y0, y1) x all x. The maps are read through
-// load(z, y, x, values), called once per voxel inside the volume. Result layout:
-// out[c][z - z0][y - y0][x].
+// load(z, y, rows), called once per image row inside the volume, which writes the row's W values
+// of channel c to rows[c]. Result layout: out[c][z - z0][y - y0][x].
 template <typename acc_t>
 class BoxSums {
  public:
+  static constexpr int64_t kMaxChannels = 5;
+
   BoxSums(const Volume& v, int64_t rz, int64_t ry, int64_t rx, int64_t channels)
       : v_(v), rz_(rz), ry_(ry), rx_(rx), channels_(channels) {}
 
@@ -69,18 +72,15 @@ class BoxSums {
     const int64_t nz = z1 - z0, ny = y1 - y0;
     const int64_t ez = nz + 2 * rz_, ey = ny + 2 * ry_, ex = w + 2 * rx_;
     ext_.assign(channels_ * ez * ey * ex, acc_t(0));
-    acc_t values[8];
+    acc_t* rows[kMaxChannels];
     for (int64_t zz = 0; zz < ez; ++zz) {
       const int64_t z = z0 - rz_ + zz;
       if (z < 0 || z >= v_.depth) continue;
       for (int64_t yy = 0; yy < ey; ++yy) {
         const int64_t y = y0 - ry_ + yy;
         if (y < 0 || y >= v_.height) continue;
-        for (int64_t x = 0; x < w; ++x) {
-          load(z, y, x, values);
-          for (int64_t c = 0; c < channels_; ++c)
-            ext_[((c * ez + zz) * ey + yy) * ex + rx_ + x] = values[c];
-        }
+        for (int64_t c = 0; c < channels_; ++c) rows[c] = ext_.data() + ((c * ez + zz) * ey + yy) * ex + rx_;
+        load(z, y, rows);
       }
     }
     // along x
@@ -120,12 +120,30 @@ class BoxSums {
   std::vector<acc_t> ext_, along_x_, along_y_, out_;
 };
 
+template <typename acc_t>
+PlogpFn<acc_t> plogp_kernel() {
+#if defined(BIMI_HAVE_AVX2_KERNELS)
+  if (use_avx2()) return &avx2::accumulate_plogp<acc_t>;
+#endif
+  return &generic::accumulate_plogp<acc_t>;
+}
+
+template <typename acc_t>
+UncertaintyDerivativeFn<acc_t> uncertainty_derivative_kernel() {
+#if defined(BIMI_HAVE_AVX2_KERNELS)
+  if (use_avx2()) return &avx2::scaled_uncertainty_derivative<acc_t>;
+#endif
+  return &generic::scaled_uncertainty_derivative<acc_t>;
+}
+
 // U = -sum_k p_k log(p_k + 1e-16) of every pixel: (B, voxels).
 template <typename scalar_t, typename acc_t>
 void uncertainty_map(const scalar_t* p, const Volume& v, acc_t* u) {
   const int64_t voxels = v.voxels();
   const int64_t rows = v.batch * v.depth * v.height;
+  const PlogpFn<acc_t> accumulate = plogp_kernel<acc_t>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q(v.width);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (v.depth * v.height);
       const int64_t pixel0 = (row % (v.depth * v.height)) * v.width;
@@ -133,7 +151,8 @@ void uncertainty_map(const scalar_t* p, const Volume& v, acc_t* u) {
       std::fill(dst, dst + v.width, acc_t(0));
       for (int64_t k = 0; k < v.channels; ++k) {
         const scalar_t* src = p + (b * v.channels + k) * voxels + pixel0;
-        for (int64_t x = 0; x < v.width; ++x) dst[x] += plogp(static_cast<acc_t>(src[x]));
+        for (int64_t x = 0; x < v.width; ++x) q[x] = static_cast<acc_t>(src[x]);
+        accumulate(q.data(), v.width, dst);
       }
       for (int64_t x = 0; x < v.width; ++x) dst[x] = -dst[x];
     }
@@ -146,14 +165,16 @@ struct StatsLoader {
   const acc_t* u;
   const acc_t* e;
   const Volume* v;
-  void operator()(int64_t z, int64_t y, int64_t x, acc_t* values) const {
-    const int64_t i = v->voxel_index(z, y, x);
-    const acc_t uu = u[i], ee = e[i];
-    values[0] = uu;
-    values[1] = ee;
-    values[2] = uu * uu;
-    values[3] = ee * ee;
-    values[4] = uu * ee;
+  void operator()(int64_t z, int64_t y, acc_t* const* rows) const {
+    const int64_t i0 = v->voxel_index(z, y, 0);
+    for (int64_t x = 0; x < v->width; ++x) {
+      const acc_t uu = u[i0 + x], ee = e[i0 + x];
+      rows[0][x] = uu;
+      rows[1][x] = ee;
+      rows[2][x] = uu * uu;
+      rows[3][x] = ee * ee;
+      rows[4][x] = uu * ee;
+    }
   }
 };
 
@@ -217,10 +238,12 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
   // dL/d(ncc) of every window centre: CC = -mean(ncc)
   const acc_t scale = -grad_cc / static_cast<acc_t>(v.batch * voxels);
   const RegionGrid grid(v, is_3d);
+  const UncertaintyDerivativeFn<acc_t> derivative = uncertainty_derivative_kernel<acc_t>();
   at::parallel_for(0, grid.count, 1, [&](int64_t begin, int64_t end) {
     BoxSums<acc_t> stats_box(v, rz, r, r, 5);
     BoxSums<acc_t> coef_box(v, rz, r, r, 3);
     std::vector<acc_t> coefficients;
+    std::vector<acc_t> grad_u(v.width), q(v.width), grad_row(v.width);
     for (int64_t ri = begin; ri < end; ++ri) {
       const Region g = grid.at(v, ri);
       const acc_t* ub = u + g.b * voxels;
@@ -239,11 +262,11 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
         coefficients[2 * halo_plane + e] = c.uu;
       }
       const int64_t halo_rows = hy1 - hy0;
-      const auto coefficient_loader = [&](int64_t z, int64_t y, int64_t x, acc_t* values) {
-        const int64_t e = ((z - hz0) * halo_rows + (y - hy0)) * v.width + x;
-        values[0] = coefficients[e];
-        values[1] = coefficients[halo_plane + e];
-        values[2] = coefficients[2 * halo_plane + e];
+      const auto coefficient_loader = [&](int64_t z, int64_t y, acc_t* const* rows) {
+        const int64_t e0 = ((z - hz0) * halo_rows + (y - hy0)) * v.width;
+        for (int64_t c = 0; c < 3; ++c)
+          std::copy(coefficients.begin() + c * halo_plane + e0,
+                    coefficients.begin() + c * halo_plane + e0 + v.width, rows[c]);
       };
       const std::vector<acc_t>& coef_sums = coef_box.run(g.z0, g.z1, g.y0, g.y1, coefficient_loader);
       const int64_t rows = g.y1 - g.y0;
@@ -255,15 +278,15 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
           const int64_t e0 = ((z - g.z0) * rows + (y - g.y0)) * v.width;
           for (int64_t x = 0; x < v.width; ++x) {
             const int64_t e = e0 + x;
-            const acc_t grad_u =
-                normalized_uncertainty_gradient(eb[pixel0 + x], ub[pixel0 + x], coef_sums[e],
-                                                coef_sums[plane + e], coef_sums[2 * plane + e]) /
-                denominator;
-            for (int64_t k = 0; k < v.channels; ++k) {
-              const int64_t index = (g.b * v.channels + k) * voxels + pixel0 + x;
-              grad_p[index] = static_cast<scalar_t>(
-                  grad_u * uncertainty_derivative(static_cast<acc_t>(p[index])));
-            }
+            grad_u[x] = normalized_uncertainty_gradient(eb[pixel0 + x], ub[pixel0 + x], coef_sums[e],
+                                                        coef_sums[plane + e], coef_sums[2 * plane + e]) /
+                        denominator;
+          }
+          for (int64_t k = 0; k < v.channels; ++k) {
+            const int64_t row0 = (g.b * v.channels + k) * voxels + pixel0;
+            for (int64_t x = 0; x < v.width; ++x) q[x] = static_cast<acc_t>(p[row0 + x]);
+            derivative(q.data(), grad_u.data(), v.width, grad_row.data());
+            for (int64_t x = 0; x < v.width; ++x) grad_p[row0 + x] = static_cast<scalar_t>(grad_row[x]);
           }
         }
     }

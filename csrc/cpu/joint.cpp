@@ -3,7 +3,7 @@
 //
 // The pixels are cut into tiles of kTileRows image rows. A tile loads its rows of p1 and the band
 // of p2 rows its offsets reach (converted to the accumulation dtype, masked, zero-padded) and the
-// vectorised loops of joint_kernels_impl.h accumulate every offset's K x K block from them.
+// vectorised loops of simd_kernels_impl.h accumulate every offset's K x K block from them.
 // Determinism: the tiles are grouped into at most kMaxChunks chunks by the shape alone; each chunk
 // owns its partial J and the partials are summed in chunk order, so the result is bitwise the
 // same for any thread count and on every run.
@@ -13,12 +13,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../common/host_checks.h"
-#include "joint_kernels.h"
+#include "simd_kernels.h"
 
 namespace bimi {
 namespace cpu {
@@ -26,19 +24,6 @@ namespace {
 
 constexpr int64_t kTileRows = 8;
 constexpr int64_t kMaxChunks = 64;
-
-// The AVX2+FMA loops when the processor has them, unless BIMI_CPU_ISA=generic asks for the
-// baseline ones (the tests compare both).
-bool use_avx2() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* requested = std::getenv("BIMI_CPU_ISA");
-  if (requested != nullptr && std::strcmp(requested, "generic") == 0) return false;
-  return supported;
-#else
-  return false;
-#endif
-}
 
 template <typename acc_t>
 ForwardTileFn<acc_t> forward_kernel() {

@@ -1,5 +1,6 @@
-// The vectorised inner loops of the CPU joint counts, compiled twice: once for the baseline ISA
-// (joint_kernels_generic.cpp) and once for AVX2+FMA (joint_kernels_avx2.cpp), picked at run time.
+// The vectorised inner loops of the CPU kernels (joint counts; the uncertainty map of the boundary
+// term with a vectorised log), compiled twice: once for the baseline ISA
+// (simd_kernels_generic.cpp) and once for AVX2+FMA (simd_kernels_avx2.cpp), picked at run time.
 // They see only plain arrays: the tiles are loaded (dtype conversion, mask) by cpu/joint.cpp.
 //
 // Tile layout. A tile is `rows` consecutive image rows of one plane of one sample. Its first map
@@ -43,16 +44,32 @@ using ForwardTileFn = void (*)(const JointTile<acc_t>& tile, acc_t* joint);
 template <typename acc_t>
 using BackwardTileFn = void (*)(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out);
 
-#define BIMI_DECLARE_JOINT_KERNELS(isa)                                          \
-  namespace isa {                                                                \
-  template <typename acc_t>                                                      \
-  void forward_tile(const JointTile<acc_t>& tile, acc_t* joint);                 \
-  template <typename acc_t>                                                      \
-  void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out);  \
-  extern template void forward_tile<float>(const JointTile<float>&, float*);    \
-  extern template void forward_tile<double>(const JointTile<double>&, double*); \
-  extern template void backward_tile<float>(const JointTile<float>&, const float*, float*); \
-  extern template void backward_tile<double>(const JointTile<double>&, const double*, double*); \
+// u[x] += q[x] log(q[x] + 1e-16) for x < n: one cluster's share of -U (SPEC §5).
+template <typename acc_t>
+using PlogpFn = void (*)(const acc_t* q, int64_t n, acc_t* u);
+
+// out[x] = scale[x] * dU/dq = -scale[x] (log(q[x] + 1e-16) + q[x] / (q[x] + 1e-16)).
+template <typename acc_t>
+using UncertaintyDerivativeFn = void (*)(const acc_t* q, const acc_t* scale, int64_t n, acc_t* out);
+
+#define BIMI_DECLARE_KERNELS_FOR(isa, acc_t)                                                   \
+  extern template void forward_tile<acc_t>(const JointTile<acc_t>&, acc_t*);                  \
+  extern template void backward_tile<acc_t>(const JointTile<acc_t>&, const acc_t*, acc_t*);   \
+  extern template void accumulate_plogp<acc_t>(const acc_t*, int64_t, acc_t*);                \
+  extern template void scaled_uncertainty_derivative<acc_t>(const acc_t*, const acc_t*, int64_t, acc_t*);
+
+#define BIMI_DECLARE_JOINT_KERNELS(isa)                                                       \
+  namespace isa {                                                                             \
+  template <typename acc_t>                                                                   \
+  void forward_tile(const JointTile<acc_t>& tile, acc_t* joint);                              \
+  template <typename acc_t>                                                                   \
+  void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out);               \
+  template <typename acc_t>                                                                   \
+  void accumulate_plogp(const acc_t* q, int64_t n, acc_t* u);                                 \
+  template <typename acc_t>                                                                   \
+  void scaled_uncertainty_derivative(const acc_t* q, const acc_t* scale, int64_t n, acc_t* out); \
+  BIMI_DECLARE_KERNELS_FOR(isa, float)                                                        \
+  BIMI_DECLARE_KERNELS_FOR(isa, double)                                                       \
   }
 
 BIMI_DECLARE_JOINT_KERNELS(generic)
@@ -67,6 +84,10 @@ template <typename acc_t>
 constexpr int64_t vector_lanes() {
   return 32 / static_cast<int64_t>(sizeof(acc_t));
 }
+
+// The AVX2+FMA loops when the processor has them, unless the environment variable
+// BIMI_CPU_ISA=generic asks for the baseline ones (the tests compare both). simd_dispatch.cpp.
+bool use_avx2();
 
 }  // namespace cpu
 }  // namespace bimi

@@ -1,8 +1,10 @@
 // The joint-count inner loops compiled for AVX2+FMA; cpu/joint.cpp calls them only when the
 // processor reports both (so the extension still runs on older x86-64 machines).
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
-#include "joint_kernels.h"
+#include "simd_kernels.h"
 
 #if defined(BIMI_HAVE_AVX2_KERNELS)
 #if defined(__clang__)
@@ -13,7 +15,7 @@
 #endif
 
 #define BIMI_CPU_ISA avx2
-#include "joint_kernels_impl.h"
+#include "simd_kernels_impl.h"
 #undef BIMI_CPU_ISA
 
 #if defined(__clang__)

@@ -1,8 +1,10 @@
 // The joint-count inner loops for the baseline x86-64 (or any other) ISA.
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
-#include "joint_kernels.h"
+#include "simd_kernels.h"
 
 #define BIMI_CPU_ISA generic
-#include "joint_kernels_impl.h"
+#include "simd_kernels_impl.h"
 #undef BIMI_CPU_ISA

@@ -1,4 +1,4 @@
-// Definitions of the joint-count inner loops (declared in joint_kernels.h). Included by one
+// Definitions of the joint-count inner loops (declared in simd_kernels.h). Included by one
 // translation unit per ISA, with BIMI_CPU_ISA naming the namespace; no include guard on purpose.
 //
 // The loops use GCC/Clang vector extensions with 32-byte vectors: the compiler emits AVX2+FMA
@@ -47,6 +47,78 @@ inline acc_t horizontal_sum(const typename Vec<acc_t>::type& v) {
   for (int width = lanes / 2; width > 0; width /= 2)
     for (int l = 0; l < width; ++l) t[l] += t[l + width];
   return t[0];
+}
+
+template <typename acc_t>
+struct IntVec;
+template <>
+struct IntVec<float> {
+  typedef int32_t type __attribute__((vector_size(32)));
+};
+template <>
+struct IntVec<double> {
+  typedef int64_t type __attribute__((vector_size(32)));
+};
+
+// Constants of the vectorised log: exponent layout, ln 2 split so that e * ln2_hi is exact, and
+// the coefficients 1/3, 1/5, ... of log(m) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...) with
+// s = (m - 1) / (m + 1), |s| <= 0.1716 for m in [sqrt(1/2), sqrt(2)].
+template <typename acc_t>
+struct LogConstants;
+template <>
+struct LogConstants<float> {
+  static constexpr int mantissa_bits = 23;
+  static constexpr int32_t exponent_mask = 0xff, bias = 127, mantissa_mask = 0x007fffff;
+  static constexpr int32_t one_bits = 0x3f800000;
+  static constexpr float ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187045e-06f;
+  static constexpr int terms = 5;  // s^9: truncation 2e-9, below float's half ulp
+};
+template <>
+struct LogConstants<double> {
+  static constexpr int mantissa_bits = 52;
+  static constexpr int64_t exponent_mask = 0x7ff, bias = 1023, mantissa_mask = 0x000fffffffffffffLL;
+  static constexpr int64_t one_bits = 0x3ff0000000000000LL;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int terms = 11;  // s^21: truncation 4e-18, below double's half ulp
+};
+
+// Natural log of every lane, for lanes in the positive normal range (others: see log_lanes).
+template <typename acc_t>
+inline typename Vec<acc_t>::type vector_log(const typename Vec<acc_t>::type& x) {
+  using V = typename Vec<acc_t>::type;
+  using I = typename IntVec<acc_t>::type;
+  using C = LogConstants<acc_t>;
+  I bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  I exponent = ((bits >> C::mantissa_bits) & C::exponent_mask) - C::bias;
+  I mantissa_bits = (bits & C::mantissa_mask) | C::one_bits;
+  V m;
+  __builtin_memcpy(&m, &mantissa_bits, sizeof(m));  // m in [1, 2)
+  const I high = m > acc_t(1.4142135623730951);       // all ones where m > sqrt(2)
+  m = high ? m * acc_t(0.5) : m;
+  exponent -= high;  // -(-1) = +1 where halved
+  const V f = m - acc_t(1);
+  const V s = f / (f + acc_t(2));
+  const V s2 = s * s;
+  V series = broadcast<acc_t>(acc_t(1) / acc_t(2 * C::terms - 1));
+  for (int t = C::terms - 2; t >= 0; --t) series = series * s2 + acc_t(1) / acc_t(2 * t + 1);
+  const V log_m = acc_t(2) * s * series;
+  const V e = __builtin_convertvector(exponent, V);
+  return e * C::ln2_hi + (log_m + e * C::ln2_lo);
+}
+
+// log of n <= lanes values through the vector path (tails use it too, so every element's result
+// is the same wherever it falls); lanes outside the positive normal range use the scalar log.
+template <typename acc_t>
+inline typename Vec<acc_t>::type log_lanes(const typename Vec<acc_t>::type& x) {
+  constexpr int lanes = static_cast<int>(vector_lanes<acc_t>());
+  typename Vec<acc_t>::type result = vector_log<acc_t>(x);
+  for (int l = 0; l < lanes; ++l) {
+    const acc_t v = x[l];
+    if (!(v >= std::numeric_limits<acc_t>::min() && v <= std::numeric_limits<acc_t>::max()))
+      result[l] = std::log(v);
+  }
+  return result;
 }
 
 // A KI x KJ block of J for one offset: KI*KJ vector accumulators over all tile pixels.
@@ -165,6 +237,47 @@ void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out) {
   }
 }
 
+template <typename acc_t>
+void accumulate_plogp(const acc_t* q, int64_t n, acc_t* u) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const acc_t eps = acc_t(1e-16);
+  for (int64_t x = 0; x < n; x += L) {
+    const int64_t count = n - x < L ? n - x : L;
+    acc_t qs[L] = {}, us[L] = {};
+    for (int64_t l = 0; l < count; ++l) qs[l] = q[x + l], us[l] = u[x + l];
+    V qv, uv;
+    __builtin_memcpy(&qv, qs, sizeof(qv));
+    __builtin_memcpy(&uv, us, sizeof(uv));
+    uv += qv * log_lanes<acc_t>(qv + eps);
+    __builtin_memcpy(us, &uv, sizeof(uv));
+    for (int64_t l = 0; l < count; ++l) u[x + l] = us[l];
+  }
+}
+
+template <typename acc_t>
+void scaled_uncertainty_derivative(const acc_t* q, const acc_t* scale, int64_t n, acc_t* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const acc_t eps = acc_t(1e-16);
+  for (int64_t x = 0; x < n; x += L) {
+    const int64_t count = n - x < L ? n - x : L;
+    acc_t qs[L] = {}, ss[L] = {};
+    for (int64_t l = 0; l < count; ++l) qs[l] = q[x + l], ss[l] = scale[x + l];
+    V qv, sv;
+    __builtin_memcpy(&qv, qs, sizeof(qv));
+    __builtin_memcpy(&sv, ss, sizeof(sv));
+    const V shifted = qv + eps;
+    const V result = sv * -(log_lanes<acc_t>(shifted) + qv / shifted);
+    __builtin_memcpy(ss, &result, sizeof(result));
+    for (int64_t l = 0; l < count; ++l) out[x + l] = ss[l];
+  }
+}
+
+template void accumulate_plogp<float>(const float*, int64_t, float*);
+template void accumulate_plogp<double>(const double*, int64_t, double*);
+template void scaled_uncertainty_derivative<float>(const float*, const float*, int64_t, float*);
+template void scaled_uncertainty_derivative<double>(const double*, const double*, int64_t, double*);
 template void forward_tile<float>(const JointTile<float>&, float*);
 template void forward_tile<double>(const JointTile<double>&, double*);
 template void backward_tile<float>(const JointTile<float>&, const float*, float*);
