@@ -20,6 +20,9 @@ SWEEPS = OrderedDict(size="H = W (pixels)", clusters="clusters K", radius="windo
                      batch="batch B")
 NATIVE = ("cpp", "triton", "cuda")
 NATIVE_FOR_DEVICE = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
+PROVIDER_COLORS = {"reference": "tab:blue", "iic-conv2d": "tab:orange", "unfold": "tab:green",
+                   "gemm": "tab:purple", "voxelmorph-cc": "tab:brown", "cpp": "tab:red",
+                   "triton": "tab:pink", "cuda": "tab:olive"}
 
 # The performance targets of the issues: (issue, device, config group, radius, op, what, bound).
 # `what` is "speedup_vs_iic_conv2d" / "speedup_vs_reference" (>= bound), "extra_over_inputs"
@@ -239,6 +242,8 @@ def write_markdown(rows, path) -> None:
             f"commit `{first['git_commit']}`, suite `{first['suite']}`",
             f"- run {stamps[0]} to {stamps[-1]}; {len(measured)} measurements, "
             f"{len(rows) - len(measured)} skipped (reasons at the end)"]
+    if first.get("command"):
+        out.append(f"- command: `{first['command']}`")
     if not gpu:
         out.append(f"- the CPU is shared with other jobs: the 1-minute load average during the run "
                    f"went from {min(loads):.2f} to {max(loads):.2f} (per-row in the CSV); timings "
@@ -324,7 +329,8 @@ def write_plots(rows, folder) -> list:
             for provider in OrderedDict.fromkeys(r["provider"] for r in op_rows):
                 points = sorted((r["sweep_value"], r) for r in op_rows if r["provider"] == provider)
                 xs = [x for x, _ in points]
-                style = dict(marker="o", linewidth=2.5 if provider in NATIVE else 1.2, label=provider)
+                style = dict(marker="o", linewidth=2.5 if provider in NATIVE else 1.2, label=provider,
+                             color=PROVIDER_COLORS.get(provider))
                 axes[0][column].plot(xs, [r["time_median_s"] * 1e3 for _, r in points], **style)
                 memory = [(x, r["peak_extra_bytes"] / MIB) for x, r in points
                           if r.get("peak_extra_bytes") is not None]
@@ -353,12 +359,15 @@ def write_plots(rows, folder) -> list:
         figure, axes = plt.subplots(len(keys), 1, figsize=(8, 1.0 + 0.45 * len(targets)), squeeze=False)
         for axis, (config, op) in zip(axes[:, 0], keys):
             bars = [r for r in targets if r["config"] == config and r["op"] == op]
-            axis.barh([r["provider"] for r in bars], [r["time_median_s"] * 1e3 for r in bars],
+            times = [r["time_median_s"] * 1e3 for r in bars]
+            axis.barh([r["provider"] for r in bars], times,
                       color=["tab:red" if r["provider"] in NATIVE else "tab:gray" for r in bars])
-            axis.set_xscale("log")
+            for y, value in enumerate(times):  # linear axis, labelled: the ratios read directly
+                axis.text(value, y, f" {_ms(value / 1e3)} ms", va="center", fontsize=8)
+            axis.set_xlim(0, max(times) * 1.25)
             axis.set_title(f"{config}: {op}, forward+backward", fontsize=9)
             axis.set_xlabel("median time (ms)")
-            axis.grid(True, axis="x", which="both", alpha=0.3)
+            axis.grid(True, axis="x", alpha=0.3)
         figure.tight_layout()
         path = folder / "targets.png"
         figure.savefig(path, dpi=90)

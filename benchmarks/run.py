@@ -32,7 +32,7 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 COLUMNS = (
     "timestamp", "git_commit", "device_type", "device_name", "torch_version", "triton_version",
-    "num_threads", "load_avg_1m", "suite",
+    "num_threads", "load_avg_1m", "suite", "command",
     "config", "group", "label", "ndim", "batch", "clusters", "spatial", "radius", "num_offsets",
     "window", "dtype", "sweep_value",
     "provider", "provider_call", "op", "mode",
@@ -262,7 +262,7 @@ def run(args) -> list:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "device_type": device_type, "device_name": device,
         "torch_version": torch.__version__, "triton_version": triton_version(),
-        "num_threads": torch.get_num_threads(), "suite": suite,
+        "num_threads": torch.get_num_threads(), "suite": suite, "command": args.command,
     }
     print(f"benchmarks: {suite} suite on {device} ({threads} threads), {len(configs)} configs, "
           f"providers {providers}", flush=True)
@@ -392,7 +392,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.command = " ".join(["python -m benchmarks.run"] + argv)
     suite = "quick" if args.quick else args.suite
     args.out = args.out or str(default_out(args.device, suite))
     rows = run(args)
