@@ -59,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="pre-training seed (default 0)")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="cap on pre-training steps per epoch (for smoke tests)")
+    parser.add_argument("--no-test", action="store_true",
+                        help="do not touch the test block: score on the fine-tune block's unlabelled slices only "
+                             "(for choosing settings without looking at the test block)")
+    parser.add_argument("--picture-every", type=int, default=1,
+                        help="draw the cluster picture every N epochs (default 1; the last epoch is always drawn)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (the summary lines still print)")
     return parser
 
 
@@ -114,20 +119,26 @@ def write_tables(out: Path, summary: Dict) -> str:
         "for every setting)",
         f"- Wall time: {summary['seconds_total']:.0f} s",
         "",
-        f"## Test Dice, mean over grey matter / white matter / other in-brain (mean ± std over {seeds} seeds)",
-        "",
-        "| pre-training | " + " | ".join(count_label(n) for n in counts) + " |",
-        "|---|" + "---|" * len(counts),
     ]
-    for setting in settings:
-        cells = [_format(gather(setting, n, "test_mean_tissue_dice")) for n in counts]
-        lines.append(f"| {SETTING_TITLES[setting]} | " + " | ".join(cells) + " |")
-    lines += ["", "## Test Dice per class (mean ± std over seeds)", ""]
-    lines += ["| pre-training | labelled | " + " | ".join(CLASS_NAMES) + " |", "|---|---|" + "---|" * len(CLASS_NAMES)]
-    for setting in settings:
-        for n in counts:
-            cells = [_format(gather(setting, n, "test_dice", c)) for c in range(len(CLASS_NAMES))]
-            lines.append(f"| {setting} | {n} | " + " | ".join(cells) + " |")
+    if summary["options"].get("no_test"):
+        lines += ["**Test block not evaluated (`--no-test`).**"]
+    else:
+        lines += [
+            f"## Test Dice, mean over grey matter / white matter / other in-brain (mean ± std over {seeds} seeds)",
+            "",
+            "| pre-training | " + " | ".join(count_label(n) for n in counts) + " |",
+            "|---|" + "---|" * len(counts),
+        ]
+        for setting in settings:
+            cells = [_format(gather(setting, n, "test_mean_tissue_dice")) for n in counts]
+            lines.append(f"| {SETTING_TITLES[setting]} | " + " | ".join(cells) + " |")
+        lines += ["", "## Test Dice per class (mean ± std over seeds)", ""]
+        lines += ["| pre-training | labelled | " + " | ".join(CLASS_NAMES) + " |",
+                  "|---|---|" + "---|" * len(CLASS_NAMES)]
+        for setting in settings:
+            for n in counts:
+                cells = [_format(gather(setting, n, "test_dice", c)) for c in range(len(CLASS_NAMES))]
+                lines.append(f"| {setting} | {n} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Diagnostic: Dice on the fine-tune block's unlabelled slices (mean of the 3 tissues)",
@@ -188,7 +199,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MissingDemoData as exc:
         print(f"bimi demo: {exc}", file=sys.stderr)
         return 2
-    log = print if not args.no_progress else (lambda *a, **k: None)
+    def log(*parts):
+        print(*parts, flush=True)
+
     backend_name = backends.resolve(args.backend, device.type)
     log(data.describe())
     log(f"device {device}, BIMILoss backend {backend_name}; writing to {args.out}")
@@ -205,12 +218,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # Fixed slices and views for the pictures, so epochs are comparable.
     picture_index = torch.linspace(0, len(data.pretrain) - 1, PICTURE_SLICES).round().long()
-    picture_views = TwoViewTransform()(data.pretrain.images[picture_index], generator=torch.Generator().manual_seed(1234))
+    picture_views = TwoViewTransform(noise_std=0.0)(data.pretrain.images[picture_index], generator=torch.Generator().manual_seed(1234))
 
     def draw_epoch(setting):
         from ..functional import edge_map, uncertainty_map
 
         def callback(epoch, unet, heads, history):
+            if epoch % max(args.picture_every, 1) and epoch != args.epochs:
+                return
             with torch.no_grad():
                 views = type(picture_views)(*(getattr(picture_views, f).to(device) if f != "params" else picture_views.params
                                               for f in ("original", "transformed", "params", "mask")))
@@ -259,15 +274,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     for setting, labelled, seed in tqdm(jobs, desc="fine-tune", disable=args.no_progress):
         result = finetune_and_evaluate(
             unet_states[setting], model_config, finetune_config,
-            data.finetune.images, data.finetune.labels, data.test.images, data.test.labels,
+            data.finetune.images, data.finetune.labels,
+            None if args.no_test else data.test.images, None if args.no_test else data.test.labels,
             labelled=labelled, seed=seed, device=device,
         )
         result.update(setting=setting, labelled=labelled, seed=seed)
         runs.append(result)
 
-    table = {s: {n: [r["test_mean_tissue_dice"] for r in runs if r["setting"] == s and r["labelled"] == n]
+    score = "val_mean_tissue_dice" if args.no_test else "test_mean_tissue_dice"
+    table = {s: {n: [r[score] for r in runs if r["setting"] == s and r["labelled"] == n]
                  for n in args.labels} for s in args.settings}
-    plots.dice_bars(out / "dice.png", table, SETTING_TITLES)
+    plots.dice_bars(out / "dice.png", table, SETTING_TITLES,
+                    "fine-tune block Dice (unlabelled slices)" if args.no_test else "test Dice")
     summary = {
         "command": "bimi demo " + shlex.join(argv),
         "data": data.describe(),

@@ -56,14 +56,15 @@ def finetune_and_evaluate(
     config: FinetuneConfig,
     finetune_images: torch.Tensor,
     finetune_labels: torch.Tensor,
-    test_images: torch.Tensor,
-    test_labels: torch.Tensor,
+    test_images: Optional[torch.Tensor],
+    test_labels: Optional[torch.Tensor],
     labelled: int,
     seed: int,
     device: torch.device,
 ) -> Dict:
     """Fine-tune on `labelled` slices of the fine-tune block; Dice per class on the test block
-    and on the fine-tune block's other slices. `unet_state` None means random initialisation."""
+    (skipped when `test_images` is None) and on the fine-tune block's other slices.
+    `unet_state` None means random initialisation."""
     classes = len(CLASS_NAMES)
     torch.manual_seed(20_000 + seed)  # the same random init / head init for every setting
     unet = UNet(finetune_images.shape[1], model_config.width, model_config.depth)
@@ -93,14 +94,11 @@ def finetune_and_evaluate(
         losses.append(float(loss.detach()))
 
     held_out = [i for i in range(finetune_images.shape[0]) if i not in set(chosen)]
-    test_dice = dice_per_class(predict(model, test_images.to(device)), test_labels, classes)
-    result = {
-        "labelled_slices": chosen,
-        "test_dice": test_dice,
-        "test_mean_tissue_dice": sum(test_dice[1:]) / (classes - 1),
-        "final_loss": losses[-1],
-        "loss_curve": losses,
-    }
+    result = {"labelled_slices": chosen, "final_loss": losses[-1], "loss_curve": losses}
+    if test_images is not None:
+        test_dice = dice_per_class(predict(model, test_images.to(device)), test_labels, classes)
+        result["test_dice"] = test_dice
+        result["test_mean_tissue_dice"] = sum(test_dice[1:]) / (classes - 1)
     if held_out:
         val_dice = dice_per_class(
             predict(model, finetune_images[held_out].to(device)), finetune_labels[held_out], classes

@@ -108,7 +108,8 @@ def loss_curves(path: Path, histories: Dict[str, dict], titles: Dict[str, str]) 
     plt.close(figure)
 
 
-def dice_bars(path: Path, table: Dict[str, Dict[int, Sequence[float]]], titles: Dict[str, str]) -> None:
+def dice_bars(path: Path, table: Dict[str, Dict[int, Sequence[float]]], titles: Dict[str, str],
+              scored_on: str = "test Dice") -> None:
     """table[setting][labelled] = list of mean tissue Dice over seeds."""
     plt = _pyplot()
     settings = list(table)
@@ -122,7 +123,7 @@ def dice_bars(path: Path, table: Dict[str, Dict[int, Sequence[float]]], titles: 
                  capsize=3, label=titles.get(setting, setting))
     axis.set_xticks(np.arange(len(counts)))
     axis.set_xticklabels([f"{n} labelled slice{'s' if n > 1 else ''}" for n in counts])
-    axis.set_ylabel("test Dice, mean of GM / WM / other")
+    axis.set_ylabel(f"{scored_on}\nmean of GM / WM / other")
     axis.set_ylim(0, 1)
     axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()

@@ -152,7 +152,8 @@ def pretrain(
         start_epoch = state["epoch"]
 
     loss_fn = build_loss(setting, config)
-    transform = TwoViewTransform()
+    # no pixel noise: on the black background it would only add edges for the boundary term
+    transform = TwoViewTransform(noise_std=0.0)
     images = images.to(device)
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
