@@ -244,6 +244,8 @@ def write_markdown(rows, path) -> None:
             f"{len(rows) - len(measured)} skipped (reasons at the end)"]
     if first.get("command"):
         out.append(f"- command: `{first['command']}`")
+    if first.get("native_build"):
+        out.append(f"- compiled kernels: {first['native_build']} (the build that ran)")
     if not gpu:
         out.append(f"- the CPU is shared with other jobs: the 1-minute load average during the run "
                    f"went from {min(loads):.2f} to {max(loads):.2f} (per-row in the CSV); timings "
@@ -258,6 +260,9 @@ def write_markdown(rows, path) -> None:
             "- providers: `reference`, `cpp`, `triton`, `cuda` are this package "
             "(`bimi_kernels.functional`, `backend=...`); `iic-conv2d`, `unfold`, `gemm`, "
             "`voxelmorph-cc` are the hand-written peers (benchmarks/providers.py)"]
+    if gpu and first.get("tf32"):
+        out.append(f"- torch TF32 defaults kept: {first['tf32']} (TF32 convolutions bound the "
+                   "accuracy of the reference's box sums and of the conv peers: see `check`)")
     if gpu:
         out.append("- roofline: the larger of (minimum bytes / peak bandwidth) and "
                    "(flops / FP32 peak), over the median time; peaks in benchmarks/configs.py")

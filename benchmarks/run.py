@@ -32,7 +32,7 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 COLUMNS = (
     "timestamp", "git_commit", "device_type", "device_name", "torch_version", "triton_version",
-    "num_threads", "load_avg_1m", "suite", "command",
+    "num_threads", "load_avg_1m", "suite", "command", "native_build", "tf32",
     "config", "group", "label", "ndim", "batch", "clusters", "spatial", "radius", "num_offsets",
     "window", "dtype", "sweep_value",
     "provider", "provider_call", "op", "mode",
@@ -78,6 +78,31 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def native_build() -> str:
+    """The compiled extensions in the package folder and when each was built: the C++ kernels are
+    rebuilt in place while people work, and the git commit alone does not say which build ran."""
+    import glob
+
+    import bimi_kernels
+
+    folder = os.path.dirname(bimi_kernels.__file__)
+    builds = []
+    for path in sorted(glob.glob(os.path.join(folder, "_C*.so"))):
+        built = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
+        builds.append(f"{os.path.basename(path).split('.')[0]} built {built.isoformat(timespec='seconds')}")
+    return "; ".join(builds) or "no compiled extension"
+
+
+def tf32_flags(device_type: str) -> str:
+    """torch's TF32 switches, left at their defaults (what users get): on GPUs cuDNN convolutions
+    run in TF32 by default, which sets the precision of the reference's box sums and of the
+    conv-based peers, and so the size of the `check` column."""
+    if device_type != "cuda":
+        return ""
+    return (f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32} "
+            f"cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
 
 
 def triton_version() -> str:
@@ -263,6 +288,7 @@ def run(args) -> list:
         "git_commit": git_commit(), "device_type": device_type, "device_name": device,
         "torch_version": torch.__version__, "triton_version": triton_version(),
         "num_threads": torch.get_num_threads(), "suite": suite, "command": args.command,
+        "native_build": native_build(), "tf32": tf32_flags(device_type),
     }
     print(f"benchmarks: {suite} suite on {device} ({threads} threads), {len(configs)} configs, "
           f"providers {providers}", flush=True)
