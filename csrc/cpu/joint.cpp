@@ -24,6 +24,10 @@ namespace {
 
 constexpr int64_t kTileRows = 8;
 constexpr int64_t kMaxChunks = 64;
+// The per-chunk partial J stay under this fraction of the two input maps' elements (but at
+// least kMinChunks chunks, for parallelism), so the extra memory stays small for many offsets.
+constexpr double kPartialsFraction = 0.05;
+constexpr int64_t kMinChunks = 4;
 
 template <typename acc_t>
 ForwardTileFn<acc_t> forward_kernel() {
@@ -174,7 +178,8 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
   const int64_t k = v.channels;
   const int64_t joint_size = static_cast<int64_t>(offsets.size()) * k * k;
   const int64_t tiles = tile_count(v);
-  const int64_t chunks = std::min(tiles, kMaxChunks);
+  const int64_t affordable = static_cast<int64_t>(kPartialsFraction * 2 * v.batch * k * v.voxels()) / joint_size;
+  const int64_t chunks = std::min(tiles, std::max(kMinChunks, std::min(kMaxChunks, affordable)));
   std::vector<acc_t> partials(chunks * joint_size, acc_t(0));
   const ForwardTileFn<acc_t> kernel = forward_kernel<acc_t>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
