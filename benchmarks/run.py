@@ -68,7 +68,10 @@ def device_name(device_type: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD, with '+dirty' when the package's own sources differ from it."""
+    """HEAD, with '+dirty' when the package's own sources differ from it. Where the tree has no
+    git metadata (a copy on a lent GPU machine), BIMI_BENCH_COMMIT names the commit."""
+    if os.environ.get("BIMI_BENCH_COMMIT"):
+        return os.environ["BIMI_BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, check=True).stdout.strip()
