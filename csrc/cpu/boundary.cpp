@@ -159,6 +159,19 @@ void uncertainty_map(const scalar_t* p, const Volume& v, acc_t* u) {
   });
 }
 
+// U -> (U - min) / (max - min + 1e-6) per sample, in place.
+template <typename acc_t>
+void normalize_uncertainty(acc_t* u, const acc_t* u_range, const Volume& v) {
+  const int64_t voxels = v.voxels();
+  at::parallel_for(0, v.batch * voxels, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin / voxels; b * voxels < end; ++b) {
+      const acc_t lo = u_range[2 * b], denominator = minmax_denominator(u_range[2 * b], u_range[2 * b + 1]);
+      const int64_t first = std::max(begin, b * voxels), last = std::min(end, (b + 1) * voxels);
+      for (int64_t i = first; i < last; ++i) u[i] = (u[i] - lo) / denominator;
+    }
+  });
+}
+
 // The five window sums' channels at a voxel: U, E, U^2, E^2, U E.
 template <typename acc_t>
 struct StatsLoader {
@@ -193,12 +206,7 @@ void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, boo
     u_range[2 * b] = *std::min_element(ub, ub + voxels);
     u_range[2 * b + 1] = *std::max_element(ub, ub + voxels);
   }
-  at::parallel_for(0, v.batch * voxels, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / voxels;
-      u[i] = (u[i] - u_range[2 * b]) / minmax_denominator(u_range[2 * b], u_range[2 * b + 1]);
-    }
-  });
+  normalize_uncertainty(u, u_range, v);
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
   const acc_t n = static_cast<acc_t>(is_3d ? window * window * window : window * window);
@@ -226,12 +234,7 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
                        const Volume& v, bool is_3d, int64_t window, acc_t* u, scalar_t* grad_p) {
   const int64_t voxels = v.voxels();
   uncertainty_map(p, v, u);
-  at::parallel_for(0, v.batch * voxels, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / voxels;
-      u[i] = (u[i] - u_range[2 * b]) / minmax_denominator(u_range[2 * b], u_range[2 * b + 1]);
-    }
-  });
+  normalize_uncertainty(u, u_range, v);
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
   const acc_t n = static_cast<acc_t>(is_3d ? window * window * window : window * window);

@@ -53,10 +53,12 @@ template <typename acc_t>
 struct IntVec;
 template <>
 struct IntVec<float> {
+  typedef int32_t lane;
   typedef int32_t type __attribute__((vector_size(32)));
 };
 template <>
 struct IntVec<double> {
+  typedef int64_t lane;
   typedef int64_t type __attribute__((vector_size(32)));
 };
 
@@ -107,16 +109,22 @@ inline typename Vec<acc_t>::type vector_log(const typename Vec<acc_t>::type& x) 
   return e * C::ln2_hi + (log_m + e * C::ln2_lo);
 }
 
-// log of n <= lanes values through the vector path (tails use it too, so every element's result
-// is the same wherever it falls); lanes outside the positive normal range use the scalar log.
+// log of every lane through the vector path (tails use it too, so every element's result is the
+// same wherever it falls); lanes outside the positive normal range (0, negative, inf, NaN, subnormal)
+// use the scalar log, which gives them their IEEE results.
 template <typename acc_t>
 inline typename Vec<acc_t>::type log_lanes(const typename Vec<acc_t>::type& x) {
+  using I = typename IntVec<acc_t>::type;
   constexpr int lanes = static_cast<int>(vector_lanes<acc_t>());
   typename Vec<acc_t>::type result = vector_log<acc_t>(x);
-  for (int l = 0; l < lanes; ++l) {
-    const acc_t v = x[l];
-    if (!(v >= std::numeric_limits<acc_t>::min() && v <= std::numeric_limits<acc_t>::max()))
-      result[l] = std::log(v);
+  const I normal = (x >= std::numeric_limits<acc_t>::min()) & (x <= std::numeric_limits<acc_t>::max());
+  typename IntVec<acc_t>::lane flags[lanes];
+  __builtin_memcpy(flags, &normal, sizeof(normal));
+  bool all_normal = true;
+  for (int l = 0; l < lanes; ++l) all_normal &= flags[l] != 0;
+  if (__builtin_expect(!all_normal, 0)) {
+    for (int l = 0; l < lanes; ++l)
+      if (flags[l] == 0) result[l] = std::log(x[l]);
   }
   return result;
 }
@@ -237,40 +245,43 @@ void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out) {
   }
 }
 
+// Full vectors are loaded in place; the last partial vector goes through a zero-padded copy.
 template <typename acc_t>
 void accumulate_plogp(const acc_t* q, int64_t n, acc_t* u) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
   const acc_t eps = acc_t(1e-16);
-  for (int64_t x = 0; x < n; x += L) {
-    const int64_t count = n - x < L ? n - x : L;
+  int64_t x = 0;
+  for (; x + L <= n; x += L) {
+    const V qv = load(q + x);
+    store(u + x, load(u + x) + qv * log_lanes<acc_t>(qv + eps));
+  }
+  if (x < n) {
     acc_t qs[L] = {}, us[L] = {};
-    for (int64_t l = 0; l < count; ++l) qs[l] = q[x + l], us[l] = u[x + l];
-    V qv, uv;
-    __builtin_memcpy(&qv, qs, sizeof(qv));
-    __builtin_memcpy(&uv, us, sizeof(uv));
-    uv += qv * log_lanes<acc_t>(qv + eps);
-    __builtin_memcpy(us, &uv, sizeof(uv));
-    for (int64_t l = 0; l < count; ++l) u[x + l] = us[l];
+    for (int64_t l = 0; x + l < n; ++l) qs[l] = q[x + l], us[l] = u[x + l];
+    const V qv = load(qs);
+    store(us, load(us) + qv * log_lanes<acc_t>(qv + eps));
+    for (int64_t l = 0; x + l < n; ++l) u[x + l] = us[l];
   }
 }
 
 template <typename acc_t>
+inline typename Vec<acc_t>::type scaled_derivative_vector(const typename Vec<acc_t>::type& q,
+                                                          const typename Vec<acc_t>::type& scale) {
+  const typename Vec<acc_t>::type shifted = q + acc_t(1e-16);
+  return scale * -(log_lanes<acc_t>(shifted) + q / shifted);
+}
+
+template <typename acc_t>
 void scaled_uncertainty_derivative(const acc_t* q, const acc_t* scale, int64_t n, acc_t* out) {
-  using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
-  const acc_t eps = acc_t(1e-16);
-  for (int64_t x = 0; x < n; x += L) {
-    const int64_t count = n - x < L ? n - x : L;
+  int64_t x = 0;
+  for (; x + L <= n; x += L) store(out + x, scaled_derivative_vector<acc_t>(load(q + x), load(scale + x)));
+  if (x < n) {
     acc_t qs[L] = {}, ss[L] = {};
-    for (int64_t l = 0; l < count; ++l) qs[l] = q[x + l], ss[l] = scale[x + l];
-    V qv, sv;
-    __builtin_memcpy(&qv, qs, sizeof(qv));
-    __builtin_memcpy(&sv, ss, sizeof(sv));
-    const V shifted = qv + eps;
-    const V result = sv * -(log_lanes<acc_t>(shifted) + qv / shifted);
-    __builtin_memcpy(ss, &result, sizeof(result));
-    for (int64_t l = 0; l < count; ++l) out[x + l] = ss[l];
+    for (int64_t l = 0; x + l < n; ++l) qs[l] = q[x + l], ss[l] = scale[x + l];
+    store(ss, scaled_derivative_vector<acc_t>(load(qs), load(ss)));
+    for (int64_t l = 0; x + l < n; ++l) out[x + l] = ss[l];
   }
 }
 
