@@ -174,6 +174,33 @@ def headline_table(rows) -> list:
     return lines
 
 
+def pivot_table(rows) -> list:
+    """The README table: one line per target config and op (forward+backward), the median time of
+    every provider side by side, then each native backend's speedups and extra memory."""
+    headline = headline_rows(rows)
+    if not headline:
+        return []
+    order = ("reference", "iic-conv2d", "unfold", "gemm", "voxelmorph-cc", "cpp", "triton", "cuda")
+    present = [p for p in order if any(r["provider"] == p for r in headline)]
+    natives = [p for p in present if p in NATIVE]
+    header = ["config", "op (fwd+bwd)"] + [f"{p} ms" for p in present]
+    for native in natives:
+        header += [f"{native} vs iic-conv2d", f"{native} vs reference", f"{native} extra MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config, op in OrderedDict.fromkeys((r["config"], r["op"]) for r in headline):
+        by_provider = {r["provider"]: r for r in headline if r["config"] == config and r["op"] == op}
+        any_row = next(iter(by_provider.values()))
+        cells = [f"B={any_row['batch']} K={any_row['clusters']} {any_row['spatial']} r={any_row['radius']}", op]
+        cells += [_ms(by_provider[p]["time_median_s"]) if p in by_provider else "—" for p in present]
+        for native in natives:
+            r = by_provider.get(native)
+            cells += ["—", "—", "—"] if r is None else [
+                _ratio(r.get("speedup_vs_iic_conv2d")), _ratio(r.get("speedup_vs_reference")),
+                _mib(_extra_beyond_grads(r))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def target_checks(rows) -> list:
     device_type = rows[0]["device_type"] if rows else "cpu"
     lines = ["| issue | requirement | provider | measured | required | met |", "|---|---|---|---|---|---|"]
@@ -267,6 +294,10 @@ def write_markdown(rows, path) -> None:
         out.append("- roofline: the larger of (minimum bytes / peak bandwidth) and "
                    "(flops / FP32 peak), over the median time; peaks in benchmarks/configs.py")
     out += ["", "## Headline: the issue target configs, forward+backward", ""]
+    pivot = pivot_table(rows)
+    if pivot:
+        out += pivot + ["", "'extra MiB': peak extra memory beyond the inputs and the two gradients.",
+                        "", "Per provider:", ""]
     out += headline_table(rows)
     out += ["", "## Issue targets", ""]
     out += target_checks(rows)
