@@ -19,7 +19,7 @@ needs_data = pytest.mark.skipif(not have_data, reason="needs nibabel and nilearn
 
 TINY = ["--resolution", "32", "--width", "8", "--depth", "2", "--clusters", "5", "--heads", "2",
         "--epochs", "1", "--batch-size", "2", "--pretrain-steps", "1", "--finetune-steps", "2",
-        "--seeds", "1", "--labels", "1", "--settings", "random", "bimi", "--threads", "2", "--no-progress"]
+        "--seeds", "1", "--labels", "1", "--settings", "random", "bimi", "--no-progress"]
 
 
 def test_missing_data_package_names_what_to_install(monkeypatch):

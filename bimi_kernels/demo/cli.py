@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(for choosing settings without looking at the test block)")
     parser.add_argument("--picture-every", type=int, default=1,
                         help="draw the cluster picture every N epochs (default 1; the last epoch is always drawn)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 can be much faster on a busy shared machine, where OpenMP threads wait on each other)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the summary lines still print)")
     return parser
 
