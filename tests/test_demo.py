@@ -59,7 +59,9 @@ def test_slices_are_labelled_and_split_into_contiguous_blocks():
 @needs_data
 def test_tiny_demo_run_writes_table_pictures_and_checkpoints(tmp_path):
     out = tmp_path / "demo"
+    threads_before = torch.get_num_threads()
     assert main(TINY + ["--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads_before  # the quick preset's 1 thread does not leak
     for name in ("results.md", "results.json", "loss_curves.png", "dice.png",
                  "pictures/bimi_epoch001.png", "checkpoints/pretrain_bimi.pt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
