@@ -2,12 +2,13 @@
 
 Public API: the modules `BIMILoss`, `RegularizedMILoss`, `BoundaryCCLoss`; `functional`
 (the same losses as functions, and their pieces); `reference` (the plain-PyTorch ground truth);
-`available_backends()`.
+`available_backends()`; `views` (seeded two-view transforms: `TwoViewTransform`, `TwoViews`).
 """
-from . import functional, ops, reference  # noqa: F401  (ops registers the torch.library custom ops)
+from . import functional, ops, reference, views  # noqa: F401  (ops registers the torch.library custom ops)
 from .backends import available_backends
 from .losses import BIMILoss, BoundaryCCLoss, RegularizedMILoss
 from .offsets import make_offsets
+from .views import TwoViews, TwoViewTransform
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,8 @@ __all__ = [
     "reference",
     "available_backends",
     "make_offsets",
+    "views",
+    "TwoViewTransform",
+    "TwoViews",
     "__version__",
 ]

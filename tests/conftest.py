@@ -4,9 +4,14 @@ import os
 
 if not os.path.exists("/dev/nvidiactl"):  # no GPU: run Triton kernels in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The test tensors are tiny: a second OpenMP thread only adds barriers, which stall badly on a
+# shared 2-core machine (measured 6x slower). Tests of thread-count independence set it explicitly.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(

@@ -1,14 +1,9 @@
 """The benchmark harness: its peers compute what the reference computes, and a tiny run writes the
 CSV, the markdown summary and the plots with the expected columns. No timing is asserted."""
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-# `benchmarks/` is a top-level folder of the repository, not part of the installed package
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import providers, report, run  # noqa: E402
 from bimi_kernels import reference  # noqa: E402
