@@ -27,14 +27,12 @@ def joint_counts_backward(grad_j, p1, p2, offsets, mask):
         return reference.joint_counts_backward(grad_j, p1, p2, _offsets(offsets, p1), mask)
 
 
-def _u_range(p):
-    u = reference.uncertainty_map(p).flatten(1)
-    return torch.stack([u.min(dim=1).values, u.max(dim=1).values], dim=1)
-
-
 def boundary_cc(p, edge, window):
     with torch.no_grad():
-        return reference.boundary_cc(p, edge, window), _u_range(p)
+        u = reference.uncertainty_map(p)  # once: for the CC and for the [min, max] it returns
+        cc = reference.local_cross_correlation(reference.minmax_normalize(u), edge, window)
+        flat = u.flatten(1)
+        return cc, torch.stack([flat.min(dim=1).values, flat.max(dim=1).values], dim=1)
 
 
 def boundary_cc_backward(grad_cc, p, edge, u_range, window):
