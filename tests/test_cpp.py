@@ -141,6 +141,9 @@ JOINT_CASES = [
     ((2, 3, 5, 6, 7), 1, 1, True),
     ((1, 10, 4, 9, 10), [(0, 0, 0), (1, -2, 3), (-3, 0, -1)], 1, False),
     ((1, 2, 6, 11, 9), 1, 2, True),
+    # rows of whole vectors without a mask: the backward writes the gradient in place
+    ((2, 10, 20, 32), 1, 1, False),
+    ((1, 3, 3, 5, 16), 1, 1, False),
 ]
 
 

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/host_checks.h"
@@ -168,6 +169,7 @@ JointTile<acc_t> prepare_band(const scalar_t* second, const scalar_t* mask, cons
   tile.band_row_length = layout.band_row_length;
   tile.plans = plans;
   tile.num_offsets = static_cast<int64_t>(offsets.size());
+  tile.scratch = nullptr;
   return tile;
 }
 
@@ -213,15 +215,27 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
   const int64_t k = v.channels;
   const int64_t voxels = v.voxels();
   const BackwardTileFn<acc_t> kernel = backward_kernel<acc_t>();
+  // Without a mask or a dtype conversion, and with rows that are whole vectors (so no padding
+  // lanes spill into the next row), the kernel writes the gradient straight into `out`.
+  const bool write_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, tile_count(v), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> band(layout.plane_dz.size() * layout.band_rows * k * layout.band_row_length);
     std::vector<acc_t> result(kTileRows * k * layout.row_length);
     std::vector<OffsetPlan> plans(offsets.size());
+    std::vector<const acc_t*> scratch(2 * offsets.size());
     for (int64_t t = begin; t < end; ++t) {
       const TileIndex index = tile_index(v, t);
-      const JointTile<acc_t> tile =
+      JointTile<acc_t> tile =
           prepare_band(second, mask, v, offsets, layout, index, band.data(), plans.data());
-      kernel(tile, g, result.data());
+      tile.scratch = scratch.data();
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (write_in_place) {
+          kernel(tile, g, out + index.b * k * voxels + v.voxel_index(index.z, index.y0, 0), v.width,
+                 voxels);
+          continue;
+        }
+      }
+      kernel(tile, g, result.data(), k * layout.row_length, layout.row_length);
       for (int64_t r = 0; r < index.rows; ++r) {
         const int64_t pixel0 = v.voxel_index(index.z, index.y0 + r, 0);
         const scalar_t* m = mask != nullptr ? mask + index.b * voxels + pixel0 : nullptr;

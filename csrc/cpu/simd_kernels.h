@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace bimi {
 namespace cpu {
@@ -34,15 +35,18 @@ struct JointTile {
   int64_t band_row_length;
   const OffsetPlan* plans;  // one per offset
   int64_t num_offsets;
+  const acc_t** scratch;    // 2 * num_offsets pointers of work space (backward only)
 };
 
 // J[o, i, j] += sum over tile pixels s of first[i, s] * second[j, s + d_o].
 template <typename acc_t>
 using ForwardTileFn = void (*)(const JointTile<acc_t>& tile, acc_t* joint);
 
-// out[i, s] = sum_o sum_j g[o, i, j] * second[j, s + d_o] (out: rows x K x row_length).
+// out[i, s] = sum_o sum_j g[o, i, j] * second[j, s + d_o] for the tile's pixels s = (y, x), x below
+// row_length, written at out[y * row_stride + i * channel_stride + x].
 template <typename acc_t>
-using BackwardTileFn = void (*)(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out);
+using BackwardTileFn = void (*)(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out,
+                                int64_t row_stride, int64_t channel_stride);
 
 // u[x] += q[x] log(q[x] + 1e-16) for x < n: one cluster's share of -U (SPEC §5).
 template <typename acc_t>
@@ -54,7 +58,8 @@ using UncertaintyDerivativeFn = void (*)(const acc_t* q, const acc_t* scale, int
 
 #define BIMI_DECLARE_KERNELS_FOR(isa, acc_t)                                                   \
   extern template void forward_tile<acc_t>(const JointTile<acc_t>&, acc_t*);                  \
-  extern template void backward_tile<acc_t>(const JointTile<acc_t>&, const acc_t*, acc_t*);   \
+  extern template void backward_tile<acc_t>(const JointTile<acc_t>&, const acc_t*, acc_t*,    \
+                                            int64_t, int64_t);                                \
   extern template void accumulate_plogp<acc_t>(const acc_t*, int64_t, acc_t*);                \
   extern template void scaled_uncertainty_derivative<acc_t>(const acc_t*, const acc_t*, int64_t, acc_t*);
 
@@ -63,7 +68,8 @@ using UncertaintyDerivativeFn = void (*)(const acc_t* q, const acc_t* scale, int
   template <typename acc_t>                                                                   \
   void forward_tile(const JointTile<acc_t>& tile, acc_t* joint);                              \
   template <typename acc_t>                                                                   \
-  void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out);               \
+  void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out,                \
+                     int64_t row_stride, int64_t channel_stride);                             \
   template <typename acc_t>                                                                   \
   void accumulate_plogp(const acc_t* q, int64_t n, acc_t* u);                                 \
   template <typename acc_t>                                                                   \

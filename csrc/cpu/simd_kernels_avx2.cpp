@@ -4,6 +4,10 @@
 #include <cstdint>
 #include <limits>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "simd_kernels.h"
 
 #if defined(BIMI_HAVE_AVX2_KERNELS)
@@ -15,7 +19,9 @@
 #endif
 
 #define BIMI_CPU_ISA avx2
+#define BIMI_CPU_ISA_IS_AVX2 1
 #include "simd_kernels_impl.h"
+#undef BIMI_CPU_ISA_IS_AVX2
 #undef BIMI_CPU_ISA
 
 #if defined(__clang__)

@@ -4,6 +4,14 @@
 // The loops use GCC/Clang vector extensions with 32-byte vectors: the compiler emits AVX2+FMA
 // instructions in the AVX2 unit and pairs of SSE2 instructions in the generic one.
 
+#ifndef BIMI_UNROLL
+#if defined(__clang__)
+#define BIMI_UNROLL _Pragma("unroll")
+#else
+#define BIMI_UNROLL _Pragma("GCC unroll 16")
+#endif
+#endif
+
 namespace bimi {
 namespace cpu {
 namespace BIMI_CPU_ISA {
@@ -37,6 +45,18 @@ inline typename Vec<acc_t>::type broadcast(acc_t s) {
   typename Vec<acc_t>::type v = {};
   return v + s;
 }
+
+// One value loaded from memory into every lane. The AVX2 unit uses vbroadcastss/sd straight from
+// memory: GCC lowers `v + s` to a scalar add plus a shuffle, two extra FP-pipe ops per use.
+#if defined(BIMI_CPU_ISA_IS_AVX2)
+inline Vec<float>::type broadcast_load(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec<double>::type broadcast_load(const double* p) { return _mm256_broadcast_sd(p); }
+#else
+template <typename acc_t>
+inline typename Vec<acc_t>::type broadcast_load(const acc_t* p) {
+  return broadcast<acc_t>(*p);
+}
+#endif
 
 // Lanes summed pairwise in a fixed order.
 template <typename acc_t>
@@ -170,38 +190,50 @@ void forward_block_j(const JointTile<acc_t>& tile, const OffsetPlan& plan, int64
   }
 }
 
-// One i-block of 1..4 output rows over 2 vectors of pixels, all offsets and channels j.
+// Output rows [i0, i0 + KI) x pixels [x, x + 2 vectors) of one tile row: the sum over the row's
+// active offsets a (band row b_rows[a], gradient block g_blocks[a]) and the channels j of
+// g[a][i][j] * band[a][j][x ...], stored at dst[i * n + x ...]. KI x 2 accumulators stay in registers (the unroll pragmas make
+// GCC keep them there instead of storing the array to the stack every iteration).
 template <typename acc_t, int KI>
-void backward_block(const JointTile<acc_t>& tile, const acc_t* g, int64_t y, int64_t i0, int64_t x,
-                    acc_t* out) {
+void backward_block(const acc_t* const* b_rows, const acc_t* const* g_blocks, int64_t active,
+                    int64_t k, int64_t band_row_length, int64_t i0, int64_t x, acc_t* dst,
+                    int64_t n) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
-  const int64_t k = tile.channels;
   V acc[KI][2];
-  for (int i = 0; i < KI; ++i) acc[i][0] = acc[i][1] = broadcast<acc_t>(0);
-  for (int64_t o = 0; o < tile.num_offsets; ++o) {
-    const OffsetPlan& plan = tile.plans[o];
-    if (y < plan.row_begin || y >= plan.row_end) continue;
-    const acc_t* b = tile.band + plan.band_start + y * tile.band_row_stride + x;
-    const acc_t* go = g + o * k * k + i0 * k;
+  BIMI_UNROLL for (int i = 0; i < KI; ++i) acc[i][0] = acc[i][1] = broadcast<acc_t>(0);
+  for (int64_t a = 0; a < active; ++a) {
+    const acc_t* b = b_rows[a] + x;
+    const acc_t* go = g_blocks[a] + i0 * k;
     for (int64_t j = 0; j < k; ++j) {
-      const V b0 = load(b + j * tile.band_row_length);
-      const V b1 = load(b + j * tile.band_row_length + L);
-      for (int i = 0; i < KI; ++i) {
-        const V gv = broadcast<acc_t>(go[i * k + j]);
+      const V b0 = load(b + j * band_row_length);
+      const V b1 = load(b + j * band_row_length + L);
+      BIMI_UNROLL for (int i = 0; i < KI; ++i) {
+        const V gv = broadcast_load(go + i * k + j);
         acc[i][0] += gv * b0;
         acc[i][1] += gv * b1;
       }
     }
   }
-  const int64_t n = tile.row_length;
-  acc_t* dst = out + y * k * n + i0 * n + x;
-  for (int i = 0; i < KI; ++i) {
-    store(dst + i * n, acc[i][0]);
-    store(dst + i * n + L, acc[i][1]);
+  BIMI_UNROLL for (int i = 0; i < KI; ++i) {
+    store(dst + (i0 + i) * n + x, acc[i][0]);
+    store(dst + (i0 + i) * n + x + L, acc[i][1]);
   }
 }
 
+constexpr int kBackwardBlockI = 5;
+
+// f(std::integral_constant<int, rows>{}) for 1 <= rows <= 5: a block size known at compile time.
+template <typename F>
+inline void with_block_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
 }  // namespace
 
 template <typename acc_t>
@@ -227,19 +259,32 @@ void forward_tile(const JointTile<acc_t>& tile, acc_t* joint) {
 }
 
 template <typename acc_t>
-void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out) {
+void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out, int64_t row_stride,
+                   int64_t channel_stride) {
   constexpr int64_t L = vector_lanes<acc_t>();
   const int64_t k = tile.channels;
+  const int64_t n = tile.row_length;
+  // the offsets whose second pixel is inside the image for this row, as band rows and g blocks
+  const acc_t** b_rows = tile.scratch;
+  const acc_t** g_blocks = tile.scratch + tile.num_offsets;
   for (int64_t y = 0; y < tile.rows; ++y) {
-    for (int64_t i0 = 0; i0 < k; i0 += 4) {
-      const int64_t ki = k - i0 < 4 ? k - i0 : 4;
-      for (int64_t x = 0; x < tile.row_length; x += 2 * L) {
-        switch (ki) {
-          case 4: backward_block<acc_t, 4>(tile, g, y, i0, x, out); break;
-          case 3: backward_block<acc_t, 3>(tile, g, y, i0, x, out); break;
-          case 2: backward_block<acc_t, 2>(tile, g, y, i0, x, out); break;
-          default: backward_block<acc_t, 1>(tile, g, y, i0, x, out); break;
-        }
+    int64_t active = 0;
+    for (int64_t o = 0; o < tile.num_offsets; ++o) {
+      const OffsetPlan& plan = tile.plans[o];
+      if (y < plan.row_begin || y >= plan.row_end) continue;
+      b_rows[active] = tile.band + plan.band_start + y * tile.band_row_stride;
+      g_blocks[active] = g + o * k * k;
+      ++active;
+    }
+    acc_t* dst = out + y * row_stride;
+    for (int64_t i0 = 0; i0 < k; i0 += kBackwardBlockI) {
+      const int64_t ki = k - i0 < kBackwardBlockI ? k - i0 : kBackwardBlockI;
+      for (int64_t x = 0; x < n; x += 2 * L) {
+        with_block_rows(ki, [&](auto rows) {
+          backward_block<acc_t, decltype(rows)::value>(b_rows, g_blocks, active, k,
+                                                       tile.band_row_length, i0, x, dst,
+                                                       channel_stride);
+        });
       }
     }
   }
@@ -291,8 +336,9 @@ template void scaled_uncertainty_derivative<float>(const float*, const float*, i
 template void scaled_uncertainty_derivative<double>(const double*, const double*, int64_t, double*);
 template void forward_tile<float>(const JointTile<float>&, float*);
 template void forward_tile<double>(const JointTile<double>&, double*);
-template void backward_tile<float>(const JointTile<float>&, const float*, float*);
-template void backward_tile<double>(const JointTile<double>&, const double*, double*);
+template void backward_tile<float>(const JointTile<float>&, const float*, float*, int64_t, int64_t);
+template void backward_tile<double>(const JointTile<double>&, const double*, double*, int64_t,
+                                    int64_t);
 
 }  // namespace BIMI_CPU_ISA
 }  // namespace cpu
