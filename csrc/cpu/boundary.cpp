@@ -1,11 +1,12 @@
 // CPU boundary cross-correlation term (SPEC §5): CC(U(p), E) of one cluster map and its backward.
 //
-// Forward: U = -sum_k p_k log(p_k + 1e-16) per pixel, its per-sample min and max, the normalised
-// map, then per region of rows the five box sums (separable: along x, then y, then z, each an
-// ordered window sum) and the clamped NCC of each window centre, summed per region. Backward:
-// per region, the box sums on the region plus a halo give each window centre's coefficients of
-// S(UE), S(U), S(U^2) (common/boundary_math.h); their box sums give dL/dU at every pixel, times
-// dU/dp. Regions depend only on the shape and their partial sums are added in region order, so the
+// Forward: U = -sum_k p_k log(p_k + 1e-16) of every pixel and its per-sample min and max; then per
+// region of rows the five box sums of the normalised U and E (separable: along x, then y, then z;
+// each an ordered sum) and the clamped NCC of every window centre, summed per region. Backward:
+// U again; per region, the box sums on the region plus a halo give each window centre's
+// coefficients of S(UE), S(U), S(U^2) (common/boundary_math.h); their box sums give dL/dU at every
+// pixel, times dU/dp. The row loops are the vectorised BoundaryRowKernels (simd_kernels.h).
+// Regions depend only on the shape and their partial sums are added in region order, so the
 // result is the same for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,8 +24,9 @@ namespace bimi {
 namespace cpu {
 namespace {
 
-constexpr int64_t kRegionRows = 16;
+constexpr int64_t kRegionRows = 32;
 constexpr int64_t kRegionPlanes3D = 4;
+constexpr int64_t kRegionRows3D = 16;
 
 // A block of whole rows of one sample: planes [z0, z1) x rows [y0, y1) x all x.
 struct Region {
@@ -32,12 +34,13 @@ struct Region {
 };
 
 struct RegionGrid {
-  int64_t planes_per_region, planes_blocks, row_blocks, count;
+  int64_t planes_per_region, rows_per_region, planes_blocks, row_blocks, count;
 
   RegionGrid(const Volume& v, bool is_3d) {
     planes_per_region = is_3d ? kRegionPlanes3D : 1;
+    rows_per_region = is_3d ? kRegionRows3D : kRegionRows;
     planes_blocks = ceil_div(v.depth, planes_per_region);
-    row_blocks = ceil_div(v.height, kRegionRows);
+    row_blocks = ceil_div(v.height, rows_per_region);
     count = v.batch * planes_blocks * row_blocks;
   }
 
@@ -48,179 +51,192 @@ struct RegionGrid {
     const int64_t yb = r % row_blocks;
     region.z0 = zb * planes_per_region;
     region.z1 = std::min(v.depth, region.z0 + planes_per_region);
-    region.y0 = yb * kRegionRows;
-    region.y1 = std::min(v.height, region.y0 + kRegionRows);
+    region.y0 = yb * rows_per_region;
+    region.y1 = std::min(v.height, region.y0 + rows_per_region);
     return region;
   }
 };
 
-// Box sums (window (2rz+1) x (2ry+1) x (2rx+1), zero outside the volume) of `channels` maps over
-// the output block planes [z0, z1) x rows [y0, y1) x all x. The maps are read through
-// load(z, y, rows), called once per image row inside the volume, which writes the row's W values
-// of channel c to rows[c]. Result layout: out[c][z - z0][y - y0][x].
+template <typename acc_t>
+BoundaryRowKernels<acc_t> row_kernels() {
+#if defined(BIMI_HAVE_AVX2_KERNELS)
+  if (use_avx2()) return avx2::boundary_row_kernels<acc_t>();
+#endif
+  return generic::boundary_row_kernels<acc_t>();
+}
+
+// Box sums (window (2rz+1) x (2r+1) x (2r+1), zero outside the volume) of `channels` maps over
+// the output block planes [z0, z1) x rows [y0, y1) x all x. row_sums(z, y, out) writes the
+// window sums along x of image row (z, y) of every channel c to out[c] (W values). Results:
+// sum(c, z, y) points to the W sums of output row (z, y).
 template <typename acc_t>
 class BoxSums {
  public:
   static constexpr int64_t kMaxChannels = 5;
 
-  BoxSums(const Volume& v, int64_t rz, int64_t ry, int64_t rx, int64_t channels)
-      : v_(v), rz_(rz), ry_(ry), rx_(rx), channels_(channels) {}
+  BoxSums(const Volume& v, int64_t rz, int64_t r, int64_t channels, const BoundaryRowKernels<acc_t>& k)
+      : v_(v), rz_(rz), r_(r), channels_(channels), k_(k), rows_(2 * std::max(r, rz) + 1) {}
 
-  template <typename Load>
-  const std::vector<acc_t>& run(int64_t z0, int64_t z1, int64_t y0, int64_t y1, Load load) {
+  template <typename RowSums>
+  void run(int64_t z0, int64_t z1, int64_t y0, int64_t y1, RowSums row_sums) {
     const int64_t w = v_.width;
-    const int64_t nz = z1 - z0, ny = y1 - y0;
-    const int64_t ez = nz + 2 * rz_, ey = ny + 2 * ry_, ex = w + 2 * rx_;
-    ext_.assign(channels_ * ez * ey * ex, acc_t(0));
-    acc_t* rows[kMaxChannels];
-    for (int64_t zz = 0; zz < ez; ++zz) {
-      const int64_t z = z0 - rz_ + zz;
-      if (z < 0 || z >= v_.depth) continue;
-      for (int64_t yy = 0; yy < ey; ++yy) {
-        const int64_t y = y0 - ry_ + yy;
-        if (y < 0 || y >= v_.height) continue;
-        for (int64_t c = 0; c < channels_; ++c) rows[c] = ext_.data() + ((c * ez + zz) * ey + yy) * ex + rx_;
-        load(z, y, rows);
+    z0_ = z0, y0_ = y0, nz_ = z1 - z0, ny_ = y1 - y0;
+    // image rows whose windows reach the block
+    ez0_ = std::max<int64_t>(0, z0 - rz_), ey0_ = std::max<int64_t>(0, y0 - r_);
+    enz_ = std::min(v_.depth, z1 + rz_) - ez0_, eny_ = std::min(v_.height, y1 + r_) - ey0_;
+    along_x_.resize(channels_ * enz_ * eny_ * w);
+    acc_t* out[kMaxChannels];
+    for (int64_t zz = 0; zz < enz_; ++zz)
+      for (int64_t yy = 0; yy < eny_; ++yy) {
+        for (int64_t c = 0; c < channels_; ++c) out[c] = along_x_.data() + ((c * enz_ + zz) * eny_ + yy) * w;
+        row_sums(ez0_ + zz, ey0_ + yy, out);
       }
-    }
-    // along x
-    along_x_.assign(channels_ * ez * ey * w, acc_t(0));
-    for (int64_t line = 0; line < channels_ * ez * ey; ++line) {
-      const acc_t* src = ext_.data() + line * ex;
-      acc_t* dst = along_x_.data() + line * w;
-      for (int64_t t = 0; t <= 2 * rx_; ++t)
-        for (int64_t x = 0; x < w; ++x) dst[x] += src[x + t];
-    }
-    // along y
-    along_y_.assign(channels_ * ez * ny * w, acc_t(0));
+    // along y: rows y - r .. y + r that are inside the image, in order
+    along_y_.resize(channels_ * enz_ * ny_ * w);
+    const acc_t** rows = rows_.data();
     for (int64_t c = 0; c < channels_; ++c)
-      for (int64_t zz = 0; zz < ez; ++zz)
-        for (int64_t y = 0; y < ny; ++y) {
-          acc_t* dst = along_y_.data() + ((c * ez + zz) * ny + y) * w;
-          for (int64_t t = 0; t <= 2 * ry_; ++t) {
-            const acc_t* src = along_x_.data() + ((c * ez + zz) * ey + y + t) * w;
-            for (int64_t x = 0; x < w; ++x) dst[x] += src[x];
-          }
+      for (int64_t zz = 0; zz < enz_; ++zz)
+        for (int64_t y = 0; y < ny_; ++y) {
+          const int64_t first = std::max(y0 + y - r_, ey0_), last = std::min(y0 + y + r_ + 1, ey0_ + eny_);
+          for (int64_t yy = first; yy < last; ++yy)
+            rows[yy - first] = along_x_.data() + ((c * enz_ + zz) * eny_ + yy - ey0_) * w;
+          k_.add_rows(rows, last - first, w, along_y_.data() + ((c * enz_ + zz) * ny_ + y) * w);
         }
-    // along z
-    out_.assign(channels_ * nz * ny * w, acc_t(0));
+    if (rz_ == 0) return;
+    // along z (3-D)
+    along_z_.resize(channels_ * nz_ * ny_ * w);
     for (int64_t c = 0; c < channels_; ++c)
-      for (int64_t z = 0; z < nz; ++z)
-        for (int64_t t = 0; t <= 2 * rz_; ++t) {
-          const acc_t* src = along_y_.data() + (c * ez + z + t) * ny * w;
-          acc_t* dst = out_.data() + (c * nz + z) * ny * w;
-          for (int64_t e = 0; e < ny * w; ++e) dst[e] += src[e];
+      for (int64_t z = 0; z < nz_; ++z)
+        for (int64_t y = 0; y < ny_; ++y) {
+          const int64_t first = std::max(z0 + z - rz_, ez0_), last = std::min(z0 + z + rz_ + 1, ez0_ + enz_);
+          for (int64_t zz = first; zz < last; ++zz)
+            rows[zz - first] = along_y_.data() + ((c * enz_ + zz - ez0_) * ny_ + y) * w;
+          k_.add_rows(rows, last - first, w, along_z_.data() + ((c * nz_ + z) * ny_ + y) * w);
         }
-    return out_;
+  }
+
+  // The window sums of channel c at output row (z, y) (image coordinates).
+  const acc_t* sum(int64_t c, int64_t z, int64_t y) const {
+    const int64_t w = v_.width;
+    if (rz_ == 0) return along_y_.data() + ((c * enz_ + z - ez0_) * ny_ + y - y0_) * w;
+    return along_z_.data() + ((c * nz_ + z - z0_) * ny_ + y - y0_) * w;
   }
 
  private:
   Volume v_;
-  int64_t rz_, ry_, rx_, channels_;
-  std::vector<acc_t> ext_, along_x_, along_y_, out_;
+  int64_t rz_, r_, channels_;
+  BoundaryRowKernels<acc_t> k_;
+  int64_t z0_ = 0, y0_ = 0, nz_ = 0, ny_ = 0, ez0_ = 0, ey0_ = 0, enz_ = 0, eny_ = 0;
+  std::vector<acc_t> along_x_, along_y_, along_z_;
+  std::vector<const acc_t*> rows_;  // the rows of one window along y or z
 };
 
-template <typename acc_t>
-PlogpFn<acc_t> plogp_kernel() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return &avx2::accumulate_plogp<acc_t>;
-#endif
-  return &generic::accumulate_plogp<acc_t>;
-}
-
-template <typename acc_t>
-UncertaintyDerivativeFn<acc_t> uncertainty_derivative_kernel() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return &avx2::scaled_uncertainty_derivative<acc_t>;
-#endif
-  return &generic::scaled_uncertainty_derivative<acc_t>;
-}
-
-// U = -sum_k p_k log(p_k + 1e-16) of every pixel: (B, voxels).
+// Pixels [pixel0, pixel0 + count) of sample b's K channels as the row kernels take them: K runs
+// `stride` apart in the accumulation dtype (converted into `buffer` when the map's dtype differs).
 template <typename scalar_t, typename acc_t>
-void uncertainty_map(const scalar_t* p, const Volume& v, acc_t* u) {
+const acc_t* channel_runs(const scalar_t* p, const Volume& v, int64_t b, int64_t pixel0, int64_t count,
+                          std::vector<acc_t>& buffer, int64_t* stride) {
   const int64_t voxels = v.voxels();
-  const int64_t rows = v.batch * v.depth * v.height;
-  const PlogpFn<acc_t> accumulate = plogp_kernel<acc_t>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(v.width);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / (v.depth * v.height);
-      const int64_t pixel0 = (row % (v.depth * v.height)) * v.width;
-      acc_t* dst = u + b * voxels + pixel0;
-      std::fill(dst, dst + v.width, acc_t(0));
-      for (int64_t k = 0; k < v.channels; ++k) {
-        const scalar_t* src = p + (b * v.channels + k) * voxels + pixel0;
-        for (int64_t x = 0; x < v.width; ++x) q[x] = static_cast<acc_t>(src[x]);
-        accumulate(q.data(), v.width, dst);
-      }
-      for (int64_t x = 0; x < v.width; ++x) dst[x] = -dst[x];
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    *stride = voxels;
+    return p + b * v.channels * voxels + pixel0;
+  } else {
+    buffer.resize(v.channels * count);
+    for (int64_t k = 0; k < v.channels; ++k) {
+      const scalar_t* src = p + (b * v.channels + k) * voxels + pixel0;
+      for (int64_t x = 0; x < count; ++x) buffer[k * count + x] = static_cast<acc_t>(src[x]);
+    }
+    *stride = count;
+    return buffer.data();
+  }
+}
+
+// Pixels per chunk of the uncertainty map: long runs of each channel, in L1 with their U.
+constexpr int64_t kUncertaintyChunk = 4096;
+
+// U of every pixel into u (B, voxels); the min and max of each chunk of kUncertaintyChunk pixels
+// of a sample into chunk_lo, chunk_hi (chunks_per_sample(v) per sample) when they are given.
+int64_t chunks_per_sample(const Volume& v) { return ceil_div(v.voxels(), kUncertaintyChunk); }
+
+template <typename scalar_t, typename acc_t>
+void uncertainty_map(const scalar_t* p, const Volume& v, const BoundaryRowKernels<acc_t>& k, acc_t* u,
+                     acc_t* chunk_lo, acc_t* chunk_hi) {
+  const int64_t chunks = chunks_per_sample(v);
+  const int64_t voxels = v.voxels();
+  at::parallel_for(0, v.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer;
+    acc_t lo, hi;
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t b = c / chunks;
+      const int64_t pixel0 = (c % chunks) * kUncertaintyChunk;
+      const int64_t count = std::min(kUncertaintyChunk, voxels - pixel0);
+      int64_t stride = 0;
+      const acc_t* q = channel_runs(p, v, b, pixel0, count, buffer, &stride);
+      k.uncertainty(q, stride, v.channels, count, u + b * voxels + pixel0,
+                    chunk_lo != nullptr ? chunk_lo + c : &lo, chunk_hi != nullptr ? chunk_hi + c : &hi);
     }
   });
 }
 
-// U -> (U - min) / (max - min + 1e-6) per sample, in place.
+// The normalised U and E of image row (z, y), zero-padded by r on each side, for the box sums.
 template <typename acc_t>
-void normalize_uncertainty(acc_t* u, const acc_t* u_range, const Volume& v) {
-  const int64_t voxels = v.voxels();
-  at::parallel_for(0, v.batch * voxels, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin / voxels; b * voxels < end; ++b) {
-      const acc_t lo = u_range[2 * b], denominator = minmax_denominator(u_range[2 * b], u_range[2 * b + 1]);
-      const int64_t first = std::max(begin, b * voxels), last = std::min(end, (b + 1) * voxels);
-      for (int64_t i = first; i < last; ++i) u[i] = (u[i] - lo) / denominator;
-    }
-  });
-}
-
-// The five window sums' channels at a voxel: U, E, U^2, E^2, U E.
-template <typename acc_t>
-struct StatsLoader {
-  const acc_t* u;
-  const acc_t* e;
+struct StatsRows {
+  const acc_t* u;  // raw U of the sample
+  const acc_t* e;  // E of the sample
+  acc_t lo, denominator;
   const Volume* v;
-  void operator()(int64_t z, int64_t y, acc_t* const* rows) const {
+  int64_t r;
+  std::vector<acc_t> u_padded, e_padded;
+
+  StatsRows(const acc_t* u, const acc_t* e, acc_t lo, acc_t denominator, const Volume& v, int64_t r)
+      : u(u), e(e), lo(lo), denominator(denominator), v(&v), r(r),
+        u_padded(v.width + 2 * r, acc_t(0)), e_padded(v.width + 2 * r, acc_t(0)) {}
+
+  void load(int64_t z, int64_t y) {
     const int64_t i0 = v->voxel_index(z, y, 0);
     for (int64_t x = 0; x < v->width; ++x) {
-      const acc_t uu = u[i0 + x], ee = e[i0 + x];
-      rows[0][x] = uu;
-      rows[1][x] = ee;
-      rows[2][x] = uu * uu;
-      rows[3][x] = ee * ee;
-      rows[4][x] = uu * ee;
+      u_padded[r + x] = (u[i0 + x] - lo) / denominator;
+      e_padded[r + x] = e[i0 + x];
     }
   }
 };
-
-template <typename acc_t>
-WindowSums<acc_t> sums_at(const std::vector<acc_t>& s, int64_t plane, int64_t e) {
-  return WindowSums<acc_t>{s[e], s[plane + e], s[2 * plane + e], s[3 * plane + e], s[4 * plane + e]};
-}
 
 template <typename scalar_t, typename acc_t>
 void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, bool is_3d,
                       int64_t window, acc_t* u, acc_t* cc, acc_t* u_range) {
+  const BoundaryRowKernels<acc_t> k = row_kernels<acc_t>();
   const int64_t voxels = v.voxels();
-  uncertainty_map(p, v, u);
+  const int64_t chunks = chunks_per_sample(v);
+  std::vector<acc_t> chunk_lo(v.batch * chunks), chunk_hi(v.batch * chunks);
+  uncertainty_map(p, v, k, u, chunk_lo.data(), chunk_hi.data());
   for (int64_t b = 0; b < v.batch; ++b) {
-    const acc_t* ub = u + b * voxels;
-    u_range[2 * b] = *std::min_element(ub, ub + voxels);
-    u_range[2 * b + 1] = *std::max_element(ub, ub + voxels);
+    u_range[2 * b] = *std::min_element(chunk_lo.begin() + b * chunks, chunk_lo.begin() + (b + 1) * chunks);
+    u_range[2 * b + 1] = *std::max_element(chunk_hi.begin() + b * chunks, chunk_hi.begin() + (b + 1) * chunks);
   }
-  normalize_uncertainty(u, u_range, v);
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
   const acc_t n = static_cast<acc_t>(is_3d ? window * window * window : window * window);
   const RegionGrid grid(v, is_3d);
   std::vector<acc_t> partials(grid.count, acc_t(0));
   at::parallel_for(0, grid.count, 1, [&](int64_t begin, int64_t end) {
-    BoxSums<acc_t> box(v, rz, r, r, 5);
+    BoxSums<acc_t> box(v, rz, r, 5, k);
+    std::vector<acc_t> scratch(v.width);
     for (int64_t ri = begin; ri < end; ++ri) {
       const Region g = grid.at(v, ri);
-      const StatsLoader<acc_t> loader{u + g.b * voxels, edge + g.b * voxels, &v};
-      const std::vector<acc_t>& sums = box.run(g.z0, g.z1, g.y0, g.y1, loader);
-      const int64_t plane = (g.z1 - g.z0) * (g.y1 - g.y0) * v.width;
+      const acc_t lo = u_range[2 * g.b];
+      StatsRows<acc_t> stats(u + g.b * voxels, edge + g.b * voxels, lo,
+                             minmax_denominator(lo, u_range[2 * g.b + 1]), v, r);
+      box.run(g.z0, g.z1, g.y0, g.y1, [&](int64_t z, int64_t y, acc_t* const* out) {
+        stats.load(z, y);
+        k.window_stats(stats.u_padded.data(), stats.e_padded.data(), v.width, r, out);
+      });
       acc_t total = 0;
-      for (int64_t e = 0; e < plane; ++e) total += window_ncc(window_stats(sums_at(sums, plane, e), n));
+      for (int64_t z = g.z0; z < g.z1; ++z)
+        for (int64_t y = g.y0; y < g.y1; ++y) {
+          const acc_t* sums[5] = {box.sum(0, z, y), box.sum(1, z, y), box.sum(2, z, y), box.sum(3, z, y),
+                                  box.sum(4, z, y)};
+          total += k.ncc_sum(sums, v.width, n, scratch.data());
+        }
       partials[ri] = total;
     }
   });
@@ -232,66 +248,78 @@ void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, boo
 template <typename scalar_t, typename acc_t>
 void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, const acc_t* u_range,
                        const Volume& v, bool is_3d, int64_t window, acc_t* u, scalar_t* grad_p) {
+  const BoundaryRowKernels<acc_t> k = row_kernels<acc_t>();
   const int64_t voxels = v.voxels();
-  uncertainty_map(p, v, u);
-  normalize_uncertainty(u, u_range, v);
+  uncertainty_map<scalar_t, acc_t>(p, v, k, u, nullptr, nullptr);
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
+  const int64_t w = v.width;
   const acc_t n = static_cast<acc_t>(is_3d ? window * window * window : window * window);
   // dL/d(ncc) of every window centre: CC = -mean(ncc)
   const acc_t scale = -grad_cc / static_cast<acc_t>(v.batch * voxels);
   const RegionGrid grid(v, is_3d);
-  const UncertaintyDerivativeFn<acc_t> derivative = uncertainty_derivative_kernel<acc_t>();
   at::parallel_for(0, grid.count, 1, [&](int64_t begin, int64_t end) {
-    BoxSums<acc_t> stats_box(v, rz, r, r, 5);
-    BoxSums<acc_t> coef_box(v, rz, r, r, 3);
-    std::vector<acc_t> coefficients;
-    std::vector<acc_t> grad_u(v.width), q(v.width), grad_row(v.width);
+    BoxSums<acc_t> stats_box(v, rz, r, 5, k);
+    BoxSums<acc_t> coefficient_box(v, rz, r, 3, k);
+    std::vector<acc_t> coefficients, u_row(w), grad_u, q_buffer, grad_buffer;
     for (int64_t ri = begin; ri < end; ++ri) {
       const Region g = grid.at(v, ri);
+      const acc_t lo = u_range[2 * g.b];
+      const acc_t denominator = minmax_denominator(lo, u_range[2 * g.b + 1]);
       const acc_t* ub = u + g.b * voxels;
       const acc_t* eb = edge + g.b * voxels;
       // centres whose window reaches the region: the region plus a halo, inside the volume
       const int64_t hz0 = std::max<int64_t>(0, g.z0 - rz), hz1 = std::min(v.depth, g.z1 + rz);
       const int64_t hy0 = std::max<int64_t>(0, g.y0 - r), hy1 = std::min(v.height, g.y1 + r);
-      const int64_t halo_plane = (hz1 - hz0) * (hy1 - hy0) * v.width;
-      const std::vector<acc_t>& sums = stats_box.run(hz0, hz1, hy0, hy1, StatsLoader<acc_t>{ub, eb, &v});
-      coefficients.resize(3 * halo_plane);
-      for (int64_t e = 0; e < halo_plane; ++e) {
-        const WindowCoefficients<acc_t> c =
-            window_coefficients(window_stats(sums_at(sums, halo_plane, e), n), scale);
-        coefficients[e] = c.ue;
-        coefficients[halo_plane + e] = c.u;
-        coefficients[2 * halo_plane + e] = c.uu;
-      }
-      const int64_t halo_rows = hy1 - hy0;
-      const auto coefficient_loader = [&](int64_t z, int64_t y, acc_t* const* rows) {
-        const int64_t e0 = ((z - hz0) * halo_rows + (y - hy0)) * v.width;
-        for (int64_t c = 0; c < 3; ++c)
-          std::copy(coefficients.begin() + c * halo_plane + e0,
-                    coefficients.begin() + c * halo_plane + e0 + v.width, rows[c]);
+      const int64_t halo_rows = hy1 - hy0, halo_plane = (hz1 - hz0) * halo_rows;
+      StatsRows<acc_t> stats(ub, eb, lo, denominator, v, r);
+      stats_box.run(hz0, hz1, hy0, hy1, [&](int64_t z, int64_t y, acc_t* const* out) {
+        stats.load(z, y);
+        k.window_stats(stats.u_padded.data(), stats.e_padded.data(), w, r, out);
+      });
+      // the three coefficient maps of the halo's centres, each row zero-padded by r for the box sums
+      const int64_t padded = w + 2 * r;
+      coefficients.assign(3 * halo_plane * padded, acc_t(0));
+      const auto coefficient_row = [&](int64_t c, int64_t z, int64_t y) {
+        return coefficients.data() + ((c * (hz1 - hz0) + z - hz0) * halo_rows + y - hy0) * padded;
       };
-      const std::vector<acc_t>& coef_sums = coef_box.run(g.z0, g.z1, g.y0, g.y1, coefficient_loader);
+      for (int64_t z = hz0; z < hz1; ++z)
+        for (int64_t y = hy0; y < hy1; ++y) {
+          const acc_t* sums[5] = {stats_box.sum(0, z, y), stats_box.sum(1, z, y), stats_box.sum(2, z, y),
+                                  stats_box.sum(3, z, y), stats_box.sum(4, z, y)};
+          acc_t* out[3] = {coefficient_row(0, z, y) + r, coefficient_row(1, z, y) + r,
+                           coefficient_row(2, z, y) + r};
+          k.coefficients(sums, w, n, scale, out);
+        }
+      coefficient_box.run(g.z0, g.z1, g.y0, g.y1, [&](int64_t z, int64_t y, acc_t* const* out) {
+        for (int64_t c = 0; c < 3; ++c) k.window_sums(coefficient_row(c, z, y), w, r, out[c]);
+      });
+      // dL/dU of the region's pixels, then dL/dp plane by plane (its rows are one run of pixels)
       const int64_t rows = g.y1 - g.y0;
-      const int64_t plane = (g.z1 - g.z0) * rows * v.width;
-      const acc_t denominator = minmax_denominator(u_range[2 * g.b], u_range[2 * g.b + 1]);
-      for (int64_t z = g.z0; z < g.z1; ++z)
+      grad_u.resize(rows * w);
+      for (int64_t z = g.z0; z < g.z1; ++z) {
         for (int64_t y = g.y0; y < g.y1; ++y) {
           const int64_t pixel0 = v.voxel_index(z, y, 0);
-          const int64_t e0 = ((z - g.z0) * rows + (y - g.y0)) * v.width;
-          for (int64_t x = 0; x < v.width; ++x) {
-            const int64_t e = e0 + x;
-            grad_u[x] = normalized_uncertainty_gradient(eb[pixel0 + x], ub[pixel0 + x], coef_sums[e],
-                                                        coef_sums[plane + e], coef_sums[2 * plane + e]) /
-                        denominator;
-          }
-          for (int64_t k = 0; k < v.channels; ++k) {
-            const int64_t row0 = (g.b * v.channels + k) * voxels + pixel0;
-            for (int64_t x = 0; x < v.width; ++x) q[x] = static_cast<acc_t>(p[row0 + x]);
-            derivative(q.data(), grad_u.data(), v.width, grad_row.data());
-            for (int64_t x = 0; x < v.width; ++x) grad_p[row0 + x] = static_cast<scalar_t>(grad_row[x]);
-          }
+          for (int64_t x = 0; x < w; ++x) u_row[x] = (ub[pixel0 + x] - lo) / denominator;
+          const acc_t* sums[3] = {coefficient_box.sum(0, z, y), coefficient_box.sum(1, z, y),
+                                  coefficient_box.sum(2, z, y)};
+          k.uncertainty_gradient(eb + pixel0, u_row.data(), sums, denominator, w,
+                                 grad_u.data() + (y - g.y0) * w);
         }
+        const int64_t pixel0 = v.voxel_index(z, g.y0, 0);
+        int64_t stride = 0;
+        const acc_t* q = channel_runs(p, v, g.b, pixel0, rows * w, q_buffer, &stride);
+        scalar_t* grad_first = grad_p + g.b * v.channels * voxels + pixel0;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          k.uncertainty_backward(q, stride, v.channels, rows * w, grad_u.data(), grad_first, voxels);
+        } else {
+          grad_buffer.resize(v.channels * rows * w);
+          k.uncertainty_backward(q, stride, v.channels, rows * w, grad_u.data(), grad_buffer.data(), rows * w);
+          for (int64_t c = 0; c < v.channels; ++c)
+            for (int64_t x = 0; x < rows * w; ++x)
+              grad_first[c * voxels + x] = static_cast<scalar_t>(grad_buffer[c * rows * w + x]);
+        }
+      }
     }
   });
 }

@@ -1,5 +1,5 @@
-// The vectorised inner loops of the CPU kernels (joint counts; the uncertainty map of the boundary
-// term with a vectorised log), compiled twice: once for the baseline ISA
+// The vectorised inner loops of the CPU kernels (joint counts; the row kernels of the boundary
+// term, with a vectorised log), compiled twice: once for the baseline ISA
 // (simd_kernels_generic.cpp) and once for AVX2+FMA (simd_kernels_avx2.cpp), picked at run time.
 // They see only plain arrays: the tiles are loaded (dtype conversion, mask) by cpu/joint.cpp.
 //
@@ -48,20 +48,41 @@ template <typename acc_t>
 using BackwardTileFn = void (*)(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out,
                                 int64_t row_stride, int64_t channel_stride);
 
-// u[x] += q[x] log(q[x] + 1e-16) for x < n: one cluster's share of -U (SPEC §5).
+// Row kernels of the boundary term (SPEC §5, cpu/boundary.cpp), each over the n pixels x of one
+// image row. Multi-channel rows are `channels` rows `stride` apart.
 template <typename acc_t>
-using PlogpFn = void (*)(const acc_t* q, int64_t n, acc_t* u);
-
-// out[x] = scale[x] * dU/dq = -scale[x] (log(q[x] + 1e-16) + q[x] / (q[x] + 1e-16)).
-template <typename acc_t>
-using UncertaintyDerivativeFn = void (*)(const acc_t* q, const acc_t* scale, int64_t n, acc_t* out);
+struct BoundaryRowKernels {
+  // u[x] = -sum_k q[k][x] log(q[k][x] + 1e-16) (channels added in order); *lo, *hi: min and max
+  // of u over the row.
+  void (*uncertainty)(const acc_t* q, int64_t stride, int64_t channels, int64_t n, acc_t* u,
+                      acc_t* lo, acc_t* hi);
+  // out[k][x] = grad_u[x] dU/dq = -grad_u[x] (log(q + 1e-16) + q / (q + 1e-16)), q = q[k][x].
+  void (*uncertainty_backward)(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
+                               const acc_t* grad_u, acc_t* out, int64_t out_stride);
+  // out[x] = sum_{t=0}^{2r} in[x + t]: window sums along x of a row zero-padded by r each side.
+  void (*window_sums)(const acc_t* in, int64_t n, int64_t r, acc_t* out);
+  // The window sums along x of U, E, U^2, E^2, U E (out[0..4]) from zero-padded U and E rows.
+  void (*window_stats)(const acc_t* u, const acc_t* e, int64_t n, int64_t r, acc_t* const* out);
+  // out[x] = rows[0][x] + rows[1][x] + ... in this order.
+  void (*add_rows)(const acc_t* const* rows, int64_t count, int64_t n, acc_t* out);
+  // Sum over the row of the windows' cross^2 / (var_U var_E) from their five box sums
+  // (common/boundary_math.h; count = the window's pixel count n). scratch: n values.
+  acc_t (*ncc_sum)(const acc_t* const* sums, int64_t n, acc_t count, acc_t* scratch);
+  // The three coefficient maps (d/dS(UE), d/dS(U), d/dS(U^2), times scale) of every window.
+  void (*coefficients)(const acc_t* const* sums, int64_t n, acc_t count, acc_t scale,
+                       acc_t* const* out);
+  // grad_u[x] = dL/dU at each pixel from its edge, normalised U and the coefficients' box sums,
+  // divided by the min-max denominator.
+  void (*uncertainty_gradient)(const acc_t* edge, const acc_t* u_normalized,
+                               const acc_t* const* coefficient_sums, acc_t denominator, int64_t n,
+                               acc_t* grad_u);
+};
 
 #define BIMI_DECLARE_KERNELS_FOR(isa, acc_t)                                                   \
   extern template void forward_tile<acc_t>(const JointTile<acc_t>&, acc_t*);                  \
   extern template void backward_tile<acc_t>(const JointTile<acc_t>&, const acc_t*, acc_t*,    \
                                             int64_t, int64_t);                                \
-  extern template void accumulate_plogp<acc_t>(const acc_t*, int64_t, acc_t*);                \
-  extern template void scaled_uncertainty_derivative<acc_t>(const acc_t*, const acc_t*, int64_t, acc_t*);
+  extern template BoundaryRowKernels<acc_t> boundary_row_kernels<acc_t>();
 
 #define BIMI_DECLARE_JOINT_KERNELS(isa)                                                       \
   namespace isa {                                                                             \
@@ -71,9 +92,7 @@ using UncertaintyDerivativeFn = void (*)(const acc_t* q, const acc_t* scale, int
   void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out,                \
                      int64_t row_stride, int64_t channel_stride);                             \
   template <typename acc_t>                                                                   \
-  void accumulate_plogp(const acc_t* q, int64_t n, acc_t* u);                                 \
-  template <typename acc_t>                                                                   \
-  void scaled_uncertainty_derivative(const acc_t* q, const acc_t* scale, int64_t n, acc_t* out); \
+  BoundaryRowKernels<acc_t> boundary_row_kernels();                                           \
   BIMI_DECLARE_KERNELS_FOR(isa, float)                                                        \
   BIMI_DECLARE_KERNELS_FOR(isa, double)                                                       \
   }

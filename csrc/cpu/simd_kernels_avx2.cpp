@@ -1,5 +1,6 @@
-// The joint-count inner loops compiled for AVX2+FMA; cpu/joint.cpp calls them only when the
-// processor reports both (so the extension still runs on older x86-64 machines).
+// The inner loops of the CPU kernels (simd_kernels.h) compiled for AVX2+FMA; cpu/joint.cpp and
+// cpu/boundary.cpp call them only when the processor reports both (so the extension still runs on
+// older x86-64 machines).
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -8,6 +9,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../common/boundary_math.h"
 #include "simd_kernels.h"
 
 #if defined(BIMI_HAVE_AVX2_KERNELS)
@@ -21,6 +23,7 @@
 #define BIMI_CPU_ISA avx2
 #define BIMI_CPU_ISA_IS_AVX2 1
 #include "simd_kernels_impl.h"
+#include "simd_boundary_impl.h"
 #undef BIMI_CPU_ISA_IS_AVX2
 #undef BIMI_CPU_ISA
 

@@ -129,6 +129,59 @@ inline typename Vec<acc_t>::type vector_log(const typename Vec<acc_t>::type& x) 
   return e * C::ln2_hi + (log_m + e * C::ln2_lo);
 }
 
+// float: no division (the series above needs one per call, the costliest instruction of the
+// uncertainty map). Cephes' logf: with x = m 2^e, m in [sqrt(1/2), sqrt(2)) and f = m - 1,
+// log x = f - f^2/2 + f^3 P(f) + e ln 2, P of degree 8; relative error below 1e-7 (measured
+// against float64 in tests/test_cpp.py).
+template <>
+inline Vec<float>::type vector_log<float>(const Vec<float>::type& x) {
+  using V = Vec<float>::type;
+  using I = IntVec<float>::type;
+  I bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  I exponent = ((bits >> 23) & 0xff) - 127;
+  const I mantissa_bits = (bits & 0x007fffff) | 0x3f800000;
+  V m;
+  __builtin_memcpy(&m, &mantissa_bits, sizeof(m));  // m in [1, 2)
+  const I high = m > 1.41421356f;                     // all ones where m > sqrt(2)
+  m = high ? m * 0.5f : m;
+  exponent -= high;
+  const V f = m - 1.0f;
+  const V f2 = f * f;
+  V poly = broadcast<float>(7.0376836292e-2f);
+  poly = poly * f - 1.1514610310e-1f;
+  poly = poly * f + 1.1676998740e-1f;
+  poly = poly * f - 1.2420140846e-1f;
+  poly = poly * f + 1.4249322787e-1f;
+  poly = poly * f - 1.6668057665e-1f;
+  poly = poly * f + 2.0000714765e-1f;
+  poly = poly * f - 2.4999993993e-1f;
+  poly = poly * f + 3.3333331174e-1f;
+  const V e = __builtin_convertvector(exponent, V);
+  V y = f * f2 * poly;
+  y += e * -2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4, the first part exact in e * .
+  y += f2 * -0.5f;
+  return (f + y) + e * 0.693359375f;
+}
+
+// Whether every lane of a comparison result is true (all bits set).
+#if defined(BIMI_CPU_ISA_IS_AVX2)
+inline bool all_lanes(const IntVec<float>::type& m) {
+  return _mm256_movemask_ps(_mm256_castsi256_ps((__m256i)m)) == 0xff;
+}
+inline bool all_lanes(const IntVec<double>::type& m) {
+  return _mm256_movemask_pd(_mm256_castsi256_pd((__m256i)m)) == 0xf;
+}
+#else
+template <typename I>
+inline bool all_lanes(const I& m) {
+  constexpr int lanes = static_cast<int>(sizeof(I) / sizeof(m[0]));
+  bool all = true;
+  for (int l = 0; l < lanes; ++l) all &= m[l] != 0;
+  return all;
+}
+#endif
+
 // log of every lane through the vector path (tails use it too, so every element's result is the
 // same wherever it falls); lanes outside the positive normal range (0, negative, inf, NaN, subnormal)
 // use the scalar log, which gives them their IEEE results.
@@ -138,13 +191,9 @@ inline typename Vec<acc_t>::type log_lanes(const typename Vec<acc_t>::type& x) {
   constexpr int lanes = static_cast<int>(vector_lanes<acc_t>());
   typename Vec<acc_t>::type result = vector_log<acc_t>(x);
   const I normal = (x >= std::numeric_limits<acc_t>::min()) & (x <= std::numeric_limits<acc_t>::max());
-  typename IntVec<acc_t>::lane flags[lanes];
-  __builtin_memcpy(flags, &normal, sizeof(normal));
-  bool all_normal = true;
-  for (int l = 0; l < lanes; ++l) all_normal &= flags[l] != 0;
-  if (__builtin_expect(!all_normal, 0)) {
+  if (__builtin_expect(!all_lanes(normal), 0)) {
     for (int l = 0; l < lanes; ++l)
-      if (flags[l] == 0) result[l] = std::log(x[l]);
+      if (normal[l] == 0) result[l] = std::log(x[l]);
   }
   return result;
 }
@@ -290,50 +339,6 @@ void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out, int
   }
 }
 
-// Full vectors are loaded in place; the last partial vector goes through a zero-padded copy.
-template <typename acc_t>
-void accumulate_plogp(const acc_t* q, int64_t n, acc_t* u) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int64_t L = vector_lanes<acc_t>();
-  const acc_t eps = acc_t(1e-16);
-  int64_t x = 0;
-  for (; x + L <= n; x += L) {
-    const V qv = load(q + x);
-    store(u + x, load(u + x) + qv * log_lanes<acc_t>(qv + eps));
-  }
-  if (x < n) {
-    acc_t qs[L] = {}, us[L] = {};
-    for (int64_t l = 0; x + l < n; ++l) qs[l] = q[x + l], us[l] = u[x + l];
-    const V qv = load(qs);
-    store(us, load(us) + qv * log_lanes<acc_t>(qv + eps));
-    for (int64_t l = 0; x + l < n; ++l) u[x + l] = us[l];
-  }
-}
-
-template <typename acc_t>
-inline typename Vec<acc_t>::type scaled_derivative_vector(const typename Vec<acc_t>::type& q,
-                                                          const typename Vec<acc_t>::type& scale) {
-  const typename Vec<acc_t>::type shifted = q + acc_t(1e-16);
-  return scale * -(log_lanes<acc_t>(shifted) + q / shifted);
-}
-
-template <typename acc_t>
-void scaled_uncertainty_derivative(const acc_t* q, const acc_t* scale, int64_t n, acc_t* out) {
-  constexpr int64_t L = vector_lanes<acc_t>();
-  int64_t x = 0;
-  for (; x + L <= n; x += L) store(out + x, scaled_derivative_vector<acc_t>(load(q + x), load(scale + x)));
-  if (x < n) {
-    acc_t qs[L] = {}, ss[L] = {};
-    for (int64_t l = 0; x + l < n; ++l) qs[l] = q[x + l], ss[l] = scale[x + l];
-    store(ss, scaled_derivative_vector<acc_t>(load(qs), load(ss)));
-    for (int64_t l = 0; x + l < n; ++l) out[x + l] = ss[l];
-  }
-}
-
-template void accumulate_plogp<float>(const float*, int64_t, float*);
-template void accumulate_plogp<double>(const double*, int64_t, double*);
-template void scaled_uncertainty_derivative<float>(const float*, const float*, int64_t, float*);
-template void scaled_uncertainty_derivative<double>(const double*, const double*, int64_t, double*);
 template void forward_tile<float>(const JointTile<float>&, float*);
 template void forward_tile<double>(const JointTile<double>&, double*);
 template void backward_tile<float>(const JointTile<float>&, const float*, float*, int64_t, int64_t);

@@ -1,0 +1,275 @@
+// Definitions of the boundary term's row kernels (BoundaryRowKernels in simd_kernels.h). Included
+// after simd_kernels_impl.h (its vector helpers) by one translation unit per ISA, with
+// BIMI_CPU_ISA naming the namespace; no include guard on purpose. The per-window math is
+// common/boundary_math.h's, called lane by lane in loops the compiler vectorises; the log and the
+// window sums are written with vectors.
+namespace bimi {
+namespace cpu {
+namespace BIMI_CPU_ISA {
+namespace {
+
+// The pixels [x, x + L) of a row that may end inside the vector: full vectors are read in place,
+// the last partial one through a zero-padded copy.
+template <typename acc_t>
+struct RowTail {
+  static constexpr int64_t L = vector_lanes<acc_t>();
+  acc_t values[L];
+  RowTail(const acc_t* row, int64_t x, int64_t n) {
+    for (int64_t l = 0; l < L; ++l) values[l] = x + l < n ? row[x + l] : acc_t(0);
+  }
+};
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type load_part(const acc_t* row, int64_t x, int64_t n) {
+  if (x + vector_lanes<acc_t>() <= n) return load(row + x);
+  return load(RowTail<acc_t>(row, x, n).values);
+}
+
+template <typename acc_t>
+inline void store_part(acc_t* row, int64_t x, int64_t n, const typename Vec<acc_t>::type& v) {
+  constexpr int64_t L = vector_lanes<acc_t>();
+  if (x + L <= n) return store(row + x, v);
+  acc_t values[L];
+  store(values, v);
+  for (int64_t l = 0; x + l < n; ++l) row[x + l] = values[l];
+}
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type lane_min(const typename Vec<acc_t>::type& a,
+                                          const typename Vec<acc_t>::type& b) {
+  return a < b ? a : b;
+}
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type lane_max(const typename Vec<acc_t>::type& a,
+                                          const typename Vec<acc_t>::type& b) {
+  return a > b ? a : b;
+}
+
+// q log(q + 1e-16) + u of one vector: plogp of boundary_math.h, added to the channels before.
+template <typename acc_t>
+inline typename Vec<acc_t>::type add_plogp(const typename Vec<acc_t>::type& q,
+                                           const typename Vec<acc_t>::type& u) {
+  return u + q * log_lanes<acc_t>(q + acc_t(kEpsLogU));
+}
+
+// Channel by channel over the whole run of pixels (each channel row read front to back, u kept
+// in cache): reading all channels per vector of pixels instead touches K pages per vector and
+// runs 2.4x slower.
+template <typename acc_t>
+void uncertainty_row(const acc_t* q, int64_t stride, int64_t channels, int64_t n, acc_t* u, acc_t* lo,
+                     acc_t* hi) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const int64_t full = n - n % L;
+  for (int64_t x = 0; x < n; ++x) u[x] = acc_t(0);
+  for (int64_t k = 0; k < channels; ++k) {
+    const acc_t* qk = q + k * stride;
+    for (int64_t x = 0; x < full; x += L) store(u + x, add_plogp<acc_t>(load(qk + x), load(u + x)));
+    if (full < n)
+      store_part(u, full, n, add_plogp<acc_t>(load(RowTail<acc_t>(qk, full, n).values),
+                                              load(RowTail<acc_t>(u, full, n).values)));
+  }
+  V low = broadcast<acc_t>(std::numeric_limits<acc_t>::infinity());
+  V high = -low;
+  for (int64_t x = 0; x < full; x += L) {
+    const V uv = -load(u + x);
+    store(u + x, uv);
+    low = lane_min<acc_t>(low, uv);
+    high = lane_max<acc_t>(high, uv);
+  }
+  acc_t low_lanes[L], high_lanes[L];
+  store(low_lanes, low);
+  store(high_lanes, high);
+  *lo = low_lanes[0];
+  *hi = high_lanes[0];
+  for (int64_t l = 1; l < L; ++l) {
+    *lo = low_lanes[l] < *lo ? low_lanes[l] : *lo;
+    *hi = high_lanes[l] > *hi ? high_lanes[l] : *hi;
+  }
+  for (int64_t x = full; x < n; ++x) {
+    u[x] = -u[x];
+    *lo = u[x] < *lo ? u[x] : *lo;
+    *hi = u[x] > *hi ? u[x] : *hi;
+  }
+}
+
+// grad_u dU/dq = -grad_u (log(q + 1e-16) + q / (q + 1e-16)): uncertainty_derivative of
+// boundary_math.h.
+template <typename acc_t>
+inline typename Vec<acc_t>::type scaled_uncertainty_derivative(const typename Vec<acc_t>::type& q,
+                                                               const typename Vec<acc_t>::type& grad_u) {
+  const typename Vec<acc_t>::type shifted = q + acc_t(kEpsLogU);
+  return grad_u * -(log_lanes<acc_t>(shifted) + q / shifted);
+}
+
+// Channel by channel, as uncertainty_row.
+template <typename acc_t>
+void uncertainty_backward_row(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
+                              const acc_t* grad_u, acc_t* out, int64_t out_stride) {
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const int64_t full = n - n % L;
+  for (int64_t k = 0; k < channels; ++k) {
+    const acc_t* qk = q + k * stride;
+    acc_t* outk = out + k * out_stride;
+    for (int64_t x = 0; x < full; x += L)
+      store(outk + x, scaled_uncertainty_derivative<acc_t>(load(qk + x), load(grad_u + x)));
+    if (full < n)
+      store_part(outk, full, n,
+                 scaled_uncertainty_derivative<acc_t>(load(RowTail<acc_t>(qk, full, n).values),
+                                                      load(RowTail<acc_t>(grad_u, full, n).values)));
+  }
+}
+
+template <typename acc_t>
+void window_sums_row(const acc_t* in, int64_t n, int64_t r, acc_t* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  int64_t x = 0;
+  for (; x + L <= n; x += L) {
+    V sum = load(in + x);
+    for (int64_t t = 1; t <= 2 * r; ++t) sum += load(in + x + t);
+    store(out + x, sum);
+  }
+  for (; x < n; ++x) {
+    acc_t sum = in[x];
+    for (int64_t t = 1; t <= 2 * r; ++t) sum += in[x + t];
+    out[x] = sum;
+  }
+}
+
+template <typename acc_t>
+void window_stats_row(const acc_t* u, const acc_t* e, int64_t n, int64_t r, acc_t* const* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  int64_t x = 0;
+  for (; x + L <= n; x += L) {
+    V su = broadcast<acc_t>(0), se = su, suu = su, see = su, sue = su;
+    for (int64_t t = 0; t <= 2 * r; ++t) {
+      const V uv = load(u + x + t), ev = load(e + x + t);
+      su += uv;
+      se += ev;
+      suu += uv * uv;
+      see += ev * ev;
+      sue += uv * ev;
+    }
+    store(out[0] + x, su);
+    store(out[1] + x, se);
+    store(out[2] + x, suu);
+    store(out[3] + x, see);
+    store(out[4] + x, sue);
+  }
+  for (; x < n; ++x) {
+    acc_t su = 0, se = 0, suu = 0, see = 0, sue = 0;
+    for (int64_t t = 0; t <= 2 * r; ++t) {
+      const acc_t uv = u[x + t], ev = e[x + t];
+      su += uv;
+      se += ev;
+      suu += uv * uv;
+      see += ev * ev;
+      sue += uv * ev;
+    }
+    out[0][x] = su;
+    out[1][x] = se;
+    out[2][x] = suu;
+    out[3][x] = see;
+    out[4][x] = sue;
+  }
+}
+
+template <typename acc_t>
+void add_rows(const acc_t* const* rows, int64_t count, int64_t n, acc_t* out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  int64_t x = 0;
+  for (; x + L <= n; x += L) {
+    V sum = load(rows[0] + x);
+    for (int64_t i = 1; i < count; ++i) sum += load(rows[i] + x);
+    store(out + x, sum);
+  }
+  for (; x < n; ++x) {
+    acc_t sum = rows[0][x];
+    for (int64_t i = 1; i < count; ++i) sum += rows[i][x];
+    out[x] = sum;
+  }
+}
+
+template <typename acc_t>
+void ncc_loop(const acc_t* __restrict su, const acc_t* __restrict se, const acc_t* __restrict suu,
+              const acc_t* __restrict see, const acc_t* __restrict sue, int64_t n, acc_t count,
+              acc_t* __restrict ncc) {
+  for (int64_t x = 0; x < n; ++x)
+    ncc[x] = window_ncc(window_stats(WindowSums<acc_t>{su[x], se[x], suu[x], see[x], sue[x]}, count));
+}
+
+template <typename acc_t>
+acc_t ncc_sum(const acc_t* const* sums, int64_t n, acc_t count, acc_t* scratch) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  ncc_loop(sums[0], sums[1], sums[2], sums[3], sums[4], n, count, scratch);
+  V total = broadcast<acc_t>(0);
+  for (int64_t x = 0; x < n; x += L) total += load_part(scratch, x, n);
+  return horizontal_sum<acc_t>(total);
+}
+
+// __restrict parameters (GCC ignores it on local pointers): without them the loop needs more
+// run-time alias checks than GCC makes, and stays scalar.
+template <typename acc_t>
+void coefficients_loop(const acc_t* __restrict su, const acc_t* __restrict se,
+                       const acc_t* __restrict suu, const acc_t* __restrict see,
+                       const acc_t* __restrict sue, int64_t n, acc_t count, acc_t scale,
+                       acc_t* __restrict c_ue, acc_t* __restrict c_u, acc_t* __restrict c_uu) {
+  for (int64_t x = 0; x < n; ++x) {
+    const WindowCoefficients<acc_t> c = window_coefficients(
+        window_stats(WindowSums<acc_t>{su[x], se[x], suu[x], see[x], sue[x]}, count), scale);
+    c_ue[x] = c.ue;
+    c_u[x] = c.u;
+    c_uu[x] = c.uu;
+  }
+}
+
+template <typename acc_t>
+void coefficients_row(const acc_t* const* sums, int64_t n, acc_t count, acc_t scale, acc_t* const* out) {
+  coefficients_loop(sums[0], sums[1], sums[2], sums[3], sums[4], n, count, scale, out[0], out[1], out[2]);
+}
+
+template <typename acc_t>
+void uncertainty_gradient_loop(const acc_t* __restrict edge, const acc_t* __restrict u_normalized,
+                               const acc_t* __restrict s_ue, const acc_t* __restrict s_u,
+                               const acc_t* __restrict s_uu, acc_t denominator, int64_t n,
+                               acc_t* __restrict grad_u) {
+  for (int64_t x = 0; x < n; ++x)
+    grad_u[x] = normalized_uncertainty_gradient(edge[x], u_normalized[x], s_ue[x], s_u[x], s_uu[x]) /
+                denominator;
+}
+
+template <typename acc_t>
+void uncertainty_gradient_row(const acc_t* edge, const acc_t* u_normalized,
+                              const acc_t* const* coefficient_sums, acc_t denominator, int64_t n,
+                              acc_t* grad_u) {
+  uncertainty_gradient_loop(edge, u_normalized, coefficient_sums[0], coefficient_sums[1],
+                            coefficient_sums[2], denominator, n, grad_u);
+}
+
+}  // namespace
+
+template <typename acc_t>
+BoundaryRowKernels<acc_t> boundary_row_kernels() {
+  BoundaryRowKernels<acc_t> k;
+  k.uncertainty = &uncertainty_row<acc_t>;
+  k.uncertainty_backward = &uncertainty_backward_row<acc_t>;
+  k.window_sums = &window_sums_row<acc_t>;
+  k.window_stats = &window_stats_row<acc_t>;
+  k.add_rows = &add_rows<acc_t>;
+  k.ncc_sum = &ncc_sum<acc_t>;
+  k.coefficients = &coefficients_row<acc_t>;
+  k.uncertainty_gradient = &uncertainty_gradient_row<acc_t>;
+  return k;
+}
+
+template BoundaryRowKernels<float> boundary_row_kernels<float>();
+template BoundaryRowKernels<double> boundary_row_kernels<double>();
+
+}  // namespace BIMI_CPU_ISA
+}  // namespace cpu
+}  // namespace bimi
