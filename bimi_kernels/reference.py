@@ -154,9 +154,8 @@ def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
     """(x - min) / (max - min + 1e-6) per sample, min and max detached."""
     flat = x.detach().flatten(1)
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    lo = flat.min(dim=1).values.reshape(shape)
-    hi = flat.max(dim=1).values.reshape(shape)
-    return (x - lo) / (hi - lo + EPS_MINMAX)
+    lo, hi = torch.aminmax(flat, dim=1)
+    return (x - lo.reshape(shape)) / (hi.reshape(shape) - lo.reshape(shape) + EPS_MINMAX)
 
 
 def edge_map(image: torch.Tensor, gamma: float = 0.75, size: Optional[Sequence[int]] = None):
@@ -171,7 +170,8 @@ def edge_map(image: torch.Tensor, gamma: float = 0.75, size: Optional[Sequence[i
     if size is not None and tuple(x.shape[2:]) != tuple(size):
         mode = "bilinear" if ndim == 2 else "trilinear"
         x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
-    squares = sum((x - torch.roll(x, 1, dims=2 + k)) ** 2 for k in range(ndim))
+    differences = [x - torch.roll(x, 1, dims=2 + k) for k in range(ndim)]
+    squares = sum(d * d for d in differences)
     magnitude = squares.sqrt().mean(dim=1, keepdim=True)
     return minmax_normalize(magnitude).pow(gamma)
 

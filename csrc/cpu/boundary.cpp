@@ -250,7 +250,27 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
                        const Volume& v, bool is_3d, int64_t window, acc_t* u, scalar_t* grad_p) {
   const BoundaryRowKernels<acc_t> k = row_kernels<acc_t>();
   const int64_t voxels = v.voxels();
-  uncertainty_map<scalar_t, acc_t>(p, v, k, u, nullptr, nullptr);
+  // U again; for float32/float64 maps dU/dp goes straight into grad_p, which the regions below
+  // then scale by dL/dU in place (one log per value). Half-precision maps keep the full-precision
+  // derivative for the last step instead, which takes the log again.
+  constexpr bool derivative_in_grad = std::is_same_v<scalar_t, acc_t>;
+  if constexpr (derivative_in_grad) {
+    const int64_t chunks = chunks_per_sample(v);
+    at::parallel_for(0, v.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> unused;
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t b = c / chunks;
+        const int64_t pixel0 = (c % chunks) * kUncertaintyChunk;
+        const int64_t count = std::min(kUncertaintyChunk, voxels - pixel0);
+        int64_t stride = 0;
+        const acc_t* q = channel_runs(p, v, b, pixel0, count, unused, &stride);
+        k.uncertainty_with_derivative(q, stride, v.channels, count, u + b * voxels + pixel0,
+                                      grad_p + b * v.channels * voxels + pixel0, voxels);
+      }
+    });
+  } else {
+    uncertainty_map<scalar_t, acc_t>(p, v, k, u, nullptr, nullptr);
+  }
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
   const int64_t w = v.width;
@@ -307,12 +327,12 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
                                  grad_u.data() + (y - g.y0) * w);
         }
         const int64_t pixel0 = v.voxel_index(z, g.y0, 0);
-        int64_t stride = 0;
-        const acc_t* q = channel_runs(p, v, g.b, pixel0, rows * w, q_buffer, &stride);
         scalar_t* grad_first = grad_p + g.b * v.channels * voxels + pixel0;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          k.uncertainty_backward(q, stride, v.channels, rows * w, grad_u.data(), grad_first, voxels);
+        if constexpr (derivative_in_grad) {
+          k.scale_channels(grad_first, voxels, v.channels, rows * w, grad_u.data(), grad_first, voxels);
         } else {
+          int64_t stride = 0;
+          const acc_t* q = channel_runs(p, v, g.b, pixel0, rows * w, q_buffer, &stride);
           grad_buffer.resize(v.channels * rows * w);
           k.uncertainty_backward(q, stride, v.channels, rows * w, grad_u.data(), grad_buffer.data(), rows * w);
           for (int64_t c = 0; c < v.channels; ++c)

@@ -121,6 +121,51 @@ void uncertainty_backward_row(const acc_t* q, int64_t stride, int64_t channels, 
   }
 }
 
+// uncertainty_row without the min and max, plus each value's -(log(q + 1e-16) + q / (q + 1e-16))
+// into d[k * d_stride + x]: the backward's U and dU/dq from one log per value.
+template <typename acc_t>
+void uncertainty_with_derivative_row(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
+                                     acc_t* u, acc_t* d, int64_t d_stride) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const int64_t full = n - n % L;
+  const auto step = [](const V& qv, const V& uv, V* dv) {
+    const V shifted = qv + acc_t(kEpsLogU);
+    const V lg = log_lanes<acc_t>(shifted);
+    *dv = -(lg + qv / shifted);  // uncertainty_derivative of boundary_math.h
+    return uv + qv * lg;         // as add_plogp, so U matches the forward's bit for bit
+  };
+  for (int64_t x = 0; x < n; ++x) u[x] = acc_t(0);
+  for (int64_t k = 0; k < channels; ++k) {
+    const acc_t* qk = q + k * stride;
+    acc_t* dk = d + k * d_stride;
+    V dv;
+    for (int64_t x = 0; x < full; x += L) {
+      store(u + x, step(load(qk + x), load(u + x), &dv));
+      store(dk + x, dv);
+    }
+    if (full < n) {
+      store_part(u, full, n, step(load(RowTail<acc_t>(qk, full, n).values), load(RowTail<acc_t>(u, full, n).values), &dv));
+      store_part(dk, full, n, dv);
+    }
+  }
+  for (int64_t x = 0; x < n; ++x) u[x] = -u[x];
+}
+
+// out[k * out_stride + x] = grad_u[x] * d[k * d_stride + x] (out may be d).
+template <typename acc_t>
+void scale_channels_row(const acc_t* d, int64_t d_stride, int64_t channels, int64_t n,
+                        const acc_t* grad_u, acc_t* out, int64_t out_stride) {
+  constexpr int64_t L = vector_lanes<acc_t>();
+  const int64_t full = n - n % L;
+  for (int64_t k = 0; k < channels; ++k) {
+    const acc_t* dk = d + k * d_stride;
+    acc_t* outk = out + k * out_stride;
+    for (int64_t x = 0; x < full; x += L) store(outk + x, load(grad_u + x) * load(dk + x));
+    for (int64_t x = full; x < n; ++x) outk[x] = grad_u[x] * dk[x];
+  }
+}
+
 template <typename acc_t>
 void window_sums_row(const acc_t* in, int64_t n, int64_t r, acc_t* out) {
   using V = typename Vec<acc_t>::type;
@@ -258,6 +303,8 @@ BoundaryRowKernels<acc_t> boundary_row_kernels() {
   BoundaryRowKernels<acc_t> k;
   k.uncertainty = &uncertainty_row<acc_t>;
   k.uncertainty_backward = &uncertainty_backward_row<acc_t>;
+  k.uncertainty_with_derivative = &uncertainty_with_derivative_row<acc_t>;
+  k.scale_channels = &scale_channels_row<acc_t>;
   k.window_sums = &window_sums_row<acc_t>;
   k.window_stats = &window_stats_row<acc_t>;
   k.add_rows = &add_rows<acc_t>;

@@ -59,6 +59,13 @@ struct BoundaryRowKernels {
   // out[k][x] = grad_u[x] dU/dq = -grad_u[x] (log(q + 1e-16) + q / (q + 1e-16)), q = q[k][x].
   void (*uncertainty_backward)(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
                                const acc_t* grad_u, acc_t* out, int64_t out_stride);
+  // U as `uncertainty` (no min and max) and d[k][x] = dU/dq = -(log(q + 1e-16) + q / (q + 1e-16)),
+  // the channels of d `d_stride` apart: one log per value for the whole backward.
+  void (*uncertainty_with_derivative)(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
+                                      acc_t* u, acc_t* d, int64_t d_stride);
+  // out[k][x] = grad_u[x] * d[k][x] (out may be d).
+  void (*scale_channels)(const acc_t* d, int64_t d_stride, int64_t channels, int64_t n,
+                         const acc_t* grad_u, acc_t* out, int64_t out_stride);
   // out[x] = sum_{t=0}^{2r} in[x + t]: window sums along x of a row zero-padded by r each side.
   void (*window_sums)(const acc_t* in, int64_t n, int64_t r, acc_t* out);
   // The window sums along x of U, E, U^2, E^2, U E (out[0..4]) from zero-padded U and E rows.
