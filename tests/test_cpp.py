@@ -201,6 +201,8 @@ BOUNDARY_CASES = [
     ((1, 3, 8, 8), 1),
     ((2, 3, 5, 6, 7), 3),
     ((1, 10, 9, 18, 10), 5),  # several regions of planes
+    ((2, 3, 70, 65), 5),  # several chunks of the uncertainty map, ragged last vectors
+    ((1, 2, 9, 30, 20), 3),  # the same in 3-D
 ]
 
 
@@ -209,6 +211,17 @@ BOUNDARY_CASES = [
 def test_boundary_matches_reference(shape, window, dtype):
     p, _ = random_maps(shape, dtype=dtype, seed=4)
     check_boundary(CPP_BACKEND, p, edge_for(shape, "cpu", reference.accumulation_dtype(dtype)), window)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_boundary_uncertainty_range_spans_every_chunk(dtype):
+    """The per-sample min and max of U come from every chunk of the map: here the minimum (a
+    one-hot pixel, U = 0) is the last pixel and the maximum (uniform, U = log K) the first."""
+    shape = (2, 3, 70, 65)
+    p, _ = random_maps(shape, dtype=dtype, seed=6)
+    p[:, :, -1, -1] = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)
+    p[:, :, 0, 0] = 1.0 / 3
+    check_boundary(CPP_BACKEND, p, edge_for(shape, "cpu", reference.accumulation_dtype(dtype)), 5)
 
 
 @settings(max_examples=int(os.environ.get("BIMI_CPP_EXAMPLES", "15")))
