@@ -203,6 +203,7 @@ BOUNDARY_CASES = [
     ((1, 10, 9, 18, 10), 5),  # several regions of planes
     ((2, 3, 70, 65), 5),  # several chunks of the uncertainty map, ragged last vectors
     ((1, 2, 9, 30, 20), 3),  # the same in 3-D
+    ((1, 3, 20, 24), 11),  # windows of more than 7 rows
 ]
 
 

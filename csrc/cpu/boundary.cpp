@@ -67,8 +67,10 @@ BoundaryRowKernels<acc_t> row_kernels() {
 
 // Box sums (window (2rz+1) x (2r+1) x (2r+1), zero outside the volume) of `channels` maps over
 // the output block planes [z0, z1) x rows [y0, y1) x all x. row_sums(z, y, out) writes the
-// window sums along x of image row (z, y) of every channel c to out[c] (W values). Results:
-// sum(c, z, y) points to the W sums of output row (z, y).
+// window sums along x of image row (z, y) of every channel c to out[c] (W values); for_each_row
+// then hands consume(z, y, sums) each output row's box sums (sums[c], W values), rows in order.
+// 2-D maps stream: the sums along x of the 2r + 1 rows of the current window sit in a ring (in
+// L1), each row computed once. 3-D maps sum a whole block along x, y, then z.
 template <typename acc_t>
 class BoxSums {
  public:
@@ -77,56 +79,90 @@ class BoxSums {
   BoxSums(const Volume& v, int64_t rz, int64_t r, int64_t channels, const BoundaryRowKernels<acc_t>& k)
       : v_(v), rz_(rz), r_(r), channels_(channels), k_(k), rows_(2 * std::max(r, rz) + 1) {}
 
+  template <typename RowSums, typename Consume>
+  void for_each_row(int64_t z0, int64_t z1, int64_t y0, int64_t y1, RowSums row_sums, Consume consume) {
+    if (rz_ == 0) {
+      for (int64_t z = z0; z < z1; ++z) stream_plane(z, y0, y1, row_sums, consume);
+      return;
+    }
+    run_block(z0, z1, y0, y1, row_sums);
+    const acc_t* sums[kMaxChannels];
+    for (int64_t z = z0; z < z1; ++z)
+      for (int64_t y = y0; y < y1; ++y) {
+        for (int64_t c = 0; c < channels_; ++c)
+          sums[c] = along_z_.data() + ((c * nz_ + z - z0_) * ny_ + y - y0_) * v_.width;
+        consume(z, y, sums);
+      }
+  }
+
+ private:
+  template <typename RowSums, typename Consume>
+  void stream_plane(int64_t z, int64_t y0, int64_t y1, RowSums row_sums, Consume consume) {
+    const int64_t w = v_.width, slots = 2 * r_ + 1;
+    along_x_.resize(channels_ * slots * w);
+    along_y_.resize(channels_ * w);
+    acc_t* out[kMaxChannels];
+    const acc_t* sums[kMaxChannels];
+    for (int64_t c = 0; c < channels_; ++c) sums[c] = along_y_.data() + c * w;
+    const auto slot_row = [&](int64_t c, int64_t yy) { return along_x_.data() + (c * slots + yy % slots) * w; };
+    int64_t next = std::max<int64_t>(0, y0 - r_);  // the next image row to sum along x
+    const acc_t** rows = rows_.data();
+    for (int64_t y = y0; y < y1; ++y) {
+      const int64_t first = std::max<int64_t>(0, y - r_), last = std::min(v_.height, y + r_ + 1);
+      for (; next < last; ++next) {
+        for (int64_t c = 0; c < channels_; ++c) out[c] = slot_row(c, next);
+        row_sums(z, next, out);
+      }
+      // rows y - r .. y + r inside the image, in order
+      for (int64_t c = 0; c < channels_; ++c) {
+        for (int64_t yy = first; yy < last; ++yy) rows[yy - first] = slot_row(c, yy);
+        k_.add_rows(rows, last - first, w, along_y_.data() + c * w);
+      }
+      consume(z, y, sums);
+    }
+  }
+
   template <typename RowSums>
-  void run(int64_t z0, int64_t z1, int64_t y0, int64_t y1, RowSums row_sums) {
+  void run_block(int64_t z0, int64_t z1, int64_t y0, int64_t y1, RowSums row_sums) {
     const int64_t w = v_.width;
     z0_ = z0, y0_ = y0, nz_ = z1 - z0, ny_ = y1 - y0;
     // image rows whose windows reach the block
-    ez0_ = std::max<int64_t>(0, z0 - rz_), ey0_ = std::max<int64_t>(0, y0 - r_);
-    enz_ = std::min(v_.depth, z1 + rz_) - ez0_, eny_ = std::min(v_.height, y1 + r_) - ey0_;
-    along_x_.resize(channels_ * enz_ * eny_ * w);
+    const int64_t ez0 = std::max<int64_t>(0, z0 - rz_), ey0 = std::max<int64_t>(0, y0 - r_);
+    const int64_t enz = std::min(v_.depth, z1 + rz_) - ez0, eny = std::min(v_.height, y1 + r_) - ey0;
+    along_x_.resize(channels_ * enz * eny * w);
     acc_t* out[kMaxChannels];
-    for (int64_t zz = 0; zz < enz_; ++zz)
-      for (int64_t yy = 0; yy < eny_; ++yy) {
-        for (int64_t c = 0; c < channels_; ++c) out[c] = along_x_.data() + ((c * enz_ + zz) * eny_ + yy) * w;
-        row_sums(ez0_ + zz, ey0_ + yy, out);
+    for (int64_t zz = 0; zz < enz; ++zz)
+      for (int64_t yy = 0; yy < eny; ++yy) {
+        for (int64_t c = 0; c < channels_; ++c) out[c] = along_x_.data() + ((c * enz + zz) * eny + yy) * w;
+        row_sums(ez0 + zz, ey0 + yy, out);
       }
     // along y: rows y - r .. y + r that are inside the image, in order
-    along_y_.resize(channels_ * enz_ * ny_ * w);
+    along_y_.resize(channels_ * enz * ny_ * w);
     const acc_t** rows = rows_.data();
     for (int64_t c = 0; c < channels_; ++c)
-      for (int64_t zz = 0; zz < enz_; ++zz)
+      for (int64_t zz = 0; zz < enz; ++zz)
         for (int64_t y = 0; y < ny_; ++y) {
-          const int64_t first = std::max(y0 + y - r_, ey0_), last = std::min(y0 + y + r_ + 1, ey0_ + eny_);
+          const int64_t first = std::max(y0 + y - r_, ey0), last = std::min(y0 + y + r_ + 1, ey0 + eny);
           for (int64_t yy = first; yy < last; ++yy)
-            rows[yy - first] = along_x_.data() + ((c * enz_ + zz) * eny_ + yy - ey0_) * w;
-          k_.add_rows(rows, last - first, w, along_y_.data() + ((c * enz_ + zz) * ny_ + y) * w);
+            rows[yy - first] = along_x_.data() + ((c * enz + zz) * eny + yy - ey0) * w;
+          k_.add_rows(rows, last - first, w, along_y_.data() + ((c * enz + zz) * ny_ + y) * w);
         }
-    if (rz_ == 0) return;
-    // along z (3-D)
+    // along z
     along_z_.resize(channels_ * nz_ * ny_ * w);
     for (int64_t c = 0; c < channels_; ++c)
       for (int64_t z = 0; z < nz_; ++z)
         for (int64_t y = 0; y < ny_; ++y) {
-          const int64_t first = std::max(z0 + z - rz_, ez0_), last = std::min(z0 + z + rz_ + 1, ez0_ + enz_);
+          const int64_t first = std::max(z0 + z - rz_, ez0), last = std::min(z0 + z + rz_ + 1, ez0 + enz);
           for (int64_t zz = first; zz < last; ++zz)
-            rows[zz - first] = along_y_.data() + ((c * enz_ + zz - ez0_) * ny_ + y) * w;
+            rows[zz - first] = along_y_.data() + ((c * enz + zz - ez0) * ny_ + y) * w;
           k_.add_rows(rows, last - first, w, along_z_.data() + ((c * nz_ + z) * ny_ + y) * w);
         }
   }
 
-  // The window sums of channel c at output row (z, y) (image coordinates).
-  const acc_t* sum(int64_t c, int64_t z, int64_t y) const {
-    const int64_t w = v_.width;
-    if (rz_ == 0) return along_y_.data() + ((c * enz_ + z - ez0_) * ny_ + y - y0_) * w;
-    return along_z_.data() + ((c * nz_ + z - z0_) * ny_ + y - y0_) * w;
-  }
-
- private:
   Volume v_;
   int64_t rz_, r_, channels_;
   BoundaryRowKernels<acc_t> k_;
-  int64_t z0_ = 0, y0_ = 0, nz_ = 0, ny_ = 0, ez0_ = 0, ey0_ = 0, enz_ = 0, eny_ = 0;
+  int64_t z0_ = 0, y0_ = 0, nz_ = 0, ny_ = 0;
   std::vector<acc_t> along_x_, along_y_, along_z_;
   std::vector<const acc_t*> rows_;  // the rows of one window along y or z
 };
@@ -226,17 +262,14 @@ void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, boo
       const acc_t lo = u_range[2 * g.b];
       StatsRows<acc_t> stats(u + g.b * voxels, edge + g.b * voxels, lo,
                              minmax_denominator(lo, u_range[2 * g.b + 1]), v, r);
-      box.run(g.z0, g.z1, g.y0, g.y1, [&](int64_t z, int64_t y, acc_t* const* out) {
-        stats.load(z, y);
-        k.window_stats(stats.u_padded.data(), stats.e_padded.data(), v.width, r, out);
-      });
       acc_t total = 0;
-      for (int64_t z = g.z0; z < g.z1; ++z)
-        for (int64_t y = g.y0; y < g.y1; ++y) {
-          const acc_t* sums[5] = {box.sum(0, z, y), box.sum(1, z, y), box.sum(2, z, y), box.sum(3, z, y),
-                                  box.sum(4, z, y)};
-          total += k.ncc_sum(sums, v.width, n, scratch.data());
-        }
+      box.for_each_row(
+          g.z0, g.z1, g.y0, g.y1,
+          [&](int64_t z, int64_t y, acc_t* const* out) {
+            stats.load(z, y);
+            k.window_stats(stats.u_padded.data(), stats.e_padded.data(), v.width, r, out);
+          },
+          [&](int64_t, int64_t, const acc_t* const* sums) { total += k.ncc_sum(sums, v.width, n, scratch.data()); });
       partials[ri] = total;
     }
   });
@@ -293,48 +326,53 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
       const int64_t hy0 = std::max<int64_t>(0, g.y0 - r), hy1 = std::min(v.height, g.y1 + r);
       const int64_t halo_rows = hy1 - hy0, halo_plane = (hz1 - hz0) * halo_rows;
       StatsRows<acc_t> stats(ub, eb, lo, denominator, v, r);
-      stats_box.run(hz0, hz1, hy0, hy1, [&](int64_t z, int64_t y, acc_t* const* out) {
-        stats.load(z, y);
-        k.window_stats(stats.u_padded.data(), stats.e_padded.data(), w, r, out);
-      });
       // the three coefficient maps of the halo's centres, each row zero-padded by r for the box sums
       const int64_t padded = w + 2 * r;
-      coefficients.assign(3 * halo_plane * padded, acc_t(0));
+      coefficients.resize(3 * halo_plane * padded);
+      for (int64_t row = 0; row < 3 * halo_plane; ++row) {  // the pads; the rows are written below
+        std::fill_n(coefficients.data() + row * padded, r, acc_t(0));
+        std::fill_n(coefficients.data() + row * padded + r + w, r, acc_t(0));
+      }
       const auto coefficient_row = [&](int64_t c, int64_t z, int64_t y) {
         return coefficients.data() + ((c * (hz1 - hz0) + z - hz0) * halo_rows + y - hy0) * padded;
       };
-      for (int64_t z = hz0; z < hz1; ++z)
-        for (int64_t y = hy0; y < hy1; ++y) {
-          const acc_t* sums[5] = {stats_box.sum(0, z, y), stats_box.sum(1, z, y), stats_box.sum(2, z, y),
-                                  stats_box.sum(3, z, y), stats_box.sum(4, z, y)};
-          acc_t* out[3] = {coefficient_row(0, z, y) + r, coefficient_row(1, z, y) + r,
-                           coefficient_row(2, z, y) + r};
-          k.coefficients(sums, w, n, scale, out);
-        }
-      coefficient_box.run(g.z0, g.z1, g.y0, g.y1, [&](int64_t z, int64_t y, acc_t* const* out) {
-        for (int64_t c = 0; c < 3; ++c) k.window_sums(coefficient_row(c, z, y), w, r, out[c]);
-      });
+      stats_box.for_each_row(
+          hz0, hz1, hy0, hy1,
+          [&](int64_t z, int64_t y, acc_t* const* out) {
+            stats.load(z, y);
+            k.window_stats(stats.u_padded.data(), stats.e_padded.data(), w, r, out);
+          },
+          [&](int64_t z, int64_t y, const acc_t* const* sums) {
+            acc_t* out[3] = {coefficient_row(0, z, y) + r, coefficient_row(1, z, y) + r,
+                             coefficient_row(2, z, y) + r};
+            k.coefficients(sums, w, n, scale, out);
+          });
       // dL/dU of the region's pixels, then dL/dp plane by plane (its rows are one run of pixels)
       const int64_t rows = g.y1 - g.y0;
-      grad_u.resize(rows * w);
+      grad_u.resize((g.z1 - g.z0) * rows * w);
+      coefficient_box.for_each_row(
+          g.z0, g.z1, g.y0, g.y1,
+          [&](int64_t z, int64_t y, acc_t* const* out) {
+            for (int64_t c = 0; c < 3; ++c) k.window_sums(coefficient_row(c, z, y), w, r, out[c]);
+          },
+          [&](int64_t z, int64_t y, const acc_t* const* sums) {
+            const int64_t pixel0 = v.voxel_index(z, y, 0);
+            for (int64_t x = 0; x < w; ++x) u_row[x] = (ub[pixel0 + x] - lo) / denominator;
+            k.uncertainty_gradient(eb + pixel0, u_row.data(), sums, denominator, w,
+                                   grad_u.data() + ((z - g.z0) * rows + y - g.y0) * w);
+          });
       for (int64_t z = g.z0; z < g.z1; ++z) {
-        for (int64_t y = g.y0; y < g.y1; ++y) {
-          const int64_t pixel0 = v.voxel_index(z, y, 0);
-          for (int64_t x = 0; x < w; ++x) u_row[x] = (ub[pixel0 + x] - lo) / denominator;
-          const acc_t* sums[3] = {coefficient_box.sum(0, z, y), coefficient_box.sum(1, z, y),
-                                  coefficient_box.sum(2, z, y)};
-          k.uncertainty_gradient(eb + pixel0, u_row.data(), sums, denominator, w,
-                                 grad_u.data() + (y - g.y0) * w);
-        }
         const int64_t pixel0 = v.voxel_index(z, g.y0, 0);
         scalar_t* grad_first = grad_p + g.b * v.channels * voxels + pixel0;
         if constexpr (derivative_in_grad) {
-          k.scale_channels(grad_first, voxels, v.channels, rows * w, grad_u.data(), grad_first, voxels);
+          k.scale_channels(grad_first, voxels, v.channels, rows * w, grad_u.data() + (z - g.z0) * rows * w,
+                           grad_first, voxels);
         } else {
           int64_t stride = 0;
           const acc_t* q = channel_runs(p, v, g.b, pixel0, rows * w, q_buffer, &stride);
           grad_buffer.resize(v.channels * rows * w);
-          k.uncertainty_backward(q, stride, v.channels, rows * w, grad_u.data(), grad_buffer.data(), rows * w);
+          k.uncertainty_backward(q, stride, v.channels, rows * w, grad_u.data() + (z - g.z0) * rows * w,
+                                 grad_buffer.data(), rows * w);
           for (int64_t c = 0; c < v.channels; ++c)
             for (int64_t x = 0; x < rows * w; ++x)
               grad_first[c * voxels + x] = static_cast<scalar_t>(grad_buffer[c * rows * w + x]);

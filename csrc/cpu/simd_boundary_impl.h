@@ -222,20 +222,43 @@ void window_stats_row(const acc_t* u, const acc_t* e, int64_t n, int64_t r, acc_
   }
 }
 
-template <typename acc_t>
-void add_rows(const acc_t* const* rows, int64_t count, int64_t n, acc_t* out) {
+// COUNT rows known at compile time: the row pointers stay in registers across the row.
+template <typename acc_t, int COUNT>
+void add_rows_fixed(const acc_t* const* rows, int64_t n, acc_t* out) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
+  const acc_t* row[COUNT];
+  BIMI_UNROLL for (int i = 0; i < COUNT; ++i) row[i] = rows[i];
   int64_t x = 0;
   for (; x + L <= n; x += L) {
-    V sum = load(rows[0] + x);
-    for (int64_t i = 1; i < count; ++i) sum += load(rows[i] + x);
+    V sum = load(row[0] + x);
+    BIMI_UNROLL for (int i = 1; i < COUNT; ++i) sum += load(row[i] + x);
     store(out + x, sum);
   }
   for (; x < n; ++x) {
-    acc_t sum = rows[0][x];
-    for (int64_t i = 1; i < count; ++i) sum += rows[i][x];
+    acc_t sum = row[0][x];
+    BIMI_UNROLL for (int i = 1; i < COUNT; ++i) sum += row[i][x];
     out[x] = sum;
+  }
+}
+
+template <typename acc_t>
+void add_rows(const acc_t* const* rows, int64_t count, int64_t n, acc_t* out) {
+  switch (count) {
+    case 1: return add_rows_fixed<acc_t, 1>(rows, n, out);
+    case 2: return add_rows_fixed<acc_t, 2>(rows, n, out);
+    case 3: return add_rows_fixed<acc_t, 3>(rows, n, out);
+    case 4: return add_rows_fixed<acc_t, 4>(rows, n, out);
+    case 5: return add_rows_fixed<acc_t, 5>(rows, n, out);
+    case 6: return add_rows_fixed<acc_t, 6>(rows, n, out);
+    case 7: return add_rows_fixed<acc_t, 7>(rows, n, out);
+    default: break;
+  }
+  // longer windows: the first seven rows, then one row at a time (the same order of additions)
+  add_rows_fixed<acc_t, 7>(rows, n, out);
+  for (int64_t i = 7; i < count; ++i) {
+    const acc_t* row = rows[i];
+    for (int64_t x = 0; x < n; ++x) out[x] += row[x];
   }
 }
 
