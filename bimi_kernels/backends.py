@@ -19,6 +19,12 @@ A backend is a small object with four kernels (the contract every backend implem
     boundary_cc_backward(grad_cc, p, edge, u_range, window) -> grad_p
         grad_cc : 0-dim accumulation dtype; grad_p in the dtype of p
 
+and may add a fused fifth (None where it has none: then `reference.edge_map` computes it):
+
+    edge_map(image, gamma) -> edge
+        image   : (B, C, *S) contiguous, already at the maps' spatial size, any float dtype
+        edge    : (B, 1, *S) in the accumulation dtype, `reference.edge_map(image, gamma)`
+
 Kernels never modify their inputs, and never synchronise with the host for values.
 `bimi_kernels.ops` is the only caller: it wraps these in torch.library custom ops.
 """
@@ -63,6 +69,8 @@ class Backend:
     boundary_cc_backward: Callable
     # device_type -> None when usable there, else a human-readable reason
     unavailable_reason: Callable[[str], Optional[str]] = field(default=lambda device_type: None)
+    # optional fused edge map (see the module docstring); None: the torch definition is used
+    edge_map: Optional[Callable] = None
 
 
 _loaded: dict = {}

@@ -135,7 +135,7 @@ def boundary_cc_loss(
 
 def _boundary_term(p1, p2, image, window, gamma, backend):
     """(CC(U(p1), E) + CC(U(p2), E)) / 2 on checked arguments: one edge map, two kernel calls."""
-    edge = reference.edge_map(image, gamma, size=p1.shape[2:])
+    edge = ops.edge_map(reference.resized_image(image, p1.shape[2:]), float(gamma), backend)
     edge = edge.to(accumulation_dtype(p1.dtype)).contiguous()
     cc1 = ops.boundary_cc(p1, edge, int(window), backend)[0]
     cc2 = ops.boundary_cc(p2, edge, int(window), backend)[0]

@@ -67,6 +67,10 @@ def boundary_cc_backward(grad_cc, p, edge, u_range, window):
     return torch.ops.bimi_C.boundary_cc_backward(grad_cc, p, edge, u_range, int(window))
 
 
+def edge_map(image, gamma):
+    return torch.ops.bimi_C.edge_map(image, float(gamma))
+
+
 CPP_BACKEND = Backend(
     name="cpp",
     devices=frozenset({"cpu"}),
@@ -75,6 +79,7 @@ CPP_BACKEND = Backend(
     boundary_cc=boundary_cc,
     boundary_cc_backward=boundary_cc_backward,
     unavailable_reason=_cpu_reason,
+    edge_map=edge_map,  # CPU only: the CUDA backend leaves the edge map to torch
 )
 
 CUDA_BACKEND = Backend(

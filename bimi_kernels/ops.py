@@ -5,7 +5,8 @@ boundary cross-correlation of one cluster map with an edge map (SPEC §5). Each 
 requested backend name ("auto" or a name); the op resolves it for the tensors' device
 (`backends.resolve`, which honours BIMI_BACKEND and never falls back silently) and calls that
 backend's kernel. Resolving inside the op keeps torch.compile graphs free of host-side logic.
-Backward passes are their own ops and call the same backend's backward kernels.
+Backward passes are their own ops and call the same backend's backward kernels. A third op, the
+edge map of the image (no gradient), runs a backend's fused kernel where it has one.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, reference
 from .reference import accumulation_dtype
 
 
@@ -129,3 +130,21 @@ def _boundary_cc_autograd(ctx, grad_cc, _grad_u_range):
 
 
 boundary_cc.register_autograd(_boundary_cc_autograd, setup_context=_boundary_cc_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# edge map of the image (no gradient)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("bimi::edge_map", mutates_args=())
+def edge_map(image: Tensor, gamma: float, backend: str) -> Tensor:
+    """E (B, 1, *S) in the accumulation dtype of an image (B, C, *S) already at the maps' size:
+    the backend's fused kernel where it has one, else the torch definition (reference.edge_map)."""
+    kernels = _kernels(backend, image.device.type)
+    if kernels.edge_map is None:
+        return reference.edge_map(image, gamma)
+    return kernels.edge_map(image.contiguous(), gamma)
+
+
+@edge_map.register_fake
+def _edge_map_fake(image, gamma, backend):
+    return image.new_empty((image.shape[0], 1) + tuple(image.shape[2:]), dtype=accumulation_dtype(image.dtype))

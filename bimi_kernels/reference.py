@@ -158,6 +158,16 @@ def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - lo.reshape(shape)) / (hi.reshape(shape) - lo.reshape(shape) + EPS_MINMAX)
 
 
+def resized_image(image: torch.Tensor, size: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The image detached, in the accumulation dtype, resized (bilinear/trilinear,
+    align_corners=False) when `size` differs from its spatial size."""
+    x = image.detach().to(accumulation_dtype(image.dtype))
+    if size is not None and tuple(x.shape[2:]) != tuple(size):
+        mode = "bilinear" if x.dim() == 4 else "trilinear"
+        x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    return x
+
+
 def edge_map(image: torch.Tensor, gamma: float = 0.75, size: Optional[Sequence[int]] = None):
     """Edge magnitude of an image (B, C, *S): wrap-around backward differences along each spatial
     dim, sqrt of the sum of squares, mean over channels, min-max per sample, to the power gamma.
@@ -165,11 +175,8 @@ def edge_map(image: torch.Tensor, gamma: float = 0.75, size: Optional[Sequence[i
     Resized first (bilinear/trilinear, align_corners=False) when `size` differs from S.
     Returns (B, 1, *S) in the accumulation dtype, without gradient.
     """
-    x = image.detach().to(accumulation_dtype(image.dtype))
+    x = resized_image(image, size)
     ndim = x.dim() - 2
-    if size is not None and tuple(x.shape[2:]) != tuple(size):
-        mode = "bilinear" if ndim == 2 else "trilinear"
-        x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
     differences = [x - torch.roll(x, 1, dims=2 + k) for k in range(ndim)]
     squares = sum(d * d for d in differences)
     magnitude = squares.sqrt().mean(dim=1, keepdim=True)

@@ -63,3 +63,9 @@ def test_opcheck_boundary_cc(backend):
     torch.library.opcheck(
         torch.ops.bimi.boundary_cc_backward.default, (torch.tensor(1.0), p.detach(), edge, u_range, 3, backend)
     )
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck_edge_map(backend):
+    image = random_image((2, 3, 6, 7), dtype=torch.float32)
+    torch.library.opcheck(torch.ops.bimi.edge_map.default, (image, 0.75, backend))

@@ -240,6 +240,29 @@ def test_boundary_property(data, ndim, k, window):
 
 
 # ------------------------------------------------------------------------------------------------
+# edge map (the cpp backend's fused one)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape,dtype,gamma",
+    [
+        ((4, 1, 32, 40), F32, 0.75),
+        ((2, 3, 9, 17), F64, 0.75),  # three channels: their mean
+        ((2, 2, 5, 9, 11), F32, 1.5),  # 3-D
+        ((1, 1, 1, 7), F32, 0.75),  # one row: its difference along y is zero
+        ((2, 1, 16, 33), F16, 0.3),  # half image, computed in float32
+    ],
+)
+def test_edge_map_matches_reference(shape, dtype, gamma):
+    """float32: exp(gamma log v) with the vectorised log and exp, within 1e-6 of the reference's
+    pow relative to the largest value (1); float64: std::pow, 1e-12."""
+    image = random_image(shape, channels=shape[1], dtype=dtype, seed=3)
+    got = CPP_BACKEND.edge_map(image, gamma)
+    expected = reference.edge_map(image, gamma)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert_close_rel(got, expected, 1e-12 if dtype == F64 else 1e-6, "edge map")
+
+
+# ------------------------------------------------------------------------------------------------
 # determinism: thread count and reruns
 # ------------------------------------------------------------------------------------------------
 def determinism_inputs(device, dtype):

@@ -83,6 +83,14 @@ struct BoundaryRowKernels {
   void (*uncertainty_gradient)(const acc_t* edge, const acc_t* u_normalized,
                                const acc_t* const* coefficient_sums, acc_t denominator, int64_t n,
                                acc_t* grad_u);
+  // The edge map (SPEC §5): magnitude[x] += sqrt(dz^2 + dy^2 + dx^2) of one image row with its
+  // wrap-around neighbours above and before (nullptr in 2-D); m /= C with the min and max of m;
+  // then ((m - lo) / denominator)^gamma.
+  void (*edge_magnitude)(const acc_t* row, const acc_t* above, const acc_t* before, int64_t n,
+                         acc_t* magnitude);
+  void (*channel_mean_range)(acc_t* m, int64_t n, acc_t channels, acc_t* lo, acc_t* hi);
+  void (*normalized_power)(const acc_t* m, int64_t n, acc_t lo, acc_t denominator, acc_t gamma,
+                           acc_t* out);
 };
 
 #define BIMI_DECLARE_KERNELS_FOR(isa, acc_t)                                                   \

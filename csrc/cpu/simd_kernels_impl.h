@@ -164,6 +164,43 @@ inline Vec<float>::type vector_log<float>(const Vec<float>::type& x) {
   return (f + y) + e * 0.693359375f;
 }
 
+// Square root and round-to-nearest of every lane.
+#if defined(BIMI_CPU_ISA_IS_AVX2)
+inline Vec<float>::type vector_sqrt(const Vec<float>::type& x) { return _mm256_sqrt_ps(x); }
+inline Vec<double>::type vector_sqrt(const Vec<double>::type& x) { return _mm256_sqrt_pd(x); }
+#else
+template <typename V>
+inline V vector_sqrt(V x) {
+  constexpr int lanes = static_cast<int>(sizeof(V) / sizeof(x[0]));
+  for (int l = 0; l < lanes; ++l) x[l] = std::sqrt(x[l]);
+  return x;
+}
+#endif
+
+// exp of every lane (float), for x = g log v with v in [0, 1] and g > 0 (so x <= 0; below
+// -87.3 the result is the smallest normal). Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2,
+// exp(r) by a degree-7 polynomial, times 2^n; relative error below 2e-7.
+inline Vec<float>::type vector_exp(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  using I = IntVec<float>::type;
+  x = x < -87.3365448f ? broadcast<float>(-87.3365448f) : x;
+  x = x > 88.3762626f ? broadcast<float>(88.3762626f) : x;
+  // round(x / ln 2) with the 1.5 * 2^23 trick (exact for |x / ln 2| < 2^22)
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  V poly = broadcast<float>(1.9875691500e-4f);
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const V y = (poly * (r * r) + r) + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
 // Whether every lane of a comparison result is true (all bits set).
 #if defined(BIMI_CPU_ISA_IS_AVX2)
 inline bool all_lanes(const IntVec<float>::type& m) {
