@@ -164,6 +164,7 @@ JointTile<acc_t> prepare_band(const scalar_t* second, const scalar_t* mask, cons
   tile.rows = t.rows;
   tile.row_length = layout.row_length;
   tile.first = nullptr;
+  tile.first_row_stride = tile.first_channel_stride = 0;
   tile.band = band;
   tile.band_row_stride = band_row_stride;
   tile.band_row_length = layout.band_row_length;
@@ -184,6 +185,9 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
   const int64_t chunks = std::min(tiles, std::max(kMinChunks, std::min(kMaxChunks, affordable)));
   std::vector<acc_t> partials(chunks * joint_size, acc_t(0));
   const ForwardTileFn<acc_t> kernel = forward_kernel<acc_t>();
+  // Without a mask or a dtype conversion, and with rows of whole vectors, the first map's rows are
+  // read where they are (no copy).
+  const bool read_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> first(kTileRows * k * layout.row_length);
     std::vector<acc_t> band(layout.plane_dz.size() * layout.band_rows * k * layout.band_row_length);
@@ -193,9 +197,21 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
         const TileIndex index = tile_index(v, t);
         JointTile<acc_t> tile =
             prepare_band(p2, mask, v, offsets, layout, index, band.data(), plans.data());
-        load_rows(p1, mask, v, index.b, index.z, index.y0, index.rows, 0, layout.row_length,
-                  first.data());
-        tile.first = first.data();
+        tile.first = nullptr;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (read_in_place) {
+            tile.first = p1 + index.b * k * v.voxels() + v.voxel_index(index.z, index.y0, 0);
+            tile.first_row_stride = v.width;
+            tile.first_channel_stride = v.voxels();
+          }
+        }
+        if (tile.first == nullptr) {
+          load_rows(p1, mask, v, index.b, index.z, index.y0, index.rows, 0, layout.row_length,
+                    first.data());
+          tile.first = first.data();
+          tile.first_row_stride = k * layout.row_length;
+          tile.first_channel_stride = layout.row_length;
+        }
         kernel(tile, partials.data() + c * joint_size);
       }
     }

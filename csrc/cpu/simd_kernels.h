@@ -4,8 +4,9 @@
 // They see only plain arrays: the tiles are loaded (dtype conversion, mask) by cpu/joint.cpp.
 //
 // Tile layout. A tile is `rows` consecutive image rows of one plane of one sample. Its first map
-// is stored row by row, each row as K channels of `row_length` values (the image width rounded
-// up to a multiple of 2 vectors, zero past the width). The band of the second map holds, for
+// is read with a row and a channel stride: a copy stored row by row, each row as K channels of
+// `row_length` values (the image width rounded up to a multiple of 2 vectors, zero past the
+// width), or the map itself when no conversion, mask or padding is needed. The band of the second map holds, for
 // each distinct dz of the offsets, the rows y + dy the tile needs, each row as K channels of
 // `band_row_length` values: `pad_left` zeros, the row, zeros. Pixels outside the image are zero,
 // so a pair with its second pixel outside contributes nothing and the loops need no bounds.
@@ -29,7 +30,9 @@ struct JointTile {
   int64_t channels;         // K
   int64_t rows;             // tile rows
   int64_t row_length;       // padded width of a tile row (multiple of 2 vectors)
-  const acc_t* first;       // rows x K x row_length (forward only)
+  const acc_t* first;       // forward only: channel i of tile row y at
+  int64_t first_row_stride;      // first + y * first_row_stride + i * first_channel_stride
+  int64_t first_channel_stride;
   const acc_t* band;        // planes x band_rows x K x band_row_length
   int64_t band_row_stride;  // K * band_row_length
   int64_t band_row_length;

@@ -242,18 +242,18 @@ void forward_block(const JointTile<acc_t>& tile, const OffsetPlan& plan, int64_t
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
   const int64_t n = tile.row_length;
-  const int64_t first_row_stride = tile.channels * n;
+  const int64_t first_channel = tile.first_channel_stride;
   V acc[KI][KJ];
   for (int i = 0; i < KI; ++i)
     for (int j = 0; j < KJ; ++j) acc[i][j] = broadcast<acc_t>(0);
   for (int64_t y = plan.row_begin; y < plan.row_end; ++y) {
-    const acc_t* a = tile.first + y * first_row_stride + i0 * n;
+    const acc_t* a = tile.first + y * tile.first_row_stride + i0 * first_channel;
     const acc_t* b = tile.band + plan.band_start + y * tile.band_row_stride + j0 * tile.band_row_length;
     for (int64_t x = 0; x < n; x += L) {
       V bv[KJ];
       for (int j = 0; j < KJ; ++j) bv[j] = load(b + j * tile.band_row_length + x);
       for (int i = 0; i < KI; ++i) {
-        const V av = load(a + i * n + x);
+        const V av = load(a + i * first_channel + x);
         for (int j = 0; j < KJ; ++j) acc[i][j] += av * bv[j];
       }
     }
