@@ -121,31 +121,40 @@ void uncertainty_backward_row(const acc_t* q, int64_t stride, int64_t channels, 
   }
 }
 
-// uncertainty_row without the min and max, plus each value's -(log(q + 1e-16) + q / (q + 1e-16))
-// into d[k * d_stride + x]: the backward's U and dU/dq from one log per value.
+// u + q log(q + 1e-16) (as add_plogp, so U matches the forward's bit for bit), and into *d
+// dU/dq = -(log(q + 1e-16) + q / (q + 1e-16)) (uncertainty_derivative of boundary_math.h), from one
+// log. A function, not a lambda: GCC does not apply `#pragma GCC target` to lambdas.
+template <typename acc_t>
+inline typename Vec<acc_t>::type add_plogp_with_derivative(const typename Vec<acc_t>::type& q,
+                                                           const typename Vec<acc_t>::type& u,
+                                                           typename Vec<acc_t>::type* d) {
+  const typename Vec<acc_t>::type shifted = q + acc_t(kEpsLogU);
+  const typename Vec<acc_t>::type lg = log_lanes<acc_t>(shifted);
+  *d = -(lg + q / shifted);
+  return u + q * lg;
+}
+
+// uncertainty_row without the min and max, plus each value's dU/dq into d[k * d_stride + x]: the
+// backward's U and dU/dq from one log per value.
 template <typename acc_t>
 void uncertainty_with_derivative_row(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
                                      acc_t* u, acc_t* d, int64_t d_stride) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
   const int64_t full = n - n % L;
-  const auto step = [](const V& qv, const V& uv, V* dv) {
-    const V shifted = qv + acc_t(kEpsLogU);
-    const V lg = log_lanes<acc_t>(shifted);
-    *dv = -(lg + qv / shifted);  // uncertainty_derivative of boundary_math.h
-    return uv + qv * lg;         // as add_plogp, so U matches the forward's bit for bit
-  };
   for (int64_t x = 0; x < n; ++x) u[x] = acc_t(0);
   for (int64_t k = 0; k < channels; ++k) {
     const acc_t* qk = q + k * stride;
     acc_t* dk = d + k * d_stride;
     V dv;
     for (int64_t x = 0; x < full; x += L) {
-      store(u + x, step(load(qk + x), load(u + x), &dv));
+      store(u + x, add_plogp_with_derivative<acc_t>(load(qk + x), load(u + x), &dv));
       store(dk + x, dv);
     }
     if (full < n) {
-      store_part(u, full, n, step(load(RowTail<acc_t>(qk, full, n).values), load(RowTail<acc_t>(u, full, n).values), &dv));
+      store_part(u, full, n,
+                 add_plogp_with_derivative<acc_t>(load(RowTail<acc_t>(qk, full, n).values),
+                                                  load(RowTail<acc_t>(u, full, n).values), &dv));
       store_part(dk, full, n, dv);
     }
   }
