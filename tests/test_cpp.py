@@ -157,9 +157,18 @@ def test_joint_counts_match_reference(shape, offsets, dilation, masked, dtype):
 def test_generic_and_avx2_loops_agree(monkeypatch):
     """The baseline-ISA build of the inner loops (BIMI_CPU_ISA=generic) against the reference too."""
     monkeypatch.setenv("BIMI_CPU_ISA", "generic")
-    for shape, offsets, dilation, masked in (JOINT_CASES[3], JOINT_CASES[7]):
-        p1, p2, mask = make_inputs(shape, F64, masked, "cpu")
-        check_joint(CPP_BACKEND, p1, p2, make_offsets(offsets, len(shape) - 2, dilation), mask, 1e-10)
+    for shape, offsets, dilation, masked in (JOINT_CASES[3], JOINT_CASES[7], JOINT_CASES[-2]):
+        for dtype in (F64, F32):
+            p1, p2, mask = make_inputs(shape, dtype, masked, "cpu")
+            check_joint(CPP_BACKEND, p1, p2, make_offsets(offsets, len(shape) - 2, dilation), mask, RTOL[dtype])
+    for shape, window in (((2, 3, 70, 65), 5), ((1, 2, 9, 30, 20), 3)):
+        for dtype in (F64, F32):
+            p, _ = random_maps(shape, dtype=dtype, seed=4)
+            check_boundary(CPP_BACKEND, p, edge_for(shape, "cpu", reference.accumulation_dtype(dtype)), window)
+    for shape, dtype in (((2, 3, 9, 17), F64), ((2, 1, 5, 9, 11), F32)):
+        image = random_image(shape, channels=shape[1], dtype=dtype, seed=3)
+        assert_close_rel(CPP_BACKEND.edge_map(image, 0.75), reference.edge_map(image, 0.75),
+                         1e-12 if dtype == F64 else 1e-6, "edge map")
 
 
 @settings(max_examples=int(os.environ.get("BIMI_CPP_EXAMPLES", "25")))
