@@ -57,14 +57,6 @@ struct RegionGrid {
   }
 };
 
-template <typename acc_t>
-BoundaryRowKernels<acc_t> row_kernels() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return avx2::boundary_row_kernels<acc_t>();
-#endif
-  return generic::boundary_row_kernels<acc_t>();
-}
-
 // Box sums (window (2rz+1) x (2r+1) x (2r+1), zero outside the volume) of `channels` maps over
 // the output block planes [z0, z1) x rows [y0, y1) x all x. row_sums(z, y, out) writes the
 // window sums along x of image row (z, y) of every channel c to out[c] (W values); for_each_row
@@ -194,23 +186,33 @@ constexpr int64_t kUncertaintyChunk = 4096;
 // of a sample into chunk_lo, chunk_hi (chunks_per_sample(v) per sample) when they are given.
 int64_t chunks_per_sample(const Volume& v) { return ceil_div(v.voxels(), kUncertaintyChunk); }
 
-template <typename scalar_t, typename acc_t>
-void uncertainty_map(const scalar_t* p, const Volume& v, const BoundaryRowKernels<acc_t>& k, acc_t* u,
-                     acc_t* chunk_lo, acc_t* chunk_hi) {
+// chunk(c, b, pixel0, count, q, stride) for every chunk c of kUncertaintyChunk pixels of every
+// sample, in parallel; q: the chunk's K channel runs (channel_runs).
+template <typename scalar_t, typename acc_t, typename Chunk>
+void for_each_chunk(const scalar_t* p, const Volume& v, Chunk chunk) {
   const int64_t chunks = chunks_per_sample(v);
   const int64_t voxels = v.voxels();
   at::parallel_for(0, v.batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer;
-    acc_t lo, hi;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t b = c / chunks;
       const int64_t pixel0 = (c % chunks) * kUncertaintyChunk;
       const int64_t count = std::min(kUncertaintyChunk, voxels - pixel0);
       int64_t stride = 0;
       const acc_t* q = channel_runs(p, v, b, pixel0, count, buffer, &stride);
-      k.uncertainty(q, stride, v.channels, count, u + b * voxels + pixel0,
-                    chunk_lo != nullptr ? chunk_lo + c : &lo, chunk_hi != nullptr ? chunk_hi + c : &hi);
+      chunk(c, b, pixel0, count, q, stride);
     }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void uncertainty_map(const scalar_t* p, const Volume& v, const BoundaryRowKernels<acc_t>& k, acc_t* u,
+                     acc_t* chunk_lo, acc_t* chunk_hi) {
+  for_each_chunk<scalar_t, acc_t>(p, v, [&](int64_t c, int64_t b, int64_t pixel0, int64_t count,
+                                             const acc_t* q, int64_t stride) {
+    acc_t lo, hi;
+    k.uncertainty(q, stride, v.channels, count, u + b * v.voxels() + pixel0,
+                  chunk_lo != nullptr ? chunk_lo + c : &lo, chunk_hi != nullptr ? chunk_hi + c : &hi);
   });
 }
 
@@ -240,7 +242,7 @@ struct StatsRows {
 template <typename scalar_t, typename acc_t>
 void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, bool is_3d,
                       int64_t window, acc_t* u, acc_t* cc, acc_t* u_range) {
-  const BoundaryRowKernels<acc_t> k = row_kernels<acc_t>();
+  const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
   const int64_t voxels = v.voxels();
   const int64_t chunks = chunks_per_sample(v);
   std::vector<acc_t> chunk_lo(v.batch * chunks), chunk_hi(v.batch * chunks);
@@ -281,25 +283,17 @@ void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, boo
 template <typename scalar_t, typename acc_t>
 void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, const acc_t* u_range,
                        const Volume& v, bool is_3d, int64_t window, acc_t* u, scalar_t* grad_p) {
-  const BoundaryRowKernels<acc_t> k = row_kernels<acc_t>();
+  const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
   const int64_t voxels = v.voxels();
   // U again; for float32/float64 maps dU/dp goes straight into grad_p, which the regions below
   // then scale by dL/dU in place (one log per value). Half-precision maps keep the full-precision
   // derivative for the last step instead, which takes the log again.
   constexpr bool derivative_in_grad = std::is_same_v<scalar_t, acc_t>;
   if constexpr (derivative_in_grad) {
-    const int64_t chunks = chunks_per_sample(v);
-    at::parallel_for(0, v.batch * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> unused;
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t b = c / chunks;
-        const int64_t pixel0 = (c % chunks) * kUncertaintyChunk;
-        const int64_t count = std::min(kUncertaintyChunk, voxels - pixel0);
-        int64_t stride = 0;
-        const acc_t* q = channel_runs(p, v, b, pixel0, count, unused, &stride);
-        k.uncertainty_with_derivative(q, stride, v.channels, count, u + b * voxels + pixel0,
-                                      grad_p + b * v.channels * voxels + pixel0, voxels);
-      }
+    for_each_chunk<scalar_t, acc_t>(p, v, [&](int64_t, int64_t b, int64_t pixel0, int64_t count,
+                                               const acc_t* q, int64_t stride) {
+      k.uncertainty_with_derivative(q, stride, v.channels, count, u + b * voxels + pixel0,
+                                    grad_p + b * v.channels * voxels + pixel0, voxels);
     });
   } else {
     uncertainty_map<scalar_t, acc_t>(p, v, k, u, nullptr, nullptr);

@@ -17,18 +17,10 @@ namespace bimi {
 namespace cpu {
 namespace {
 
-template <typename acc_t>
-BoundaryRowKernels<acc_t> edge_kernels() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return avx2::boundary_row_kernels<acc_t>();
-#endif
-  return generic::boundary_row_kernels<acc_t>();
-}
-
 // image: (B, C, D, H, W) as one volume per channel, in the accumulation dtype; edge: (B, D*H*W).
 template <typename acc_t>
 void edge_map(const acc_t* image, const Volume& v, bool is_3d, acc_t gamma, acc_t* edge) {
-  const BoundaryRowKernels<acc_t> k = edge_kernels<acc_t>();
+  const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
   const int64_t voxels = v.voxels();
   at::parallel_for(0, v.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {

@@ -34,17 +34,41 @@ inline void store_part(acc_t* row, int64_t x, int64_t n, const typename Vec<acc_
   for (int64_t l = 0; x + l < n; ++l) row[x + l] = values[l];
 }
 
+// Min and max over vectors of values, then over single values (a row's tail).
 template <typename acc_t>
-inline typename Vec<acc_t>::type lane_min(const typename Vec<acc_t>::type& a,
-                                          const typename Vec<acc_t>::type& b) {
-  return a < b ? a : b;
-}
+struct RunningRange {
+  using V = typename Vec<acc_t>::type;
+  V low, high;
+  acc_t lo, hi;
 
-template <typename acc_t>
-inline typename Vec<acc_t>::type lane_max(const typename Vec<acc_t>::type& a,
-                                          const typename Vec<acc_t>::type& b) {
-  return a > b ? a : b;
-}
+  // Written out: an implicit constructor would not get the AVX2 target of this unit.
+  RunningRange()
+      : low(broadcast<acc_t>(std::numeric_limits<acc_t>::infinity())),
+        high(broadcast<acc_t>(-std::numeric_limits<acc_t>::infinity())),
+        lo(std::numeric_limits<acc_t>::infinity()),
+        hi(-std::numeric_limits<acc_t>::infinity()) {}
+
+  void add(const V& v) {
+    low = v < low ? v : low;
+    high = v > high ? v : high;
+  }
+  void add(acc_t value) {
+    lo = value < lo ? value : lo;
+    hi = value > hi ? value : hi;
+  }
+  void result(acc_t* out_lo, acc_t* out_hi) const {
+    constexpr int64_t L = vector_lanes<acc_t>();
+    acc_t low_lanes[L], high_lanes[L];
+    store(low_lanes, low);
+    store(high_lanes, high);
+    *out_lo = lo;
+    *out_hi = hi;
+    for (int64_t l = 0; l < L; ++l) {
+      *out_lo = low_lanes[l] < *out_lo ? low_lanes[l] : *out_lo;
+      *out_hi = high_lanes[l] > *out_hi ? high_lanes[l] : *out_hi;
+    }
+  }
+};
 
 // q log(q + 1e-16) + u of one vector: plogp of boundary_math.h, added to the channels before.
 template <typename acc_t>
@@ -70,28 +94,17 @@ void uncertainty_row(const acc_t* q, int64_t stride, int64_t channels, int64_t n
       store_part(u, full, n, add_plogp<acc_t>(load(RowTail<acc_t>(qk, full, n).values),
                                               load(RowTail<acc_t>(u, full, n).values)));
   }
-  V low = broadcast<acc_t>(std::numeric_limits<acc_t>::infinity());
-  V high = -low;
+  RunningRange<acc_t> range;
   for (int64_t x = 0; x < full; x += L) {
     const V uv = -load(u + x);
     store(u + x, uv);
-    low = lane_min<acc_t>(low, uv);
-    high = lane_max<acc_t>(high, uv);
-  }
-  acc_t low_lanes[L], high_lanes[L];
-  store(low_lanes, low);
-  store(high_lanes, high);
-  *lo = low_lanes[0];
-  *hi = high_lanes[0];
-  for (int64_t l = 1; l < L; ++l) {
-    *lo = low_lanes[l] < *lo ? low_lanes[l] : *lo;
-    *hi = high_lanes[l] > *hi ? high_lanes[l] : *hi;
+    range.add(uv);
   }
   for (int64_t x = full; x < n; ++x) {
     u[x] = -u[x];
-    *lo = u[x] < *lo ? u[x] : *lo;
-    *hi = u[x] > *hi ? u[x] : *hi;
+    range.add(u[x]);
   }
+  range.result(lo, hi);
 }
 
 // grad_u dU/dq = -grad_u (log(q + 1e-16) + q / (q + 1e-16)): uncertainty_derivative of
@@ -364,29 +377,18 @@ template <typename acc_t>
 void channel_mean_range_row(acc_t* m, int64_t n, acc_t channels, acc_t* lo, acc_t* hi) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
-  V low = broadcast<acc_t>(std::numeric_limits<acc_t>::infinity());
-  V high = -low;
+  RunningRange<acc_t> range;
   int64_t x = 0;
   for (; x + L <= n; x += L) {
     const V value = load(m + x) / channels;
     store(m + x, value);
-    low = lane_min<acc_t>(low, value);
-    high = lane_max<acc_t>(high, value);
-  }
-  acc_t low_lanes[L], high_lanes[L];
-  store(low_lanes, low);
-  store(high_lanes, high);
-  *lo = low_lanes[0];
-  *hi = high_lanes[0];
-  for (int64_t l = 1; l < L; ++l) {
-    *lo = low_lanes[l] < *lo ? low_lanes[l] : *lo;
-    *hi = high_lanes[l] > *hi ? high_lanes[l] : *hi;
+    range.add(value);
   }
   for (; x < n; ++x) {
     m[x] /= channels;
-    *lo = m[x] < *lo ? m[x] : *lo;
-    *hi = m[x] > *hi ? m[x] : *hi;
+    range.add(m[x]);
   }
+  range.result(lo, hi);
 }
 
 // out[x] = ((m[x] - lo) / denominator) ^ gamma: the edge map's min-max normalisation and power.

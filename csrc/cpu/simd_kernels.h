@@ -132,5 +132,14 @@ constexpr int64_t vector_lanes() {
 // BIMI_CPU_ISA=generic asks for the baseline ones (the tests compare both). simd_dispatch.cpp.
 bool use_avx2();
 
+// The boundary row kernels of the build that runs here (use_avx2).
+template <typename acc_t>
+BoundaryRowKernels<acc_t> selected_boundary_row_kernels() {
+#if defined(BIMI_HAVE_AVX2_KERNELS)
+  if (use_avx2()) return avx2::boundary_row_kernels<acc_t>();
+#endif
+  return generic::boundary_row_kernels<acc_t>();
+}
+
 }  // namespace cpu
 }  // namespace bimi
