@@ -154,8 +154,8 @@ def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
     """(x - min) / (max - min + 1e-6) per sample, min and max detached."""
     flat = x.detach().flatten(1)
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    lo, hi = torch.aminmax(flat, dim=1)
-    return (x - lo.reshape(shape)) / (hi.reshape(shape) - lo.reshape(shape) + EPS_MINMAX)
+    lo, hi = (t.reshape(shape) for t in torch.aminmax(flat, dim=1))
+    return (x - lo) / (hi - lo + EPS_MINMAX)
 
 
 def resized_image(image: torch.Tensor, size: Optional[Sequence[int]] = None) -> torch.Tensor:

@@ -216,7 +216,8 @@ void uncertainty_map(const scalar_t* p, const Volume& v, const BoundaryRowKernel
   });
 }
 
-// The normalised U and E of image row (z, y), zero-padded by r on each side, for the box sums.
+// The normalised U and E of image row (z, y), zero-padded by r on each side: the box sums read
+// them, and the backward its dL/dU.
 template <typename acc_t>
 struct StatsRows {
   const acc_t* u;  // raw U of the sample
@@ -286,8 +287,8 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
   const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
   const int64_t voxels = v.voxels();
   // U again; for float32/float64 maps dU/dp goes straight into grad_p, which the regions below
-  // then scale by dL/dU in place (one log per value). Half-precision maps keep the full-precision
-  // derivative for the last step instead, which takes the log again.
+  // then scale by dL/dU in place (one log per value). Half-precision maps cannot hold dU/dp at
+  // full precision, so their regions take the log again into a float32 buffer.
   constexpr bool derivative_in_grad = std::is_same_v<scalar_t, acc_t>;
   if constexpr (derivative_in_grad) {
     for_each_chunk<scalar_t, acc_t>(p, v, [&](int64_t, int64_t b, int64_t pixel0, int64_t count,
@@ -308,7 +309,7 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
   at::parallel_for(0, grid.count, 1, [&](int64_t begin, int64_t end) {
     BoxSums<acc_t> stats_box(v, rz, r, 5, k);
     BoxSums<acc_t> coefficient_box(v, rz, r, 3, k);
-    std::vector<acc_t> coefficients, u_row(w), grad_u, q_buffer, grad_buffer;
+    std::vector<acc_t> coefficients, grad_u, q_buffer, grad_buffer, u_again;
     for (int64_t ri = begin; ri < end; ++ri) {
       const Region g = grid.at(v, ri);
       const acc_t lo = u_range[2 * g.b];
@@ -350,9 +351,8 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
             for (int64_t c = 0; c < 3; ++c) k.window_sums(coefficient_row(c, z, y), w, r, out[c]);
           },
           [&](int64_t z, int64_t y, const acc_t* const* sums) {
-            const int64_t pixel0 = v.voxel_index(z, y, 0);
-            for (int64_t x = 0; x < w; ++x) u_row[x] = (ub[pixel0 + x] - lo) / denominator;
-            k.uncertainty_gradient(eb + pixel0, u_row.data(), sums, denominator, w,
+            stats.load(z, y);  // the stats pass is over, so its row buffers are free
+            k.uncertainty_gradient(eb + v.voxel_index(z, y, 0), stats.u_padded.data() + r, sums, denominator, w,
                                    grad_u.data() + ((z - g.z0) * rows + y - g.y0) * w);
           });
       for (int64_t z = g.z0; z < g.z1; ++z) {
@@ -365,8 +365,11 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
           int64_t stride = 0;
           const acc_t* q = channel_runs(p, v, g.b, pixel0, rows * w, q_buffer, &stride);
           grad_buffer.resize(v.channels * rows * w);
-          k.uncertainty_backward(q, stride, v.channels, rows * w, grad_u.data() + (z - g.z0) * rows * w,
-                                 grad_buffer.data(), rows * w);
+          u_again.resize(rows * w);
+          k.uncertainty_with_derivative(q, stride, v.channels, rows * w, u_again.data(), grad_buffer.data(),
+                                        rows * w);
+          k.scale_channels(grad_buffer.data(), rows * w, v.channels, rows * w,
+                           grad_u.data() + (z - g.z0) * rows * w, grad_buffer.data(), rows * w);
           for (int64_t c = 0; c < v.channels; ++c)
             for (int64_t x = 0; x < rows * w; ++x)
               grad_first[c * voxels + x] = static_cast<scalar_t>(grad_buffer[c * rows * w + x]);

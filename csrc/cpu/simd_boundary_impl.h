@@ -107,33 +107,6 @@ void uncertainty_row(const acc_t* q, int64_t stride, int64_t channels, int64_t n
   range.result(lo, hi);
 }
 
-// grad_u dU/dq = -grad_u (log(q + 1e-16) + q / (q + 1e-16)): uncertainty_derivative of
-// boundary_math.h.
-template <typename acc_t>
-inline typename Vec<acc_t>::type scaled_uncertainty_derivative(const typename Vec<acc_t>::type& q,
-                                                               const typename Vec<acc_t>::type& grad_u) {
-  const typename Vec<acc_t>::type shifted = q + acc_t(kEpsLogU);
-  return grad_u * -(log_lanes<acc_t>(shifted) + q / shifted);
-}
-
-// Channel by channel, as uncertainty_row.
-template <typename acc_t>
-void uncertainty_backward_row(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
-                              const acc_t* grad_u, acc_t* out, int64_t out_stride) {
-  constexpr int64_t L = vector_lanes<acc_t>();
-  const int64_t full = n - n % L;
-  for (int64_t k = 0; k < channels; ++k) {
-    const acc_t* qk = q + k * stride;
-    acc_t* outk = out + k * out_stride;
-    for (int64_t x = 0; x < full; x += L)
-      store(outk + x, scaled_uncertainty_derivative<acc_t>(load(qk + x), load(grad_u + x)));
-    if (full < n)
-      store_part(outk, full, n,
-                 scaled_uncertainty_derivative<acc_t>(load(RowTail<acc_t>(qk, full, n).values),
-                                                      load(RowTail<acc_t>(grad_u, full, n).values)));
-  }
-}
-
 // u + q log(q + 1e-16) (as add_plogp, so U matches the forward's bit for bit), and into *d
 // dU/dq = -(log(q + 1e-16) + q / (q + 1e-16)) (uncertainty_derivative of boundary_math.h), from one
 // log. A function, not a lambda: GCC does not apply `#pragma GCC target` to lambdas.
@@ -392,8 +365,8 @@ void channel_mean_range_row(acc_t* m, int64_t n, acc_t channels, acc_t* lo, acc_
 }
 
 // out[x] = ((m[x] - lo) / denominator) ^ gamma: the edge map's min-max normalisation and power.
-// float: exp(gamma log v) with the vectorised log and exp (relative error ~1e-6 for the smallest
-// values, against powf's 1e-7; tests/test_cpp.py); float64: std::pow.
+// float: exp(gamma log v) with the vectorised log and exp (1.8e-7 of the largest value from
+// torch's pow on random images; tests/test_cpp.py allows 1e-6); float64: std::pow.
 template <typename acc_t>
 void normalized_power_row(const acc_t* m, int64_t n, acc_t lo, acc_t denominator, acc_t gamma, acc_t* out) {
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -415,7 +388,6 @@ template <typename acc_t>
 BoundaryRowKernels<acc_t> boundary_row_kernels() {
   BoundaryRowKernels<acc_t> k;
   k.uncertainty = &uncertainty_row<acc_t>;
-  k.uncertainty_backward = &uncertainty_backward_row<acc_t>;
   k.uncertainty_with_derivative = &uncertainty_with_derivative_row<acc_t>;
   k.scale_channels = &scale_channels_row<acc_t>;
   k.window_sums = &window_sums_row<acc_t>;

@@ -59,9 +59,6 @@ struct BoundaryRowKernels {
   // of u over the row.
   void (*uncertainty)(const acc_t* q, int64_t stride, int64_t channels, int64_t n, acc_t* u,
                       acc_t* lo, acc_t* hi);
-  // out[k][x] = grad_u[x] dU/dq = -grad_u[x] (log(q + 1e-16) + q / (q + 1e-16)), q = q[k][x].
-  void (*uncertainty_backward)(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
-                               const acc_t* grad_u, acc_t* out, int64_t out_stride);
   // U as `uncertainty` (no min and max) and d[k][x] = dU/dq = -(log(q + 1e-16) + q / (q + 1e-16)),
   // the channels of d `d_stride` apart: one log per value for the whole backward.
   void (*uncertainty_with_derivative)(const acc_t* q, int64_t stride, int64_t channels, int64_t n,
