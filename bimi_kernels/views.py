@@ -1,6 +1,6 @@
 """Two aligned views of a batch of 2-D images, from a known, seeded random transform.
 
-The BIMI loss compares the cluster maps of two views pixel to pixel (SPEC §2, §7), so the
+The BIMI loss compares the cluster maps of two views pixel to pixel (docs/contract.md §2, §7), so the
 caller must bring them into one frame. The convention of this package:
 
 - view 1 is the untransformed image (intensity jitter only); the network's output for it
@@ -21,6 +21,22 @@ Typical use::
     p2 = head(f2).softmax(1)
     loss = BIMILoss()(p1, p2, image=views.transformed, mask=views.mask_like(p2))
 
+Two named settings (`VIEW_SETTINGS`, `TwoViewTransform.named(name)`):
+
+- ``"mild"`` (the default of `TwoViewTransform()`): view 2 rotated by up to 15 degrees, zoomed
+  by 0.9-1.1, shifted by up to 0.1 of the image, mirrored left-right with probability 0.5;
+  both views get a small additive brightness / contrast jitter and pixel noise.
+- ``"authors"``: the augmentation of the BIMI authors' training code (Contrast-You,
+  `semi_seg/augment.py` and `semi_seg/epochers/epocher.py`): one random geometric transform
+  shared by both views (rotation up to 45 degrees, a mirror on each axis with probability
+  0.5, a shift of up to 0.05 of the image: their loader's rotate / flip / crop), a
+  brightness and a contrast factor drawn in [0.5, 1.5] for each view separately (their
+  colour jitter), then for view 2 only a gamma correction ``x ** g`` with g uniform in
+  [0.5, 2] and the warp between the views: rotation up to 45 degrees, zoom 0.8-1.3, shift up
+  to 0.1 of the image, and with probability 0.9 a mirror along one axis picked at random.
+  Intensity changes come before the warp, as in their code. Their images are [0, 1]
+  intensities; the colour jitter clamps to that range so the gamma is defined.
+
 Shapes: images and maps are (B, C, H, W); `theta` is (B, 2, 3); masks are (B, 1, H, W), 1.0 on
 valid pixels and 0.0 on the padding. The transform is the same for every channel of a sample
 and independent between samples. All randomness comes from the `torch.Generator` passed in
@@ -30,19 +46,23 @@ views on every run and device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "VIEW_SETTINGS",
     "AffineParams",
     "TwoViews",
     "TwoViewTransform",
     "affine_theta",
+    "compose_theta",
     "random_affine_params",
     "intensity_jitter",
+    "colour_jitter",
+    "gamma_correction",
     "validity_mask",
     "warp",
 ]
@@ -52,12 +72,13 @@ __all__ = [
 class AffineParams:
     """One random affine transform per sample (all tensors have a leading batch dim B).
 
-    rotation    : (B,) radians (see `affine_theta` for the direction)
-    scale       : (B,) zoom factor (> 1 enlarges the content)
-    translation : (B, 2) shift of the content as a fraction of the image (x, y), in [-1, 1]
-    flip        : (B,) bool, mirror left-right (along W) before rotating
-    theta       : (B, 2, 3) the matrix for `F.affine_grid` (output -> input, normalised
-                  coordinates, align_corners=False) that does all of the above
+    rotation      : (B,) radians (see `affine_theta` for the direction)
+    scale         : (B,) zoom factor (> 1 enlarges the content)
+    translation   : (B, 2) shift of the content as a fraction of the image (x, y), in [-1, 1]
+    flip          : (B,) bool, mirror left-right (along W) before rotating
+    theta         : (B, 2, 3) the matrix for `F.affine_grid` (output -> input, normalised
+                    coordinates, align_corners=False) that does all of the above
+    flip_vertical : (B,) bool, mirror up-down (along H) before rotating; None means never
     """
 
     rotation: torch.Tensor
@@ -65,6 +86,7 @@ class AffineParams:
     translation: torch.Tensor
     flip: torch.Tensor
     theta: torch.Tensor
+    flip_vertical: Optional[torch.Tensor] = None
 
 
 def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -77,14 +99,15 @@ def affine_theta(
     translation: torch.Tensor,
     flip: torch.Tensor,
     size: Sequence[int],
+    flip_vertical: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The (B, 2, 3) `F.affine_grid` matrix (output -> input, normalised coordinates,
-    align_corners=False) of given transforms: mirror left-right where `flip` (B,) is True, then
-    rotate by `rotation` (B,) radians (positive turns the content from the +x axis (right)
-    towards the +y axis (down), i.e. clockwise as displayed with row 0 at the top), zoom by
-    `scale` (B,), shift by `translation` (B, 2) = (x, y) fractions of the image size. Rotation
-    and zoom are about the image centre and done in pixel space (rigid on non-square images).
-    Computed in float64."""
+    align_corners=False) of given transforms: mirror left-right where `flip` (B,) is True and
+    up-down where `flip_vertical` (B,) is True, then rotate by `rotation` (B,) radians
+    (positive turns the content from the +x axis (right) towards the +y axis (down), i.e.
+    clockwise as displayed with row 0 at the top), zoom by `scale` (B,), shift by `translation`
+    (B, 2) = (x, y) fractions of the image size. Rotation and zoom are about the image centre
+    and done in pixel space (rigid on non-square images). Computed in float64."""
     height, width = int(size[0]), int(size[1])
     rotation, scale = rotation.to(torch.float64).cpu(), scale.to(torch.float64).cpu()
     translation, flip = translation.to(torch.float64).cpu(), flip.cpu().bool()
@@ -95,6 +118,8 @@ def affine_theta(
     inverse_rotation = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
     mirror = torch.ones(batch, 2, dtype=torch.float64)
     mirror[:, 0] = torch.where(flip, -1.0, 1.0)
+    if flip_vertical is not None:
+        mirror[:, 1] = torch.where(flip_vertical.cpu().bool(), -1.0, 1.0)
     a_pixels = mirror[:, :, None] * inverse_rotation / scale[:, None, None]
     # Normalised coordinates are pixels / (W/2, H/2): A_norm = D^-1 A_pix D with D = diag(W, H).
     half = torch.tensor([width / 2, height / 2], dtype=torch.float64)
@@ -102,6 +127,15 @@ def affine_theta(
     # A content shift of +t (fraction of the size; the normalised span is 2) samples at -2t.
     shift = -2 * torch.einsum("bij,bj->bi", a_normalised, translation)
     return torch.cat([a_normalised, shift[:, :, None]], dim=2)
+
+
+def compose_theta(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The single (B, 2, 3) `theta` of warping with `first`, then warping the result with
+    `second` (both output -> input matrices on images of one size): output pixel p reads the
+    first warp's output at S p + s, which read the input at F (S p + s) + f."""
+    f_matrix, f_shift = first[:, :, :2], first[:, :, 2:]
+    s_matrix, s_shift = second[:, :, :2], second[:, :, 2:]
+    return torch.cat([f_matrix @ s_matrix, f_matrix @ s_shift + f_shift], dim=2)
 
 
 def random_affine_params(
@@ -114,18 +148,26 @@ def random_affine_params(
     generator: Optional[torch.Generator] = None,
     device=None,
     dtype: torch.dtype = torch.float32,
+    vertical_flip_prob: float = 0.0,
+    mirror_prob: float = 0.0,
 ) -> AffineParams:
     """Draw `batch` random affine transforms for images of spatial size `size` = (H, W).
 
     Rotation is uniform in [-max_rotation, max_rotation] degrees, scale uniform in
     `scale_range`, translation uniform in [-max_translation, max_translation] of the image size
-    per axis, and a left-right flip with probability `flip_prob`. The rotation is done in pixel
-    space, so it stays rigid on non-square images. Draws on the CPU from `generator`.
+    per axis, a left-right flip with probability `flip_prob` and an up-down flip with
+    probability `vertical_flip_prob` (independent draws), and with probability `mirror_prob`
+    one more mirror along one axis picked with equal chance (the authors' "mirror on either
+    axis"; it toggles the flip already drawn on that axis). The rotation is done in pixel
+    space, so it stays rigid on non-square images. Draws on the CPU from `generator`; with the
+    default `vertical_flip_prob=0` and `mirror_prob=0` the draws are those of earlier versions.
     """
     if len(size) != 2:
         raise ValueError(f"size: expected (H, W), got {tuple(size)!r}")
-    if not 0.0 <= flip_prob <= 1.0:
-        raise ValueError(f"flip_prob: expected a probability in [0, 1], got {flip_prob!r}")
+    for name, value in (("flip_prob", flip_prob), ("vertical_flip_prob", vertical_flip_prob),
+                        ("mirror_prob", mirror_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1], got {value!r}")
     low, high = scale_range
     if not 0 < low <= high:
         raise ValueError(f"scale_range: expected 0 < low <= high, got {scale_range!r}")
@@ -136,8 +178,15 @@ def random_affine_params(
         [_uniform(batch, -max_translation, max_translation, generator) for _ in range(2)], dim=1
     )
     flip = torch.rand(batch, generator=generator, dtype=torch.float64) < flip_prob
+    flip_vertical = None
+    if vertical_flip_prob > 0 or mirror_prob > 0:
+        flip_vertical = torch.rand(batch, generator=generator, dtype=torch.float64) < vertical_flip_prob
+        mirrored = torch.rand(batch, generator=generator, dtype=torch.float64) < mirror_prob
+        on_vertical = torch.rand(batch, generator=generator, dtype=torch.float64) < 0.5
+        flip = flip ^ (mirrored & ~on_vertical)
+        flip_vertical = flip_vertical ^ (mirrored & on_vertical)
 
-    theta = affine_theta(rotation, scale, translation, flip, (height, width))
+    theta = affine_theta(rotation, scale, translation, flip, (height, width), flip_vertical)
     as_out = dict(device=device, dtype=dtype)
     return AffineParams(
         rotation=rotation.to(**as_out),
@@ -145,6 +194,7 @@ def random_affine_params(
         translation=translation.to(**as_out),
         flip=flip.to(device=device),
         theta=theta.to(**as_out),
+        flip_vertical=None if flip_vertical is None else flip_vertical.to(device=device),
     )
 
 
@@ -206,20 +256,55 @@ def intensity_jitter(
     )
 
 
+def colour_jitter(
+    image: torch.Tensor,
+    brightness: Tuple[float, float] = (0.5, 1.5),
+    contrast: Tuple[float, float] = (0.5, 1.5),
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Brightness and contrast factors per sample, as torchvision's ColorJitter does on a grey
+    image in [0, 1]: ``x * b`` clamped to [0, 1], then ``m + c (x - m)`` clamped to [0, 1],
+    with m the sample's mean; b uniform in `brightness`, c uniform in `contrast`. (B, C, H, W)."""
+    batch = image.shape[0]
+    shape = (batch,) + (1,) * (image.dim() - 1)
+    as_image = dict(device=image.device, dtype=image.dtype)
+    b = _uniform(batch, brightness[0], brightness[1], generator).reshape(shape).to(**as_image)
+    c = _uniform(batch, contrast[0], contrast[1], generator).reshape(shape).to(**as_image)
+    out = (image * b).clamp(0, 1)
+    mean = out.flatten(1).mean(dim=1).reshape(shape)
+    return (mean + c * (out - mean)).clamp(0, 1)
+
+
+def gamma_correction(
+    image: torch.Tensor, gamma_range: Tuple[float, float] = (0.5, 2.0), generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """``x ** g`` per sample with g uniform in `gamma_range`; `image` must be >= 0 (intensities
+    in [0, 1]). (B, C, H, W)."""
+    batch = image.shape[0]
+    shape = (batch,) + (1,) * (image.dim() - 1)
+    g = _uniform(batch, gamma_range[0], gamma_range[1], generator).reshape(shape)
+    return image.clamp(min=0) ** g.to(device=image.device, dtype=image.dtype)
+
+
 @dataclass
 class TwoViews:
     """The two views of a batch and how they are aligned.
 
-    original    : (B, C, H, W) view 1, the untransformed image (intensity jitter only)
-    transformed : (B, C, H, W) view 2, the warped (bilinear) and jittered image
+    original    : (B, C, H, W) view 1: the image after the shared transform (if any) and view
+                  1's intensity changes
+    transformed : (B, C, H, W) view 2: the image after the shared transform (if any), view 2's
+                  intensity changes, and the warp (bilinear)
     params      : the AffineParams of the warp (view 1 frame -> view 2 frame)
     mask        : (B, 1, H, W) 1.0 where view 2 is not padding
+    shared      : the AffineParams of the transform applied to both views first (data
+                  augmentation; it needs no alignment), or None
     """
 
     original: torch.Tensor
     transformed: torch.Tensor
     params: AffineParams
     mask: torch.Tensor
+    shared: Optional[AffineParams] = None
 
     def align(self, maps: torch.Tensor) -> torch.Tensor:
         """Bring maps computed from view 1 (B, F, H', W') into view 2's frame: the same warp,
@@ -232,13 +317,46 @@ class TwoViews:
             return self.mask.to(maps.device)
         return validity_mask(self.params.theta, maps.shape[2:], device=maps.device)
 
+    def labels_in_view2(self, labels: torch.Tensor) -> torch.Tensor:
+        """A label map (B, H, W) of the untransformed images, carried into view 2's frame
+        (nearest; padding gets label 0), e.g. to draw the ground truth next to p2."""
+        theta = self.params.theta if self.shared is None else compose_theta(self.shared.theta, self.params.theta)
+        return warp(labels[:, None], theta, mode="nearest")[:, 0]
+
+    def to(self, device) -> "TwoViews":
+        """The images and mask on `device` (the parameters stay where they are)."""
+        return replace(self, original=self.original.to(device), transformed=self.transformed.to(device),
+                       mask=self.mask.to(device))
+
+
+# The named settings: keyword arguments of `TwoViewTransform` (see the module docstring).
+VIEW_SETTINGS: Dict[str, Dict[str, Any]] = {
+    "mild": dict(max_rotation=15.0, scale_range=(0.9, 1.1), max_translation=0.1, flip_prob=0.5,
+                 brightness=0.1, contrast=0.2, noise_std=0.01),
+    "authors": dict(
+        # shared by both views: the loader's rotate / flip / crop
+        shared_rotation=45.0, shared_flip_prob=0.5, shared_translation=0.05,
+        # each view: colour jitter factors; no additive jitter, no noise
+        brightness_factor=(0.5, 1.5), contrast_factor=(0.5, 1.5), brightness=0.0, contrast=0.0, noise_std=0.0,
+        # view 2 only: gamma, then the warp between the views
+        gamma_range=(0.5, 2.0), max_rotation=45.0, scale_range=(0.8, 1.3), max_translation=0.1,
+        flip_prob=0.0, mirror_prob=0.9,
+    ),
+}
+
 
 class TwoViewTransform:
     """Seeded two-view augmentation for BIMI pre-training on 2-D images (B, C, H, W).
 
-    Random affine (rotation, scale, translation) and left-right flip for view 2, bilinear;
-    intensity jitter on both views' images only (never on maps). See the module docstring for
-    how the views feed the loss. Set `flip_prob=0` for images without left-right symmetry.
+    Optionally a geometric transform shared by both views first (`shared_*`; data
+    augmentation). Then, per view, multiplicative colour jitter (`brightness_factor`,
+    `contrast_factor`, when given), and for view 2 a gamma correction (`gamma_range`, when
+    given) and the random affine warp (rotation, scale, translation, left-right flip
+    `flip_prob`, one-axis mirror `mirror_prob`), bilinear; last, the additive intensity jitter
+    and noise (`brightness`, `contrast`, `noise_std`) on each view's image. Intensity changes
+    touch images only, never maps. The defaults are the ``"mild"`` setting; `named("authors")`
+    gives the authors' setting (see the module docstring). Set `flip_prob=0` for images
+    without left-right symmetry.
     """
 
     def __init__(
@@ -250,6 +368,14 @@ class TwoViewTransform:
         brightness: float = 0.1,
         contrast: float = 0.2,
         noise_std: float = 0.01,
+        *,
+        mirror_prob: float = 0.0,
+        gamma_range: Optional[Tuple[float, float]] = None,
+        brightness_factor: Optional[Tuple[float, float]] = None,
+        contrast_factor: Optional[Tuple[float, float]] = None,
+        shared_rotation: float = 0.0,
+        shared_flip_prob: float = 0.0,
+        shared_translation: float = 0.0,
     ):
         self.max_rotation = max_rotation
         self.scale_range = scale_range
@@ -258,9 +384,53 @@ class TwoViewTransform:
         self.brightness = brightness
         self.contrast = contrast
         self.noise_std = noise_std
+        self.mirror_prob = mirror_prob
+        self.gamma_range = gamma_range
+        self.brightness_factor = brightness_factor
+        self.contrast_factor = contrast_factor
+        self.shared_rotation = shared_rotation
+        self.shared_flip_prob = shared_flip_prob
+        self.shared_translation = shared_translation
+        self.name = "custom"
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> "TwoViewTransform":
+        """The setting `name` of `VIEW_SETTINGS` ("mild" or "authors"), with `overrides`."""
+        if name not in VIEW_SETTINGS:
+            raise ValueError(f"name: expected one of {sorted(VIEW_SETTINGS)}, got {name!r}")
+        transform = cls(**{**VIEW_SETTINGS[name], **overrides})
+        transform.name = name if not overrides else f"{name} with {overrides}"
+        return transform
+
+    @property
+    def has_shared(self) -> bool:
+        return bool(self.shared_rotation or self.shared_flip_prob or self.shared_translation)
+
+    def describe(self) -> str:
+        """One line: what the views get."""
+        parts = []
+        if self.has_shared:
+            parts.append(f"shared by both views: rotation ±{self.shared_rotation:g}°, mirror per axis p "
+                         f"{self.shared_flip_prob:g}, shift ±{self.shared_translation:g}")
+        if self.brightness_factor or self.contrast_factor:
+            parts.append(f"per view: brightness × U{tuple(self.brightness_factor or (1, 1))}, "
+                         f"contrast × U{tuple(self.contrast_factor or (1, 1))}")
+        warp_text = (f"view 2: rotation ±{self.max_rotation:g}°, scale {self.scale_range[0]:g}-{self.scale_range[1]:g}, "
+                     f"shift ±{self.max_translation:g}")
+        if self.flip_prob:
+            warp_text += f", left-right flip p {self.flip_prob:g}"
+        if self.mirror_prob:
+            warp_text += f", mirror on a random axis p {self.mirror_prob:g}"
+        if self.gamma_range:
+            warp_text = f"view 2: gamma U{tuple(self.gamma_range)}, " + warp_text[len("view 2: "):]
+        parts.append(warp_text)
+        if self.brightness or self.contrast or self.noise_std:
+            parts.append(f"both views: brightness ±{self.brightness:g}, contrast ±{self.contrast:g}, "
+                         f"noise {self.noise_std:g}")
+        return f"{self.name}: " + "; ".join(parts)
 
     def sample(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> AffineParams:
-        """Draw the affine parameters for a batch like `image` (no warping)."""
+        """Draw the parameters of the warp between the views for a batch like `image` (no warping)."""
         return random_affine_params(
             image.shape[0],
             image.shape[2:],
@@ -271,16 +441,41 @@ class TwoViewTransform:
             generator=generator,
             device=image.device,
             dtype=image.dtype if image.is_floating_point() else torch.float32,
+            mirror_prob=self.mirror_prob,
+        )
+
+    def sample_shared(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> AffineParams:
+        """Draw the transform shared by both views (rotation, a mirror per axis, shift; no zoom)."""
+        return random_affine_params(
+            image.shape[0], image.shape[2:], max_rotation=self.shared_rotation, scale_range=(1.0, 1.0),
+            max_translation=self.shared_translation, flip_prob=self.shared_flip_prob,
+            vertical_flip_prob=self.shared_flip_prob, generator=generator, device=image.device,
+            dtype=image.dtype if image.is_floating_point() else torch.float32,
         )
 
     def jitter(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The additive intensity jitter and noise of one view (no-op when all are 0)."""
+        if not (self.brightness or self.contrast or self.noise_std):
+            return image
         return intensity_jitter(image, self.brightness, self.contrast, self.noise_std, generator)
+
+    def _before_warp(self, image: torch.Tensor, generator, view: int) -> torch.Tensor:
+        if self.brightness_factor or self.contrast_factor:
+            image = colour_jitter(image, self.brightness_factor or (1.0, 1.0), self.contrast_factor or (1.0, 1.0), generator)
+        if view == 2 and self.gamma_range:
+            image = gamma_correction(image, self.gamma_range, generator)
+        return image
 
     def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> TwoViews:
         if image.dim() != 4:
             raise ValueError(f"image: expected a (B, C, H, W) tensor, got shape {tuple(image.shape)}")
         params = self.sample(image, generator)
-        original = self.jitter(image, generator)
-        transformed = self.jitter(warp(image, params.theta, mode="bilinear"), generator)
+        shared = None
+        if self.has_shared:
+            shared = self.sample_shared(image, generator)
+            image = warp(image, shared.theta, mode="bilinear")
+        original = self.jitter(self._before_warp(image, generator, view=1), generator)
+        view2 = self._before_warp(image, generator, view=2)
+        transformed = self.jitter(warp(view2, params.theta, mode="bilinear"), generator)
         mask = validity_mask(params.theta, image.shape[2:], device=image.device, dtype=image.dtype)
-        return TwoViews(original=original, transformed=transformed, params=params, mask=mask)
+        return TwoViews(original=original, transformed=transformed, params=params, mask=mask, shared=shared)

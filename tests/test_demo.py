@@ -1,32 +1,49 @@
-"""Smoke test of the brain MRI demo: the data, the model, and a tiny end-to-end run that writes
-its table, pictures and checkpoints (a few steps at 32x32; the real run's numbers live in
-results/demo/)."""
+"""The brain MRI demo: its data (tissue and lobes), the lobe grouping, the validation-based
+choice of the fine-tuning checkpoint, the command line's usage errors (exit code 2, nothing
+written), the up-front dependency check, no silent overwrite, atomic checkpoints, and a tiny
+end-to-end run (a few steps at 32x32; the real runs' numbers live in results/demo/)."""
 import importlib.util
 import json
 
 import pytest
 import torch
 
-pytest.importorskip("matplotlib", reason="the demo's pictures need matplotlib (pip install 'bimi_kernels[demo]')")
-pytest.importorskip("tqdm", reason="the demo's progress bars need tqdm (pip install 'bimi_kernels[demo]')")
+from bimi_kernels.demo import cli
+from bimi_kernels.demo import data as demo_data
+from bimi_kernels.demo import lobes
+from bimi_kernels.demo.finetune import FinetuneConfig, evaluation_steps, finetune_and_evaluate, validation_choice
+from bimi_kernels.demo.pretrain import ModelConfig
+from bimi_kernels.demo.training import atomic_save, warmup_cosine
+from bimi_kernels.demo.unet import ClusterHeads, Segmenter, UNet
 
-from bimi_kernels.demo import data as demo_data  # noqa: E402
-from bimi_kernels.demo.cli import main  # noqa: E402
-from bimi_kernels.demo.unet import ClusterHeads, Segmenter, UNet  # noqa: E402
-
-have_data = importlib.util.find_spec("nibabel") is not None and importlib.util.find_spec("nilearn") is not None
-needs_data = pytest.mark.skipif(not have_data, reason="needs nibabel and nilearn (pip install 'bimi_kernels[demo]')")
+have_extras = all(importlib.util.find_spec(name) is not None for name in ("nibabel", "nilearn", "matplotlib", "tqdm"))
+needs_extras = pytest.mark.skipif(not have_extras, reason="needs the demo extras (pip install 'bimi_kernels[demo]')")
+have_mricron = all((lobes.DEFAULT_FOLDER / name).is_file() for name in lobes.FILES)
+needs_mricron = pytest.mark.skipif(not (have_mricron and have_extras),
+                                   reason=f"needs mricron-data ({lobes.INSTALL_COMMAND}) and nibabel")
 
 TINY = ["--resolution", "32", "--width", "8", "--depth", "2", "--clusters", "5", "--heads", "2",
-        "--epochs", "1", "--batch-size", "2", "--pretrain-steps", "1", "--finetune-steps", "2",
-        "--seeds", "1", "--labels", "1", "--settings", "random", "bimi", "--no-progress"]
+        "--epochs", "1", "--batch-size", "2", "--batches-per-epoch", "1", "--finetune-steps", "4",
+        "--eval-every", "2", "--seeds", "1", "--labels", "1", "--settings", "random", "bimi", "--no-progress"]
+
+# AAL region names without the hemisphere suffix, with the first digit of the atlas's own code
+# (2 frontal, 3 insula, 4 limbic, 5 occipital, 6 parietal, 7 deep grey, 8 temporal, 9 cerebellum).
+AAL_REGIONS = """
+Precentral:2 Frontal_Sup:2 Frontal_Sup_Orb:2 Frontal_Mid:2 Frontal_Mid_Orb:2 Frontal_Inf_Oper:2
+Frontal_Inf_Tri:2 Frontal_Inf_Orb:2 Rolandic_Oper:2 Supp_Motor_Area:2 Olfactory:2 Frontal_Sup_Medial:2
+Frontal_Med_Orb:2 Rectus:2 Insula:3 Cingulum_Ant:4 Cingulum_Mid:4 Cingulum_Post:4 Hippocampus:4
+ParaHippocampal:4 Amygdala:4 Calcarine:5 Cuneus:5 Lingual:5 Occipital_Sup:5 Occipital_Mid:5 Occipital_Inf:5
+Fusiform:5 Postcentral:6 Parietal_Sup:6 Parietal_Inf:6 SupraMarginal:6 Angular:6 Precuneus:6
+Paracentral_Lobule:6 Caudate:7 Putamen:7 Pallidum:7 Thalamus:7 Heschl:8 Temporal_Sup:8 Temporal_Pole_Sup:8
+Temporal_Mid:8 Temporal_Pole_Mid:8 Temporal_Inf:8 Cerebelum_Crus1:9 Cerebelum_Crus2:9 Cerebelum_3:9
+Cerebelum_4_5:9 Cerebelum_6:9 Cerebelum_7b:9 Cerebelum_8:9 Cerebelum_9:9 Cerebelum_10:9 Vermis_1_2:9
+Vermis_3:9 Vermis_4_5:9 Vermis_6:9 Vermis_7:9 Vermis_8:9 Vermis_9:9 Vermis_10:9
+"""
+CODE_LOBES = {2: "frontal", 3: "insula / limbic", 4: "insula / limbic", 5: "occipital", 6: "parietal",
+              7: "deep grey", 8: "temporal", 9: "cerebellum"}
 
 
-def test_missing_data_package_names_what_to_install(monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nilearn" else real_find_spec(name, *a))
-    with pytest.raises(demo_data.MissingDemoData, match="pip install"):
-        demo_data.template_folder()
+# ---------------------------------------------------------------------------- model and data
 
 
 def test_unet_and_heads_shapes():
@@ -42,39 +59,308 @@ def test_unet_and_heads_shapes():
         unet.features(torch.rand(1, 1, 30, 30))
 
 
-@needs_data
-def test_slices_are_labelled_and_split_into_contiguous_blocks():
-    slices = demo_data.load_brain_slices(resolution=32, gap=3)
-    blocks = [slices.pretrain, slices.finetune, slices.test]
+def test_lobe_grouping_by_name_matches_the_atlas_codes():
+    regions = [item.split(":") for item in AAL_REGIONS.split()]
+    assert len(regions) == 62  # 116 regions: 54 in each hemisphere, 8 vermis parts
+    for name, code in regions:
+        for full_name in ([name] if name.startswith("Vermis") else [name + "_L", name + "_R"]):
+            assert lobes.LOBE_CLASSES[lobes.lobe_of(full_name)] == CODE_LOBES[int(code)], full_name
+    names = {1: "Frontal_Sup_L", 2: "Parietal_Inf_R", 5: "ParaHippocampal_L", 7: "Vermis_3"}
+    table = lobes.lobe_lookup(names)
+    assert table[0] == 1  # in the brain, no AAL region: "unlabelled brain"
+    assert [lobes.LOBE_CLASSES[table[v]] for v in (1, 2, 5, 7)] == ["frontal", "parietal", "insula / limbic", "cerebellum"]
+    with pytest.raises(ValueError, match="Corpus_Callosum"):
+        lobes.lobe_of("Corpus_Callosum_L")
+
+
+def test_lobe_blocks_split_by_hemisphere():
+    area = torch.ones(181).numpy()
+    positions = lobes.left_right_positions(area)
+    left = set(positions["pretrain"]) | set(positions["finetune"]) | set(positions["validation"])
+    assert max(left) < lobes.MIDLINE_X < min(positions["test"])
+    assert set(positions["finetune"]) <= set(positions["pretrain"])
+    assert not set(positions["validation"]) & set(positions["pretrain"])
+    for x in positions["validation"]:  # no pre-training or labelled slice next to a validation slice
+        assert not {x - 1, x + 1} & (set(positions["pretrain"]) | set(positions["finetune"]))
+    assert [2 * lobes.MIDLINE_X - x for x in positions["mirror"]] == positions["test"]
+
+
+def test_missing_lobe_data_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("BIMI_MRICRON_DIR", str(tmp_path))
+    with pytest.raises(demo_data.MissingDemoData, match="apt-get install mricron-data"):
+        lobes.data_folder()
+
+
+@needs_mricron
+def test_lobes_task_on_the_real_atlas():
+    task = demo_data.load_task("lobes", 32)
+    assert task.class_names == lobes.LOBE_CLASSES and task.scored == tuple(range(2, 9))
+    for block in (task.pretrain, task.finetune, task.validation):
+        assert (block.position < lobes.MIDLINE_X).all()
+    assert (task.test.position > lobes.MIDLINE_X).all()
+    assert set(task.test.labels.unique().tolist()) == set(range(9))
+    for block in (task.pretrain, task.finetune, task.validation, task.test):
+        assert block.images.shape[1:] == (1, 32, 32) and 0 <= block.images.min() and block.images.max() <= 1
+        assert (block.images[:, 0][block.labels == 0] == 0).all()
+    from bimi_kernels.demo.finetune import dice_per_class, mean_dice
+
+    mirror = mean_dice(dice_per_class(task.mirror_test, task.test.labels, 9), task.scored)
+    assert mirror > 0.6  # the hemispheres are nearly symmetric
+
+
+@needs_extras
+def test_tissue_blocks_are_disjoint_and_contiguous():
+    task = demo_data.load_task("tissue", 32)
+    blocks = [task.finetune, task.validation, task.test]
     for block in blocks:
         assert block.images.shape[1:] == (1, 32, 32) and block.labels.shape[1:] == (32, 32)
-        assert torch.equal(block.z, torch.arange(int(block.z[0]), int(block.z[-1]) + 1))  # contiguous
-        assert 0 <= block.images.min() and block.images.max() <= 1
+        assert torch.equal(block.position, torch.arange(int(block.position[0]), int(block.position[-1]) + 1))
         assert set(block.labels.unique().tolist()) == {0, 1, 2, 3}
         assert (block.images[:, 0][block.labels == 0] == 0).all()  # background is outside the brain
     for below, above in zip(blocks, blocks[1:]):
-        assert int(above.z[0]) - int(below.z[-1]) > 3  # the gap keeps neighbours apart
+        assert int(above.position[0]) - int(below.position[-1]) > 3  # the gap keeps neighbours apart
+    seen = set(task.pretrain.position.tolist())
+    assert set(task.finetune.position.tolist()) <= seen  # pre-training sees the labelled block's images
+    assert not seen & (set(task.validation.position.tolist()) | set(task.test.position.tolist()))
 
 
-@needs_data
-def test_tiny_demo_run_writes_table_pictures_and_checkpoints(tmp_path):
+# ---------------------------------------------------------------------------- protocol
+
+
+def test_warmup_cosine_schedule():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = warmup_cosine(optimizer, total_steps=80, warmup_fraction=0.125, start_factor=0.01)
+    rates = []
+    for _ in range(80):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.01) and rates[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(rates[:10], rates[1:11]))  # warm-up rises
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[-1] < 0.01  # cosine falls
+
+
+def test_validation_choice_is_the_best_earliest_step():
+    assert evaluation_steps(100, 25) == [25, 50, 75, 100]
+    assert evaluation_steps(90, 25) == [25, 50, 75, 90]
+    assert validation_choice([25, 50, 75], [0.2, 0.5, 0.4]) == 1
+    assert validation_choice([25, 50, 75], [0.5, 0.3, 0.5]) == 0
+
+
+def _synthetic_task(classes=3, size=16):
+    generator = torch.Generator().manual_seed(0)
+
+    def block(n):
+        labels = torch.randint(0, classes, (n, 4, 4), generator=generator)
+        labels = torch.nn.functional.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        images = labels[:, None].float() / (classes - 1) + 0.05 * torch.rand(n, 1, size, size, generator=generator)
+        return demo_data.SliceBlock(images, labels, torch.arange(n))
+
+    return demo_data.TaskData(task="synthetic", source="blocks", class_names=("a", "b", "c"), scored=(1, 2),
+                              score_title="mean Dice", pretrain=block(4), finetune=block(4), validation=block(3),
+                              test=block(5), resolution=size, position_unit="i")
+
+
+def test_finetuning_chooses_on_validation_and_reads_the_test_block_last(monkeypatch):
+    from bimi_kernels.demo import finetune
+
+    task = _synthetic_task()
+    reads = []
+    real_predict = finetune.predict
+
+    def recording_predict(model, images, device, batch_size=16):
+        reads.append("test" if images is task.test.images else "validation" if images is task.validation.images else "?")
+        return real_predict(model, images, device, batch_size)
+
+    monkeypatch.setattr(finetune, "predict", recording_predict)
+    config = FinetuneConfig(steps=12, lr=3e-3, eval_every=3)
+    result = finetune_and_evaluate(None, ModelConfig(width=4, depth=2), config, task, labelled=2, seed=0,
+                                   device=torch.device("cpu"))
+    assert reads == ["validation"] * 4 + ["test"] * 4  # every validation score before any test score
+    scores = [p["mean"] for p in result["validation_curve"]]
+    assert [p["step"] for p in result["validation_curve"]] == [3, 6, 9, 12]
+    assert result["chosen_step"] == [3, 6, 9, 12][validation_choice([3, 6, 9, 12], scores)]
+    chosen = [3, 6, 9, 12].index(result["chosen_step"])
+    assert result["test_mean"] == result["test_curve"][chosen]["mean"]
+    assert result["test_last_mean"] == result["test_curve"][-1]["mean"]
+    reads.clear()
+    no_test = finetune_and_evaluate(None, ModelConfig(width=4, depth=2), config, task, labelled=2, seed=0,
+                                    device=torch.device("cpu"), score_test=False)
+    assert "test" not in reads and "test_mean" not in no_test
+    assert no_test["validation_curve"] == result["validation_curve"]  # seeded: the same run
+
+
+def test_criterion_is_evaluated_as_stated():
+    def run(setting, labelled, value):
+        return {"setting": setting, "labelled": labelled, "test_mean": value}
+
+    runs = [run("random", 1, v) for v in (0.30, 0.32, 0.34)] + [run("bimi", 1, v) for v in (0.50, 0.52, 0.54)]
+    runs += [run("rmi", 1, 0.45), run("iic", 1, 0.40)]
+    summary = {"finetune": runs, "options": {"labels": [1], "no_test": False}, "settings": ["random", "iic", "rmi", "bimi"]}
+    lines = cli.evaluate_criterion(summary)
+    assert "**met**" in lines[0] and "**met**" in lines[1]
+    runs[3:6] = [run("bimi", 1, v) for v in (0.30, 0.36, 0.42)]  # mean 0.36: +0.04, less than 2 x 0.049
+    assert "**not met**" in cli.evaluate_criterion(summary)[0]
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "pretrain_bimi.pt"
+    atomic_save({"epoch": 1}, path)
+    real_save = torch.save
+
+    def killed_mid_write(state, target):
+        with open(target, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path)["epoch"] == 1  # the last good checkpoint is whole
+    assert list(tmp_path.iterdir()) == [path]  # and no temporary file is left behind
+
+
+# ---------------------------------------------------------------------------- command line
+
+BAD_ARGUMENTS = [
+    (["--device", "gpu"], "--device"),
+    (["--device", "cuda:x"], "--device"),
+    (["--backend", "foo"], "--backend"),
+    (["--clusters", "1"], "--clusters"),
+    (["--resolution", "50"], "--resolution"),
+    (["--resolution", "8", "--depth", "2"], "--resolution"),
+    (["--depth", "1"], "--depth"),
+    (["--epochs", "0"], "--epochs"),
+    (["--labels", "0"], "--labels"),
+    (["--labels", "2", "2"], "--labels"),
+    (["--seeds", "0"], "--seeds"),
+    (["--finetune-steps", "0"], "--finetune-steps"),
+    (["--lr", "0"], "--lr"),
+    (["--finetune-lr", "-1"], "--finetune-lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--threads", "0"], "--threads"),
+    (["--offsets", "-1"], "--offsets"),
+    (["--picture-every", "0"], "--picture-every"),
+    (["--task", "organs"], "--task"),
+    (["--views", "strong"], "--views"),
+    (["--resume", "--overwrite"], "--overwrite"),
+]
+
+
+def _usage_error(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--out", str(out)])
+    assert exit_info.value.code == 2
+    assert not out.exists()  # nothing written
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_a_usage_error(argv, named, tmp_path, capsys):
+    err = _usage_error(argv, tmp_path, capsys)
+    assert "usage: bimi demo" in err and named in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_device_on_a_cpu_only_torch_is_a_usage_error(tmp_path, capsys):
+    err = _usage_error(["--device", "cuda"], tmp_path, capsys)
+    assert "--device" in err and "use --device cpu" in err
+
+
+def test_backend_that_cannot_run_on_the_device_is_a_usage_error(tmp_path, capsys):
+    err = _usage_error(["--device", "cpu", "--backend", "cuda"], tmp_path, capsys)
+    assert "--backend" in err and "cannot run on cpu" in err
+
+
+@needs_extras
+def test_more_labels_than_fine_tune_slices_is_a_usage_error(tmp_path, capsys):
+    err = _usage_error(["--labels", "40"], tmp_path, capsys)
+    assert "--labels" in err and "at most 17" in err
+
+
+@needs_extras
+def test_full_preset_on_a_cpu_asks_for_a_flag(tmp_path, capsys):
+    err = _usage_error(["--preset", "full", "--device", "cpu"], tmp_path, capsys)
+    assert "hours" in err and "--allow-long-cpu-run" in err
+
+
+def test_missing_dependencies_are_named_at_once_before_any_work(monkeypatch, tmp_path, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tqdm", "matplotlib") else real_find_spec(name, *a))
+    out = tmp_path / "out"
+    assert cli.main(["--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib, tqdm" in err and "pip install 'bimi_kernels[demo]'" in err
+    assert not out.exists()
+
+
+def test_missing_lobe_data_stops_the_demo_with_the_install_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("BIMI_MRICRON_DIR", str(tmp_path / "nowhere"))
+    out = tmp_path / "out"
+    assert cli.main(["--task", "lobes", "--out", str(out)]) == 2
+    assert "apt-get install mricron-data" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("the first run")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(TINY + ["--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "--resume" in capsys.readouterr().err and (out / "results.md").read_text() == "the first run"
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "pretrain_bimi.pt").write_bytes(b"old")
+    with pytest.raises(SystemExit):
+        cli.main(TINY + ["--out", str(tmp_path / "fresh"), "--checkpoint-dir", str(checkpoints)])
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_overwrite_removes_only_the_demo_files(tmp_path):
+    out = tmp_path / "out"
+    (out / "pictures").mkdir(parents=True)
+    (out / "results.md").write_text("old")
+    (out / "pictures" / "bimi_epoch001.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    args = cli.resolve_options(cli.build_parser().parse_args(["--out", str(out), "--overwrite"]))
+    cli.remove_previous_outputs(args)
+    assert not (out / "results.md").exists() and not (out / "pictures" / "bimi_epoch001.png").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_command_line_has_no_trailing_space():
+    assert cli.command_line([]) == "bimi demo"
+    assert cli.command_line(["--task", "lobes"]) == "bimi demo --task lobes"
+
+
+@needs_extras
+def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path):
     out = tmp_path / "demo"
     threads_before = torch.get_num_threads()
-    assert main(TINY + ["--out", str(out)]) == 0
+    assert cli.main(TINY + ["--out", str(out)]) == 0
     assert torch.get_num_threads() == threads_before  # the quick preset's 1 thread does not leak
-    for name in ("results.md", "results.json", "loss_curves.png", "dice.png",
-                 "pictures/bimi_epoch001.png", "checkpoints/pretrain_bimi.pt"):
+    for name in ("results.md", "results.json", "loss_curves.png", "dice.png", "finetune_curves.png",
+                 "pictures/bimi_epoch001.png", "checkpoints/pretrain_bimi.pt", "log.txt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.glob("checkpoints/*.tmp"))
     summary = json.loads((out / "results.json").read_text())
     assert summary["settings"] == ["random", "bimi"]
     assert {(r["setting"], r["labelled"]) for r in summary["finetune"]} == {("random", 1), ("bimi", 1)}
     for run in summary["finetune"]:
         assert len(run["test_dice"]) == 4 and all(0 <= d <= 1 for d in run["test_dice"])
+        assert run["chosen_step"] in (2, 4) and len(run["validation_curve"]) == 2
+    assert {p["setting"] for p in summary["probes"]} == {"random", "bimi"}
     markdown = (out / "results.md").read_text()
-    assert "full BIMI" in markdown and "random init" in markdown and "bimi demo" in markdown
+    assert "full BIMI" in markdown and "random init" in markdown and "intensity lookup" in markdown
+    assert ", 1 thread\n" in markdown and "1 threads" not in markdown and "Criterion" in markdown
 
     # --resume finds the finished pre-training and does not train again
-    assert main(TINY + ["--out", str(out), "--resume"]) == 0
+    assert cli.main(TINY + ["--out", str(out), "--resume"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["pretrain"]["bimi"]["resumed_from_epoch"] == 1
     assert again["pretrain"]["bimi"]["epoch_loss"] == summary["pretrain"]["bimi"]["epoch_loss"]

@@ -7,6 +7,9 @@ import torch
 from bimi_kernels.views import (
     TwoViewTransform,
     affine_theta,
+    colour_jitter,
+    compose_theta,
+    gamma_correction,
     random_affine_params,
     validity_mask,
     warp,
@@ -143,3 +146,86 @@ def test_bad_input_is_named():
         TwoViewTransform()(torch.rand(1, 4, 4))
     with pytest.raises(ValueError, match="flip_prob"):
         random_affine_params(1, (4, 4), flip_prob=2.0)
+
+
+# The authors' setting (VIEW_SETTINGS["authors"]): shared transform, mirror, gamma, colour jitter.
+
+
+def test_vertical_flip_and_composition_are_exact():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    up_down = affine_theta(torch.zeros(1), torch.ones(1), torch.zeros(1, 2), torch.tensor([False]), (4, 4),
+                           flip_vertical=torch.tensor([True])).float()
+    assert torch.equal(warp(x, up_down, mode="nearest"), torch.flip(x, dims=[-2]))
+    quarter = _theta(rotation=math.pi / 2)
+    mirror = _theta(flip=True)
+    twice = warp(warp(x, quarter, mode="nearest"), mirror, mode="nearest")
+    assert torch.equal(warp(x, compose_theta(quarter, mirror), mode="nearest"), twice)
+
+
+def test_mirror_prob_mirrors_one_axis_picked_at_random():
+    p = random_affine_params(2000, (8, 8), flip_prob=0.0, mirror_prob=0.9, generator=torch.Generator().manual_seed(0))
+    either = p.flip ^ p.flip_vertical
+    assert not (p.flip & p.flip_vertical).any()  # never both: one axis per draw
+    assert 0.87 < either.float().mean() < 0.93
+    assert 0.4 < p.flip.float().mean() / either.float().mean() < 0.6
+    always = random_affine_params(50, (8, 8), flip_prob=0.0, mirror_prob=1.0, generator=torch.Generator().manual_seed(1))
+    assert (always.flip ^ always.flip_vertical).all()
+
+
+def test_authors_setting_is_seeded_and_has_its_ranges():
+    transform = TwoViewTransform.named("authors")
+    assert transform.gamma_range == (0.5, 2.0) and transform.mirror_prob == 0.9 and transform.flip_prob == 0.0
+    assert transform.max_rotation == 45.0 and transform.scale_range == (0.8, 1.3) and transform.max_translation == 0.1
+    assert transform.brightness_factor == (0.5, 1.5) and transform.contrast_factor == (0.5, 1.5)
+    assert transform.has_shared and "gamma" in transform.describe()
+    images = torch.rand(4, 1, 24, 24, generator=torch.Generator().manual_seed(1))
+    a = transform(images, generator=torch.Generator().manual_seed(7))
+    b = transform(images, generator=torch.Generator().manual_seed(7))
+    c = transform(images, generator=torch.Generator().manual_seed(8))
+    for field in ("original", "transformed", "mask"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert torch.equal(a.shared.theta, b.shared.theta) and not torch.equal(a.params.theta, c.params.theta)
+    assert 0 <= a.original.min() and a.original.max() <= 1 and 0 <= a.transformed.min() and a.transformed.max() <= 1
+    with pytest.raises(ValueError, match="name"):
+        TwoViewTransform.named("strong")
+
+
+def test_mild_setting_is_the_default():
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    a = TwoViewTransform()(images, generator=torch.Generator().manual_seed(3))
+    b = TwoViewTransform.named("mild")(images, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.transformed, b.transformed) and torch.equal(a.original, b.original) and a.shared is None
+
+
+def test_authors_views_align_maps_and_labels():
+    """With the authors' geometry (shared rotate / flip / shift, then zoom, rotation and a mirror
+    for view 2), view 1's maps warped by `align` land on view 2's content, and `labels_in_view2`
+    carries the untransformed label map to the same place."""
+    labels = _blocks(batch=4, size=40, seed=6)
+    image = labels[:, None].float()
+    geometry_only = TwoViewTransform.named("authors", gamma_range=None, brightness_factor=None, contrast_factor=None)
+    views = geometry_only(image, generator=torch.Generator().manual_seed(12))
+    assert views.params.flip_vertical is not None and views.shared is not None
+    view1_labels = views.original[:, 0].round().long()  # view 1 = the shared transform only
+    aligned = views.align(torch.nn.functional.one_hot(view1_labels, 4).permute(0, 3, 1, 2).float()).argmax(1)
+    view2 = views.transformed[:, 0]
+    valid = views.mask[:, 0] > 0
+    interior = (view2 - view2.round()).abs() < 1e-4
+    assert (aligned == view2.round().long())[valid & interior].all()
+    carried = views.labels_in_view2(labels)
+    assert (carried == view2.round().long())[valid & interior].float().mean() > 0.97
+    # the intensity changes of the full setting touch the images only: same geometry, same mask
+    full = TwoViewTransform.named("authors")(image, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(full.params.theta, views.params.theta) and torch.equal(full.mask, views.mask)
+
+
+def test_colour_jitter_and_gamma_stay_in_range_and_keep_order():
+    images = torch.rand(5, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    jittered = colour_jitter(images, generator=torch.Generator().manual_seed(0))
+    assert 0 <= jittered.min() and jittered.max() <= 1
+    corrected = gamma_correction(images, (0.5, 2.0), generator=torch.Generator().manual_seed(0))
+    assert 0 <= corrected.min() and corrected.max() <= 1
+    # a power with a positive exponent keeps the order of every sample's pixels
+    for original, new in zip(images.flatten(1), corrected.flatten(1)):
+        assert torch.equal(torch.argsort(original), torch.argsort(new))
+    assert torch.equal(gamma_correction(images, (1.0, 1.0)), images)

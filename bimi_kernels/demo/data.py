@@ -1,40 +1,128 @@
-"""Real brain MRI for the demo: axial slices of the MNI ICBM152 2009 template with tissue labels.
+"""The demo's two tasks on real brain MRI, as blocks of 2-D slices.
 
-The `nilearn` wheel bundles the symmetric ICBM152 2009a template (T1, grey-matter and
-white-matter probability maps, 197 x 233 x 189 voxels of 1 mm, skull-stripped) in
-`nilearn/datasets/data/`. We read those three files with nibabel; nilearn itself is never
-imported (its import pulls in scikit-learn, pandas and more), we only locate its folder.
+- ``tissue`` (the default; from pip alone): axial slices of the MNI ICBM152 2009a template that
+  the `nilearn` wheel bundles (`nilearn/datasets/data/`: T1, grey- and white-matter probability
+  maps, 1 mm, skull-stripped). We read the files with nibabel; nilearn itself is never imported
+  (its import pulls in scikit-learn, pandas and more), we only locate its folder. Labels per
+  pixel: 0 background (outside the brain), 1 grey matter, 2 white matter, 3 other in-brain
+  tissue (mostly cerebrospinal fluid): the most probable of GM / WM / 1 - GM - WM inside the
+  brain mask (T1 > 0). Slices are split into contiguous blocks, inferior to superior:
+  pre-train | gap | fine-tune | gap | validation | gap | test. Neighbouring slices are nearly
+  identical, so a random split would leak; the gaps keep the blocks apart.
+- ``lobes`` (needs the Debian package ``mricron-data``): sagittal slices of the Colin27 brain
+  with the AAL atlas grouped into lobes; see `bimi_kernels.demo.lobes`.
 
-Labels per pixel: 0 background (outside the brain), 1 grey matter, 2 white matter, 3 other
-in-brain tissue (mostly cerebrospinal fluid), the most probable of GM / WM / 1 - GM - WM
-inside the brain mask (T1 > 0).
-
-Axial slices (along the inferior-superior axis) are split into contiguous blocks, inferior to
-superior: pre-train | gap | fine-tune | gap | test. Neighbouring slices are nearly identical,
-so a random split would leak the test set into training; the gaps keep the blocks apart.
+Every task gives a `TaskData`: the images to pre-train on (never their labels), the fine-tune
+block (the slices that may be labelled), a validation block (for choosing the fine-tuning
+checkpoint) and a test block (scored once, at the end), all disjoint.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-CLASS_NAMES = ("background", "grey matter", "white matter", "other in-brain")
+TISSUE_CLASSES = ("background", "grey matter", "white matter", "other in-brain")
+CLASS_NAMES = TISSUE_CLASSES  # the old name, kept for callers of earlier versions
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
-INSTALL_HINT = "pip install nibabel nilearn   (or: pip install 'bimi_kernels[demo]')"
+INSTALL_HINT = "pip install 'bimi_kernels[demo]'   (the demo extras: nibabel nilearn matplotlib tqdm)"
+TASKS = ("tissue", "lobes")
 
 
 class MissingDemoData(RuntimeError):
-    """The demo's data packages (nibabel, nilearn) are not installed."""
+    """A package or data file the demo needs is not installed; the message says how to get it."""
+
+
+@dataclass
+class SliceBlock:
+    """Slices at the demo resolution.
+
+    images   : (N, 1, R, R) float32, intensity scaled to [0, 1]
+    labels   : (N, R, R) int64 class indices (see the task's class_names)
+    position : (N,) where each slice lies in its volume (z index for axial slices, x index for
+               sagittal ones)
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    position: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def take(self, index) -> "SliceBlock":
+        return SliceBlock(self.images[index].contiguous(), self.labels[index].contiguous(), self.position[index])
+
+    def span(self, unit: str) -> str:
+        """'N slices (z 22-74, 78-94)': the runs of consecutive positions (at most three shown)."""
+        if len(self) == 0:
+            return "0 slices"
+        positions = sorted(int(p) for p in self.position)
+        runs = [[positions[0], positions[0]]]
+        for p in positions[1:]:
+            if p == runs[-1][1] + 1:
+                runs[-1][1] = p
+            else:
+                runs.append([p, p])
+        if len(runs) > 3:
+            return f"{len(self)} slices ({unit} {positions[0]}-{positions[-1]}, not consecutive)"
+        text = ", ".join(f"{lo}-{hi}" if hi > lo else f"{lo}" for lo, hi in runs)
+        return f"{len(self)} slices ({unit} {text})"
+
+
+@dataclass
+class TaskData:
+    """One task's slices.
+
+    pretrain     : the slices pre-training sees (their labels are never used for training)
+    finetune     : the slices that may be labelled for fine-tuning
+    validation   : labelled slices for choosing the fine-tuning checkpoint (never trained on)
+    test         : scored once, with the chosen checkpoint, after every choice is made
+    scored       : the classes whose Dice is averaged in the headline number
+    mirror_test  : for the lobes task, the test block labelled by mirroring the other
+                   hemisphere's atlas labels (a baseline); None otherwise
+    """
+
+    task: str
+    source: str
+    class_names: Tuple[str, ...]
+    scored: Tuple[int, ...]
+    score_title: str
+    pretrain: SliceBlock
+    finetune: SliceBlock
+    validation: SliceBlock
+    test: SliceBlock
+    resolution: int
+    position_unit: str
+    mirror_test: Optional[torch.Tensor] = None
+
+    def describe(self) -> str:
+        unit = self.position_unit
+        return (
+            f"{self.source} at {self.resolution}x{self.resolution}: pre-train {self.pretrain.span(unit)}, "
+            f"fine-tune {self.finetune.span(unit)}, validation {self.validation.span(unit)}, "
+            f"test {self.test.span(unit)}"
+        )
+
+
+def check_packages(names: Sequence[str] = ("nibabel", "nilearn", "matplotlib", "tqdm")) -> None:
+    """Raise MissingDemoData naming every missing package at once, with the install command."""
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDemoData(
+            f"the demo needs {', '.join(missing)} ({'is' if len(missing) == 1 else 'are'} not installed). "
+            f"Install the demo extras:\n    {INSTALL_HINT}"
+        )
 
 
 def template_folder() -> Path:
@@ -42,7 +130,7 @@ def template_folder() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
         raise MissingDemoData(
-            "The brain MRI demo reads the MNI ICBM152 template bundled in the nilearn package, "
+            "The tissue task reads the MNI ICBM152 template bundled in the nilearn package, "
             f"which is not installed. Install it with:\n    {INSTALL_HINT}"
         )
     for location in spec.submodule_search_locations:
@@ -56,78 +144,97 @@ def template_folder() -> Path:
     )
 
 
-def load_volumes() -> Dict[str, np.ndarray]:
-    """T1 (intensity in [0, 1]) and GM / WM probability volumes, float32, axes (x, y, z) in RAS."""
-    folder = template_folder()
+def read_nifti(path: Path) -> np.ndarray:
     try:
         import nibabel
     except ImportError as exc:
-        raise MissingDemoData(f"The brain MRI demo needs nibabel to read NIfTI files: {INSTALL_HINT}") from exc
+        raise MissingDemoData(f"The demo needs nibabel to read NIfTI files: {INSTALL_HINT}") from exc
+    return np.asanyarray(nibabel.load(str(path)).dataobj)
+
+
+def load_volumes() -> Dict[str, np.ndarray]:
+    """T1 (intensity in [0, 1]) and GM / WM probability volumes, float32, axes (x, y, z) in RAS."""
+    folder = template_folder()
     volumes = {}
     for key, name in TEMPLATE_FILES.items():
-        data = np.asanyarray(nibabel.load(str(folder / name)).dataobj).astype(np.float32)
+        data = read_nifti(folder / name).astype(np.float32)
         volumes[key] = data / 255.0 if data.max() > 1.5 else data
     return volumes
 
 
-@dataclass
-class SliceBlock:
-    """A contiguous block of axial slices at the demo resolution.
-
-    images : (N, 1, R, R) float32, T1 intensity scaled to [0, 1]
-    labels : (N, R, R) int64 in {0, 1, 2, 3} (see CLASS_NAMES)
-    z      : (N,) the slice index in the template (inferior to superior)
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    z: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-
-@dataclass
-class BrainSlices:
-    pretrain: SliceBlock
-    finetune: SliceBlock
-    test: SliceBlock
-    resolution: int
-
-    def describe(self) -> str:
-        def span(block):
-            return f"{len(block)} slices (z {int(block.z[0])}-{int(block.z[-1])})"
-
-        return (
-            f"MNI ICBM152 2009a axial slices at {self.resolution}x{self.resolution}: "
-            f"pre-train {span(self.pretrain)}, fine-tune {span(self.finetune)}, test {span(self.test)}"
-        )
-
-
-def _resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
     """(N, C, h, w) -> (N, C, R, R), antialiased (these are downsampled 1 mm slices)."""
     return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
 
 
-def load_brain_slices(
+def square_crop(volume: np.ndarray, inside: np.ndarray, slice_axis: int, margin: int = 4) -> np.ndarray:
+    """Crop the two in-plane axes of `volume` to the bounding box of `inside` over the whole
+    volume, padded to a square with zeros; the slice axis is kept."""
+    in_plane = [a for a in range(3) if a != slice_axis]
+    box = []
+    for axis in in_plane:
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.nonzero(inside.any(axis=other))[0]
+        box.append((int(hits.min()), int(hits.max()) + 1))
+    side = max(hi - lo for lo, hi in box) + margin
+    out_shape = list(volume.shape)
+    for axis in in_plane:
+        out_shape[axis] = side
+    out = np.zeros(out_shape, volume.dtype)
+    source = [slice(None)] * 3
+    target = [slice(None)] * 3
+    for axis, (lo, hi) in zip(in_plane, box):
+        start = (lo + hi) // 2 - side // 2
+        source[axis] = slice(max(start, 0), min(start + side, volume.shape[axis]))
+        target[axis] = slice(source[axis].start - start, source[axis].stop - start)
+    out[tuple(target)] = volume[tuple(source)]
+    return out
+
+
+def resize_labels(labels: torch.Tensor, classes: int, resolution: int) -> torch.Tensor:
+    """(N, h, w) int -> (N, R, R): per pixel the class with the largest antialiased share."""
+    best = torch.full((labels.shape[0], resolution, resolution), -1.0)
+    out = torch.zeros(labels.shape[0], resolution, resolution, dtype=torch.int64)
+    for c in range(classes):
+        share = resize((labels == c).float()[:, None], resolution)[:, 0]
+        better = share > best
+        out[better] = c
+        best = torch.where(better, share, best)
+    return out
+
+
+def split_contiguous(count: int, fractions: Sequence[float], gap: int) -> list:
+    """Consecutive index ranges for `fractions` of `count` slices with `gap` slices dropped
+    between neighbours (the last range takes what is left)."""
+    usable = count - gap * (len(fractions) - 1)
+    sizes = [int(round(f * usable)) for f in fractions[:-1]]
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size + gap
+    ranges.append(range(start, count))
+    return ranges
+
+
+def load_tissue(
     resolution: int = 64,
-    fractions: Tuple[float, float, float] = (0.55, 0.15, 0.30),
+    fractions: Tuple[float, float, float, float] = (0.47, 0.15, 0.10, 0.28),
     gap: int = 3,
     min_brain_fraction: float = 0.25,
-    slice_step: int = 1,
-) -> BrainSlices:
-    """Axial slices of the template, labelled and split into contiguous blocks.
+) -> TaskData:
+    """Axial slices of the MNI template with tissue labels (see the module docstring).
 
-    resolution         : side R of the square slices (the brain's bounding box, padded square)
-    fractions          : share of the usable slices for pre-train, fine-tune, test (in that
-                         order, inferior to superior)
+    fractions          : share of the usable slices for pre-train, fine-tune, validation, test
+                         (in that order, inferior to superior)
     gap                : slices dropped between two blocks
     min_brain_fraction : a slice is usable when its brain area is at least this share of the
                          largest slice's (drops the tiny caps at both ends)
-    slice_step         : keep every n-th slice inside each block
+
+    Pre-training sees the pre-train and the fine-tune blocks (as the authors pre-train on all
+    their training scans, the labelled ones included), never validation or test.
     """
-    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) <= 0:
-        raise ValueError(f"fractions: expected three positive shares summing to 1, got {fractions!r}")
+    if len(fractions) != 4 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) <= 0:
+        raise ValueError(f"fractions: expected four positive shares summing to 1, got {fractions!r}")
     volumes = load_volumes()
     t1, gm, wm = volumes["t1"], volumes["gm"], volumes["wm"]
     brain = t1 > 0
@@ -135,24 +242,11 @@ def load_brain_slices(
     usable = np.nonzero(area >= min_brain_fraction * area.max())[0]
     z_lo, z_hi = int(usable[0]), int(usable[-1]) + 1
 
-    # Crop in-plane to the brain's bounding box over the whole volume, padded to a square.
-    xs, ys = np.nonzero(brain.any(axis=2))
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    side = max(x1 - x0, y1 - y0) + 4
-    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-
-    def crop(volume):
-        out = np.zeros((side, side, volume.shape[2]), np.float32)
-        xa, ya = cx - side // 2, cy - side // 2
-        sx = slice(max(xa, 0), min(xa + side, volume.shape[0]))
-        sy = slice(max(ya, 0), min(ya + side, volume.shape[1]))
-        out[sx.start - xa : sx.stop - xa, sy.start - ya : sy.stop - ya] = volume[sx, sy]
-        return out
-
-    # (z, x, y) -> display orientation (z, row = anterior at the top, column = x)
+    # (x, y, z) -> (z, row = anterior at the top, column = x)
     def to_slices(volume):
-        stack = torch.from_numpy(crop(volume)[:, :, z_lo:z_hi]).permute(2, 1, 0).flip(1)
-        return _resize(stack[:, None].contiguous(), resolution)
+        cropped = square_crop(volume, brain, slice_axis=2)[:, :, z_lo:z_hi]
+        stack = torch.from_numpy(np.ascontiguousarray(cropped)).permute(2, 1, 0).flip(1)
+        return resize(stack[:, None].contiguous().float(), resolution)
 
     image = to_slices(t1).clamp(0, 1)
     inside = to_slices(brain.astype(np.float32)) > 0.5
@@ -161,15 +255,38 @@ def load_brain_slices(
     tissue = torch.cat([grey, white, other], dim=1).argmax(dim=1) + 1
     labels = torch.where(inside[:, 0], tissue, torch.zeros_like(tissue))
     image = image * inside  # the resize blurs a little intensity outside the brain mask
-    z = torch.arange(z_lo, z_hi)
+    everything = SliceBlock(images=image, labels=labels, position=torch.arange(z_lo, z_hi))
+    pre, fine, val, test = (everything.take(list(r)) for r in split_contiguous(z_hi - z_lo, fractions, gap))
+    pretrain = SliceBlock(torch.cat([pre.images, fine.images]), torch.cat([pre.labels, fine.labels]),
+                          torch.cat([pre.position, fine.position]))
+    return TaskData(
+        task="tissue",
+        source="MNI ICBM152 2009a axial slices",
+        class_names=TISSUE_CLASSES,
+        scored=(1, 2, 3),
+        score_title="mean Dice of grey matter / white matter / other in-brain",
+        pretrain=pretrain,
+        finetune=fine,
+        validation=val,
+        test=test,
+        resolution=resolution,
+        position_unit="z",
+    )
 
-    count = z_hi - z_lo
-    sizes = [int(round(f * (count - 2 * gap))) for f in fractions[:2]]
-    starts = [0, sizes[0] + gap, sizes[0] + gap + sizes[1] + gap]
-    stops = [sizes[0], sizes[0] + gap + sizes[1], count]
 
-    def block(i):
-        part = slice(starts[i], stops[i], slice_step)
-        return SliceBlock(images=image[part].contiguous(), labels=labels[part].contiguous(), z=z[part])
+@functools.lru_cache(maxsize=4)
+def load_task(task: str, resolution: int) -> TaskData:
+    """The slices of `task` ("tissue" or "lobes") at `resolution` (cached: callers must not
+    modify the tensors)."""
+    if task == "tissue":
+        return load_tissue(resolution)
+    if task == "lobes":
+        from .lobes import load_lobes
 
-    return BrainSlices(pretrain=block(0), finetune=block(1), test=block(2), resolution=resolution)
+        return load_lobes(resolution)
+    raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+
+
+def load_brain_slices(resolution: int = 64) -> TaskData:
+    """The tissue task (the name of earlier versions)."""
+    return load_tissue(resolution)

@@ -1,31 +1,44 @@
-"""Few-label fine-tuning and evaluation: does the pre-training help when only 1, 2 or 4 slices
-are labelled?
+"""Few-label fine-tuning with the authors' recipe, the checkpoint chosen on the validation
+block, and the test block scored once at the end.
 
 For a seed and a label count n, n slices are drawn from the fine-tune block (the same slices for
-every setting, so settings are compared on equal terms); the U-Net (pre-trained or random) plus a
-fresh 1x1 segmentation head are trained with cross-entropy on them (random affine + flip +
-intensity jitter each step), then scored by Dice per class on the test block, and, as the number
-to diagnose with, on the fine-tune block's unlabelled slices.
+every setting, so settings are compared on equal terms). The U-Net (pre-trained or random) plus
+a fresh 1x1 segmentation head are trained end to end, nothing frozen, one learning rate for
+every layer, with cross-entropy on those n slices: RAdam, linear warm-up then cosine
+(`training.warmup_cosine`), weight decay 1e-5, each step a random rotation (up to 30 degrees)
+and shift (up to 0.06 of the image) of the slices and their labels (the authors' transform for
+labelled images: rotate and crop, no flip, no intensity change).
+
+Every `eval_every` steps the model is scored on the validation block; the scores form the
+Dice-against-steps curve, the best one picks the checkpoint. Only when the run is over are the
+test block's scores computed: for the chosen checkpoint, the last step, and each curve point
+(from copies kept on the CPU) so the test curve can be drawn. Nothing in the run reads the test
+block before its choice is made.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..views import TwoViewTransform, warp
-from .data import CLASS_NAMES
+from ..views import random_affine_params, warp
 from .pretrain import ModelConfig
+from .training import warmup_cosine
 from .unet import Segmenter, UNet
+
+FINETUNE_ROTATION = 30.0  # degrees; the authors' RandomRotation(30) for labelled images
+FINETUNE_SHIFT = 0.06  # of the image; their RandomCrop(224) of 256-pixel slices
 
 
 @dataclass
 class FinetuneConfig:
-    steps: int = 60
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    steps: int = 300
+    lr: float = 3e-4  # peak
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.125
+    eval_every: int = 25
 
 
 def choose_labelled(block_size: int, count: int, seed: int) -> List[int]:
@@ -44,46 +57,68 @@ def dice_per_class(prediction: torch.Tensor, truth: torch.Tensor, classes: int) 
     return scores
 
 
+def mean_dice(per_class: Sequence[float], scored: Sequence[int]) -> float:
+    return sum(per_class[c] for c in scored) / len(scored)
+
+
 @torch.no_grad()
-def predict(model: Segmenter, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def predict(model: Segmenter, images: torch.Tensor, device, batch_size: int = 16) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(chunk).argmax(1).cpu() for chunk in images.split(batch_size)])
+    return torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in images.split(batch_size)])
+
+
+def evaluation_steps(steps: int, every: int) -> List[int]:
+    """The steps after which the validation block is scored: every `every`, and the last."""
+    points = list(range(every, steps + 1, every)) if every > 0 else []
+    if not points or points[-1] != steps:
+        points.append(steps)
+    return points
+
+
+def validation_choice(steps: Sequence[int], scores: Sequence[float]) -> int:
+    """Index of the checkpoint to keep: the best validation score, the earliest on a tie."""
+    if not scores:
+        raise ValueError("scores: expected at least one validation score")
+    best = max(scores)
+    return next(i for i, score in enumerate(scores) if score == best)
 
 
 def finetune_and_evaluate(
     unet_state: Optional[dict],
     model_config: ModelConfig,
     config: FinetuneConfig,
-    finetune_images: torch.Tensor,
-    finetune_labels: torch.Tensor,
-    test_images: Optional[torch.Tensor],
-    test_labels: Optional[torch.Tensor],
+    data,
     labelled: int,
     seed: int,
     device: torch.device,
+    score_test: bool = True,
 ) -> Dict:
-    """Fine-tune on `labelled` slices of the fine-tune block; Dice per class on the test block
-    (skipped when `test_images` is None) and on the fine-tune block's other slices.
-    `unet_state` None means random initialisation."""
-    classes = len(CLASS_NAMES)
+    """Fine-tune on `labelled` slices of `data.finetune` (a `TaskData`), choose the checkpoint on
+    `data.validation`, then score `data.test` (unless `score_test` is False). `unet_state` None
+    means random initialisation. Returns the labelled slices, the loss curve, the validation
+    curve, the chosen step, and the test Dice (per class and the task's mean) at the chosen
+    step, the last step and every curve point."""
+    classes, scored = len(data.class_names), data.scored
     torch.manual_seed(20_000 + seed)  # the same random init / head init for every setting
-    unet = UNet(finetune_images.shape[1], model_config.width, model_config.depth)
+    unet = UNet(data.finetune.images.shape[1], model_config.width, model_config.depth)
     if unet_state is not None:
         unet.load_state_dict(unet_state)
     model = Segmenter(unet, classes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.2)
+    optimizer = torch.optim.RAdam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, config.steps, config.warmup_fraction)
 
-    chosen = choose_labelled(finetune_images.shape[0], labelled, seed)
-    images = finetune_images[chosen].to(device)
-    labels = finetune_labels[chosen].to(device)
-    augment = TwoViewTransform()
+    chosen = choose_labelled(len(data.finetune), labelled, seed)
+    images = data.finetune.images[chosen].to(device)
+    labels = data.finetune.labels[chosen].to(device)
     generator = torch.Generator().manual_seed(30_000 + seed)
-    losses = []
-    for _ in range(config.steps):
+    checkpoints = evaluation_steps(config.steps, config.eval_every)
+    losses, validation_curve, snapshots = [], [], []
+    for step in range(1, config.steps + 1):
         model.train()
-        params = augment.sample(images, generator)
-        x = augment.jitter(warp(images, params.theta, mode="bilinear"), generator)
+        params = random_affine_params(len(chosen), images.shape[2:], max_rotation=FINETUNE_ROTATION,
+                                      scale_range=(1.0, 1.0), max_translation=FINETUNE_SHIFT, flip_prob=0.0,
+                                      generator=generator, device=device)
+        x = warp(images, params.theta, mode="bilinear")
         # padding is background, which is what the warp fills the label map with (0)
         y = warp(labels[:, None], params.theta, mode="nearest")[:, 0]
         loss = F.cross_entropy(model(x), y)
@@ -92,17 +127,27 @@ def finetune_and_evaluate(
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
-
-    held_out = [i for i in range(finetune_images.shape[0]) if i not in set(chosen)]
-    result = {"labelled_slices": chosen, "final_loss": losses[-1], "loss_curve": losses}
-    if test_images is not None:
-        test_dice = dice_per_class(predict(model, test_images.to(device)), test_labels, classes)
-        result["test_dice"] = test_dice
-        result["test_mean_tissue_dice"] = sum(test_dice[1:]) / (classes - 1)
-    if held_out:
-        val_dice = dice_per_class(
-            predict(model, finetune_images[held_out].to(device)), finetune_labels[held_out], classes
-        )
-        result["val_dice"] = val_dice
-        result["val_mean_tissue_dice"] = sum(val_dice[1:]) / (classes - 1)
+        if step in checkpoints:
+            per_class = dice_per_class(predict(model, data.validation.images, device), data.validation.labels, classes)
+            validation_curve.append({"step": step, "dice": per_class, "mean": mean_dice(per_class, scored)})
+            snapshots.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+    best = validation_choice(checkpoints, [point["mean"] for point in validation_curve])
+    result = {
+        "labelled_slices": chosen,
+        "final_loss": losses[-1],
+        "loss_curve": losses,
+        "validation_curve": validation_curve,
+        "chosen_step": checkpoints[best],
+        "validation_mean": validation_curve[best]["mean"],
+    }
+    if score_test:  # the run and its choice are over: now, and only now, the test block
+        test_curve = []
+        for state in snapshots:
+            model.load_state_dict(state)
+            per_class = dice_per_class(predict(model, data.test.images, device), data.test.labels, classes)
+            test_curve.append({"step": None, "dice": per_class, "mean": mean_dice(per_class, scored)})
+        for point, step in zip(test_curve, checkpoints):
+            point["step"] = step
+        result.update(test_curve=test_curve, test_dice=test_curve[best]["dice"], test_mean=test_curve[best]["mean"],
+                      test_last_dice=test_curve[-1]["dice"], test_last_mean=test_curve[-1]["mean"])
     return result

@@ -1,10 +1,12 @@
 """Self-supervised pre-training of the demo U-Net with the BIMI loss (or its IIC / MI-only
-ablations) on the pre-train block of brain slices.
+ablations) on the task's pre-training slices.
 
-Each step: two views of a batch (`bimi_kernels.views.TwoViewTransform`), one U-Net pass over
-both, the untransformed view's decoder features warped into the transformed frame (nearest),
-`heads` cluster heads on both, and `BIMILoss(p1, p2, image=view 2, mask=warp mask)` averaged
-over the heads. A checkpoint after every epoch makes the run resumable (`resume=True`).
+Each step: two views of a batch (`bimi_kernels.views.TwoViewTransform`, the authors' setting by
+default), one U-Net pass over both, the view-1 decoder features warped into view 2's frame
+(nearest), `heads` cluster heads on both, and `BIMILoss(p1, p2, image=view 2, mask=warp mask)`
+averaged over the heads. The optimiser follows the authors: RAdam, no weight decay, linear
+warm-up then cosine (`training.warmup_cosine`). A checkpoint after every epoch (written
+atomically) makes the run resumable (`resume=True`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from .. import BIMILoss
 from ..views import TwoViewTransform
+from .training import atomic_save, warmup_cosine
 from .unet import ClusterHeads, UNet
 
 # The pre-training settings compared by the demo. `random` has no pre-training.
@@ -25,7 +28,7 @@ SETTINGS: Dict[str, Optional[dict]] = {
     "random": None,
     "iic": dict(alpha=0.0, boundary_weight=0.0),  # IIC: plain mutual information
     "rmi": dict(alpha=0.5, boundary_weight=0.0),  # regularised MI, no boundary term
-    "bimi": dict(),  # the full BIMI loss at SPEC §6 defaults (alpha=0.5, boundary_weight=1)
+    "bimi": dict(),  # the full BIMI loss at its defaults (docs/contract.md §6: alpha=0.5, boundary_weight=1)
 }
 SETTING_TITLES = {
     "random": "random init (no pre-training)",
@@ -47,10 +50,12 @@ class ModelConfig:
 class PretrainConfig:
     epochs: int = 6
     batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    lr: float = 2e-4  # peak; the authors' value
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.125
     seed: int = 0
     backend: str = "auto"
+    views: str = "authors"  # a name in bimi_kernels.views.VIEW_SETTINGS
     loss_overrides: dict = field(default_factory=dict)  # extra BIMILoss arguments for every setting
 
 
@@ -86,7 +91,7 @@ def pretrain_step_loss(loss_fn, unet, heads, views) -> torch.Tensor:
 @torch.no_grad()
 def cluster_purity(unet: UNet, heads: ClusterHeads, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Pixel accuracy of head 0's clusters when each cluster is mapped to its majority label,
-    on the given (fine-tune block) slices: how well the clusters separate the tissues."""
+    on the given (validation) slices: how well the clusters separate the classes."""
     clusters = heads(unet.features(images))[0].argmax(1).flatten()
     truth = labels.flatten().to(clusters.device)
     k, c = heads.heads[0].out_channels, int(labels.max()) + 1
@@ -94,7 +99,7 @@ def cluster_purity(unet: UNet, heads: ClusterHeads, images: torch.Tensor, labels
     return float(table.reshape(k, c).max(1).values.sum() / truth.numel())
 
 
-def _checkpoint_path(checkpoint_dir: Path, setting: str) -> Path:
+def checkpoint_path(checkpoint_dir: Path, setting: str) -> Path:
     return Path(checkpoint_dir) / f"pretrain_{setting}.pt"
 
 
@@ -109,13 +114,16 @@ def pretrain(
     probe: Optional[tuple] = None,
     on_epoch_end: Optional[Callable] = None,
     progress: bool = True,
+    batches_per_epoch: Optional[int] = None,
 ) -> PretrainResult:
     """Pre-train a fresh U-Net + cluster heads on `images` (N, 1, H, W) with the loss of `setting`.
 
-    probe        : (images, labels) of labelled slices outside the test block (the fine-tune
-                   block), to log the clusters' purity per epoch as a diagnostic
-    on_epoch_end : called as on_epoch_end(epoch, unet, heads, history) after each checkpoint
-    resume       : continue from the setting's checkpoint in `checkpoint_dir` if there is one
+    probe           : (images, labels) of labelled slices outside the test block (the
+                      validation block), to log the clusters' purity per epoch as a diagnostic
+    on_epoch_end    : called as on_epoch_end(epoch, unet, heads, history) after each checkpoint
+    resume          : continue from the setting's checkpoint in `checkpoint_dir` if there is one
+    batches_per_epoch : batches in an epoch, drawn from reshuffled passes over `images` (the
+                      authors' fixed-length epochs); default: one pass
     """
     from tqdm.auto import tqdm
 
@@ -125,23 +133,23 @@ def pretrain(
     unet = UNet(images.shape[1], model_config.width, model_config.depth).to(device)
     heads = ClusterHeads(model_config.width, model_config.clusters, model_config.heads).to(device)
     parameters = list(unet.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(images.shape[0] / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
-    )
+    optimizer = torch.optim.RAdam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if not batches_per_epoch:
+        batches_per_epoch = math.ceil(images.shape[0] / config.batch_size)
+    scheduler = warmup_cosine(optimizer, config.epochs * batches_per_epoch, config.warmup_fraction)
     generator = torch.Generator().manual_seed(config.seed)
     history = {"step_loss": [], "epoch_loss": [], "epoch_purity": [], "epoch_seconds": []}
     start_epoch = 0
 
-    path = _checkpoint_path(checkpoint_dir, setting)
+    path = checkpoint_path(checkpoint_dir, setting)
     if resume and path.is_file():
         state = torch.load(path, map_location=device, weights_only=False)
-        if state["model_config"] != asdict(model_config) or state["epochs"] != config.epochs:
+        made_with = (state["model_config"], state["pretrain_config"], state["batches_per_epoch"])
+        asked_for = (asdict(model_config), asdict(config), batches_per_epoch)
+        if made_with != asked_for:
             raise ValueError(
-                f"--resume: checkpoint {path} was made with model {state['model_config']} and "
-                f"{state['epochs']} epochs, not {asdict(model_config)} and {config.epochs}; use another "
-                f"--checkpoint-dir or drop --resume"
+                f"--resume: checkpoint {path} was made with (model, pre-training, batches per epoch) {made_with}, "
+                f"not {asked_for}; use another --checkpoint-dir or --overwrite"
             )
         unet.load_state_dict(state["unet"])
         heads.load_state_dict(state["heads"])
@@ -152,15 +160,15 @@ def pretrain(
         start_epoch = state["epoch"]
 
     loss_fn = build_loss(setting, config)
-    # no pixel noise: on the black background it would only add edges for the boundary term
-    transform = TwoViewTransform(noise_std=0.0)
+    transform = TwoViewTransform.named(config.views)
     images = images.to(device)
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         unet.train()
         heads.train()
-        order = torch.randperm(images.shape[0], generator=generator)
-        batches = order.split(config.batch_size)
+        passes = math.ceil(batches_per_epoch * config.batch_size / images.shape[0])
+        order = torch.cat([torch.randperm(images.shape[0], generator=generator) for _ in range(passes)])
+        batches = order.split(config.batch_size)[:batches_per_epoch]
         bar = tqdm(batches, desc=f"pre-train {setting} epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress)
         epoch_losses: List[float] = []
         for batch in bar:
@@ -180,13 +188,13 @@ def pretrain(
         if probe is not None:
             history["epoch_purity"].append(cluster_purity(unet, heads, probe[0].to(device), probe[1]))
         history["epoch_seconds"].append(time.perf_counter() - started)
-        torch.save(
+        atomic_save(
             {
                 "setting": setting,
                 "epoch": epoch + 1,
-                "epochs": config.epochs,
                 "model_config": asdict(model_config),
                 "pretrain_config": asdict(config),
+                "batches_per_epoch": batches_per_epoch,
                 "unet": unet.state_dict(),
                 "heads": heads.state_dict(),
                 "optimizer": optimizer.state_dict(),
