@@ -37,8 +37,6 @@ from typing import Callable, Optional
 
 import torch
 
-from .reference import accumulation_dtype  # noqa: F401  (re-exported for backends)
-
 BACKEND_NAMES = ("reference", "cpp", "triton", "cuda")
 
 # Where each backend lives: "module:attribute" of an object with the four kernels above and

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .numerics import FLOAT_DTYPES
 
 
 def _check_tensor(name: str, t) -> None:

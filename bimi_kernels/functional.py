@@ -20,7 +20,7 @@ import torch
 
 from . import checks, ops, reference
 from .offsets import OffsetSpec, check_offsets_fit, flatten, make_offsets
-from .reference import accumulation_dtype
+from .numerics import accumulation_dtype
 
 # The building blocks without a kernel of their own are the reference's, re-exported here so
 # there is one definition of each piece of math.

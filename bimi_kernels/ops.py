@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from .reference import accumulation_dtype
+from .numerics import accumulation_dtype
 
 
 def _kernels(backend: str, device_type: str) -> backends.Backend:

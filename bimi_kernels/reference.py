@@ -14,16 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .numerics import EPS_CC, EPS_LOG_U, EPS_MI, EPS_MINMAX, accumulation_dtype  # noqa: F401
 from .offsets import Offsets, overlap_slices
-
-EPS_MI = 1e-5  # inside the logs of the regularised MI (SPEC §4)
-EPS_CC = 1e-5  # clamp of cross term and variances (SPEC §5)
-EPS_LOG_U = 1e-16  # inside the log of the uncertainty map
-EPS_MINMAX = 1e-6  # denominator of the min-max normalisation
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _apply_mask(p: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
