@@ -8,12 +8,13 @@ Time
 - GPU: CUDA events around each call; before each call a 256 MiB buffer is zeroed so that no call
   finds the previous one's data in L2 (what `triton.testing.do_bench` does too).
 The providers of one (config, op, mode) are timed interleaved, one call of each per round, to
-the end: every provider gets the same number of rounds, so no provider is ever timed back to back
-with itself on a warm cache (12-25 % faster on CPU than a call right after another provider's)
-while the others have stopped. Rounds continue until every provider has `min_repeats` calls and
-`min_seconds` of measured time, or any provider has `max_seconds` (after 3 rounds), or
-`max_repeats`. The median and the 20th / 80th percentiles are reported, and the 1-minute load
-average before and after the rounds, so that each ratio can be read with the load it was made in.
+the end: a provider leaves the rounds when its own repeats are enough (`min_repeats` calls and
+`min_seconds` of measured time, or `max_seconds` after 3 calls, or `max_repeats`), and the rounds
+stop as soon as fewer than two providers are left. So every timed call comes right after another
+provider's call; none is timed back to back with itself on a warm cache (12-25 % faster on CPU
+than a call right after another provider's) while the others have stopped. The median and the
+20th / 80th percentiles are reported, and the 1-minute load average before and after the rounds,
+so that each ratio can be read with the load it was made in.
 
 Peak extra memory
 - GPU: `torch.cuda.max_memory_allocated()` during one call minus `memory_allocated()` just before
@@ -94,27 +95,28 @@ class Timer:
         return seconds
 
 
-def rounds_done(samples: dict, policy) -> bool:
-    """The stopping rule of the interleaved rounds (module docstring). `samples`: {name: [s]},
-    every list as long as the number of rounds so far."""
-    rounds = len(next(iter(samples.values()), []))
-    totals = [sum(seconds) for seconds in samples.values()]
-    return (rounds >= policy.max_repeats
-            or (rounds >= policy.min_repeats and min(totals) >= policy.min_seconds)
-            or (rounds >= 3 and max(totals) >= policy.max_seconds))
+def enough(seconds: list, policy) -> bool:
+    """Whether one provider's repeats are enough (module docstring)."""
+    total = sum(seconds)
+    return (len(seconds) >= policy.max_repeats
+            or (len(seconds) >= policy.min_repeats and total >= policy.min_seconds)
+            or (len(seconds) >= 3 and total >= policy.max_seconds))
 
 
 def time_interleaved(fns: dict, timer: Callable[[Callable], float], policy) -> dict:
-    """Repeats of several providers' calls in rounds, one call of each per round in the order of
-    `fns`, every provider to the end (module docstring). Returns {name: [seconds]}."""
+    """Repeats of several providers' calls in rounds, one call of each active provider per round
+    in the order of `fns`. A provider leaves when its own repeats are enough; the rounds end when
+    fewer than two providers are left, so no provider is ever timed back to back with itself
+    (unless it was alone from the start). Returns {name: [seconds]}."""
     samples = {name: [] for name in fns}
-    if not fns:
-        return samples
-    while True:
-        for name, fn in fns.items():
-            samples[name].append(timer(fn))
-        if rounds_done(samples, policy):
-            return samples
+    active = list(fns)
+    while active:
+        for name in active:
+            samples[name].append(timer(fns[name]))
+        active = [name for name in active if not enough(samples[name], policy)]
+        if len(active) < 2 and len(fns) >= 2:
+            break
+    return samples
 
 
 def load_average() -> Optional[float]:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bimi_kernels import reference
+from bimi_kernels.numerics import EPS_CC
 from bimi_kernels.offsets import make_offsets
 
 from .workloads import MAP_OPS, Maps
@@ -87,7 +88,7 @@ def voxelmorph_ncc(u: torch.Tensor, e: torch.Tensor, window: int) -> torch.Tenso
     ij_sum = conv(u * e, sum_filter, padding=padding)
     win_size = float(window**ndim)
     u_i, u_j = i_sum / win_size, j_sum / win_size
-    eps = reference.EPS_CC
+    eps = EPS_CC
     cross = (ij_sum - u_j * i_sum - u_i * j_sum + u_i * u_j * win_size).clamp(min=eps)
     i_var = (i2_sum - 2 * u_i * i_sum + u_i * u_i * win_size).clamp(min=eps)
     j_var = (j2_sum - 2 * u_j * j_sum + u_j * u_j * win_size).clamp(min=eps)

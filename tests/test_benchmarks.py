@@ -155,6 +155,10 @@ class FakeClock:
         return self.seconds[name]
 
 
+def _no_solo_repeats(calls):
+    return all(a != b for a, b in zip(calls, calls[1:]))
+
+
 def test_repeats_stay_interleaved_when_the_slower_provider_hits_its_cap():
     policy = TimingPolicy(1, 5, 30, 0.5, 3.0, 8.0)
     clock = FakeClock({"slow": 1.0, "fast": 0.01})
@@ -164,14 +168,18 @@ def test_repeats_stay_interleaved_when_the_slower_provider_hits_its_cap():
     assert len(samples["slow"]) == len(samples["fast"]) == 3
 
 
-def test_repeats_continue_until_every_provider_has_enough():
+def test_repeats_continue_while_two_providers_need_more():
     policy = TimingPolicy(1, 3, 30, 0.5, 3.0, 8.0)
-    clock = FakeClock({"a": 0.25, "b": 0.0625})
-    measure.time_interleaved({"a": lambda: "a", "b": lambda: "b"}, clock, policy)
-    assert clock.calls == ["a", "b"] * 8  # b needs 8 rounds for 0.5 s; a runs along
+    clock = FakeClock({"slow": 1.0, "a": 0.125, "b": 0.0625})
+    samples = measure.time_interleaved({"slow": lambda: "slow", "a": lambda: "a", "b": lambda: "b"},
+                                       clock, policy)
+    # slow leaves after 3 rounds (3 s); a has 0.5 s after 4 rounds and leaves; b would be alone
+    assert clock.calls == ["slow", "a", "b"] * 3 + ["a", "b"]
+    assert [len(samples[n]) for n in ("slow", "a", "b")] == [3, 4, 4]
+    assert _no_solo_repeats(clock.calls)
     clock = FakeClock({"a": 0.001})
     measure.time_interleaved({"a": lambda: "a"}, clock, policy)
-    assert len(clock.calls) == 30  # max_repeats
+    assert len(clock.calls) == 30  # alone from the start: max_repeats
 
 
 def test_measure_group_interleaves_fake_providers_to_the_end(monkeypatch):
@@ -342,9 +350,8 @@ def test_smoke_run_writes_csv_markdown_and_plots(tmp_path):
         assert r.load_avg_1m_start is not None
         if r.op != "train_step":
             assert r.min_bytes > 0 and r.min_flops > 0 and r.achieved_bytes_per_s > 0
-    # the repeats of one group are interleaved: every provider has the same count
-    for key in {(r.config, r.op, r.mode) for r in measured}:
-        assert len({r.repeats for r in measured if (r.config, r.op, r.mode) == key}) == 1
+    # the smoke policy's 2 repeats: every provider of a group gets both, interleaved
+    assert all(r.repeats == 2 for r in measured)
     # a peer checked against the reference of the same run, and the ratios filled in
     conv = [r for r in measured if r.provider == "iic-conv2d" and r.op == "joint_counts"]
     assert conv and conv[0].check_max_rel_diff < 1e-4 and conv[0].speedup_vs_iic_conv2d == 1.0
