@@ -55,8 +55,7 @@ class BenchConfig:
     @property
     def name(self) -> str:
         size = "x".join(str(s) for s in self.spatial)
-        offsets = (self.offsets_text if self.radius is not None
-                   else f"o{len(self.offsets)}x{max(abs(v) for d in self.offsets for v in d)}")
+        offsets = self.offsets_text.replace(";", "")
         heads = f"-h{self.heads}" if self.heads != 1 else ""
         dtype = "" if self.dtype == "float32" else f"-{self.dtype}"
         return f"{self.group}-B{self.batch}-K{self.clusters}-{size}-{offsets}-w{self.window}{heads}{dtype}"

@@ -91,12 +91,19 @@ class Inputs:
     image: torch.Tensor  # (B, 1, *S), shared by the heads
     grad_counts: torch.Tensor  # fixed upstream gradient of joint_counts, (heads x |O|, K, K)
 
-    def split(self, p1: torch.Tensor, p2: torch.Tensor) -> List[Maps]:
-        """One `Maps` per head (views of p1 and p2, which may require grad)."""
+    def heads(self, requires_grad: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """p1 and p2 of each head: views of the inputs' storage, leaves of their own when they
+        require grad (so that a head's gradient is its own tensor, never a slice of a larger one
+        that autograd would have to assemble)."""
+        def views(maps):
+            chunks = maps.chunk(self.config.heads)
+            return [c.detach().requires_grad_(True) for c in chunks] if requires_grad else list(chunks)
+        return views(self.p1), views(self.p2)
+
+    def maps(self, p1: torch.Tensor, p2: torch.Tensor, image: torch.Tensor = None) -> Maps:
         c = self.config
         offsets = list(c.offsets) if not isinstance(c.offsets, int) else c.offsets
-        return [Maps(a, b, self.image, offsets, c.dilation, c.window)
-                for a, b in zip(p1.chunk(c.heads), p2.chunk(c.heads))]
+        return Maps(p1, p2, self.image if image is None else image, offsets, c.dilation, c.window)
 
     def input_bytes(self, op: str) -> int:
         """The bytes of what `op` reads: both maps, and the image for the boundary term."""
@@ -128,9 +135,9 @@ def make_inputs(config, device) -> Inputs:
 # ------------------------------------------------------------------------------------------------
 # the timed functions
 # ------------------------------------------------------------------------------------------------
-def op_function(provider, op: str, inputs: Inputs, p1: torch.Tensor, p2: torch.Tensor) -> Callable:
-    """A zero-argument function computing `op` with `provider` over every head of (p1, p2)."""
-    heads = inputs.split(p1, p2)
+def op_function(provider, op: str, inputs: Inputs, p1s: List[torch.Tensor], p2s: List[torch.Tensor]) -> Callable:
+    """A zero-argument function computing `op` with `provider` on every head's (p1, p2)."""
+    heads = [inputs.maps(p1, p2) for p1, p2 in zip(p1s, p2s)]
     combine = OP_SPECS[op].heads
 
     def compute():
@@ -154,7 +161,7 @@ class TrainStep:
         config = inputs.config
         width, depth = config.unet
         device = inputs.image.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             torch.manual_seed(0)
             self.unet = UNet(1, width, depth).to(device)
             self.heads = ClusterHeads(width, config.clusters, config.heads).to(device)
@@ -167,9 +174,7 @@ class TrainStep:
     def __call__(self) -> Tuple[torch.Tensor]:
         features = self.unet.features(self.images)
         f1, f2 = features.chunk(2)
-        c = self.inputs.config
-        offsets = list(c.offsets) if not isinstance(c.offsets, int) else c.offsets
-        losses = [self.provider.compute("bimi", Maps(p1, p2, self.view2, offsets, c.dilation, c.window))
+        losses = [self.provider.compute("bimi", self.inputs.maps(p1, p2, self.view2))
                   for p1, p2 in zip(self.heads(f1), self.heads(f2))]
         loss = torch.stack(losses).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,7 +185,8 @@ class TrainStep:
 
 def mode_callable(provider, op: str, mode: str, inputs: Inputs) -> Callable[[], Tuple]:
     """The zero-argument function that one timed repeat calls. It returns what it computed (the
-    output for `forward`, the two gradients otherwise, the loss for `train_step`) so that the
+    output for `forward`, the gradients of every head's p1 and p2 otherwise, the loss for
+    `train_step`) so that the
     caller can check it against the reference and drop it.
 
     `backward` runs the forward once here and then only autograd.grad(retain_graph=True).
@@ -190,21 +196,21 @@ def mode_callable(provider, op: str, mode: str, inputs: Inputs) -> Callable[[], 
     if op == "train_step":
         return TrainStep(provider, inputs)
     if mode == "forward":
-        fn = op_function(provider, op, inputs, inputs.p1, inputs.p2)
+        fn = op_function(provider, op, inputs, *inputs.heads(requires_grad=False))
         return lambda: (fn(),)
-    p1 = inputs.p1.detach().requires_grad_(True)  # same storage, no copy
-    p2 = inputs.p2.detach().requires_grad_(True)
-    fn = op_function(provider, op, inputs, p1, p2)
+    p1s, p2s = inputs.heads(requires_grad=True)  # same storage, no copy
+    leaves = tuple(p1s + p2s)
+    fn = op_function(provider, op, inputs, p1s, p2s)
     grad_output = inputs.grad_counts if op == "joint_counts" else None
     if mode == "backward":
         out = fn()
         upstream = None if grad_output is None else grad_output.to(out.dtype)
-        return lambda: torch.autograd.grad(out, (p1, p2), upstream, retain_graph=True)
+        return lambda: torch.autograd.grad(out, leaves, upstream, retain_graph=True)
 
     def forward_backward():
         out = fn()
         upstream = None if grad_output is None else grad_output.to(out.dtype)
-        return torch.autograd.grad(out, (p1, p2), upstream)
+        return torch.autograd.grad(out, leaves, upstream)
 
     return forward_backward
 

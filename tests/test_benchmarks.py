@@ -58,15 +58,19 @@ def test_heads_run_once_per_head_and_combine():
     config = BenchConfig("authors", 2, 4, (6, 5), 1, heads=3)
     inputs = workloads.make_inputs(config, "cpu")
     autograd = providers.PROVIDERS["reference-autograd"]
-    counts = workloads.op_function(autograd, "joint_counts", inputs, inputs.p1, inputs.p2)()
+    heads = inputs.heads(requires_grad=False)
+    counts = workloads.op_function(autograd, "joint_counts", inputs, *heads)()
     offsets = make_offsets(1, 2)
     expected = torch.cat([reference.joint_counts(a, b, offsets)
                           for a, b in zip(inputs.p1.chunk(3), inputs.p2.chunk(3))])
     torch.testing.assert_close(counts, expected)
-    loss = workloads.op_function(autograd, "mi", inputs, inputs.p1, inputs.p2)()
+    loss = workloads.op_function(autograd, "mi", inputs, *heads)()
     expected = torch.stack([reference.regularized_mi(a, b, offsets)
                             for a, b in zip(inputs.p1.chunk(3), inputs.p2.chunk(3))]).mean()
     torch.testing.assert_close(loss, expected)
+    # backward: one gradient per head and map, each its own tensor
+    grads = workloads.mode_callable(autograd, "mi", "forward+backward", inputs)()
+    assert len(grads) == 6 and all(g.shape == (2, 4, 6, 5) for g in grads)
 
 
 def test_every_provider_entry_is_consistent():
@@ -75,6 +79,10 @@ def test_every_provider_entry_is_consistent():
         assert set(provider.ops) <= set(workloads.OPS), name
     for suite, devices in configs.SUITES.items():
         for device in devices:
+            # a name stands for one shape: rows of the same (name, op, mode) are compared
+            keys = [(c.name, op, mode) for c in configs.configs_for(suite, device)
+                    for op in c.ops for mode in c.modes]
+            assert len(set(keys)) == len(keys), f"{suite} {device}: (config, op, mode) repeated"
             for config in configs.configs_for(suite, device):
                 assert set(config.ops) <= set(workloads.OPS), config
                 assert set(config.providers or ()) <= set(providers.PROVIDERS), config
