@@ -379,3 +379,20 @@ def test_smoke_run_writes_csv_markdown_and_plots(tmp_path):
     assert "### sparse: smoke sparse offsets" in summary and "GB/s" in summary
     assert (out / "plots" / "targets.png").stat().st_size > 0
     assert report.main([str(out)]) == 0  # the report can be rebuilt from the CSV alone
+
+
+def test_spread_table_of_repeated_runs():
+    from benchmarks import spread
+
+    assert spread.speed_targets("cpu") == [("joint_counts", 1, "iic-conv2d"), ("joint_counts", 3, "iic-conv2d"),
+                                           ("boundary", 1, "reference")]
+    arguments = spread.run_arguments("cpu", None)
+    assert arguments[arguments.index("--providers") + 1:] == ["iic-conv2d", "reference", "cpp"]
+    r1 = configs.target("cpu", 1)
+    runs = [[_row("iic-conv2d", config=r1, time_median_s=base), _row("cpp", config=r1, time_median_s=native,
+                                                                      load_avg_1m_start=1.0)]
+            for base, native in ((50e-3, 10e-3), (60e-3, 10e-3), (40e-3, 10e-3))]
+    table = spread.spread_table(runs, "cpu")
+    assert len(table) == 3
+    assert table[2] == ("| target-B4-K10-128x128-r1-w5 | joint_counts | cpp | iic-conv2d | 50, 60, 40 | "
+                        "10, 10, 10 | 5.0x, 6.0x, 4.0x | 5.0x | 1.00, 1.00, 1.00 |")
