@@ -21,7 +21,8 @@ would assemble it by hand.
 A provider: its name, how it is called (for the CSV), the ops it implements, `compute(op, maps)`
 for one head, why it cannot run a config (`unsupported`), where it is available (`unavailable`),
 and its memory model (map-sized buffers, to skip what would not fit). Adding a provider is one
-entry here; adding an op is one `Op` in workloads.py plus a branch in the computes that offer it.
+entry here; adding an op is one `Op` in workloads.py (which says how this package and the plain
+reference compute it), plus a branch in the compute of each peer that offers it.
 """
 from __future__ import annotations
 
@@ -33,9 +34,8 @@ import torch.nn.functional as F
 
 from bimi_kernels import reference
 from bimi_kernels.numerics import EPS_CC
-from bimi_kernels.offsets import make_offsets
 
-from .workloads import MAP_OPS, Maps
+from .workloads import MAP_OPS, OP_SPECS, Maps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,33 +106,11 @@ def voxelmorph_boundary_loss(p1, p2, image, window: int, gamma: float = 0.75) ->
 # computes: (op, maps of one head) -> tensor
 # ------------------------------------------------------------------------------------------------
 def _package_compute(backend: str) -> Callable:
-    def compute(op: str, m: Maps) -> torch.Tensor:
-        import bimi_kernels.functional as functional
-
-        if op == "joint_counts":
-            return functional.joint_counts(m.p1, m.p2, offsets=m.offsets, dilation=m.dilation, backend=backend)
-        if op == "mi":
-            return functional.regularized_mi(m.p1, m.p2, offsets=m.offsets, dilation=m.dilation, backend=backend)
-        if op == "boundary":
-            return functional.boundary_cc_loss(m.p1, m.p2, m.image, window=m.window, backend=backend)
-        if op == "bimi":
-            return functional.bimi_loss(m.p1, m.p2, m.image, offsets=m.offsets, dilation=m.dilation,
-                                        window=m.window, backend=backend)
-        raise KeyError(op)
-    return compute
+    return lambda op, m: OP_SPECS[op].package(m, backend)
 
 
 def _autograd_compute(op: str, m: Maps) -> torch.Tensor:
-    offsets = make_offsets(m.offsets, m.p1.dim() - 2, m.dilation)
-    if op == "joint_counts":
-        return reference.joint_counts(m.p1, m.p2, offsets)
-    if op == "mi":
-        return reference.regularized_mi(m.p1, m.p2, offsets)
-    if op == "boundary":
-        return reference.boundary_cc_loss(m.p1, m.p2, m.image, m.window)
-    if op == "bimi":
-        return reference.bimi_loss(m.p1, m.p2, m.image, offsets=offsets, window=m.window)
-    raise KeyError(op)
+    return OP_SPECS[op].plain(m)
 
 
 def _peer_compute(joint_counts: Callable) -> Callable:

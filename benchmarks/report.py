@@ -17,6 +17,7 @@ from typing import Optional
 from .providers import NATIVE, NATIVE_FOR_DEVICE, PROVIDER_ORDER
 from .roofline import device_peaks, roofline
 from .schema import read_csv, write_csv
+from .workloads import OP_SPECS
 
 MIB = 2**20
 SWEEPS = OrderedDict(size="H = W (pixels)", clusters="clusters K", radius="window radius r",
@@ -55,9 +56,11 @@ def add_derived(rows) -> None:
         step = by_key.get((row.config, "train_step", "forward+backward", row.provider))
         if row.op == "bimi" and row.mode == "forward+backward" and step is not None:
             row.share_of_train_step = row.time_median_s / step.time_median_s
-        line = roofline(row.op, row.bench_config(), row.mode, row.time_median_s,
-                        device_peaks(row.device_type, row.device_name))
-        if line is not None:
+        bounds = OP_SPECS[row.op].bounds
+        if bounds is not None:
+            config = row.bench_config()
+            line = roofline(bounds(config, row.mode), config, row.time_median_s,
+                            device_peaks(row.device_type, row.device_name))
             row.min_bytes, row.min_flops = line.min_bytes, line.min_flops
             row.achieved_bytes_per_s = line.min_bytes / row.time_median_s
             row.achieved_flops_per_s = line.min_flops / row.time_median_s

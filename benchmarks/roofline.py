@@ -116,17 +116,11 @@ def boundary_bytes_flops(config, mode: str, include_maps: bool = True) -> Tuple[
     return bytes_moved, 2 * pixels(config) * per_pixel * FLOP_FACTOR[mode]
 
 
-def min_bytes_flops(op: str, config, mode: str) -> Optional[Tuple[int, int]]:
-    """(bytes, flops) lower bounds of one op call, or None where the op has no model."""
-    if op in ("joint_counts", "mi"):
-        return counts_bytes_flops(config, mode)
-    if op == "boundary":
-        return boundary_bytes_flops(config, mode)
-    if op == "bimi":  # the maps are read once for both terms
-        counts = counts_bytes_flops(config, mode)
-        boundary = boundary_bytes_flops(config, mode, include_maps=False)
-        return counts[0] + boundary[0], counts[1] + boundary[1]
-    return None
+def bimi_bytes_flops(config, mode: str) -> Tuple[int, int]:
+    """The whole loss: the maps are read once for both terms."""
+    counts = counts_bytes_flops(config, mode)
+    boundary = boundary_bytes_flops(config, mode, include_maps=False)
+    return counts[0] + boundary[0], counts[1] + boundary[1]
 
 
 @dataclass(frozen=True)
@@ -139,10 +133,8 @@ class Roofline:
     fraction_tensor: Optional[float] = None
 
 
-def roofline(op: str, config, mode: str, seconds: float, peaks: Optional[DevicePeaks]) -> Optional[Roofline]:
-    bounds = min_bytes_flops(op, config, mode)
-    if bounds is None:
-        return None
+def roofline(bounds: Tuple[int, int], config, seconds: float, peaks: Optional[DevicePeaks]) -> Roofline:
+    """The roofline of one measured call from its (min bytes, min flops)."""
     nbytes, flops = bounds
     if peaks is None:
         return Roofline(nbytes, flops)

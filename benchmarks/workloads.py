@@ -21,9 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
+
+import bimi_kernels.functional as functional
+from bimi_kernels import reference
+from bimi_kernels.offsets import make_offsets
 
 from . import roofline
 
@@ -37,13 +41,30 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
           "bfloat16": torch.bfloat16}
 
 
+@dataclass
+class Maps:
+    """What one head's op call sees."""
+    p1: torch.Tensor  # (B, K, *S) softmax maps
+    p2: torch.Tensor
+    image: torch.Tensor  # (B, 1, *S)
+    offsets: object  # a radius or an explicit offset list, as `bimi_kernels.functional` takes it
+    dilation: int
+    window: int
+
+
 @dataclass(frozen=True)
 class Op:
+    """One op: what it is, how it is timed, how this package and the plain reference compute it,
+    its size model and its roofline bounds. Adding an op is one entry in `OP_SPECS` (and, for the
+    peers that offer it, a branch in their compute in providers.py)."""
     name: str
     what: str  # one line for the report
     modes: Tuple[str, ...]  # the modes it can be timed in
     heads: str  # how per-head results combine: "cat" (the counts) or "mean" (a loss)
     work: Callable  # config -> a size that time scales with (to extrapolate from smaller configs)
+    package: Optional[Callable] = None  # (Maps, backend) -> tensor: bimi_kernels.functional
+    plain: Optional[Callable] = None  # Maps -> tensor: bimi_kernels.reference through autograd
+    bounds: Optional[Callable] = None  # (config, mode) -> (min bytes, min flops), roofline.py
 
 
 def _counts_work(config) -> float:
@@ -59,30 +80,39 @@ def _step_work(config) -> float:
     return 2 * config.batch * prod(config.spatial) * width * width * depth + _counts_work(config)
 
 
+def _offsets(m: Maps):
+    return make_offsets(m.offsets, m.p1.dim() - 2, m.dilation)
+
+
 OP_SPECS = {op.name: op for op in (
-    Op("joint_counts", "joint counts (|O|, K, K)", MODES, "cat", _counts_work),
-    Op("mi", "regularised mutual information", MODES, "mean", _counts_work),
-    Op("boundary", "boundary term, both maps, edge map included", MODES, "mean", _boundary_work),
-    Op("bimi", "the whole BIMI loss", MODES, "mean", lambda c: _counts_work(c) + _boundary_work(c)),
+    Op("joint_counts", "joint counts (|O|, K, K)", MODES, "cat", _counts_work,
+       package=lambda m, backend: functional.joint_counts(m.p1, m.p2, offsets=m.offsets, dilation=m.dilation,
+                                                          backend=backend),
+       plain=lambda m: reference.joint_counts(m.p1, m.p2, _offsets(m)),
+       bounds=roofline.counts_bytes_flops),
+    Op("mi", "regularised mutual information", MODES, "mean", _counts_work,
+       package=lambda m, backend: functional.regularized_mi(m.p1, m.p2, offsets=m.offsets, dilation=m.dilation,
+                                                            backend=backend),
+       plain=lambda m: reference.regularized_mi(m.p1, m.p2, _offsets(m)),
+       bounds=roofline.counts_bytes_flops),
+    Op("boundary", "boundary term, both maps, edge map included", MODES, "mean", _boundary_work,
+       package=lambda m, backend: functional.boundary_cc_loss(m.p1, m.p2, m.image, window=m.window,
+                                                              backend=backend),
+       plain=lambda m: reference.boundary_cc_loss(m.p1, m.p2, m.image, m.window),
+       bounds=roofline.boundary_bytes_flops),
+    Op("bimi", "the whole BIMI loss", MODES, "mean", lambda c: _counts_work(c) + _boundary_work(c),
+       package=lambda m, backend: functional.bimi_loss(m.p1, m.p2, m.image, offsets=m.offsets,
+                                                       dilation=m.dilation, window=m.window, backend=backend),
+       plain=lambda m: reference.bimi_loss(m.p1, m.p2, m.image, offsets=_offsets(m), window=m.window),
+       bounds=roofline.bimi_bytes_flops),
     Op("train_step", "U-Net training step: both views, heads, the loss, backward, AdamW",
-       FWD_BWD, "mean", _step_work),
+       FWD_BWD, "mean", _step_work),  # computed by `TrainStep` with the provider's `bimi`
 )}
 
 
 # ------------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Maps:
-    """What one head's op call sees."""
-    p1: torch.Tensor  # (B, K, *S) softmax maps
-    p2: torch.Tensor
-    image: torch.Tensor  # (B, 1, *S)
-    offsets: object  # a radius or an explicit offset list, as `bimi_kernels.functional` takes it
-    dilation: int
-    window: int
-
-
 @dataclass
 class Inputs:
     config: object

@@ -230,27 +230,31 @@ def test_cpu_runs_default_to_one_thread():
 # ------------------------------------------------------------------------------------------------
 # the roofline
 # ------------------------------------------------------------------------------------------------
+def _bounds(op, config, mode):
+    return workloads.OP_SPECS[op].bounds(config, mode)
+
+
 def test_roofline_arithmetic_by_hand():
     config = BenchConfig("sparse", 2, 3, (4, 5), ((0, 0), (1, -2)))
     # pairs: offset (0,0) 4*5 = 20, offset (1,-2) (4-1)*(5-2) = 9; two samples
     assert roofline.valid_pairs(config) == 2 * (20 + 9)
     # forward+backward: read p1, p2 twice, write two gradients: 6 maps of 2*3*20*4 B = 480 B;
     # the counts (2 offsets x 3 x 3 x 4 B = 72 B) written forward and their gradient read backward
-    nbytes, flops = roofline.min_bytes_flops("joint_counts", config, "forward+backward")
+    nbytes, flops = _bounds("joint_counts", config, "forward+backward")
     assert nbytes == 6 * 480 + 2 * 72
     assert flops == 3 * 2 * 9 * 58  # 2 K^2 per pair forward, 4 K^2 backward
-    assert roofline.min_bytes_flops("joint_counts", config, "forward") == (2 * 480 + 72, 2 * 9 * 58)
+    assert _bounds("joint_counts", config, "forward") == (2 * 480 + 72, 2 * 9 * 58)
     # boundary forward: both maps, the image (2*20*4 B); per pixel and map 3K + 10n + 20 = 49 ops
-    assert roofline.min_bytes_flops("boundary", config, "forward") == (2 * 480 + 160, 2 * 40 * 49)
-    bimi = roofline.min_bytes_flops("bimi", config, "forward")
+    assert _bounds("boundary", config, "forward") == (2 * 480 + 160, 2 * 40 * 49)
+    bimi = _bounds("bimi", config, "forward")
     assert bimi == (2 * 480 + 72 + 160, 2 * 9 * 58 + 2 * 40 * 49)  # the maps read once for both
-    assert roofline.min_bytes_flops("train_step", config, "forward+backward") is None
+    assert workloads.OP_SPECS["train_step"].bounds is None
     h200 = roofline.device_peaks("cuda", "NVIDIA H200")
-    line = roofline.roofline("joint_counts", config, "forward+backward", 1e-6, h200)
+    line = roofline.roofline(_bounds("joint_counts", config, "forward+backward"), config, 1e-6, h200)
     assert line.bound_s == pytest.approx(max(3024 / 4.3e12, 3132 / 67e12))
     assert line.fraction == pytest.approx(line.bound_s / 1e-6)
     assert line.bound_tensor_s == pytest.approx(max(3024 / 4.3e12, 3132 / 494.7e12))
-    assert roofline.roofline("joint_counts", config, "forward", 1.0, None).fraction is None
+    assert roofline.roofline(_bounds("joint_counts", config, "forward"), config, 1.0, None).fraction is None
     assert roofline.device_peaks("cpu", "NVIDIA H200") is None
     assert roofline.device_peaks("cuda", "NVIDIA H100 PCIe").bandwidth == 2.0e12
 
@@ -258,7 +262,7 @@ def test_roofline_arithmetic_by_hand():
 def test_roofline_of_the_gpu_target_matches_the_issue_figures():
     """B=16 K=10 256x256 r=1 fwd+bwd: ~250 MB of traffic and ~5.7 GFLOP."""
     config = configs.target("cuda", 1)
-    nbytes, flops = roofline.min_bytes_flops("joint_counts", config, "forward+backward")
+    nbytes, flops = _bounds("joint_counts", config, "forward+backward")
     assert nbytes == 6 * 16 * 10 * 256 * 256 * 4 + 2 * 9 * 100 * 4
     # valid pairs of the 3x3 window: (256 + 2 * 255)^2 per sample (the border loses partners)
     assert flops == 6 * 100 * 16 * (256 + 2 * 255) ** 2
@@ -295,7 +299,7 @@ def test_report_derives_ratios_roofline_and_share():
     assert triton.speedup_vs_unfold == pytest.approx(12.5)
     assert triton.speedup_vs_iic_conv2d == pytest.approx(158e-3 / 2.8e-4)
     assert triton.memory_ratio_vs_reference == pytest.approx(0.1)
-    nbytes, flops = roofline.min_bytes_flops("joint_counts", configs.target("cuda", 1), "forward+backward")
+    nbytes, flops = _bounds("joint_counts", configs.target("cuda", 1), "forward+backward")
     assert (triton.min_bytes, triton.min_flops) == (nbytes, flops)
     assert triton.roofline_fraction == pytest.approx(max(nbytes / 4.3e12, flops / 67e12) / 2.8e-4)
     assert triton.achieved_bytes_per_s == pytest.approx(nbytes / 2.8e-4)
