@@ -27,6 +27,7 @@ import torch
 
 import bimi_kernels.functional as functional
 from bimi_kernels import reference
+from bimi_kernels.numerics import accumulation_dtype
 from bimi_kernels.offsets import make_offsets
 
 from . import roofline
@@ -157,7 +158,7 @@ def make_inputs(config, device) -> Inputs:
     num_offsets = len(roofline.offset_set(config))
     grad_counts = torch.randn((config.heads * num_offsets, config.clusters, config.clusters),
                               generator=generator)
-    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    accumulation = accumulation_dtype(dtype)
     return Inputs(config, p1.to(device=device, dtype=dtype), p2.to(device=device, dtype=dtype),
                   image.to(device=device, dtype=dtype), grad_counts.to(device=device, dtype=accumulation))
 
