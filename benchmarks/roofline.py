@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from math import prod
 from typing import Dict, Optional, Tuple
 
+import torch
+
+from bimi_kernels.numerics import accumulation_dtype
 from bimi_kernels.offsets import make_offsets
 
-ELEMENT_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 PASSES = {"forward": 1, "backward": 1, "forward+backward": 2}  # passes over the maps
 FLOP_FACTOR = {"forward": 1, "backward": 2, "forward+backward": 3}  # backward = two gradients
 
@@ -87,11 +89,11 @@ def valid_pairs(config) -> int:
 
 def map_bytes(config) -> int:
     """One (heads x B, K, *S) map in the maps' dtype."""
-    return pixels(config) * config.clusters * ELEMENT_BYTES[config.dtype]
+    return pixels(config) * config.clusters * getattr(torch, config.dtype).itemsize
 
 
 def _accumulation_bytes(config) -> int:
-    return 8 if config.dtype == "float64" else 4
+    return accumulation_dtype(getattr(torch, config.dtype)).itemsize
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def counts_bytes_flops(config, mode: str) -> Tuple[int, int]:
 
 
 def boundary_bytes_flops(config, mode: str, include_maps: bool = True) -> Tuple[int, int]:
-    image = config.batch * prod(config.spatial) * ELEMENT_BYTES[config.dtype]
+    image = config.batch * prod(config.spatial) * getattr(torch, config.dtype).itemsize
     bytes_moved = (_map_traffic(config, mode) if include_maps else 0) + PASSES[mode] * image
     per_pixel = 3 * config.clusters + 10 * len(config.spatial) + 20
     return bytes_moved, 2 * pixels(config) * per_pixel * FLOP_FACTOR[mode]
