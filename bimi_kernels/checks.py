@@ -8,6 +8,7 @@ CPU tensors by default, where reading costs no device sync, and on every value o
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -222,6 +223,7 @@ def _not_probabilities(name: str, values: torch.Tensor, what: str) -> Optional[s
     return None
 
 
+@functools.lru_cache(maxsize=32)
 def _sample_index(shape) -> tuple:
     """Index tensors picking SAMPLED_PIXELS pixels spread evenly over (B, *S), every channel."""
     batch, spatial = shape[0], tuple(shape[2:])
@@ -249,9 +251,15 @@ def check_probabilities_sampled(maps: dict) -> None:
     for name, p in maps.items():
         if p.device.type != "cpu" or p.is_meta:
             continue
-        message = _not_probabilities(name, p[_sample_index(tuple(p.shape))], " (in a sample of pixels)")
-        if message:
-            raise ValueError(message + "; validate=False turns this check off")
+        with torch.no_grad():
+            sample = p[_sample_index(tuple(p.shape))]
+            sums = sample.sum(dim=-1, dtype=torch.float64)
+            # one read for the common, good case; the message is worked out only on failure
+            suspicious = bool((sample.amin() < 0) | ((sums - 1).abs() > _sum_tolerance(p.dtype)).any())
+        if suspicious or not bool(torch.isfinite(sums).all()):
+            message = _not_probabilities(name, sample, " (in a sample of pixels)")
+            if message:
+                raise ValueError(message + "; validate=False turns this check off")
 
 
 def validate_values(maps: dict, others: Optional[dict] = None, mask=None) -> None:
