@@ -239,6 +239,11 @@ def _format(values: List[float]) -> str:
     return f"{mean:.3f} ± {spread:.3f}"
 
 
+def _format_steps(values: List[int]) -> str:
+    mean, spread = _mean_std([float(v) for v in values])
+    return f"{mean:.0f} ± {spread:.0f} (each seed: {', '.join(str(v) for v in values)})"
+
+
 def _mean_std(values: List[float]):
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
@@ -377,7 +382,7 @@ def write_tables(out: Path, summary: Dict) -> str:
         "|---|" + "---|" * len(counts),
     ]
     for setting in settings:
-        cells = [_format([float(v) for v in gather(runs, setting, n, "chosen_step")]).replace(".000", "") for n in counts]
+        cells = [_format_steps(gather(runs, setting, n, "chosen_step")) for n in counts]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     for curve_key, curve_block in (("validation_curve", "validation"), ("test_curve", "test")):
         if curve_block == "test" and no_test:
