@@ -358,6 +358,8 @@ def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path):
     markdown = (out / "results.md").read_text()
     assert "full BIMI" in markdown and "random init" in markdown and "intensity lookup" in markdown
     assert ", 1 thread\n" in markdown and "1 threads" not in markdown and "Criterion" in markdown
+    cli.draw_dice_bars(tmp_path / "redrawn.png", summary)  # the chart can be redrawn from results.json
+    assert (tmp_path / "redrawn.png").stat().st_size > 0
 
     # --resume finds the finished pre-training and does not train again
     assert cli.main(TINY + ["--out", str(out), "--resume"]) == 0

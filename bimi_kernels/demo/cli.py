@@ -439,6 +439,29 @@ def write_tables(out: Path, summary: Dict) -> str:
     return markdown
 
 
+def draw_dice_bars(path: Path, summary: Dict) -> None:
+    """dice.png from a results summary (results.json's keys finetune, baselines, probes,
+    settings, options, score_title): one bar per setting, baseline and the frozen-BIMI probe."""
+    from . import plots
+    from .pretrain import SETTING_TITLES
+
+    counts, no_test = summary["options"]["labels"], summary["options"].get("no_test")
+    key = "validation_mean" if no_test else "test_mean"
+
+    def cells(rows, setting=None):
+        return {n: [r[key] for r in rows if r["labelled"] == n and key in r and (setting is None or r["setting"] == setting)]
+                for n in counts}
+
+    table = {s: cells(summary["finetune"], s) for s in summary["settings"]}
+    for name, rows in summary["baselines"].items():
+        table[f"baseline: {name}"] = cells(rows)
+    if "bimi" in summary["settings"]:
+        table["linear probe, frozen bimi"] = cells(summary["probes"], "bimi")
+    table = {name: row for name, row in table.items() if any(row.values())}
+    plots.dice_bars(path, table, SETTING_TITLES,
+                    f"{'validation' if no_test else 'test'} Dice, validation-chosen checkpoint\n{summary['score_title']}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -615,17 +638,9 @@ def run_demo(args: argparse.Namespace, argv: List[str], data, device) -> int:
             for n in args.labels]
 
     # Pictures of the fine-tuning results
-    key = "validation_mean" if args.no_test else "test_mean"
-    table = {s: {n: [r[key] for r in runs if r["setting"] == s and r["labelled"] == n] for n in args.labels}
-             for s in args.settings}
-    titles = dict(SETTING_TITLES)
-    for name, rows in baselines.items():
-        table[f"baseline: {name}"] = {n: [r[key] for r in rows if r["labelled"] == n and key in r] for n in args.labels}
-    table["linear probe, frozen bimi"] = {n: [r[key] for r in probes if r["setting"] == "bimi" and r["labelled"] == n]
-                                          for n in args.labels} if "bimi" in args.settings else {}
-    table = {name: cells for name, cells in table.items() if any(cells.values())}
-    plots.dice_bars(out / "dice.png", table, titles,
-                    f"{'validation' if args.no_test else 'test'} Dice, validation-chosen checkpoint\n{data.score_title}")
+    tables = {"finetune": runs, "baselines": baselines, "probes": probes, "settings": args.settings,
+              "options": {"labels": args.labels, "no_test": args.no_test}, "score_title": data.score_title}
+    draw_dice_bars(out / "dice.png", tables)
     curves = {}
     for s in args.settings:
         curves[s] = {}

@@ -151,7 +151,7 @@ def dice_bars(path: Path, table: Dict[str, Dict[int, Sequence[float]]], titles: 
     axis.set_ylim(0, 1)
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=90, bbox_inches="tight")  # the legend sits outside the axes
     plt.close(figure)
 
 
@@ -184,5 +184,5 @@ def finetune_curves(path: Path, curves: Dict[str, Dict[int, Dict[str, np.ndarray
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
     figure.tight_layout(rect=(0, 0, 1 - 2.9 / (3.6 * len(counts) + 3.0), 1))
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(figure)
