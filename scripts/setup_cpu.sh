@@ -103,7 +103,11 @@ fi
 if [ "$NATIVE" = ok ]; then
   say "C++ extension: up to date"
 else
-  say "compiling the C++ extension with $MAX_JOBS job(s) (from scratch: a few minutes on 2 cores)"
+  if compgen -G "build/temp.*/build.ninja" > /dev/null; then
+    say "compiling the C++ extension with $MAX_JOBS job(s): only the files that changed"
+  else
+    say "compiling the C++ extension with $MAX_JOBS job(s): every file (a few minutes on 2 cores)"
+  fi
   # ninja prints one long compiler command per finished file: show the file instead; pass
   # everything else (warnings, errors) through unchanged.
   "$VENV_PYTHON" setup.py -q build_ext --inplace 2>&1 | while IFS= read -r line; do
