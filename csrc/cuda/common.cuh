@@ -33,6 +33,15 @@ __device__ acc_t block_sum(acc_t value, acc_t* scratch) {
   return scratch[0];
 }
 
+// Sum over the 32 lanes of a warp by a fixed butterfly (every lane gets the same total, the same
+// on every run). Every lane of the warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t value) {
+#pragma unroll
+  for (int mask = 16; mask >= 1; mask /= 2) value += __shfl_xor_sync(0xffffffffu, value, mask);
+  return value;
+}
+
 // out[e] = sum over c of partials[c * size + e], c ascending: the second, fixed-order stage of
 // every reduction (no atomics, so the result is the same on every run).
 template <typename acc_t>
