@@ -15,11 +15,15 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "../common/host_checks.h"
@@ -98,14 +102,22 @@ void check_extents(const Volume& v) {
               "bimi_C (cuda): each spatial size must be below ", limit);
 }
 
+// Blocks above 48 KB of dynamic shared memory need the kernel's limit raised first. It is raised
+// once per kernel and device, to the device's maximum, so later launches (a hot loop, a CUDA
+// graph capture) make no driver call.
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return;
   const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   TORCH_CHECK(bytes <= optin, "bimi_C (cuda): a joint-count block needs ", bytes,
               " bytes of shared memory, this GPU allows ", optin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> raised;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), c10::cuda::current_device()};
+  if (raised.count(key) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(optin)));
+  raised.insert(key);
 }
 
 at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
