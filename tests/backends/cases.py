@@ -16,7 +16,7 @@ from helpers import random_image, random_maps  # noqa: F401
 
 from bimi_kernels import reference
 from bimi_kernels.numerics import accumulation_dtype
-from bimi_kernels.offsets import make_offsets
+from bimi_kernels.offsets import flatten, make_offsets
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -130,6 +130,29 @@ def random_grad_j(n_offsets: int, k: int, dtype: torch.dtype, device: str, seed:
     return torch.randn((n_offsets, k, k), generator=g, dtype=F64).to(device, dtype)
 
 
+# the check, for any object with the backend contract's kernels (docs/architecture.md)
+def cpu(t):
+    return None if t is None else t.cpu()
+
+
+def check_joint(kernels, p1, p2, offsets, mask):
+    """J and both gradients from `backend`'s kernels against the reference (on CPU)."""
+    flat = flatten(offsets)
+    counts = kernels.joint_counts(p1, p2, flat, mask)
+    expected = reference.joint_counts(cpu(p1), cpu(p2), offsets, cpu(mask))
+    assert counts.shape == expected.shape and counts.dtype == accumulation_dtype(p1.dtype)
+    assert counts.device == p1.device
+    assert_close(counts, expected, "J", p1.dtype)
+
+    grad_j = random_grad_j(len(offsets), p1.shape[1], counts.dtype, p1.device.type)
+    grad_p1, grad_p2 = kernels.joint_counts_backward(grad_j, p1, p2, flat, mask)
+    expected_p1, expected_p2 = reference.joint_counts_backward(cpu(grad_j), cpu(p1), cpu(p2), offsets, cpu(mask))
+    for got, want, what, like in ((grad_p1, expected_p1, "dL/dp1", p1), (grad_p2, expected_p2, "dL/dp2", p2)):
+        assert got.shape == like.shape and got.dtype == like.dtype and got.device == like.device
+        assert_close(got, want, what, p1.dtype)
+
+
+
 # ------------------------------------------------------------------------------------------------
 # boundary term
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +203,49 @@ def boundary_inputs(case: BoundaryCase, dtype: torch.dtype, device: str, seed: i
     image = random_image(case.shape, channels=2, dtype=F64, seed=seed + 1)
     edge = reference.edge_map(image).to(device, accumulation_dtype(dtype)).contiguous()
     return p.to(device, dtype), edge
+
+
+# the check, for any object with the backend contract's kernels
+def reference_cc_and_gradient(p, edge, window, grad_cc):
+    """CC and grad_cc * dCC/dp by autograd through the reference forward (on CPU), independent of
+    any written-out backward."""
+    x = p.detach().cpu().requires_grad_(True)
+    cc = reference.boundary_cc(x, edge.cpu(), window)
+    (grad,) = torch.autograd.grad(cc, x, grad_cc.cpu().to(cc.dtype))
+    return cc.detach(), grad
+
+
+def run_kernels(kernels, p, edge, window, grad_scale):
+    cc, u_range = kernels.boundary_cc(p, edge, window)
+    grad_cc = torch.tensor(grad_scale, dtype=cc.dtype, device=p.device)
+    grad = kernels.boundary_cc_backward(grad_cc, p, edge, u_range, window)
+    return cc, u_range, grad_cc, grad
+
+
+def check_boundary(kernels, p, edge, window):
+    cc, u_range, grad_cc, grad = run_kernels(kernels, p, edge, window, 1.7)
+    acc = accumulation_dtype(p.dtype)
+    assert cc.dim() == 0 and cc.dtype == acc and cc.device == p.device
+    assert u_range.shape == (p.shape[0], 2) and u_range.dtype == acc
+    assert grad.shape == p.shape and grad.dtype == p.dtype and grad.device == p.device
+    u = reference.uncertainty_map(p.cpu()).flatten(1)
+    assert_close(u_range, torch.stack([u.amin(1), u.amax(1)], 1), "u_range", p.dtype)
+    expected_cc, expected_grad = reference_cc_and_gradient(p, edge, window, grad_cc)
+    if p.dtype == F64:
+        assert_close(cc, expected_cc, "CC", p.dtype)
+        if torch.count_nonzero(expected_grad) == 0:  # every window clamped: no gradient anywhere
+            assert torch.count_nonzero(grad) == 0
+        else:
+            assert_close(grad, expected_grad, "dL/dp", p.dtype)
+        return
+    # float32: the box sums cancel (S(U^2) - S(U)^2 / n), so the reference's own float32 result
+    # can be off by more than 1e-5; within twice its error against float64, or 1e-5
+    cc64, grad64 = reference_cc_and_gradient(p.double(), edge.double(), window, grad_cc.double())
+    for what, got, own, exact in (("CC", cc, expected_cc, cc64), ("dL/dp", grad, expected_grad, grad64)):
+        bound = max(2 * relative_error(own, exact), 1e-5)
+        error = relative_error(got, exact)
+        assert error <= bound, f"{what}: relative error {error:.3g} > {bound:.3g}"
+
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cases import (
-    BF16, BOUNDARY_CASES, EDGE_CASES, EDGE_RTOL, F16, F32, F64, BoundaryCase, assert_close,
-    assert_low_precision_rule, boundary_inputs, edge_image, relative_error,
+    BF16, BOUNDARY_CASES, EDGE_CASES, EDGE_RTOL, F16, F32, F64, BoundaryCase,
+    assert_low_precision_rule, boundary_inputs, check_boundary, edge_image,
+    reference_cc_and_gradient, relative_error, run_kernels,
 )
 
 from bimi_kernels import reference
@@ -22,60 +23,19 @@ BOUNDARY_PARAMS = [
 ]
 
 
-def reference_cc_and_gradient(p, edge, window, grad_cc):
-    """CC and grad_cc * dCC/dp by autograd through the reference forward (on CPU), independent of
-    any written-out backward."""
-    x = p.detach().cpu().requires_grad_(True)
-    cc = reference.boundary_cc(x, edge.cpu(), window)
-    (grad,) = torch.autograd.grad(cc, x, grad_cc.cpu().to(cc.dtype))
-    return cc.detach(), grad
-
-
-def run_kernels(backend, p, edge, window, grad_scale):
-    cc, u_range = backend.kernels.boundary_cc(p, edge, window)
-    grad_cc = torch.tensor(grad_scale, dtype=cc.dtype, device=p.device)
-    grad = backend.kernels.boundary_cc_backward(grad_cc, p, edge, u_range, window)
-    return cc, u_range, grad_cc, grad
-
-
-def check_boundary(backend, p, edge, window):
-    cc, u_range, grad_cc, grad = run_kernels(backend, p, edge, window, 1.7)
-    acc = accumulation_dtype(p.dtype)
-    assert cc.dim() == 0 and cc.dtype == acc and cc.device == p.device
-    assert u_range.shape == (p.shape[0], 2) and u_range.dtype == acc
-    assert grad.shape == p.shape and grad.dtype == p.dtype and grad.device == p.device
-    u = reference.uncertainty_map(p.cpu()).flatten(1)
-    assert_close(u_range, torch.stack([u.amin(1), u.amax(1)], 1), "u_range", p.dtype)
-    expected_cc, expected_grad = reference_cc_and_gradient(p, edge, window, grad_cc)
-    if p.dtype == F64:
-        assert_close(cc, expected_cc, "CC", p.dtype)
-        if torch.count_nonzero(expected_grad) == 0:  # every window clamped: no gradient anywhere
-            assert torch.count_nonzero(grad) == 0
-        else:
-            assert_close(grad, expected_grad, "dL/dp", p.dtype)
-        return
-    # float32: the box sums cancel (S(U^2) - S(U)^2 / n), so the reference's own float32 result
-    # can be off by more than 1e-5; within twice its error against float64, or 1e-5
-    cc64, grad64 = reference_cc_and_gradient(p.double(), edge.double(), window, grad_cc.double())
-    for what, got, own, exact in (("CC", cc, expected_cc, cc64), ("dL/dp", grad, expected_grad, grad64)):
-        bound = max(2 * relative_error(own, exact), 1e-5)
-        error = relative_error(got, exact)
-        assert error <= bound, f"{what}: relative error {error:.3g} > {bound:.3g}"
-
-
 @pytest.mark.parametrize("name,dtype", BOUNDARY_PARAMS)
 def test_boundary_matches_reference(backend, name, dtype):
     case = BOUNDARY_CASES[name]
     backend.skip_if_too_slow(case)
     p, edge = boundary_inputs(case, dtype, backend.device)
-    check_boundary(backend, p, edge, case.window)
+    check_boundary(backend.kernels, p, edge, case.window)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
 def test_low_precision_rule(backend, dtype):
     case = BOUNDARY_CASES["2d-K10-w3"]
     p, edge = boundary_inputs(case, dtype, backend.device)
-    cc, _, grad_cc, grad = run_kernels(backend, p, edge, case.window, 1.0)
+    cc, _, grad_cc, grad = run_kernels(backend.kernels, p, edge, case.window, 1.0)
     assert cc.dtype == F32 and grad.dtype == dtype
     own_cc, own_grad = reference_cc_and_gradient(p, edge, case.window, grad_cc)
     exact_cc, exact_grad = reference_cc_and_gradient(p.double(), edge.double(), case.window, grad_cc.double())
@@ -86,7 +46,7 @@ def test_low_precision_rule(backend, dtype):
 def test_inputs_are_not_modified(backend):
     p, edge = boundary_inputs(BOUNDARY_CASES["2d-K3-w3"], F32, backend.device)
     before = (p.clone(), edge.clone())
-    run_kernels(backend, p, edge, 3, 1.0)
+    run_kernels(backend.kernels, p, edge, 3, 1.0)
     assert torch.equal(before[0], p) and torch.equal(before[1], edge)
 
 
@@ -104,7 +64,7 @@ def boundary_problems(draw, small: bool):
 def test_boundary_property(backend, data):
     case, seed = data.draw(boundary_problems(small=backend.interpreted))
     p, edge = boundary_inputs(case, F64, backend.device, seed)
-    check_boundary(backend, p, edge, case.window)
+    check_boundary(backend.kernels, p, edge, case.window)
 
 
 @pytest.mark.parametrize("name", list(EDGE_CASES))

@@ -7,12 +7,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cases import (
-    BF16, F16, F32, F64, JOINT_CASES, JointCase, assert_close, assert_low_precision_rule,
+    BF16, F16, F32, F64, JOINT_CASES, JointCase, assert_low_precision_rule, check_joint, cpu,
     joint_inputs, random_grad_j,
 )
 
 from bimi_kernels import reference
-from bimi_kernels.numerics import accumulation_dtype
 from bimi_kernels.offsets import flatten, make_offsets
 
 JOINT_PARAMS = [
@@ -22,33 +21,12 @@ JOINT_PARAMS = [
 ]
 
 
-def cpu(t):
-    return None if t is None else t.cpu()
-
-
-def check_joint(backend, p1, p2, offsets, mask):
-    """J and both gradients from `backend`'s kernels against the reference (on CPU)."""
-    kernels, flat = backend.kernels, flatten(offsets)
-    counts = kernels.joint_counts(p1, p2, flat, mask)
-    expected = reference.joint_counts(cpu(p1), cpu(p2), offsets, cpu(mask))
-    assert counts.shape == expected.shape and counts.dtype == accumulation_dtype(p1.dtype)
-    assert counts.device == p1.device
-    assert_close(counts, expected, "J", p1.dtype)
-
-    grad_j = random_grad_j(len(offsets), p1.shape[1], counts.dtype, p1.device.type)
-    grad_p1, grad_p2 = kernels.joint_counts_backward(grad_j, p1, p2, flat, mask)
-    expected_p1, expected_p2 = reference.joint_counts_backward(cpu(grad_j), cpu(p1), cpu(p2), offsets, cpu(mask))
-    for got, want, what, like in ((grad_p1, expected_p1, "dL/dp1", p1), (grad_p2, expected_p2, "dL/dp2", p2)):
-        assert got.shape == like.shape and got.dtype == like.dtype and got.device == like.device
-        assert_close(got, want, what, p1.dtype)
-
-
 @pytest.mark.parametrize("name,dtype", JOINT_PARAMS)
 def test_joint_counts_match_reference(backend, name, dtype):
     case = JOINT_CASES[name]
     backend.skip_if_too_slow(case)
     p1, p2, mask = joint_inputs(case, dtype, backend.device)
-    check_joint(backend, p1, p2, case.offset_set(), mask)
+    check_joint(backend.kernels, p1, p2, case.offset_set(), mask)
 
 
 def test_everything_masked_gives_zero_counts_and_gradients(backend):
@@ -66,7 +44,7 @@ def test_more_than_4096_offsets(backend):
     case = JointCase((1, 2, 33, 34), 32, interpreter=False)
     backend.skip_if_too_slow(case)
     p1, p2, mask = joint_inputs(case, F64, backend.device)
-    check_joint(backend, p1, p2, case.offset_set(), mask)
+    check_joint(backend.kernels, p1, p2, case.offset_set(), mask)
 
 
 def test_inputs_are_not_modified(backend):
@@ -131,4 +109,4 @@ def joint_problems(draw, small: bool):
 def test_joint_counts_property(backend, data):
     case, dtype, seed = data.draw(joint_problems(small=backend.interpreted))
     p1, p2, mask = joint_inputs(case, dtype, backend.device, seed)
-    check_joint(backend, p1, p2, make_offsets(case.offsets, len(case.shape) - 2, case.dilation), mask)
+    check_joint(backend.kernels, p1, p2, make_offsets(case.offsets, len(case.shape) - 2, case.dilation), mask)
