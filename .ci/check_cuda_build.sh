@@ -38,7 +38,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 echo "check_cuda_build: installing the CUDA build of torch into $VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check torch==2.14.1 "numpy<2.4" ninja pybind11 setuptools wheel
+"$VENV/bin/pip" install -q --disable-pip-version-check torch==2.14.1 "numpy<2.4" ninja "setuptools>=77"
 
 NVCC_VERSION="$("$NVCC" --version | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p')"
 TORCH_CUDA="$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')"
