@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import EPS_CC, EPS_LOG_U, EPS_MINMAX
+from ..numerics import EPS_CC, EPS_LOG_U, EPS_MINMAX
 from . import INTERPRETED, accumulation_dtype, multiprocessor_count, padded_k, spatial_dims
 from .tiles import (
     Tile,

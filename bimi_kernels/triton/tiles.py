@@ -7,10 +7,10 @@ y0 + p // TILE_W % TILE_H, x0 + p % TILE_W), so the pixels along x are consecuti
 (coalesced loads) and the partners that an offset or a box window reaches from a tile are the
 neighbouring tiles' pixels, which the L1/L2 caches still hold.
 
-Index arithmetic (docs/contract.md §8 on large inputs): a sample's base address is always
-formed in 64 bits (`sample_pointer`); within a sample, offsets are 32-bit unless the launcher
-found that one can pass 2^31 (`needs_wide_index`), then the kernels are compiled with WIDE=True
-and every per-element offset is 64-bit.
+Index arithmetic: a sample's base address is always formed in 64 bits (`sample_pointer`); within
+a sample, offsets are 32-bit unless the launcher found that one can pass 2^31
+(`needs_wide_index`), then the kernels are compiled with WIDE=True and every per-element offset
+is 64-bit.
 """
 from __future__ import annotations
 
