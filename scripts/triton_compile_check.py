@@ -113,7 +113,7 @@ def joint_variants(dtype_names: Iterable[str], ks: Iterable[int], layouts: Itera
     for name in dtype_names:
         dtype = getattr(torch, DTYPES[name])
         acc = "fp64" if dtype == torch.float64 else "fp32"
-        precision = "ieee" if dtype == torch.float64 else "tf32x3"
+        base_precision = "ieee" if dtype == torch.float64 else "tf32x3"
         for k in ks:
             for shape_tail, radius, masked in layouts:
                 shape = (2, k) + tuple(shape_tail)
@@ -122,6 +122,7 @@ def joint_variants(dtype_names: Iterable[str], ks: Iterable[int], layouts: Itera
                 ndim = len(shape_tail)
                 flat = tuple(v for d in _window(radius, ndim) for v in d)
                 prob = joint._problem(p, p, mask if masked else None, flat, None, None)
+                precision = joint.product_precision(prob, base_precision)
                 pointers = {"p1_ptr": "*" + name, "p2_ptr": "*" + name, "mask_ptr": "*" + name,
                             "grad_p1_ptr": "*" + name, "grad_p2_ptr": "*" + name,
                             "rows_ptr": "*i64", "reverse_rows_ptr": "*i64",

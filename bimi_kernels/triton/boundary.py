@@ -49,12 +49,9 @@ from .tiles import (
     map_extent,
     needs_wide_index,
     next_power_of_2,
-    pixel_inside,
-    pixel_offset,
     sample_pointer,
+    tile_geometry,
     tile_is_interior,
-    tile_origin,
-    tile_pixels,
     with_tile_shape,
 )
 
@@ -93,20 +90,23 @@ def sample_range(range_ptr, b, n_range, R_PAD: tl.constexpr):
 
 
 @triton.jit
-def box_sums_5(a_base, b_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
-               CHECK: tl.constexpr, NORMALISE: tl.constexpr, IS_3D: tl.constexpr,
-               RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr):
-    """Window sums of A, A^2, A B, B, B^2 around each pixel (zero padding), A the uncertainty
-    map (normalised on the fly when NORMALISE, as `normalise`: a missing neighbour reads U = min,
-    i.e. Un = 0) and B the edge map. CHECK=False for interior tiles (no bounds tests). The
-    neighbour tests are built per dim, outside the inner loops (and written inline: each nested
-    @triton.jit call costs the interpreter ~0.6 ms)."""
-    s_a = tl.zeros(s.shape, dtype=lo.dtype)
-    s_aa = tl.zeros(s.shape, dtype=lo.dtype)
-    s_ab = tl.zeros(s.shape, dtype=lo.dtype)
-    s_b = tl.zeros(s.shape, dtype=lo.dtype)
-    s_bb = tl.zeros(s.shape, dtype=lo.dtype)
-    for dz in range(-RADIUS_Z, RADIUS_Z + 1):  # a loop, not unrolled: 3-D windows stay small
+def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                CHECK: tl.constexpr, NCC: tl.constexpr, NORMALISE: tl.constexpr,
+                IS_3D: tl.constexpr, RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr):
+    """Box-window sums around each pixel of a tile (zero padding).
+
+    NCC: the five sums of A, A^2, A B, B, B^2 with A the uncertainty map (normalised on the fly
+    when NORMALISE, as `normalise`: a missing neighbour reads U = min, i.e. Un = 0) and B the
+    edge map. Otherwise: the sums of the three maps A, B, C (and two zeros).
+    CHECK=False for interior tiles (no bounds tests). The neighbour tests are built per dim
+    outside the inner loops and written inline: each nested @triton.jit call costs the
+    interpreter ~0.6 ms. The z loop is not unrolled, so 3-D windows keep their registers."""
+    sum_1 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    sum_2 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    sum_3 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    sum_4 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    sum_5 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    for dz in range(-RADIUS_Z, RADIUS_Z + 1):
         ok_z = inside
         if IS_3D:
             ok_z = ok_z & (z + dz >= 0) & (z + dz < D)
@@ -116,50 +116,28 @@ def box_sums_5(a_base, b_base, s, z, y, x, inside, lo, denominator, D, H, W, pla
                 at = s + (dz * plane + dy * W + dx)
                 if CHECK:
                     ok = ok_zy & (x + dx >= 0) & (x + dx < W)
-                    if NORMALISE:
-                        a = tl.load(a_base + at, mask=ok, other=lo)
-                    else:
-                        a = tl.load(a_base + at, mask=ok, other=0.0)
+                    a = tl.load(a_base + at, mask=ok, other=lo if NORMALISE else 0.0)
                     b = tl.load(b_base + at, mask=ok, other=0.0)
+                    if not NCC:
+                        c = tl.load(c_base + at, mask=ok, other=0.0)
                 else:
                     a = tl.load(a_base + at)
                     b = tl.load(b_base + at)
+                    if not NCC:
+                        c = tl.load(c_base + at)
                 if NORMALISE:
                     a = (a - lo) / denominator
-                s_a += a
-                s_aa += a * a
-                s_ab += a * b
-                s_b += b
-                s_bb += b * b
-    return s_a, s_aa, s_ab, s_b, s_bb
-
-
-@triton.jit
-def box_sums_3(a_base, b_base, c_base, s, z, y, x, inside, D, H, W, plane,
-               CHECK: tl.constexpr, IS_3D: tl.constexpr,
-               RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr):
-    """Window sums of three maps around each pixel (zero padding), tested as in box_sums_5."""
-    t_a = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
-    t_b = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
-    t_c = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
-    for dz in range(-RADIUS_Z, RADIUS_Z + 1):  # a loop, not unrolled: 3-D windows stay small
-        ok_z = inside
-        if IS_3D:
-            ok_z = ok_z & (z + dz >= 0) & (z + dz < D)
-        for dy in tl.static_range(-RADIUS, RADIUS + 1):
-            ok_zy = ok_z & (y + dy >= 0) & (y + dy < H)
-            for dx in tl.static_range(-RADIUS, RADIUS + 1):
-                at = s + (dz * plane + dy * W + dx)
-                if CHECK:
-                    ok = ok_zy & (x + dx >= 0) & (x + dx < W)
-                    t_a += tl.load(a_base + at, mask=ok, other=0.0)
-                    t_b += tl.load(b_base + at, mask=ok, other=0.0)
-                    t_c += tl.load(c_base + at, mask=ok, other=0.0)
+                if NCC:
+                    sum_1 += a
+                    sum_2 += a * a
+                    sum_3 += a * b
+                    sum_4 += b
+                    sum_5 += b * b
                 else:
-                    t_a += tl.load(a_base + at)
-                    t_b += tl.load(b_base + at)
-                    t_c += tl.load(c_base + at)
-    return t_a, t_b, t_c
+                    sum_1 += a
+                    sum_2 += b
+                    sum_3 += c
+    return sum_1, sum_2, sum_3, sum_4, sum_5
 
 
 @triton.jit
@@ -262,24 +240,19 @@ def _ncc_kernel(
         denominator = hi - lo + EPS_NORM
     u_base = sample_pointer(u_ptr, b, N)
     e_base = sample_pointer(edge_ptr, b, edge_stride_b)
-    tz, ty, tx = tile_pixels(TILE_D, TILE_H, TILE_W)
     total = tl.zeros((TILE_D * TILE_H * TILE_W,), dtype=acc_dtype)
     for tile in range(r, tiles_z * tiles_y * tiles_x, n_programs):
-        _, z0, y0, x0 = tile_origin(tile, tiles_z, tiles_y, tiles_x, TILE_D, TILE_H, TILE_W)
-        z = z0 + tz
-        y = y0 + ty
-        x = x0 + tx
-        s = pixel_offset(z, y, x, H, W, WIDE)
-        inside = pixel_inside(z, y, x, D, H, W, IS_3D)
+        _, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+            tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
                             TILE_D, TILE_H, TILE_W, IS_3D):
-            s_u, s_uu, s_ue, s_e, s_ee = box_sums_5(
-                u_base, e_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
-                False, not BACKWARD, IS_3D, RADIUS, RADIUS_Z)
+            s_u, s_uu, s_ue, s_e, s_ee = window_sums(
+                u_base, e_base, e_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                False, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z)
         else:
-            s_u, s_uu, s_ue, s_e, s_ee = box_sums_5(
-                u_base, e_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
-                True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z)
+            s_u, s_uu, s_ue, s_e, s_ee = window_sums(
+                u_base, e_base, e_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                True, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z)
         mu_u, mu_e, cross_raw, var_u_raw, cross, var_u, var_e = ncc_terms(
             s_u, s_uu, s_ue, s_e, s_ee, count, EPS)
         if BACKWARD:
@@ -339,22 +312,19 @@ def _boundary_grad_kernel(
     p_base = sample_pointer(p_ptr, b, p_stride_b)
     e_base = sample_pointer(edge_ptr, b, edge_stride_b)
     grad_base = sample_pointer(grad_ptr, b, grad_stride_b)
-    tz, ty, tx = tile_pixels(TILE_D, TILE_H, TILE_W)
     for tile in range(r, tiles_z * tiles_y * tiles_x, n_programs):
-        _, z0, y0, x0 = tile_origin(tile, tiles_z, tiles_y, tiles_x, TILE_D, TILE_H, TILE_W)
-        z = z0 + tz
-        y = y0 + ty
-        x = x0 + tx
-        s = pixel_offset(z, y, x, H, W, WIDE)
-        inside = pixel_inside(z, y, x, D, H, W, IS_3D)
+        _, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+            tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         # box sums of the coefficient maps (the window is symmetric: its own transpose)
         if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
                             TILE_D, TILE_H, TILE_W, IS_3D):
-            t_u, t_uu, t_ue = box_sums_3(a_base, b_base, c_base, s, z, y, x, inside, D, H, W,
-                                         plane, False, IS_3D, RADIUS, RADIUS_Z)
+            t_u, t_uu, t_ue, _, _ = window_sums(
+                a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                False, False, False, IS_3D, RADIUS, RADIUS_Z)
         else:
-            t_u, t_uu, t_ue = box_sums_3(a_base, b_base, c_base, s, z, y, x, inside, D, H, W,
-                                         plane, True, IS_3D, RADIUS, RADIUS_Z)
+            t_u, t_uu, t_ue, _, _ = window_sums(
+                a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                True, False, False, IS_3D, RADIUS, RADIUS_Z)
         tile_ok = k_ok[:, None] & inside[None, :]
         q = tl.load(p_base + (channel[:, None] + s[None, :]), mask=tile_ok,
                     other=0.0).to(acc_dtype)

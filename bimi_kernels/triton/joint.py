@@ -72,12 +72,9 @@ from .tiles import (
     map_extent,
     needs_wide_index,
     next_power_of_2,
-    pixel_inside,
-    pixel_offset,
     sample_pointer,
+    tile_geometry,
     tile_is_interior,
-    tile_origin,
-    tile_pixels,
     with_tile_shape,
 )
 
@@ -144,6 +141,48 @@ def gather_partner_rows(map_base, mask_base, map_offset, shift, s, ok, OUT_DTYPE
     return rows
 
 
+@triton.jit
+def partner_block(map_base, mask_base, map_offset, shift, rows_ptr, rows, rows_stride, row_ok,
+                  s, z, y, x, inside, interior, OUT_DTYPE: tl.constexpr,
+                  IS_3D: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The chunk's (ROWS, TILE) partner rows of a tile: without bounds tests on an interior
+    tile (rows past the table's end read as zero), with the partner test on a border tile."""
+    if interior:
+        block = gather_partner_rows(map_base, mask_base, map_offset, shift, s, row_ok[:, None],
+                                    OUT_DTYPE, True, HAS_MASK)
+    else:
+        ok = partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D)
+        block = gather_partner_rows(map_base, mask_base, map_offset, shift, s, ok,
+                                    OUT_DTYPE, True, HAS_MASK)
+    return block
+
+
+@triton.jit
+def accumulate_gradient(acc, grad_j_ptr, map_base, mask_base, rows_ptr, rows, rows_stride,
+                        row_ok, column_stride, k, k_ok, s, z, y, x, inside, interior,
+                        DOT_PRECISION: tl.constexpr, IS_3D: tl.constexpr,
+                        HAS_MASK: tl.constexpr, WIDE: tl.constexpr):
+    """acc (TILE, K_PAD) += partner_rows^T @ G_rows: the chunk's contribution to one map's
+    gradient. G_rows[r, c] = dL/dJ[index_r + c * column_stride] (the table's COL_GRAD_INDEX)."""
+    map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)
+    block = partner_block(map_base, mask_base, map_offset, shift, rows_ptr, rows, rows_stride,
+                          row_ok, s, z, y, x, inside, interior, acc.dtype, IS_3D, HAS_MASK)
+    g_index = tl.load(rows_ptr + COL_GRAD_INDEX * rows_stride + rows)
+    g = tl.load(grad_j_ptr + (g_index[:, None] + k[None, :] * column_stride),
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    return tl.dot(tl.trans(block), g, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def store_gradient(grad_ptr, b, stride_b, out_channel, acc, weight, s, inside, k_ok,
+                   HAS_MASK: tl.constexpr):
+    """Write a tile's (TILE, K_PAD) gradient once, times the mask at the pixel."""
+    if HAS_MASK:
+        acc = acc * weight
+    out = sample_pointer(grad_ptr, b, stride_b) + (s[:, None] + out_channel[None, :])
+    tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=inside[:, None] & k_ok[None, :])
+
+
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
@@ -168,39 +207,29 @@ def _joint_counts_forward_kernel(
         operand_dtype = acc_dtype
 
     rows = chunk * ROWS + tl.arange(0, ROWS)
-    map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)
+    map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)  # for every tile
     k = tl.arange(0, K_PAD)
     k_ok = k < K
     if WIDE:
         channel = k.to(tl.int64) * p1_stride_k
     else:
         channel = k * p1_stride_k
-    tz, ty, tx = tile_pixels(TILE_D, TILE_H, TILE_W)
-
+    row_ok = rows < n_rows
     acc = tl.zeros((ROWS, K_PAD), dtype=acc_dtype)
     for tile in range(pid, n_tiles, n_programs):
-        b, z0, y0, x0 = tile_origin(tile, tiles_z, tiles_y, tiles_x, TILE_D, TILE_H, TILE_W)
-        z = z0 + tz
-        y = y0 + ty
-        x = x0 + tx
-        s = pixel_offset(z, y, x, H, W, WIDE)
-        inside = pixel_inside(z, y, x, D, H, W, IS_3D)
+        b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+            tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         mask_base = sample_pointer(mask_ptr, b, mask_stride_b)
         # p1's (TILE, K_PAD) block, read once for every partner row of the chunk
         a = tl.load(sample_pointer(p1_ptr, b, p1_stride_b) + (s[:, None] + channel[None, :]),
                     mask=inside[:, None] & k_ok[None, :], other=0.0).to(operand_dtype)
         if HAS_MASK:
             a = a * tl.load(mask_base + s, mask=inside, other=0.0).to(operand_dtype)[:, None]
-        p2_base = sample_pointer(p2_ptr, b, p2_stride_b)
-        if tile_is_interior(z0, y0, x0, D, H, W, halo_z, halo_y, halo_x,
-                            TILE_D, TILE_H, TILE_W, IS_3D):
-            # rows past n_rows read a valid pixel of channel 0; their sums are never read
-            c = gather_partner_rows(p2_base, mask_base, map_offset, shift, s, inside[None, :],
-                                    operand_dtype, False, HAS_MASK)
-        else:
-            ok = partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D)
-            c = gather_partner_rows(p2_base, mask_base, map_offset, shift, s, ok,
-                                    operand_dtype, True, HAS_MASK)
+        interior = tile_is_interior(z0, y0, x0, D, H, W, halo_z, halo_y, halo_x,
+                                    TILE_D, TILE_H, TILE_W, IS_3D)
+        c = partner_block(sample_pointer(p2_ptr, b, p2_stride_b), mask_base, map_offset, shift,
+                          rows_ptr, rows, rows_stride, row_ok, s, z, y, x, inside, interior,
+                          operand_dtype, IS_3D, HAS_MASK)
         if NATIVE_DOT:
             acc = tl.dot(c, a, acc)
         else:
@@ -245,19 +274,13 @@ def _joint_counts_backward_kernel(
     acc_dtype = grad_j_ptr.dtype.element_ty
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    kk_rows = k * K  # dL/dJ column stride of G1 (rows (o, j), columns i)
     if WIDE:
         out_channel = k.to(tl.int64) * grad_stride_k
     else:
         out_channel = k * grad_stride_k
-    tz, ty, tx = tile_pixels(TILE_D, TILE_H, TILE_W)
     for tile in range(pid, n_tiles, n_programs):
-        b, z0, y0, x0 = tile_origin(tile, tiles_z, tiles_y, tiles_x, TILE_D, TILE_H, TILE_W)
-        z = z0 + tz
-        y = y0 + ty
-        x = x0 + tx
-        s = pixel_offset(z, y, x, H, W, WIDE)
-        inside = pixel_inside(z, y, x, D, H, W, IS_3D)
+        b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+            tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         interior = tile_is_interior(z0, y0, x0, D, H, W, halo_z, halo_y, halo_x,
                                     TILE_D, TILE_H, TILE_W, IS_3D)
         mask_base = sample_pointer(mask_ptr, b, mask_stride_b)
@@ -267,53 +290,27 @@ def _joint_counts_backward_kernel(
             rows = chunk * ROWS + tl.arange(0, ROWS)
             row_ok = rows < n_rows
             if GRAD_P1:
-                # dL/dp1[s, i] += sum_(o, j) p2[j, s + d_o] G_o[i, j]
-                map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)
-                base = sample_pointer(p2_ptr, b, p2_stride_b)
-                if interior:
-                    c = gather_partner_rows(base, mask_base, map_offset, shift, s,
-                                            row_ok[:, None], acc_dtype, True, HAS_MASK)
-                else:
-                    ok = partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D)
-                    c = gather_partner_rows(base, mask_base, map_offset, shift, s, ok,
-                                            acc_dtype, True, HAS_MASK)
-                g_index = tl.load(rows_ptr + COL_GRAD_INDEX * rows_stride + rows)
-                g = tl.load(grad_j_ptr + (g_index[:, None] + kk_rows[None, :]),
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                grad1 = tl.dot(tl.trans(c), g, grad1, input_precision=DOT_PRECISION,
-                               out_dtype=acc_dtype)
+                # dL/dp1[s, i] += sum_(o, j) p2[j, s + d_o] G_o[i, j]: rows (o, j), stride K
+                grad1 = accumulate_gradient(
+                    grad1, grad_j_ptr, sample_pointer(p2_ptr, b, p2_stride_b), mask_base,
+                    rows_ptr, rows, rows_stride, row_ok, K, k, k_ok, s, z, y, x, inside,
+                    interior, DOT_PRECISION, IS_3D, HAS_MASK, WIDE)
             if GRAD_P2:
-                # dL/dp2[t, j] += sum_(o, i) p1[i, t - d_o] G_o[i, j]
-                map_offset, shift = load_partner_rows(reverse_rows_ptr, rows, rows_stride, WIDE)
-                base = sample_pointer(p1_ptr, b, p1_stride_b)
-                if interior:
-                    c = gather_partner_rows(base, mask_base, map_offset, shift, s,
-                                            row_ok[:, None], acc_dtype, True, HAS_MASK)
-                else:
-                    ok = partner_inside(reverse_rows_ptr, rows, rows_stride, z, y, x, inside,
-                                        IS_3D)
-                    c = gather_partner_rows(base, mask_base, map_offset, shift, s, ok,
-                                            acc_dtype, True, HAS_MASK)
-                g_index = tl.load(reverse_rows_ptr + COL_GRAD_INDEX * rows_stride + rows)
-                g = tl.load(grad_j_ptr + (g_index[:, None] + k[None, :]),
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                grad2 = tl.dot(tl.trans(c), g, grad2, input_precision=DOT_PRECISION,
-                               out_dtype=acc_dtype)
+                # dL/dp2[t, j] += sum_(o, i) p1[i, t - d_o] G_o[i, j]: rows (o, i), stride 1
+                grad2 = accumulate_gradient(
+                    grad2, grad_j_ptr, sample_pointer(p1_ptr, b, p1_stride_b), mask_base,
+                    reverse_rows_ptr, rows, rows_stride, row_ok, 1, k, k_ok, s, z, y, x,
+                    inside, interior, DOT_PRECISION, IS_3D, HAS_MASK, WIDE)
         if HAS_MASK:
             weight = tl.load(mask_base + s, mask=inside, other=0.0).to(acc_dtype)[:, None]
-        out_ok = inside[:, None] & k_ok[None, :]
+        else:
+            weight = tl.full((1, 1), 1.0, acc_dtype)  # not applied
         if GRAD_P1:
-            if HAS_MASK:
-                grad1 = grad1 * weight
-            out = sample_pointer(grad_p1_ptr, b, grad_stride_b)
-            tl.store(out + (s[:, None] + out_channel[None, :]),
-                     grad1.to(grad_p1_ptr.dtype.element_ty), mask=out_ok)
+            store_gradient(grad_p1_ptr, b, grad_stride_b, out_channel, grad1, weight, s, inside,
+                           k_ok, HAS_MASK)
         if GRAD_P2:
-            if HAS_MASK:
-                grad2 = grad2 * weight
-            out = sample_pointer(grad_p2_ptr, b, grad_stride_b)
-            tl.store(out + (s[:, None] + out_channel[None, :]),
-                     grad2.to(grad_p2_ptr.dtype.element_ty), mask=out_ok)
+            store_gradient(grad_p2_ptr, b, grad_stride_b, out_channel, grad2, weight, s, inside,
+                           k_ok, HAS_MASK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,7 +477,9 @@ def _problem(p1, p2, mask, flat_offsets, config, tile_shape, grads=()) -> _Probl
     rows = chunk_rows(n_rows, k_pad, config.rows)
     n_chunks = triton.cdiv(n_rows, rows)
     if tile_shape is None:
-        tile = make_tile(geo.dims, config.tile_pixels)
+        # all-zero offsets: runs of a flattened sample, as long as the tile
+        pixels = config.tile_pixels
+        tile = make_tile(geo.dims, pixels, max_width=pixels if geo.flat else 64)
     else:
         tile = with_tile_shape(geo.dims, (1, 1, math.prod(tile_shape)) if geo.flat else
                                tile_shape)
@@ -530,6 +529,18 @@ def backward_constexprs(prob: _Problem, has_mask: bool, precision: str,
     )
 
 
+def product_precision(prob: _Problem, precision: str) -> str:
+    """float32 products on FMAs ("ieee") where the padded product is cheap next to the bytes
+    (few partner rows: offset 0 alone, for one): FMAs do it within the memory time and keep
+    3xTF32's operand splits out of the registers (sm_90: 72 against 255 registers for the
+    forward at K=10, offset 0). Balance on an H200: 67 TFLOP/s FMA against 4.3 TB/s, so
+    2 rows_pad K_PAD FLOP per 8 K bytes of a pixel is memory-bound below rows_pad K_PAD ~ 62 K;
+    a factor 2 of margin."""
+    if precision == "tf32x3" and prob.rows_pad * prob.k_pad <= 32 * prob.k:
+        return "ieee"
+    return precision
+
+
 def _mask_stride(mask, fallback):
     return int(mask.stride(0)) if mask is not None else int(fallback.stride(0))
 
@@ -571,7 +582,8 @@ def joint_counts(p1, p2, offsets, mask=None, *, config: Optional[JointConfig] = 
         p1.stride(0), p1.stride(1), p2.stride(0), _mask_stride(mask, p1),
         prob.k, depth, height, width, prob.n_rows, prob.rows_pad,
         prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x, prob.n_tiles, *prob.geo.halo,
-        **forward_constexprs(prob, p1.dtype, has_mask, dot_precision(p1.device, acc_dtype)),
+        **forward_constexprs(prob, p1.dtype, has_mask,
+                             product_precision(prob, dot_precision(p1.device, acc_dtype))),
     )
     counts = torch.empty((n_offsets, prob.k, prob.k), dtype=acc_dtype, device=p1.device)
     block = 1024 if not INTERPRETED else max(16, next_power_of_2(counts.numel()))
@@ -606,7 +618,7 @@ def joint_counts_backward(grad_j, p1, p2, offsets, mask=None, *,
     if max_programs is not None:
         n_programs = max(1, min(prob.n_tiles, int(max_programs)))
     has_mask = mask is not None
-    precision = dot_precision(p1.device, acc_dtype)
+    precision = product_precision(prob, dot_precision(p1.device, acc_dtype))
     depth, height, width = prob.geo.dims
     for want_p1, want_p2 in backward_passes(prob, split):
         _joint_counts_backward_kernel[(n_programs,)](

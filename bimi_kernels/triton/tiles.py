@@ -136,6 +136,21 @@ def pixel_inside(z, y, x, D, H, W, IS_3D: tl.constexpr):
 
 
 @triton.jit
+def tile_geometry(tile, tiles_z, tiles_y, tiles_x, D, H, W,
+                  TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                  IS_3D: tl.constexpr, WIDE: tl.constexpr):
+    """Everything a kernel needs of one tile: its sample b and origin (z0, y0, x0), its pixels'
+    coordinates, their offsets s within the sample and which of them lie in the sample."""
+    b, z0, y0, x0 = tile_origin(tile, tiles_z, tiles_y, tiles_x, TILE_D, TILE_H, TILE_W)
+    tz, ty, tx = tile_pixels(TILE_D, TILE_H, TILE_W)
+    z = z0 + tz
+    y = y0 + ty
+    x = x0 + tx
+    s = pixel_offset(z, y, x, H, W, WIDE)
+    return b, z0, y0, x0, z, y, x, s, pixel_inside(z, y, x, D, H, W, IS_3D)
+
+
+@triton.jit
 def tile_is_interior(z0, y0, x0, D, H, W, halo_z, halo_y, halo_x,
                      TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                      IS_3D: tl.constexpr):
