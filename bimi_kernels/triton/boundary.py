@@ -35,6 +35,7 @@ agrees to rounding.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -390,27 +391,34 @@ def _programs_per_sample(batch: int, tiles: int, device: torch.device) -> int:
 
 def _plan(p, window, config: Optional[BoundaryConfig], tile: Optional[Sequence[int]],
           max_programs: Optional[int] = None) -> _Plan:
-    batch, k = int(p.shape[0]), int(p.shape[1])
-    d, h, w, n = spatial_dims(p.shape)
+    """The launch geometry of a call, cached on what it depends on."""
+    return _cached_plan(tuple(p.shape), p.dtype, int(p.stride(1)), int(window), config,
+                        None if tile is None else tuple(tile), max_programs, p.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(shape, dtype, stride_k, window, config, tile, max_programs, device) -> _Plan:
+    batch, k = int(shape[0]), int(shape[1])
+    d, h, w, n = spatial_dims(shape)
     k_pad = padded_k(k)
-    config = config or default_config(k_pad, p.dtype)
+    config = config or default_config(k_pad, dtype)
     radius = int(window) // 2
-    is_3d = p.dim() == 5
+    is_3d = len(shape) == 5
     runs = triton.cdiv(n, config.run_pixels)
     if tile is None:
         box_tile = make_tile((d, h, w), config.tile_pixels)
         grad_tile = make_tile((d, h, w), config.grad_tile_pixels)
     else:
         box_tile = grad_tile = with_tile_shape((d, h, w), tile)
-    per_sample = [_programs_per_sample(batch, t, p.device)
+    per_sample = [_programs_per_sample(batch, t, device)
                   for t in (runs, box_tile.per_sample, grad_tile.per_sample)]
     if max_programs is not None:
         per_sample = [max(1, min(v, int(max_programs))) for v in per_sample]
-    extent = map_extent(k, p.stride(1), n)
+    extent = map_extent(k, stride_k, n)
     return _Plan(
         batch, k, k_pad, (d, h, w), n, is_3d, radius, radius if is_3d else 0,
-        int(window) ** (p.dim() - 2), config, runs, per_sample[0], box_tile, grad_tile,
-        per_sample[1], per_sample[2], needs_wide_index(extent), accumulation_dtype(p.dtype),
+        int(window) ** (len(shape) - 2), config, runs, per_sample[0], box_tile, grad_tile,
+        per_sample[1], per_sample[2], needs_wide_index(extent), accumulation_dtype(dtype),
     )
 
 

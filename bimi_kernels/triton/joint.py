@@ -466,13 +466,24 @@ class _Problem(NamedTuple):
 
 
 def _problem(p1, p2, mask, flat_offsets, config, tile_shape, grads=()) -> _Problem:
-    batch, k = int(p1.shape[0]), int(p1.shape[1])
-    ndim = p1.dim() - 2
-    d, h, w, n = spatial_dims(p1.shape)
-    flat = tuple(int(v) for v in flat_offsets)
+    """The launch geometry of a call; cached on what it depends on (shapes, channel strides,
+    dtype, offsets, settings), so a training loop pays for it once."""
+    return _cached_problem(
+        tuple(p1.shape), p1.dtype, tuple(int(t.stride(1)) for t in (p1, p2, *grads)),
+        mask is not None, tuple(flat_offsets), config,
+        None if tile_shape is None else tuple(tile_shape),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_problem(shape, dtype, channel_strides, has_mask, flat, config, tile_shape):
+    batch, k = int(shape[0]), int(shape[1])
+    ndim = len(shape) - 2
+    d, h, w, n = spatial_dims(shape)
+    flat = tuple(int(v) for v in flat)
     geo = geometry(flat, ndim, (d, h, w))
     k_pad = padded_k(k)
-    config = config or default_config(k_pad, p1.dtype)
+    config = config or default_config(k_pad, dtype)
     n_rows = len(flat) // ndim * k
     rows = chunk_rows(n_rows, k_pad, config.rows)
     n_chunks = triton.cdiv(n_rows, rows)
@@ -483,9 +494,7 @@ def _problem(p1, p2, mask, flat_offsets, config, tile_shape, grads=()) -> _Probl
     else:
         tile = with_tile_shape(geo.dims, (1, 1, math.prod(tile_shape)) if geo.flat else
                                tile_shape)
-    extents = [map_extent(k, t.stride(1), n) for t in (p1, p2, *grads)]
-    if mask is not None:
-        extents.append(n)
+    extents = [map_extent(k, stride, n) for stride in channel_strides] + [n]
     return _Problem(
         batch, k, k_pad, n, geo, tile, batch * tile.per_sample, config, rows, n_rows,
         n_chunks * rows, n_chunks, needs_wide_index(*extents),
