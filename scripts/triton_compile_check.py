@@ -166,6 +166,11 @@ def boundary_variants(dtype_names: Iterable[str], ks: Iterable[int], windows=(5,
                         settings = dict(settings)
                         warps = settings.pop("num_warps")
                         yield fn, pointers, settings, warps, label
+        for is_3d in (False, True):
+            for fn, settings in boundary.edge_constexprs(is_3d):
+                settings = dict(settings)
+                warps = settings.pop("num_warps")
+                yield fn, dict(pointers, image_ptr="*" + name), settings, warps, {"dtype": name}
 
 
 def _window(radius: int, ndim: int):
@@ -187,7 +192,8 @@ def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool) -> List[D
     seen = set()
     for fn, pointers, settings, warps, label in list(joint_variants(dtype_names, ks, layouts)) + \
             list(boundary_variants(dtype_names, ks if not quick else ks[:1])):
-        key = (fn.__name__, tuple(sorted(settings.items())), warps)
+        key = (fn.__name__, tuple(sorted(settings.items())), tuple(sorted(pointers.items())),
+               warps)
         if key in seen:  # layouts that give the same compile-time settings compile once
             continue
         seen.add(key)

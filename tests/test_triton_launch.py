@@ -368,6 +368,20 @@ def test_boundary_takes_batch_and_channel_strides():
     check_boundary(p, edge, 3, RTOL[F64], tile=(1, 4, 8))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 2, 5, 6, 7), (2, 1, 1, 13), (1, 2, 4, 1, 1)],
+                         ids=["2d", "3d", "one-row", "3d-one-column"])
+@pytest.mark.parametrize("gamma", [0.75, 0.0])
+def test_edge_map_runs_and_programs(shape, gamma, monkeypatch):
+    """The fused edge map: wrap-around differences at every border, several runs per program
+    and several programs per sample (their minima and maxima reduced per sample), gamma = 0."""
+    monkeypatch.setattr(boundary, "INTERPRETER_RUN_PIXELS", 16)
+    image = random_image(shape, channels=shape[1], dtype=F64, device=DEVICE)
+    got = boundary.edge_map(image, gamma)
+    expected = reference.edge_map(image, gamma)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert_close_rel(got, expected, RTOL[F64], "edge")
+
+
 # ------------------------------------------------------------------------------------------------
 # host side: no synchronisation, cheap
 # ------------------------------------------------------------------------------------------------
@@ -388,6 +402,7 @@ def test_launchers_never_read_tensor_values_on_the_host(monkeypatch):
     BACKEND.joint_counts_backward(torch.ones_like(counts), p1, p2, flat, mask)
     cc, u_range = BACKEND.boundary_cc(p1, edge, 3)
     BACKEND.boundary_cc_backward(torch.ones_like(cc), p1, edge, u_range, 3)
+    BACKEND.edge_map(random_image((1, 2, 6, 7), channels=2, device=DEVICE), 0.75)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,6 +43,11 @@ def boundary_cc_backward(grad_cc, p, edge, u_range, window):
         return boundary.boundary_cc_backward(grad_cc, p, edge, u_range, window)
 
 
+def edge_map(image, gamma):
+    with torch.no_grad(), _on_device_of(image):
+        return boundary.edge_map(image, gamma)
+
+
 @functools.lru_cache(maxsize=None)
 def _gpu_reason() -> Optional[str]:
     if not torch.cuda.is_available():
@@ -81,4 +86,5 @@ BACKEND = Backend(
     boundary_cc=boundary_cc,
     boundary_cc_backward=boundary_cc_backward,
     unavailable_reason=unavailable_reason,
+    edge_map=edge_map,
 )

@@ -59,7 +59,7 @@ from .tiles import (
 # pointer parameters that hold accumulation-dtype data (scripts/triton_compile_check.py)
 ACCUMULATOR_POINTERS = (
     "u_ptr", "range_ptr", "u_range_ptr", "edge_ptr", "partial_ptr", "cc_ptr", "grad_cc_ptr",
-    "coef_u_ptr", "coef_uu_ptr", "coef_ue_ptr",
+    "coef_u_ptr", "coef_uu_ptr", "coef_ue_ptr", "out_ptr",
 )
 
 
@@ -243,7 +243,7 @@ def _ncc_kernel(
     e_base = sample_pointer(edge_ptr, b, edge_stride_b)
     total = tl.zeros((TILE_D * TILE_H * TILE_W,), dtype=acc_dtype)
     for tile in range(r, tiles_z * tiles_y * tiles_x, n_programs):
-        _, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+        sample, z0, y0, x0, z, y, x, s, inside = tile_geometry(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
                             TILE_D, TILE_H, TILE_W, IS_3D):
@@ -314,16 +314,16 @@ def _boundary_grad_kernel(
     e_base = sample_pointer(edge_ptr, b, edge_stride_b)
     grad_base = sample_pointer(grad_ptr, b, grad_stride_b)
     for tile in range(r, tiles_z * tiles_y * tiles_x, n_programs):
-        _, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+        sample, z0, y0, x0, z, y, x, s, inside = tile_geometry(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         # box sums of the coefficient maps (the window is symmetric: its own transpose)
         if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
                             TILE_D, TILE_H, TILE_W, IS_3D):
-            t_u, t_uu, t_ue, _, _ = window_sums(
+            t_u, t_uu, t_ue, unused_4, unused_5 = window_sums(
                 a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
                 False, False, False, IS_3D, RADIUS, RADIUS_Z)
         else:
-            t_u, t_uu, t_ue, _, _ = window_sums(
+            t_u, t_uu, t_ue, unused_4, unused_5 = window_sums(
                 a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
                 True, False, False, IS_3D, RADIUS, RADIUS_Z)
         tile_ok = k_ok[:, None] & inside[None, :]
@@ -340,6 +340,83 @@ def _boundary_grad_kernel(
                  grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
 
 
+@triton.jit
+def _edge_magnitude_kernel(
+    image_ptr, out_ptr, range_ptr,
+    image_stride_b, image_stride_c, C, D, H, W, N, runs_per_sample,
+    IS_3D: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The edge map's first pass: per pixel the mean over channels of the magnitude of the
+    # wrap-around backward differences, and this program's running min and max of it.
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    n_range = tl.num_programs(0)
+    acc_dtype = out_ptr.dtype.element_ty
+    out_base = sample_pointer(out_ptr, b, N)
+    low = tl.full((BLOCK,), float("inf"), acc_dtype)
+    high = tl.full((BLOCK,), float("-inf"), acc_dtype)
+    if WIDE:
+        plane = tl.cast(H, tl.int64) * W
+    else:
+        plane = H * W
+    for run in range(r, runs_per_sample, n_range):
+        if WIDE:
+            s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            s = run * BLOCK + tl.arange(0, BLOCK)
+        inside = s < N
+        x = s % W
+        y = (s // W) % H
+        # the neighbour before, wrapping around (torch.roll by 1) along each dim
+        before_y = tl.where(y == 0, s + (H - 1) * W, s - W)
+        before_x = tl.where(x == 0, s + (W - 1), s - 1)
+        if IS_3D:
+            before_z = tl.where(s < plane, s + (D - 1) * plane, s - plane)
+        total = tl.zeros((BLOCK,), dtype=acc_dtype)
+        for c in range(0, C):
+            base = sample_pointer(image_ptr, b, image_stride_b) + c * image_stride_c
+            value = tl.load(base + s, mask=inside, other=0.0).to(acc_dtype)
+            squares = tl.zeros((BLOCK,), dtype=acc_dtype)
+            if IS_3D:
+                dz = value - tl.load(base + before_z, mask=inside, other=0.0).to(acc_dtype)
+                squares += dz * dz
+            dy = value - tl.load(base + before_y, mask=inside, other=0.0).to(acc_dtype)
+            dx = value - tl.load(base + before_x, mask=inside, other=0.0).to(acc_dtype)
+            squares += dy * dy
+            squares += dx * dx
+            total += tl.sqrt(squares)
+        magnitude = total / C
+        tl.store(out_base + s, magnitude, mask=inside)
+        low = tl.minimum(low, tl.where(inside, magnitude, float("inf")))
+        high = tl.maximum(high, tl.where(inside, magnitude, float("-inf")))
+    out = range_ptr + (tl.cast(b, tl.int64) * n_range + r) * 2
+    tl.store(out, tl.min(low, axis=0))
+    tl.store(out + 1, tl.max(high, axis=0))
+
+
+@triton.jit
+def _edge_normalise_kernel(
+    out_ptr, range_ptr, N, runs_per_sample, n_range, gamma, zero_power,
+    WIDE: tl.constexpr, EPS_NORM: tl.constexpr, R_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The second pass, in place: ((m - min) / (max - min + 1e-6)) ** gamma.
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    lo, hi = sample_range(range_ptr, b, n_range, R_PAD)
+    denominator = hi - lo + EPS_NORM
+    out_base = sample_pointer(out_ptr, b, N)
+    for run in range(r, runs_per_sample, tl.num_programs(0)):
+        if WIDE:
+            s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            s = run * BLOCK + tl.arange(0, BLOCK)
+        inside = s < N
+        v = normalise(tl.load(out_base + s, mask=inside, other=0.0), lo, denominator)
+        # v ** gamma as exp(gamma log v), v >= 0; 0 ** gamma (0, or 1 for gamma = 0) apart
+        powered = tl.exp(gamma * tl.log(tl.where(v > 0, v, 1.0)))
+        tl.store(out_base + s, tl.where(v > 0, powered, zero_power), mask=inside)
+
+
 # ------------------------------------------------------------------------------------------------
 # launch settings and launchers
 # ------------------------------------------------------------------------------------------------
@@ -348,6 +425,9 @@ class BoundaryConfig(NamedTuple):
     tile_pixels: int  # pixels per spatial tile of the box-sum passes (a power of two)
     grad_tile_pixels: int  # pixels per tile of the gradient pass (holds a (K_PAD, TILE) block)
     num_warps: int
+
+
+INTERPRETER_RUN_PIXELS = 4096
 
 
 def default_config(k_pad: int, dtype: torch.dtype) -> BoundaryConfig:
@@ -445,6 +525,16 @@ def kernel_constexprs(plan: _Plan):
     ]
 
 
+def edge_constexprs(is_3d: bool):
+    """(kernel, compile-time settings) of the edge map's two launches (compile check)."""
+    block = INTERPRETER_RUN_PIXELS if INTERPRETED else EDGE_RUN_PIXELS
+    return [
+        (_edge_magnitude_kernel, dict(IS_3D=is_3d, WIDE=False, BLOCK=block, num_warps=4)),
+        (_edge_normalise_kernel, dict(WIDE=False, EPS_NORM=EPS_MINMAX, R_PAD=64, BLOCK=block,
+                                      num_warps=4)),
+    ]
+
+
 def _finish_block(plan: _Plan) -> int:
     return max(16, min(1024, next_power_of_2(plan.batch * plan.n_box)))
 
@@ -530,3 +620,36 @@ def boundary_cc_backward(grad_cc, p, edge, u_range, window, *,
         **settings[5][1],
     )
     return grad_p
+
+
+EDGE_RUN_PIXELS = 1024
+
+
+def edge_map(image, gamma):
+    """The backend contract's fused edge map: (B, 1, *S) in the image's accumulation dtype,
+    `reference.edge_map(image, gamma)` in two passes (magnitude and per-program min/max, then
+    the normalisation and power in place): no temporary beyond the output."""
+    image = _dense_pixels(image)
+    batch, channels = int(image.shape[0]), int(image.shape[1])
+    d, h, w, n = spatial_dims(image.shape)
+    acc = accumulation_dtype(image.dtype)
+    out = torch.empty((batch, 1) + tuple(image.shape[2:]), dtype=acc, device=image.device)
+    if batch * n == 0:
+        return out
+    block = INTERPRETER_RUN_PIXELS if INTERPRETED else EDGE_RUN_PIXELS
+    runs = triton.cdiv(n, block)
+    n_range = _programs_per_sample(batch, runs, image.device)
+    ranges = torch.empty((batch, n_range, 2), dtype=acc, device=image.device)
+    wide = needs_wide_index(map_extent(channels, image.stride(1), n))
+    _edge_magnitude_kernel[(n_range, batch)](
+        image, out, ranges, image.stride(0), image.stride(1), channels, d, h, w, n, runs,
+        IS_3D=image.dim() == 5, WIDE=wide, BLOCK=block, num_warps=4,
+    )
+    gamma = float(gamma)
+    zero_power = 1.0 if gamma == 0 else (0.0 if gamma > 0 else float("inf"))
+    _edge_normalise_kernel[(n_range, batch)](
+        out, ranges, n, runs, n_range, gamma, zero_power,
+        WIDE=wide, EPS_NORM=EPS_MINMAX, R_PAD=next_power_of_2(n_range), BLOCK=block,
+        num_warps=4,
+    )
+    return out

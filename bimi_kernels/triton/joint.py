@@ -25,25 +25,30 @@ in registers ((TILE, K_PAD) each), then write each gradient element once. The pa
 from the tile's neighbourhood, so each map is read from memory about once plus its halo.
 
 Products: tl.dot everywhere. float32 maps use 3xTF32 on the GPU (error about float32's; plain
-TF32 truncates and is not); float16/bfloat16 maps use their native tensor-core product with
+TF32 truncates and is not), or FMAs where few partner rows make the product memory-bound
+(`product_precision`: offset 0 alone, for one); float16/bfloat16 maps use their native tensor-core product with
 float32 accumulation in the forward (the products of two half-precision numbers are exact in
 float32), and are widened to float32 (exact) against dL/dJ in the backward; float64 uses the
 float64 tensor-core product (DMMA). The interpreter computes every dot exactly in the
 accumulation dtype.
 
-Roofline, H200 (4.3 TB/s copy, 67 TFLOP/s FP32 FMA, ~495 TFLOP/s dense TF32 so ~165 with
-3xTF32), fp32 maps, forward + backward; bytes = read p1, p2 in the forward, read both and write
-both gradients in the backward (6 B K N words); FLOPs = 6 |O| K^2 B N (useful, unpadded):
-- B=16 K=10 256x256 r=1 (|O|=9):  252 MB -> 59 us;  5.7 GFLOP -> 85 us FMA / 34 us 3xTF32.
-  Padded to K_PAD=16 and 96 rows the tensor cores do 2.6x the useful work; expected bound: the
-  tensor cores and the gather's integer/L1 work, about 0.1-0.2 ms.
-- B=16 K=10 256x256 r=3 (|O|=49): 252 MB -> 59 us; 31 GFLOP -> 460 us FMA / 190 us 3xTF32;
-  padded 2.6x: about 0.5 ms of tensor-core time: compute-bound, target <= 1.0 ms.
-- B=16 K=40 256x256 r=1: 1.0 GB -> 234 us; 91 GFLOP -> 1.4 ms FMA / 0.55 ms 3xTF32 (K_PAD=64:
-  x2.6 padded): compute-bound, ~1.4 ms expected on tensor cores.
-What a GPU run must confirm (scripts/gpu_check.sh): the kernels reach these bounds within 5x
-(>= 20 % of the roofline), no register spills, SASS with HMMA/HGMMA for the products, and
-offset 0 alone at least as fast as torch.mm on the same data.
+Roofline, H200 (4.3 TB/s copy, 67 TFLOP/s FP32 FMA, ~495 TFLOP/s dense TF32, so ~165 with
+3xTF32), float32 maps, forward + backward. Bytes: read p1, p2 (forward), read both and write both
+gradients (backward): 6 K B N words. FLOPs (useful): 6 |O| K^2 B N. The tensor cores do
+(rows_pad K_PAD) / (|O| K K) times that (partner rows and K padded), and every gathered element
+costs ~3 integer instructions (address) plus the 3xTF32 split on the CUDA cores:
+- B=16 K=10 256x256 r=1 (|O|=9): 252 MB -> 59 us; 5.7 GFLOP -> 85 us FMA, 34 us 3xTF32, x1.7
+  padded (96 rows, K_PAD 16) -> 58 us; 0.30 G gathered elements -> ~0.1 ms of integer issue.
+  Expected: bound by the gather's issue rate and the tensor cores together, ~0.1-0.2 ms.
+- B=16 K=10 256x256 r=3 (|O|=49): 252 MB -> 59 us; 31 GFLOP -> 460 us FMA, 186 us 3xTF32,
+  x1.67 padded -> 310 us; 1.6 G gathered elements -> ~0.3-0.5 ms. Compute-bound, ~0.5 ms.
+- B=16 K=40 256x256 r=1: 1.0 GB -> 234 us; 91 GFLOP -> 1.35 ms FMA, 0.55 ms 3xTF32, x1.64
+  padded (K_PAD 64) -> 0.9 ms. Compute-bound, ~1 ms (the FP32-FMA roofline is 1.35 ms).
+- offset 0 alone (B=16 K=10): 84 MB read -> 20 us; 16 x 16 padded products on FMAs are under
+  the memory time (`product_precision`): memory-bound, like torch.mm at best.
+What a GPU run must confirm (scripts/gpu_check.sh, scripts/triton_profile.py): these times
+within 5x (>= 20 % of the roofline), no spills, the products on HMMA/HGMMA (DMMA for float64)
+in the SASS, and offset 0 at least as fast as torch.einsum / torch.bmm on the same maps.
 """
 from __future__ import annotations
 
@@ -408,10 +413,10 @@ CONFIGS = {
     16: JointConfig(32, 64, 4),
     32: JointConfig(32, 32, 4, split_backward=True),
     64: JointConfig(16, 32, 4, split_backward=True),
-    128: JointConfig(16, 16, 4, split_backward=True),
+    128: JointConfig(16, 16, 8, split_backward=True),
 }
 FLOAT64_CONFIGS = {
-    16: JointConfig(16, 64, 4, split_backward=True),
+    16: JointConfig(16, 32, 4, split_backward=True),
     32: JointConfig(16, 32, 4, split_backward=True),
     64: JointConfig(16, 16, 4, split_backward=True),
     128: JointConfig(16, 16, 8, split_backward=True),
