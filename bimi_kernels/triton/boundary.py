@@ -19,6 +19,9 @@ Backward, three passes:
   3. `_boundary_grad_kernel`: box sums of the three coefficient maps (the box is its own
      transpose), dL/dUn, and dL/dp_k = -dL/dU (log(p_k + 1e-16) + p_k / (p_k + 1e-16)) written
      once per element; U at the pixel is recomputed from the same logs, not read.
+Edge map (the backend's fused `edge_map`): `_edge_magnitude_kernel` writes the channel mean of
+the wrap-around difference magnitude into the output and each program's min/max,
+`_edge_normalise_kernel` normalises and raises to gamma in place: no temporary but the output.
 Temporaries, all (B, *S) in the accumulation dtype: the forward holds 1 (U), the backward 4 (Un
 and the three coefficient maps), plus O(B R) partial sums. At B=16 K=10 256x256 float32 that is
 4 MiB and 16 MiB; the maps themselves are 40 MiB each.
