@@ -1,4 +1,4 @@
-"""The `triton` backend against the plain-PyTorch reference (SPEC §3, §5, §8).
+"""The `triton` backend against the plain-PyTorch reference (docs/contract.md §3, §5, §8).
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter, which has to be switched
 on before triton is first imported (conftest.py does the same). The interpreter pays
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 F64, F32 = torch.float64, torch.float32
-# relative tolerance (against the largest reference magnitude) per accumulation dtype, SPEC §8
+# relative tolerance (against the largest reference magnitude) per accumulation dtype, docs/contract.md §8
 RTOL = {F64: 1e-10, F32: 1e-5}
 
 
@@ -56,7 +56,7 @@ def make_inputs(shape, dtype, masked, seed=0):
 
 
 def check_low_precision_rule(what, ours, theirs, truth):
-    """SPEC §8: the kernel's error against the float64 result is at most twice the reference's
+    """docs/contract.md §8: the kernel's error against the float64 result is at most twice the reference's
     own error in the low-precision dtype, plus a small absolute floor."""
     truth = truth.double()
     floor = 1e-6 * truth.abs().max().item()
@@ -202,7 +202,7 @@ def test_joint_counts_property(problem):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_joint_counts_low_precision_rule(dtype):
-    """SPEC §8: error vs the float64 reference <= 2x the reference's own error in that dtype,
+    """docs/contract.md §8: error vs the float64 reference <= 2x the reference's own error in that dtype,
     plus a small absolute floor."""
     p1, p2, mask = make_inputs((2, 10, 9, 11), dtype, True)
     offsets = make_offsets(1, 2)
