@@ -224,7 +224,8 @@ def kernel_table(cases, out):
                 boundary.boundary_cc_backward(one, p1, edge, u_range, 5)
             torch.cuda.synchronize()
         for event in prof.key_averages():
-            total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            total = (getattr(event, "device_time_total", None)
+                     or getattr(event, "cuda_time_total", 0))
             if total and event.count:
                 lines.append(f"| {name} | {event.key[:60]} | {event.count} | {total:.0f} | "
                              f"{total / event.count:.1f} |")

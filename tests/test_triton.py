@@ -35,7 +35,8 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 F64, F32 = torch.float64, torch.float32
-# relative tolerance (against the largest reference magnitude) per accumulation dtype, docs/contract.md §8
+# relative tolerance (against the largest reference magnitude) per accumulation dtype,
+# docs/contract.md §8
 RTOL = {F64: 1e-10, F32: 1e-5}
 
 
@@ -56,8 +57,8 @@ def make_inputs(shape, dtype, masked, seed=0):
 
 
 def check_low_precision_rule(what, ours, theirs, truth):
-    """docs/contract.md §8: the kernel's error against the float64 result is at most twice the reference's
-    own error in the low-precision dtype, plus a small absolute floor."""
+    """docs/contract.md §8: the kernel's error against the float64 result is at most twice the
+    reference's own error in the low-precision dtype, plus a small absolute floor."""
     truth = truth.double()
     floor = 1e-6 * truth.abs().max().item()
     error = (ours.double() - truth).abs().max().item()
@@ -165,8 +166,8 @@ def test_joint_counts_backward_in_two_launches(shape):
     offsets = make_offsets(1, len(shape) - 2)
     grad_j = random_grad_j(len(offsets), shape[1], F64)
     flat = flatten(offsets)
-    grads = joint.joint_counts_backward(grad_j, p1, p2, flat, mask, tile=tile_of(64, len(shape) - 2),
-                                        split=True)
+    tile = tile_of(64, len(shape) - 2)
+    grads = joint.joint_counts_backward(grad_j, p1, p2, flat, mask, tile=tile, split=True)
     expected = reference.joint_counts_backward(grad_j, p1, p2, offsets, mask)
     for i in range(2):
         assert_close_rel(grads[i], expected[i], RTOL[F64], f"dL/dp{i + 1}")
@@ -202,8 +203,8 @@ def test_joint_counts_property(problem):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_joint_counts_low_precision_rule(dtype):
-    """docs/contract.md §8: error vs the float64 reference <= 2x the reference's own error in that dtype,
-    plus a small absolute floor."""
+    """docs/contract.md §8: error vs the float64 reference <= 2x the reference's own error in
+    that dtype, plus a small absolute floor."""
     p1, p2, mask = make_inputs((2, 10, 9, 11), dtype, True)
     offsets = make_offsets(1, 2)
     flat = flatten(offsets)
