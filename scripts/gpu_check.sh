@@ -2,7 +2,8 @@
 # One prepared GPU session (about 8 minutes on an H200): build in place (the CUDA extension too),
 # run the GPU tests of every GPU backend, profile the Triton joint-count and boundary kernels
 # against the roofline, run the GPU benchmark, time a sweep of the Triton launch settings, and
-# take an ncu profile of the kernels, in that order of priority.
+# take an ncu profile of the kernels, time the host overhead, and run compute-sanitizer on the
+# CUDA kernels, in that order of priority.
 #
 #   bash scripts/gpu_check.sh [OUTDIR]          # from the repository root, on the GPU machine
 #
@@ -75,6 +76,9 @@ step profile "$PROFILE_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUT/pr
 # the benchmark suite (its CLI: python -m benchmarks.run --help)
 step bench "$BENCH_LIMIT" "$PYTHON" -m benchmarks.run --device cuda $BENCH_ARGS --out "$OUT/bench"
 
+# the host's share of one BIMILoss call, eager and replayed from a CUDA graph
+step host "${HOST_LIMIT:-30}" "$PYTHON" -m benchmarks.host_overhead --device cuda --calls 50 --out "$OUT/host"
+
 # launch settings: the data to choose the GPU defaults from
 step sweep "$SWEEP_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUT/profile" --sweep
 
@@ -88,6 +92,14 @@ if command -v ncu > /dev/null; then
     "$PYTHON" scripts/triton_profile.py --ncu-target
 else
   printf 'ncu\tmissing\t0\n' >> "$STEPS"
+fi
+
+# races and out-of-bounds accesses in the CUDA C++ kernels (lowest priority: slow under the tool)
+if command -v compute-sanitizer > /dev/null; then
+  step racecheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 \
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
+  step memcheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
 fi
 
 echo "total $(( $(date +%s) - T_START )) s; steps:"
