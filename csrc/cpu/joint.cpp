@@ -2,7 +2,8 @@
 // and its backward, every offset in one pass over the pixels, without shifted copies.
 //
 // The pixels are cut into tiles of kTileRows image rows. A tile loads its rows of p1 and the band
-// of p2 rows its offsets reach (converted to the accumulation dtype, masked, zero-padded) and the
+// of p2 rows its offsets reach (converted to the accumulation dtype, masked, zero-padded; one run
+// of rows per distinct row shift, so far-apart offsets stage no rows between them) and the
 // vectorised loops of simd_kernels_impl.h accumulate every offset's K x K block from them.
 // Determinism: the tiles are grouped into at most kMaxChunks chunks by the shape alone; each chunk
 // owns its partial J and the partials are summed in chunk order, so the result is bitwise the
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common/host_checks.h"
@@ -46,61 +48,76 @@ BackwardTileFn<acc_t> backward_kernel() {
   return &generic::backward_tile<acc_t>;
 }
 
-// Sizes of the tile buffers for a set of offsets: which planes (dz) and rows (dy) the band holds
-// and how much zero padding each band row needs for the largest |dx|.
+// A run of consecutive rows of the second map that one tile stages: rows y0 + dy .. y0 + dy +
+// rows - 1 of plane z + dz (tile rows y0 .., plane z), stored from band row `band_row` on.
+struct BandSegment {
+  int64_t dz, dy, rows, band_row;
+};
+
+// What a tile stages of the second map for a set of offsets: for each distinct (dz, dy), the
+// kTileRows rows that offsets with that row shift read, runs that overlap or touch merged into
+// one segment. The staged rows (and with them the copy cost) follow the number of distinct row
+// shifts, not the spread between the lowest and the highest offset. Each band row is padded
+// with zeros for the largest |dx|.
 struct BandLayout {
-  std::vector<int64_t> plane_dz;  // distinct dz, ascending
-  int64_t dy_min = 0, dy_max = 0;
+  std::vector<BandSegment> segments;  // ascending (dz, dy)
+  std::vector<int64_t> offset_band_row;  // per offset: the band row of tile row 0
   int64_t pad_left = 0, pad_right = 0;
   int64_t row_length = 0;       // padded tile row: width rounded up to 2 vectors
   int64_t band_row_length = 0;  // pad_left + row_length + pad_right
-  int64_t band_rows = 0;        // kTileRows + dy_max - dy_min
-
-  int64_t plane_index(int64_t dz) const {
-    return std::lower_bound(plane_dz.begin(), plane_dz.end(), dz) - plane_dz.begin();
-  }
+  int64_t band_rows = 0;        // rows of all segments
 };
 
 template <typename acc_t>
 BandLayout band_layout(const Volume& v, const std::vector<Offset3>& offsets) {
   BandLayout layout;
   int64_t dx_min = 0, dx_max = 0;
-  layout.dy_min = layout.dy_max = offsets[0].dy;
+  std::vector<std::pair<int64_t, int64_t>> shifts;  // distinct (dz, dy), ascending
   for (const Offset3& d : offsets) {
-    layout.plane_dz.push_back(d.dz);
-    layout.dy_min = std::min(layout.dy_min, d.dy);
-    layout.dy_max = std::max(layout.dy_max, d.dy);
+    shifts.emplace_back(d.dz, d.dy);
     dx_min = std::min(dx_min, d.dx);
     dx_max = std::max(dx_max, d.dx);
   }
-  std::sort(layout.plane_dz.begin(), layout.plane_dz.end());
-  layout.plane_dz.erase(std::unique(layout.plane_dz.begin(), layout.plane_dz.end()),
-                        layout.plane_dz.end());
+  std::sort(shifts.begin(), shifts.end());
+  shifts.erase(std::unique(shifts.begin(), shifts.end()), shifts.end());
+  for (const auto& [dz, dy] : shifts) {
+    BandSegment* last = layout.segments.empty() ? nullptr : &layout.segments.back();
+    if (last != nullptr && last->dz == dz && dy <= last->dy + last->rows) {
+      layout.band_rows += dy + kTileRows - (last->dy + last->rows);
+      last->rows = dy + kTileRows - last->dy;
+    } else {
+      layout.segments.push_back(BandSegment{dz, dy, kTileRows, layout.band_rows});
+      layout.band_rows += kTileRows;
+    }
+  }
+  for (const Offset3& d : offsets) {
+    // the last segment of d's plane that starts at or above d.dy holds d's rows
+    const auto after = std::upper_bound(
+        layout.segments.begin(), layout.segments.end(), std::make_pair(d.dz, d.dy),
+        [](const std::pair<int64_t, int64_t>& key, const BandSegment& s) {
+          return key < std::make_pair(s.dz, s.dy);
+        });
+    const BandSegment& s = *(after - 1);
+    layout.offset_band_row.push_back(s.band_row + d.dy - s.dy);
+  }
   const int64_t step = 2 * vector_lanes<acc_t>();
   layout.pad_left = -dx_min;
   layout.pad_right = dx_max;
   layout.row_length = ceil_div(v.width, step) * step;
   layout.band_row_length = layout.pad_left + layout.row_length + layout.pad_right;
-  layout.band_rows = kTileRows + layout.dy_max - layout.dy_min;
   return layout;
 }
 
-// Rows y0 .. y0+rows-1 of plane z of sample b, every channel, as acc_t times the mask, each
-// channel row written at dst[k * row_stride + pad_left + x] with zeros around it. Rows outside
-// the image are all zeros.
+// Rows y0 .. y0+rows-1 (inside the image) of plane z of sample b, every channel, as acc_t times
+// the mask, each channel row written at dst[k * row_stride + pad_left + x] with zeros around it.
 template <typename scalar_t, typename acc_t>
 void load_rows(const scalar_t* p, const scalar_t* mask, const Volume& v, int64_t b, int64_t z,
                int64_t y0, int64_t rows, int64_t pad_left, int64_t row_stride, acc_t* dst) {
   const int64_t k_count = v.channels;
   const int64_t voxels = v.voxels();
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t y = y0 + r;
     acc_t* row = dst + r * k_count * row_stride;
-    if (z < 0 || z >= v.depth || y < 0 || y >= v.height) {
-      std::fill(row, row + k_count * row_stride, acc_t(0));
-      continue;
-    }
-    const int64_t pixel0 = v.voxel_index(z, y, 0);
+    const int64_t pixel0 = v.voxel_index(z, y0 + r, 0);
     const scalar_t* m = mask != nullptr ? mask + b * voxels + pixel0 : nullptr;
     for (int64_t k = 0; k < k_count; ++k) {
       const scalar_t* src = p + (b * k_count + k) * voxels + pixel0;
@@ -138,22 +155,26 @@ int64_t tile_count(const Volume& v) {
 }
 
 // Loads the band of `second` for a tile and fills the offset plans; returns the tile description.
+// Band rows outside the volume are left as they are: no plan reads them.
 template <typename scalar_t, typename acc_t>
 JointTile<acc_t> prepare_band(const scalar_t* second, const scalar_t* mask, const Volume& v,
                               const std::vector<Offset3>& offsets, const BandLayout& layout,
                               const TileIndex& t, acc_t* band, OffsetPlan* plans) {
   const int64_t band_row_stride = v.channels * layout.band_row_length;
-  const int64_t plane_stride = layout.band_rows * band_row_stride;
-  const int64_t rows_needed = t.rows + layout.dy_max - layout.dy_min;
-  for (size_t pl = 0; pl < layout.plane_dz.size(); ++pl) {
-    load_rows(second, mask, v, t.b, t.z + layout.plane_dz[pl], t.y0 + layout.dy_min, rows_needed,
-              layout.pad_left, layout.band_row_length, band + pl * plane_stride);
+  for (const BandSegment& s : layout.segments) {
+    const int64_t z = t.z + s.dz;
+    if (z < 0 || z >= v.depth) continue;
+    // the segment's rows inside the image
+    const int64_t first = std::max<int64_t>(0, t.y0 + s.dy);
+    const int64_t last = std::min(v.height, t.y0 + s.dy + s.rows);
+    if (first >= last) continue;
+    load_rows(second, mask, v, t.b, z, first, last - first, layout.pad_left, layout.band_row_length,
+              band + (s.band_row + first - (t.y0 + s.dy)) * band_row_stride);
   }
   for (size_t o = 0; o < offsets.size(); ++o) {
     const Offset3& d = offsets[o];
     OffsetPlan& plan = plans[o];
-    plan.band_start = layout.plane_index(d.dz) * plane_stride +
-                      (d.dy - layout.dy_min) * band_row_stride + layout.pad_left + d.dx;
+    plan.band_start = layout.offset_band_row[o] * band_row_stride + layout.pad_left + d.dx;
     const bool plane_inside = t.z + d.dz >= 0 && t.z + d.dz < v.depth;
     // tile rows y with 0 <= y0 + y + dy < H
     plan.row_begin = std::max<int64_t>(0, -d.dy - t.y0);
@@ -190,7 +211,7 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
   const bool read_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> first(kTileRows * k * layout.row_length);
-    std::vector<acc_t> band(layout.plane_dz.size() * layout.band_rows * k * layout.band_row_length);
+    std::vector<acc_t> band(layout.band_rows * k * layout.band_row_length);
     std::vector<OffsetPlan> plans(offsets.size());
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t t = chunk_begin(tiles, chunks, c); t < chunk_begin(tiles, chunks, c + 1); ++t) {
@@ -235,7 +256,7 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
   // lanes spill into the next row), the kernel writes the gradient straight into `out`.
   const bool write_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, tile_count(v), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> band(layout.plane_dz.size() * layout.band_rows * k * layout.band_row_length);
+    std::vector<acc_t> band(layout.band_rows * k * layout.band_row_length);
     std::vector<acc_t> result(kTileRows * k * layout.row_length);
     std::vector<OffsetPlan> plans(offsets.size());
     std::vector<const acc_t*> scratch(2 * offsets.size());
@@ -321,10 +342,24 @@ std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
   return {grad_p1, grad_p2};
 }
 
+// The rows of the second map one tile stages, as (dz, first dy, rows) per band segment.
+at::Tensor joint_counts_band_layout_cpu(const at::Tensor& p, at::IntArrayRef flat_offsets) {
+  const BandLayout layout = band_layout<float>(volume_of(p), parse_offsets(p, flat_offsets));
+  at::Tensor out = at::empty({static_cast<int64_t>(layout.segments.size()), 3}, at::kLong);
+  int64_t* row = out.data_ptr<int64_t>();
+  for (const BandSegment& s : layout.segments) {
+    *row++ = s.dz;
+    *row++ = s.dy;
+    *row++ = s.rows;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bimi_C, CPU, m) {
   m.impl("joint_counts", &joint_counts_cpu);
+  m.impl("joint_counts_band_layout", &joint_counts_band_layout_cpu);
   m.impl("joint_counts_backward", &joint_counts_backward_cpu);
 }
 

@@ -6,10 +6,12 @@
 // Tile layout. A tile is `rows` consecutive image rows of one plane of one sample. Its first map
 // is read with a row and a channel stride: a copy stored row by row, each row as K channels of
 // `row_length` values (the image width rounded up to a multiple of 2 vectors, zero past the
-// width), or the map itself when no conversion, mask or padding is needed. The band of the second map holds, for
-// each distinct dz of the offsets, the rows y + dy the tile needs, each row as K channels of
-// `band_row_length` values: `pad_left` zeros, the row, zeros. Pixels outside the image are zero,
-// so a pair with its second pixel outside contributes nothing and the loops need no bounds.
+// width), or the map itself when no conversion, mask or padding is needed. The band of the second
+// map holds, for each distinct row shift (dz, dy) of the offsets, the rows y + dy of plane z + dz
+// the tile needs, each row as K channels of `band_row_length` values: `pad_left` zeros, the row,
+// zeros. Columns outside the image are zero, so a pair with its second pixel left or right of the
+// image contributes nothing and the loops need no bounds along x; rows outside the image are
+// never read (each offset's plan names the tile rows whose partner row is inside).
 #pragma once
 
 #include <cstdint>
