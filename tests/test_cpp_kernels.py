@@ -119,3 +119,32 @@ def test_far_offsets_match_reference(shape, offsets, masked, dtype):
     p1, p2 = random_maps(shape, dtype=dtype, seed=11)
     mask = random_mask(shape, seed=12, keep=0.7)[:, 0].to(dtype).contiguous() if masked else None
     check_joint_against_reference(p1, p2, make_offsets(offsets, len(shape) - 2), mask, 1e-10 if dtype == F64 else 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# more than 4096 offsets (the CPU kernels once refused them)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape,radius,masked",
+    [((1, 2, 33, 34), 32, True), ((1, 2, 9, 9, 10), 8, False)],  # 4225 and 4913 offsets
+)
+def test_more_than_4096_offsets_match_reference(shape, radius, masked):
+    offsets = make_offsets(radius, len(shape) - 2)
+    assert len(offsets) > 4096
+    p1, p2 = random_maps(shape, seed=13)
+    mask = random_mask(shape, seed=14, keep=0.7)[:, 0].double().contiguous() if masked else None
+    check_joint_against_reference(p1, p2, offsets, mask, 1e-10)
+
+
+def test_loss_with_more_than_4096_offsets_through_auto_backend(monkeypatch):
+    """`auto` picks cpp on CPU; the loss and its gradients match the reference backend's."""
+    monkeypatch.delenv("BIMI_BACKEND", raising=False)
+    shape = (1, 2, 33, 33)
+    results = []
+    for backend in ("auto", "reference"):
+        p1, p2 = random_maps(shape, seed=15, requires_grad=True)
+        loss = bimi_kernels.RegularizedMILoss(offsets=32, backend=backend)(p1, p2)
+        loss.backward()
+        results.append((loss.detach(), p1.grad, p2.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -298,7 +298,7 @@ at::Tensor joint_counts_cpu(const at::Tensor& p1_in, const at::Tensor& p2_in,
   const at::Tensor p2 = p2_in.contiguous();
   const at::Tensor mask = mask_like(mask_in, p1);
   const Volume v = volume_of(p1);
-  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
+  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets, kAnyNumberOfOffsets);
   const int64_t k = v.channels;
   at::Tensor joint = at::empty({static_cast<int64_t>(offsets.size()), k, k},
                                p1.options().dtype(accumulation_type(p1.scalar_type())));
@@ -319,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
   const at::Tensor p2 = p2_in.contiguous();
   const at::Tensor mask = mask_like(mask_in, p1);
   const Volume v = volume_of(p1);
-  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
+  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets, kAnyNumberOfOffsets);
   const int64_t k = v.channels;
   const auto acc_type = accumulation_type(p1.scalar_type());
   TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({static_cast<int64_t>(offsets.size()), k, k}),
@@ -344,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
 
 // The rows of the second map one tile stages, as (dz, first dy, rows) per band segment.
 at::Tensor joint_counts_band_layout_cpu(const at::Tensor& p, at::IntArrayRef flat_offsets) {
-  const BandLayout layout = band_layout<float>(volume_of(p), parse_offsets(p, flat_offsets));
+  const BandLayout layout = band_layout<float>(volume_of(p), parse_offsets(p, flat_offsets, kAnyNumberOfOffsets));
   at::Tensor out = at::empty({static_cast<int64_t>(layout.segments.size()), 3}, at::kLong);
   int64_t* row = out.data_ptr<int64_t>();
   for (const BandSegment& s : layout.segments) {
