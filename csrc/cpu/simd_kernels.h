@@ -120,8 +120,12 @@ BIMI_DECLARE_JOINT_KERNELS(generic)
 BIMI_DECLARE_JOINT_KERNELS(avx2)
 #endif
 
-// Lanes of one vector of the inner loops: 32 bytes, the same on every ISA, so the summation
-// order (and with it the result) does not depend on which build runs.
+// Lanes of one vector of the inner loops: 32 bytes on every ISA, so both builds add the same terms
+// in the same order. They still differ by rounding: the AVX2 build fuses each multiply and add
+// into one FMA (-ffp-contract=fast; one rounding where the baseline x86-64 build, which has no
+// FMA, rounds twice). They agree bit for bit only where every product is exact in the
+// accumulation dtype: the joint counts forward of float16/bfloat16 maps (no mask or a 0/1 mask).
+// tests/test_cpp_isa.py states the bounds.
 template <typename acc_t>
 constexpr int64_t vector_lanes() {
   return 32 / static_cast<int64_t>(sizeof(acc_t));
