@@ -148,3 +148,18 @@ def test_loss_with_more_than_4096_offsets_through_auto_backend(monkeypatch):
         results.append((loss.detach(), p1.grad, p2.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# index arithmetic at the ends of int64
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("offset", [[-(2**63), 0], [0, -(2**63)], [2**63 - 1, 0], [-9, 0], [0, 10]])
+def test_kernels_refuse_offsets_outside_the_map(offset):
+    """Called directly (past the Python checks), the C++ op refuses an offset that does not fit,
+    including -2^63, whose absolute value does not exist in int64 (it once passed |d| < size as
+    a negative number and the kernel indexed with it)."""
+    p = torch.rand(1, 2, 9, 10).softmax(1)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.bimi_C.joint_counts(p, p, offset, None)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.bimi_C.joint_counts_backward(torch.ones(1, 2, 2), p, p, offset, None)

@@ -44,8 +44,10 @@ inline std::vector<Offset3> parse_offsets(const at::Tensor& p, at::IntArrayRef f
   for (size_t o = 0; o < offsets.size(); ++o) {
     const int64_t* d = flat.data() + o * n;
     offsets[o] = n == 3 ? Offset3{d[0], d[1], d[2]} : Offset3{0, d[0], d[1]};
-    TORCH_CHECK(std::abs(offsets[o].dz) < v.depth && std::abs(offsets[o].dy) < v.height &&
-                    std::abs(offsets[o].dx) < v.width,
+    // -size < d < size, not |d| < size: |INT64_MIN| does not exist (it would pass as negative)
+    const Offset3& off = offsets[o];
+    TORCH_CHECK(-v.depth < off.dz && off.dz < v.depth && -v.height < off.dy && off.dy < v.height &&
+                    -v.width < off.dx && off.dx < v.width,
                 "bimi_C: offset ", o, " does not fit the spatial size ", p.sizes().slice(2));
   }
   return offsets;

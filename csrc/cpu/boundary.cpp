@@ -159,6 +159,15 @@ class BoxSums {
   std::vector<const acc_t*> rows_;  // the rows of one window along y or z
 };
 
+// window^ndim, the pixel count of every window, as acc_t. Multiplied in double: in int64,
+// window^3 wraps around for windows above 2^21 (in double it is exact up to 2^17, and rounds
+// beyond).
+template <typename acc_t>
+acc_t window_pixel_count(int64_t window, bool is_3d) {
+  const double w = static_cast<double>(window);
+  return static_cast<acc_t>(is_3d ? w * w * w : w * w);
+}
+
 // Pixels [pixel0, pixel0 + count) of sample b's K channels as the row kernels take them: K runs
 // `stride` apart in the accumulation dtype (converted into `buffer` when the map's dtype differs).
 template <typename scalar_t, typename acc_t>
@@ -254,7 +263,7 @@ void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, boo
   }
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
-  const acc_t n = static_cast<acc_t>(is_3d ? window * window * window : window * window);
+  const acc_t n = window_pixel_count<acc_t>(window, is_3d);
   const RegionGrid grid(v, is_3d);
   std::vector<acc_t> partials(grid.count, acc_t(0));
   at::parallel_for(0, grid.count, 1, [&](int64_t begin, int64_t end) {
@@ -302,7 +311,7 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
   const int64_t w = v.width;
-  const acc_t n = static_cast<acc_t>(is_3d ? window * window * window : window * window);
+  const acc_t n = window_pixel_count<acc_t>(window, is_3d);
   // dL/d(ncc) of every window centre: CC = -mean(ncc)
   const acc_t scale = -grad_cc / static_cast<acc_t>(v.batch * voxels);
   const RegionGrid grid(v, is_3d);
