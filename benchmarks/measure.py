@@ -2,29 +2,34 @@
 
 Time
 - CPU: `time.perf_counter` around each call, after `warmup_calls` untimed calls, with
-  `torch.set_num_threads` fixed for the whole run (the CSV records the count).
+  `torch.set_num_threads` fixed for the whole run (1 unless `--threads` says otherwise; the CSV
+  records it). On a shared machine more threads than free cores turn every barrier into a wait
+  for the other jobs, which inflates the slower provider's time far more than the faster one's.
 - GPU: CUDA events around each call; before each call a 256 MiB buffer is zeroed so that no call
   finds the previous one's data in L2 (what `triton.testing.do_bench` does too).
-Repeats continue until `min_repeats` and `min_seconds` are both reached (or `max_repeats`, or
-`max_seconds` after 3); the median and the 20th / 80th percentiles are reported. The providers of
-one (config, op, mode) are timed interleaved, one call of each per round, so that load from other
-jobs on a shared machine hits them alike and the ratios between them stay meaningful.
+The providers of one (config, op, mode) are timed interleaved, one call of each per round, to
+the end: a provider leaves the rounds when its own repeats are enough (`min_repeats` calls and
+`min_seconds` of measured time, or `max_seconds` after 3 calls, or `max_repeats`), and the rounds
+stop as soon as fewer than two providers are left. So every timed call comes right after another
+provider's call; none is timed back to back with itself on a warm cache (12-25 % faster on CPU
+than a call right after another provider's) while the others have stopped. The median and the
+20th / 80th percentiles are reported, and the 1-minute load average before and after the rounds,
+so that each ratio can be read with the load it was made in.
 
 Peak extra memory
 - GPU: `torch.cuda.max_memory_allocated()` during one call minus `memory_allocated()` just before
   it (the inputs, and for `backward` the graph that the forward saved), after a warm-up call.
 - CPU: the resident-set high-water mark in a fresh process forked from a small server process
-  (`serve()`: torch and the package imported, nothing computed): it allocates its own inputs, runs one warm-up call (thread pool,
-  lazy initialisation, oneDNN kernels), then resets the kernel's high-water mark
-  (`echo 5 > /proc/self/clear_refs`), reads VmRSS, runs one call and reports VmHWM - VmRSS. glibc
-  is started with a fixed `MALLOC_MMAP_THRESHOLD_=65536`, so every buffer of 64 KiB or more is its
-  own mmap that leaves the RSS when freed, and a call cannot hide its peak in memory that the
-  warm-up left cached in the heap. Page granularity (4 KiB); includes every allocation (torch
-  tensors, C++ std::vector, oneDNN scratch), not only torch's allocator.
+  (`serve()`: torch and the package imported, nothing computed): it allocates its own inputs, runs
+  one warm-up call (thread pool, lazy initialisation, oneDNN kernels), then resets the kernel's
+  high-water mark (`echo 5 > /proc/self/clear_refs`), reads VmRSS, runs one call and reports
+  VmHWM - VmRSS. glibc is started with a fixed `MALLOC_MMAP_THRESHOLD_=65536`, so every buffer of
+  64 KiB or more is its own mmap that leaves the RSS when freed, and a call cannot hide its peak
+  in memory that the warm-up left cached in the heap. Page granularity (4 KiB); includes every
+  allocation (torch tensors, C++ std::vector, oneDNN scratch), not only torch's allocator.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -38,7 +43,6 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from .providers import make_inputs, mode_callable
 
 GPU_MEMORY_METHOD = ("cuda max_memory_allocated during one call minus memory_allocated before it "
                      "(inputs; for backward also the saved graph)")
@@ -91,26 +95,36 @@ class Timer:
         return seconds
 
 
-def enough(samples: list, policy) -> bool:
-    """The stopping rule of the repeats (module docstring)."""
-    total = sum(samples)
-    return (len(samples) >= policy.max_repeats
-            or (len(samples) >= policy.min_repeats and total >= policy.min_seconds)
-            or (len(samples) >= 3 and total >= policy.max_seconds))
+def enough(seconds: list, policy) -> bool:
+    """Whether one provider's repeats are enough (module docstring)."""
+    total = sum(seconds)
+    return (len(seconds) >= policy.max_repeats
+            or (len(seconds) >= policy.min_repeats and total >= policy.min_seconds)
+            or (len(seconds) >= 3 and total >= policy.max_seconds))
 
 
-def time_interleaved(fns: dict, device_type: str, policy) -> dict:
-    """Repeats of several providers' calls in rounds (one call of each per round), so that a burst
-    of load from other jobs on a shared machine slows all of them alike and their ratios hold.
-    Each provider leaves the rounds when its own repeats are enough. Returns {name: [seconds]}."""
-    timer = Timer(device_type)
+def time_interleaved(fns: dict, timer: Callable[[Callable], float], policy) -> dict:
+    """Repeats of several providers' calls in rounds, one call of each active provider per round
+    in the order of `fns`. A provider leaves when its own repeats are enough; the rounds end when
+    fewer than two providers are left, so no provider is ever timed back to back with itself
+    (unless it was alone from the start). Returns {name: [seconds]}."""
     samples = {name: [] for name in fns}
     active = list(fns)
     while active:
         for name in active:
             samples[name].append(timer(fns[name]))
         active = [name for name in active if not enough(samples[name], policy)]
+        if len(active) < 2 and len(fns) >= 2:
+            break
     return samples
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def summarize(samples: list) -> dict:
@@ -160,11 +174,13 @@ def _reset_high_water_mark() -> bool:
 def _peak_rss_in_this_process(request: dict) -> dict:
     """Runs in the freshly forked process: see the module docstring."""
     from .configs import BenchConfig
+    from .providers import PROVIDERS
+    from .workloads import make_inputs, mode_callable
 
-    config = BenchConfig(**{**request["config"], "spatial": tuple(request["config"]["spatial"])})
+    config = BenchConfig.from_dict(request["config"])
     torch.set_num_threads(request["threads"])
     inputs = make_inputs(config, "cpu")
-    fn = mode_callable(request["provider"], request["op"], request["mode"], inputs)
+    fn = mode_callable(PROVIDERS[request["provider"]], request["op"], request["mode"], inputs)
     result = fn()  # warm-up
     del result
     gc.collect()
@@ -237,7 +253,7 @@ class MemoryServer:
 
     def peak_extra_bytes(self, config, provider, op, mode, threads, timeout_s) -> Tuple[Optional[int], str]:
         """(peak extra bytes or None, error message)."""
-        request = {"config": dataclasses.asdict(config), "provider": provider, "op": op,
+        request = {"config": config.to_dict(), "provider": provider, "op": op,
                    "mode": mode, "threads": threads, "timeout_s": timeout_s}
         try:
             self.process.stdin.write(json.dumps(request) + "\n")

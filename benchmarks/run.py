@@ -1,17 +1,21 @@
-"""Benchmark every provider of the BIMI loss ops: time and peak extra memory, as CSV, markdown
-and PNG plots.
+"""Benchmark every provider of the BIMI loss ops: time, peak extra memory, the roofline and the
+ratios to the peers, as CSV, markdown and PNG plots.
 
-    python -m benchmarks.run [--quick] [--op OP ...] [--device cpu|cuda] [--out DIR]
-                             [--providers P ...] [--mode MODE ...] [--group G ...] [--threads N]
+    python -m benchmarks.run [--suite full|quick|smoke | --quick] [--device cpu|cuda] [--out DIR]
+                             [--op OP ...] [--mode MODE ...] [--providers P ...] [--group G ...]
+                             [--threads N|all] [--no-memory] [--max-call-seconds S]
 
-Writes DIR/results.csv (one row per measurement, skipped ones included with the reason),
-DIR/summary.md and DIR/plots/*.png. `main(argv)` is what `python -m bimi_kernels bench` calls.
-See benchmarks/measure.py for how time and memory are measured.
+Writes DIR/results.csv (one `schema.Row` per measurement, skipped ones with the reason),
+DIR/summary.md and DIR/plots/*.png; DIR defaults to results/benchmarks/<device>[-<suite>].
+CPU runs use 1 torch thread unless `--threads` says otherwise. `main(argv)` is what
+`python -m bimi_kernels bench` calls. How time and memory are measured: benchmarks/measure.py;
+what is measured: benchmarks/configs.py; who computes it: benchmarks/providers.py.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import os
 import platform
 import subprocess
@@ -21,36 +25,19 @@ from pathlib import Path
 
 import torch
 
-from . import measure
-from .configs import TIMING, configs_for, gpu_peaks
-from .providers import (ALL_PROVIDERS, BACKEND_PROVIDERS, MODES, OPS, applicable, describe,
-                        estimate_peak_bytes, make_inputs, mode_callable, num_offsets,
-                        package_backend_reasons, roofline_bytes_flops, skip_reason, work_units)
+from . import measure, report
+from .configs import ALWAYS_MEASURED, TIMING, BenchConfig, TimingPolicy, configs_for
+from .providers import PACKAGE_PROVIDERS, PROVIDER_ORDER, PROVIDERS
+from .roofline import offset_set
+from .schema import RunInfo, new_row, write_csv
+from .workloads import MAP_OPS, MODES, OP_SPECS, OPS, estimate_peak_bytes, make_inputs, max_rel_diff, mode_callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-
-COLUMNS = (
-    "timestamp", "git_commit", "device_type", "device_name", "torch_version", "triton_version",
-    "num_threads", "load_avg_1m", "suite", "command", "native_build", "tf32",
-    "config", "group", "label", "ndim", "batch", "clusters", "spatial", "radius", "num_offsets",
-    "window", "dtype", "sweep_value",
-    "provider", "provider_call", "op", "mode",
-    "repeats", "time_median_s", "time_p20_s", "time_p80_s", "first_call_s",
-    "input_bytes", "grad_bytes", "peak_extra_bytes", "peak_extra_minus_grads_bytes", "memory_method",
-    "roofline_bytes", "roofline_flops", "roofline_bound_s", "roofline_fraction",
-    "speedup_vs_iic_conv2d", "speedup_vs_reference", "memory_ratio_vs_reference",
-    "check_max_rel_diff", "note", "skipped_reason",
-)
-
-ALWAYS_MEASURED = ("target", "authors")
-
-# Reference first (the correctness check compares with its outputs), the IIC baseline second.
-PROVIDER_ORDER = ("reference", "iic-conv2d", "unfold", "gemm", "voxelmorph-cc", "cpp", "triton", "cuda")
+RESULTS_DIR = REPO_ROOT / "results" / "benchmarks"
 
 
 # ------------------------------------------------------------------------------------------------
-# environment
+# the environment
 # ------------------------------------------------------------------------------------------------
 def device_name(device_type: str) -> str:
     if device_type == "cuda":
@@ -86,8 +73,6 @@ def git_commit() -> str:
 def native_build() -> str:
     """The compiled extensions in the package folder and when each was built: the C++ kernels are
     rebuilt in place while people work, and the git commit alone does not say which build ran."""
-    import glob
-
     import bimi_kernels
 
     folder = os.path.dirname(bimi_kernels.__file__)
@@ -117,18 +102,13 @@ def triton_version() -> str:
         return "not installed"
 
 
-# ------------------------------------------------------------------------------------------------
-# one measurement
-# ------------------------------------------------------------------------------------------------
-def _max_rel_diff(result, expected) -> float:
-    worst = 0.0
-    for got, want in zip(result, expected):
-        want = want.detach().double()
-        scale = max(float(want.abs().max()), 1e-30)
-        worst = max(worst, float((got.detach().double() - want).abs().max()) / scale)
-    return worst
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+# ------------------------------------------------------------------------------------------------
+# budgets: what is skipped before it is tried
+# ------------------------------------------------------------------------------------------------
 class CostModel:
     """Predicts a provider's seconds per call from its measured smaller configs in this run."""
 
@@ -162,9 +142,9 @@ def _memory_budget_bytes(device_type: str) -> int:
 
 def _budget_reason(config, provider, op, mode, device_type, policy, cost_model):
     """Why a measurement would run out of memory or take too long, or None."""
-    # the target and authors' configs are always measured: they hold the headline ratios
+    work = OP_SPECS[op].work(config)
     if config.group not in ALWAYS_MEASURED:
-        predicted = cost_model.predict((provider, op, mode, len(config.spatial)), work_units(op, config))
+        predicted = cost_model.predict((provider.name, op, mode, len(config.spatial)), work)
         if predicted is not None and predicted > policy.max_call_seconds:
             return (f"too slow: ~{predicted:.1f} s per call extrapolated from smaller configs > "
                     f"budget {policy.max_call_seconds:.0f} s")
@@ -181,25 +161,29 @@ def _failure(exc: BaseException) -> str:
     return f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
+# ------------------------------------------------------------------------------------------------
+# one (config, op, mode): every provider
+# ------------------------------------------------------------------------------------------------
 def measure_group(rows: dict, config, inputs, op, mode, device_type, policy, threads, cost_model,
-                  memory_server) -> None:
-    """Measure every provider in `rows` ({provider: row}, reference first) for one config, op and
-    mode: warm-up and check each, time them interleaved, then measure each one's memory. Fills
+                  memory_server, timer) -> None:
+    """Measure every provider in `rows` ({name: Row}, reference first) for one config, op and
+    mode: warm up and check each, time them interleaved, then measure each one's memory. Fills
     the rows; a provider that fails or would not fit gets a skipped reason. Never raises."""
     fns, reference_result = {}, None
-    for provider, row in rows.items():
+    for name, row in rows.items():
+        provider = PROVIDERS[name]
         reason = _budget_reason(config, provider, op, mode, device_type, policy, cost_model)
         if reason:
-            row["skipped_reason"] = reason
+            row.skipped_reason = reason
             continue
         try:
             fn = mode_callable(provider, op, mode, inputs)
             first, result = measure.timed_call(fn, device_type)
-            row["first_call_s"] = first
-            if provider == "reference":
+            row.first_call_s = first
+            if name == "reference":
                 reference_result = tuple(t.detach() for t in result)
-            elif reference_result is not None:
-                row["check_max_rel_diff"] = _max_rel_diff(result, reference_result)
+            elif reference_result is not None and provider.checked:
+                row.check_max_rel_diff = max_rel_diff(result, reference_result)
             result = None
             for _ in range(policy.warmup_calls - 1):
                 measure.timed_call(fn, device_type)
@@ -207,157 +191,150 @@ def measure_group(rows: dict, config, inputs, op, mode, device_type, policy, thr
                 second, _ = measure.timed_call(fn, device_type)
                 if second > policy.max_call_seconds:
                     # too slow to repeat (twice: a first call can be slow for one-off reasons)
-                    row.update(measure.summarize([second]))
-                    row["note"] = (f"one timed call only (first {first:.1f} s, second {second:.1f} s "
-                                   f"> budget)")
-                    fns[provider] = fn
+                    _set_time(row, [second])
+                    row.add_note(f"one timed call only, not interleaved (first {first:.1f} s, "
+                                 f"second {second:.1f} s > budget)")
+                    fns[name] = fn
                     continue
-            fns[provider] = fn
+            fns[name] = fn
         except Exception as exc:  # a provider that fails is reported, not fatal
-            row["skipped_reason"] = _failure(exc)
+            row.skipped_reason = _failure(exc)
     reference_result = None
-    to_repeat = {p: fn for p, fn in fns.items() if rows[p].get("time_median_s") is None}
+    to_repeat = {name: fn for name, fn in fns.items() if rows[name].time_median_s is None}
+    load_start = measure.load_average()
     try:
-        samples = measure.time_interleaved(to_repeat, device_type, policy)
+        samples = measure.time_interleaved(to_repeat, timer, policy)
     except Exception as exc:
-        for provider in to_repeat:
-            rows[provider]["skipped_reason"] = _failure(exc)
+        for name in to_repeat:
+            rows[name].skipped_reason = _failure(exc)
         samples = {}
-    for provider, seconds in samples.items():
-        rows[provider].update(measure.summarize(seconds))
-    for provider, fn in fns.items():
-        row = rows[provider]
-        if row.get("skipped_reason"):
+    load_end = measure.load_average()
+    for name, seconds in samples.items():
+        _set_time(rows[name], seconds)
+    for name, fn in fns.items():
+        row = rows[name]
+        if row.skipped_reason:
             continue
-        cost_model.add((provider, op, mode, len(config.spatial)), work_units(op, config),
-                       row["time_median_s"])
-        if mode != "forward":
-            row["grad_bytes"] = 2 * inputs.map_bytes()  # dL/dp1 and dL/dp2 in the maps' dtype
-        if memory_server is None:
-            continue
-        try:
-            if device_type == "cuda":
-                row["peak_extra_bytes"] = measure.gpu_peak_extra_bytes(fn)
-                row["memory_method"] = measure.GPU_MEMORY_METHOD
-            else:
-                timeout = 60 + 20 * (row["first_call_s"] + row["time_median_s"])
-                peak, error = memory_server.peak_extra_bytes(config, provider, op, mode, threads, timeout)
-                row["memory_method"] = measure.CPU_MEMORY_METHOD
-                if peak is None:
-                    row["note"] = (row.get("note", "") + f" memory not measured: {error}").strip()
-                else:
-                    row["peak_extra_bytes"] = peak
-        except Exception as exc:
-            row["note"] = (row.get("note", "") + f" memory not measured: {_failure(exc)}").strip()
-        if row.get("peak_extra_bytes") is not None and row.get("grad_bytes") is not None:
-            # RSS is page-granular and small buffers reuse heap pages: never below 0
-            row["peak_extra_minus_grads_bytes"] = max(0, row["peak_extra_bytes"] - row["grad_bytes"])
+        row.load_avg_1m_start, row.load_avg_1m_end = load_start, load_end
+        cost_model.add((name, op, mode, len(config.spatial)), OP_SPECS[op].work(config), row.time_median_s)
+        if mode != "forward" and op != "train_step":
+            row.grad_bytes = inputs.grad_bytes()
+        if memory_server is not None:
+            _measure_memory(row, fn, config, name, op, mode, device_type, threads, memory_server)
     fns.clear()
     if device_type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _roofline(row, op, mode, config, device_type, device):
-    if device_type != "cuda" or row.get("time_median_s") is None:
-        return
-    peaks = gpu_peaks(device)
-    if peaks is None:
-        row["note"] = (row.get("note", "") + " no roofline: unknown GPU peaks").strip()
-        return
-    bytes_moved, flops = roofline_bytes_flops(op, mode, config)
-    bound = max(bytes_moved / peaks["bandwidth"], flops / peaks["flops"])
-    row.update(roofline_bytes=bytes_moved, roofline_flops=flops, roofline_bound_s=bound,
-               roofline_fraction=bound / row["time_median_s"])
+def _set_time(row, seconds) -> None:
+    for key, value in measure.summarize(seconds).items():
+        setattr(row, key, value)
+
+
+def _measure_memory(row, fn, config, name, op, mode, device_type, threads, memory_server) -> None:
+    try:
+        if device_type == "cuda":
+            row.peak_extra_bytes = measure.gpu_peak_extra_bytes(fn)
+            row.memory_method = measure.GPU_MEMORY_METHOD
+        else:
+            timeout = 60 + 20 * (row.first_call_s + row.time_median_s)
+            peak, error = memory_server.peak_extra_bytes(config, name, op, mode, threads, timeout)
+            row.memory_method = measure.CPU_MEMORY_METHOD
+            if peak is None:
+                row.add_note(f"memory not measured: {error}")
+            else:
+                row.peak_extra_bytes = peak
+    except Exception as exc:
+        row.add_note(f"memory not measured: {_failure(exc)}")
+    if row.peak_extra_bytes is not None and row.grad_bytes is not None:
+        # RSS is page-granular and small buffers reuse heap pages: never below 0
+        row.peak_extra_minus_grads_bytes = max(0, row.peak_extra_bytes - row.grad_bytes)
 
 
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
+def resolve_threads(requested, device_type: str) -> int:
+    """1 by default on CPU (target checks are timed on one thread unless asked otherwise); on a
+    GPU torch's own default (the host threads only launch kernels)."""
+    if requested == "all":
+        return os.cpu_count() or 1
+    if requested is not None:
+        return int(requested)
+    return 1 if device_type == "cpu" else torch.get_num_threads()
+
+
 def run(args) -> list:
     device_type = args.device
     suite = "quick" if args.quick else args.suite
     policy = TIMING[(device_type, suite)]
     if args.max_call_seconds is not None:
-        policy = type(policy)(**{**policy.__dict__, "max_call_seconds": args.max_call_seconds})
-    threads = args.threads or os.cpu_count() or 1
+        policy = TimingPolicy(**{**policy.__dict__, "max_call_seconds": args.max_call_seconds})
+    threads = resolve_threads(args.threads, device_type)
     torch.set_num_threads(threads)
     memory = policy.measure_memory and not args.no_memory
-    device = device_name(device_type)
-    backend_reasons = package_backend_reasons(device_type)
-    providers = [p for p in PROVIDER_ORDER if p in (args.providers or ALL_PROVIDERS)]
+    info = RunInfo(git_commit=git_commit(), device_type=device_type, device_name=device_name(device_type),
+                   torch_version=torch.__version__, triton_version=triton_version(),
+                   num_threads=torch.get_num_threads(), suite=suite, command=args.command,
+                   native_build=native_build(), tf32=tf32_flags(device_type))
+    unavailable = {name: PROVIDERS[name].unavailable(device_type) for name in PROVIDER_ORDER}
+    providers = [p for p in PROVIDER_ORDER if p in (args.providers or PROVIDER_ORDER)]
     configs = [c for c in configs_for(suite, device_type) if not args.group or c.group in args.group]
-    environment = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "device_type": device_type, "device_name": device,
-        "torch_version": torch.__version__, "triton_version": triton_version(),
-        "num_threads": torch.get_num_threads(), "suite": suite, "command": args.command,
-        "native_build": native_build(), "tf32": tf32_flags(device_type),
-    }
-    print(f"benchmarks: {suite} suite on {device} ({threads} threads), {len(configs)} configs, "
-          f"providers {providers}", flush=True)
-    for name in BACKEND_PROVIDERS:
-        if name in providers and backend_reasons.get(name):
-            print(f"  {name}: not benchmarked: {backend_reasons[name]}", flush=True)
-    warm_up_package(providers, backend_reasons, device_type)
+    print(f"benchmarks: {suite} suite on {info.device_name} ({threads} threads), {len(configs)} "
+          f"configs, providers {providers}", flush=True)
+    for name in providers:
+        if unavailable[name]:
+            print(f"  {name}: not benchmarked: {unavailable[name]}", flush=True)
+    warm_up_package(providers, unavailable, device_type)
     memory_server = None
     if memory:
         memory_server = measure.MemoryServer() if device_type == "cpu" else "in-process"
     try:
-        return _run_configs(args, configs, providers, backend_reasons, device_type, policy, threads,
-                            environment, memory_server)
+        return _run_configs(args, configs, providers, unavailable, info, policy, threads, memory_server)
     finally:
         if isinstance(memory_server, measure.MemoryServer):
             memory_server.close()
 
 
-def warm_up_package(providers, backend_reasons, device_type) -> None:
+def warm_up_package(providers, unavailable, device_type) -> None:
     """One tiny call per op and available backend before anything is timed: the first call of the
     custom ops imports torch._dynamo and registers kernels (seconds), which no measurement should
     carry (each one has its own warm-up calls as well)."""
-    from .configs import BenchConfig
-
     tiny = BenchConfig("warm-up", 1, 3, (8, 8), 1, window=3)
     inputs = make_inputs(tiny, device_type)
-    for provider in providers:
-        if provider in BACKEND_PROVIDERS and backend_reasons.get(provider) is None:
-            for op in OPS:
-                mode_callable(provider, op, "forward+backward", inputs)()
+    for name in providers:
+        if name in PACKAGE_PROVIDERS and unavailable[name] is None:
+            for op in MAP_OPS:
+                mode_callable(PROVIDERS[name], op, "forward+backward", inputs)()
 
 
-def _run_configs(args, configs, providers, backend_reasons, device_type, policy, threads,
-                 environment, memory_server) -> list:
+def _run_configs(args, configs, providers, unavailable, info, policy, threads, memory_server) -> list:
     rows, cost_model, started = [], CostModel(), time.perf_counter()
+    timer = measure.Timer(info.device_type)
     for config in configs:
-        inputs = make_inputs(config, device_type)
-        ops = [op for op in config.ops if op in (args.op or OPS)]
-        modes = [m for m in config.modes if not args.mode or m in args.mode]
-        for op in ops:
-            for mode in modes:
-                mode_rows, group_rows = [], {}
-                for provider in providers:
-                    if not applicable(provider, op):
+        inputs = make_inputs(config, info.device_type)
+        num_offsets = len(offset_set(config))
+        for op in [op for op in config.ops if op in (args.op or OPS)]:
+            for mode in [m for m in config.modes if (not args.mode or m in args.mode)
+                         and m in OP_SPECS[op].modes]:
+                group_rows, measured = [], {}
+                for name in providers:
+                    provider = PROVIDERS[name]
+                    if op not in provider.ops or (config.providers and name not in config.providers):
                         continue
-                    row = dict(environment)
-                    row.update(
-                        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        load_avg_1m=round(os.getloadavg()[0], 2),
-                        config=config.name, group=config.group, label=config.label,
-                        ndim=len(config.spatial), batch=config.batch, clusters=config.clusters,
-                        spatial="x".join(map(str, config.spatial)), radius=config.radius,
-                        num_offsets=num_offsets(config), window=config.window, dtype=config.dtype,
-                        sweep_value=config.sweep_value, provider=provider,
-                        provider_call=describe(provider), op=op, mode=mode,
-                        input_bytes=inputs.input_bytes(op),
-                    )
-                    row["skipped_reason"] = skip_reason(provider, op, config, backend_reasons)
-                    mode_rows.append(row)
-                    if not row["skipped_reason"]:
-                        group_rows[provider] = row
-                measure_group(group_rows, config, inputs, op, mode, device_type, policy, threads,
-                              cost_model, memory_server)
-                rows.extend(mode_rows)
-                for row in mode_rows:
-                    _roofline(row, op, mode, config, device_type, environment["device_name"])
+                    row = new_row(info, now(), config, provider, op, mode, num_offsets)
+                    row.input_bytes = inputs.input_bytes(op)
+                    if unavailable[name]:
+                        row.skipped_reason = f"backend not available: {unavailable[name]}"
+                    else:
+                        row.skipped_reason = provider.why_not(op, config)
+                    group_rows.append(row)
+                    if not row.skipped_reason:
+                        measured[name] = row
+                measure_group(measured, config, inputs, op, mode, info.device_type, policy, threads,
+                              cost_model, memory_server, timer)
+                rows.extend(group_rows)
+                for row in group_rows:
                     _print_row(row, time.perf_counter() - started)
         del inputs
         if args.out:
@@ -366,55 +343,61 @@ def _run_configs(args, configs, providers, backend_reasons, device_type, policy,
 
 
 def _print_row(row, elapsed):
-    head = f"[{elapsed:6.0f}s] {row['config']:<34} {row['op']:<12} {row['mode']:<16} {row['provider']:<13}"
-    if row.get("skipped_reason"):
-        print(f"{head} skipped: {row['skipped_reason']}", flush=True)
+    head = f"[{elapsed:6.0f}s] {row.config:<36} {row.op:<12} {row.mode:<16} {row.provider:<18}"
+    if row.skipped_reason:
+        print(f"{head} skipped: {row.skipped_reason}", flush=True)
         return
-    text = (f"{head} {row['time_median_s'] * 1e3:9.2f} ms "
-            f"[{row['time_p20_s'] * 1e3:.2f}, {row['time_p80_s'] * 1e3:.2f}] x{row['repeats']}")
-    if row.get("peak_extra_bytes") is not None:
-        text += f"  peak +{row['peak_extra_bytes'] / 2**20:.2f} MiB"
-    if row.get("check_max_rel_diff") is not None:
-        text += f"  diff {row['check_max_rel_diff']:.1e}"
-    if row.get("note"):
-        text += f"  ({row['note']})"
+    text = (f"{head} {row.time_median_s * 1e3:9.3f} ms "
+            f"[{row.time_p20_s * 1e3:.3f}, {row.time_p80_s * 1e3:.3f}] x{row.repeats} "
+            f"load {row.load_avg_1m_start}-{row.load_avg_1m_end}")
+    if row.peak_extra_bytes is not None:
+        text += f"  peak +{row.peak_extra_bytes / 2**20:.2f} MiB"
+    if row.check_max_rel_diff is not None:
+        text += f"  diff {row.check_max_rel_diff:.1e}"
+    if row.note:
+        text += f"  ({row.note})"
     print(text, flush=True)
 
 
 def _write(rows, out_dir, partial=False):
-    from . import report  # matplotlib only when writing
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report.add_ratios(rows)
-    report.write_csv(rows, out / "results.csv", COLUMNS)
+    report.add_derived(rows)
+    write_csv(rows, out / "results.csv")
     if not partial:
         report.write_markdown(rows, out / "summary.md")
         report.write_plots(rows, out / "plots")
 
 
 def default_out(device_type: str, suite: str) -> Path:
-    folder = "cpu" if device_type == "cpu" else "gpu-" + "".join(
-        c if c.isalnum() else "-" for c in device_name(device_type).lower()).strip("-")
+    """results/benchmarks/cpu, results/benchmarks/cuda-h200, ... with -<suite> unless full."""
+    if device_type == "cpu":
+        folder = "cpu"
+    else:
+        slug = "".join(c if c.isalnum() else "-" for c in device_name(device_type).lower())
+        folder = "cuda-" + "-".join(part for part in slug.split("-") if part and part != "nvidia")
     return RESULTS_DIR / (folder if suite == "full" else f"{folder}-{suite}")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick suite (a few minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="the quick suite (= --suite quick)")
     parser.add_argument("--suite", choices=("full", "quick", "smoke"), default="full")
-    parser.add_argument("--op", nargs="+", choices=OPS, help="only these ops (default: all)")
+    parser.add_argument("--op", nargs="+", choices=OPS, help="only these ops (default: each config's)")
     parser.add_argument("--mode", nargs="+", choices=MODES, help="only these modes (default: each config's)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/<device>[-<suite>])")
-    parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, help="only these providers")
-    parser.add_argument("--group", nargs="+", help="only these config groups (target, authors, size, "
-                        "clusters, radius, batch, volume)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--out", help="output folder (default results/benchmarks/<device>[-<suite>])")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDER_ORDER, help="only these providers")
+    parser.add_argument("--group", nargs="+", help="only these config groups (target, authors, "
+                        "training, sparse, size, clusters, radius, batch, volume)")
+    parser.add_argument("--threads", help="torch.set_num_threads: a number or 'all' (default 1 on "
+                        "CPU, so that ratios do not depend on what else the machine runs)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--max-call-seconds", type=float, help="override the per-call time budget")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads != "all" and not (args.threads.isdigit() and int(args.threads) > 0):
+        parser.error(f"--threads: expected a positive number or 'all', got {args.threads!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     return args
@@ -428,7 +411,7 @@ def main(argv=None) -> int:
     args.out = args.out or str(default_out(args.device, suite))
     rows = run(args)
     _write(rows, args.out)
-    measured = sum(1 for r in rows if not r.get("skipped_reason"))
+    measured = sum(1 for r in rows if r.measured)
     print(f"benchmarks: {measured} measured, {len(rows) - measured} skipped; wrote "
           f"{args.out}/results.csv, summary.md, plots/", flush=True)
     return 0

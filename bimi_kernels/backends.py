@@ -6,14 +6,14 @@ A backend is a small object with four kernels (the contract every backend implem
         p1, p2  : (B, K, *S) contiguous, float16/bfloat16/float32/float64, same device
         offsets : flat tuple of ints, |O| * n values (n = len(S)), offset o is
                   offsets[o*n:(o+1)*n] in spatial-dim order (D, H, W) or (H, W)
-        mask    : None or (B, *S) contiguous, same dtype as p1, values 0/1
+        mask    : None or (B, *S) contiguous, same dtype as p1, weights in [0, 1]
         J       : (|O|, K, K) in the accumulation dtype (float64 for float64 inputs,
                   float32 otherwise), J[o, i, j] = sum_{b,s: s+d inside} m[s] m[s+d] p1[b,i,s] p2[b,j,s+d]
     joint_counts_backward(grad_J, p1, p2, offsets, mask) -> (grad_p1, grad_p2)
         grad_J  : (|O|, K, K) in the accumulation dtype; grads in the dtype of p1
     boundary_cc(p, edge, window) -> (cc, u_range)
         p       : (B, K, *S); edge: (B, 1, *S) contiguous in the accumulation dtype
-        cc      : 0-dim, accumulation dtype: CC(U(p), edge) of SPEC §5 (negative number)
+        cc      : 0-dim, accumulation dtype: CC(U(p), edge) of docs/contract.md §5 (<= 0)
         u_range : (B, 2) accumulation dtype, per-sample [min, max] of the raw uncertainty U
                   (saved for the backward so it need not re-reduce)
     boundary_cc_backward(grad_cc, p, edge, u_range, window) -> grad_p
@@ -25,36 +25,21 @@ and may add a fused fifth (None where it has none: then `reference.edge_map` com
         image   : (B, C, *S) contiguous, already at the maps' spatial size, any float dtype
         edge    : (B, 1, *S) in the accumulation dtype, `reference.edge_map(image, gamma)`
 
-Kernels never modify their inputs, and never synchronise with the host for values.
+Kernels never modify their inputs, never synchronise with the host for values, and run with
+autocast off (the ops switch it off around them).
 `bimi_kernels.ops` is the only caller: it wraps these in torch.library custom ops.
 """
 from __future__ import annotations
 
-import importlib
+import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from .reference import accumulation_dtype  # noqa: F401  (re-exported for backends)
-
 BACKEND_NAMES = ("reference", "cpp", "triton", "cuda")
-
-# Where each backend lives: "module:attribute" of an object with the four kernels above and
-# `devices` (set of device types it serves) and `unavailable_reason(device_type) -> str | None`.
-_BACKEND_LOCATIONS = {
-    "reference": "bimi_kernels.reference_backend:BACKEND",
-    "cpp": "bimi_kernels.native:CPP_BACKEND",
-    "triton": "bimi_kernels.triton.backend:BACKEND",
-    "cuda": "bimi_kernels.native:CUDA_BACKEND",
-}
-
-# `auto` tries these in order; the first available for the tensors' device wins.
-_AUTO_ORDER = {
-    "cpu": ("cpp", "reference"),
-    "cuda": ("triton", "cuda", "reference"),
-}
 
 
 @dataclass
@@ -73,19 +58,53 @@ class Backend:
     edge_map: Optional[Callable] = None
 
 
+# Where each backend lives. Plain functions, so the import is lazy (triton, and the extensions,
+# load only when a backend is first asked for) and a reader can follow each one to its module.
+def _load_reference() -> Backend:
+    from .reference_backend import BACKEND
+
+    return BACKEND
+
+
+def _load_cpp() -> Backend:
+    from .native import CPP_BACKEND
+
+    return CPP_BACKEND
+
+
+def _load_triton() -> Backend:
+    from .triton.backend import BACKEND
+
+    return BACKEND
+
+
+def _load_cuda() -> Backend:
+    from .native import CUDA_BACKEND
+
+    return CUDA_BACKEND
+
+
+_LOADERS = {"reference": _load_reference, "cpp": _load_cpp, "triton": _load_triton, "cuda": _load_cuda}
+
+# `auto` tries these in order; the first available for the tensors' device wins. The last one,
+# `reference`, is slow: reaching it where a native backend belongs warns once (see `resolve`).
+_AUTO_ORDER = {
+    "cpu": ("cpp", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
 _loaded: dict = {}
 _load_errors: dict = {}
 
 
 def _load(name: str) -> Optional[Backend]:
-    """Import a backend lazily; remember why it failed so `available_backends` can say it."""
+    """Import a backend once; remember why it failed so `available_backends` can say it."""
     if name in _loaded:
         return _loaded[name]
     if name in _load_errors:
         return None
-    module_name, attr = _BACKEND_LOCATIONS[name].split(":")
     try:
-        backend = getattr(importlib.import_module(module_name), attr)
+        backend = _LOADERS[name]()
     except Exception as exc:  # an extension that was not built, triton missing, ...
         _load_errors[name] = f"{type(exc).__name__}: {exc}"
         return None
@@ -95,7 +114,7 @@ def _load(name: str) -> Optional[Backend]:
 
 def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     """None when backend `name` can run on tensors of `device_type`, else why not."""
-    if name not in _BACKEND_LOCATIONS:
+    if name not in _LOADERS:
         return f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or 'auto'"
     backend = _load(name)
     if backend is None:
@@ -121,16 +140,25 @@ def resolve(requested: str, device_type: str) -> str:
     """The backend name to use for `requested` ("auto" or a name) on tensors of `device_type`.
 
     `BIMI_BACKEND` overrides "auto". An explicit request that cannot be served raises; it never
-    falls back silently.
+    falls back silently. The answer is cached per (request, device type, BIMI_BACKEND): the ops
+    call this on every launch.
     """
+    return _resolve(requested, device_type, os.environ.get("BIMI_BACKEND", ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(requested: str, device_type: str, environment: str) -> str:
     if requested == "auto":
-        requested = os.environ.get("BIMI_BACKEND", "auto") or "auto"
+        requested = environment.strip() or "auto"
     if requested == "auto":
-        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        order = _AUTO_ORDER.get(device_type, ("reference",))
+        for name in order:
             if unavailable_reason(name, device_type) is None:
+                if name == "reference" and len(order) > 1:
+                    _warn_slow_fallback(device_type, order[:-1])
                 return name
         return "reference"
-    if requested not in _BACKEND_LOCATIONS:
+    if requested not in _LOADERS:
         raise ValueError(
             f"backend: unknown backend {requested!r}; expected 'auto' or one of {BACKEND_NAMES}"
         )
@@ -143,10 +171,28 @@ def resolve(requested: str, device_type: str) -> str:
     return requested
 
 
+def _warn_slow_fallback(device_type: str, native: tuple) -> None:
+    """Once per device type (the caller is cached): auto is about to run the plain-PyTorch
+    reference where a native backend belongs. Say why each native one is missing, and the fix."""
+    reasons = "; ".join(f"{name}: {unavailable_reason(name, device_type)}" for name in native)
+    warnings.warn(
+        f"bimi_kernels: no native backend for {device_type} tensors, so backend='auto' runs the slow "
+        f"'reference' backend (several times slower). Why: {reasons}. Fix: build the package against "
+        f"your torch with `pip install --no-build-isolation .` (see the README's Install section), "
+        f"or pass backend='reference' to choose it knowingly.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def reset_cache() -> None:
+    """Forget resolved choices (tests that change what is available call this)."""
+    _resolve.cache_clear()
+
+
 def get(name: str) -> Backend:
     """The loaded backend object for an already-resolved name."""
     backend = _load(name)
     if backend is None:
         raise RuntimeError(f"backend {name!r} could not be loaded: {_load_errors.get(name)}")
     return backend
-

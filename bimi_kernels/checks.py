@@ -1,18 +1,22 @@
-"""Input checks of SPEC §9: a wrong call raises ValueError/TypeError naming the argument.
+"""Input checks (docs/contract.md §9): a wrong call raises ValueError/TypeError naming the
+argument, before any kernel runs.
 
-Shape, dtype and device checks cost nothing and always run. Checks that read values (non-finite
-numbers, negative probabilities) need a device sync, so they run only when asked for
-(`validate=True`, or `BIMI_VALIDATE=1` when `validate` is None).
+Shape, dtype, device and setting checks cost nothing and always run. Checks that read values
+(logits passed for probabilities, non-finite numbers, mask weights) run on a sample of pixels of
+CPU tensors by default, where reading costs no device sync, and on every value only when asked
+(`validate=True`, or BIMI_VALIDATE on when `validate` is None).
 """
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 import os
 from typing import Optional
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .numerics import FLOAT_DTYPES
 
 
 def _check_tensor(name: str, t) -> None:
@@ -92,29 +96,59 @@ def normalize_mask(mask, p) -> Optional[torch.Tensor]:
     return mask.reshape((batch,) + spatial).to(p.dtype).contiguous()
 
 
+def check_int(name: str, value, minimum: Optional[int] = None) -> None:
+    """A Python int (not a bool, not a tensor) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a Python int, got {_describe(value)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def check_number(name: str, value, minimum=None, maximum=None, above=None) -> None:
+    """A finite Python number (int or float; not a bool, not a tensor) in the given range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a Python number, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name}: expected a number in [{minimum:g}, {maximum:g}], got {value:g}")
+    if minimum is not None and maximum is None and not value >= minimum:
+        raise ValueError(f"{name}: expected a number >= {minimum:g}, got {value:g}")
+    if above is not None and not value > above:
+        raise ValueError(f"{name}: expected a number > {above:g}, got {value:g}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {_describe(value)}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a torch.Tensor of shape {tuple(value.shape)} (pass a Python number, e.g. t.item())"
+    return f"{value!r} ({type(value).__name__})"
+
+
 def check_window(window) -> None:
     if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise TypeError(f"window: expected an odd int >= 1, got {window!r}")
+        raise TypeError(f"window: expected an odd int >= 1, got {_describe(window)}")
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window: expected an odd int >= 1, got {window}")
 
 
 def check_mi_weights(alpha, lamda) -> None:
-    if not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
-    if not isinstance(lamda, numbers.Real) or not float(lamda) > 0.0:
-        raise ValueError(f"lamda: expected a number > 0, got {lamda!r}")
+    check_number("alpha", alpha, minimum=0.0, maximum=1.0)
+    check_number("lamda", lamda, above=0.0)
 
 
 def check_gamma(gamma) -> None:
-    if not isinstance(gamma, numbers.Real) or not float(gamma) > 0.0:
-        raise ValueError(f"gamma: expected a number > 0, got {gamma!r}")
+    check_number("gamma", gamma, above=0.0)
 
 
 def check_loss_weights(mi_weight, boundary_weight) -> None:
-    for name, w in (("mi_weight", mi_weight), ("boundary_weight", boundary_weight)):
-        if not isinstance(w, numbers.Real) or not float(w) >= 0.0:
-            raise ValueError(f"{name}: expected a number >= 0, got {w!r}")
+    check_number("mi_weight", mi_weight, minimum=0.0)
+    check_number("boundary_weight", boundary_weight, minimum=0.0)
 
 
 def check_backend_name(backend) -> None:
@@ -124,29 +158,126 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend: expected 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
 
 
-def should_validate(validate: Optional[bool]) -> bool:
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def validation_mode(validate: Optional[bool]) -> str:
+    """"full" (every value, a device sync), "sampled" (the default: a fixed sample of pixels, on
+    CPU tensors only, where reading values costs no sync) or "off" (docs/contract.md §9).
+
+    `validate=None` defers to the environment variable BIMI_VALIDATE, parsed as a boolean."""
     if validate is None:
-        return os.environ.get("BIMI_VALIDATE", "0") not in ("", "0", "false", "False")
-    return bool(validate)
+        raw = os.environ.get("BIMI_VALIDATE")
+        if raw is None:
+            return "sampled"
+        value = raw.strip().lower()
+        if value in _TRUE:
+            return "full"
+        if value in _FALSE:
+            return "off" if value else "sampled"
+        raise ValueError(
+            f"BIMI_VALIDATE: expected one of 1/true/yes/on or 0/false/no/off, got {raw!r}"
+        )
+    return "full" if validate else "off"
 
 
-def validate_values(maps: dict, others: Optional[dict] = None) -> None:
-    """Value checks (each a device sync), naming the argument and what was found: non-finite
-    entries in any tensor, negative probabilities in the cluster maps `maps` (name -> tensor)."""
-    named = [(name, t, True) for name, t in maps.items()]
-    named += [(name, t, False) for name, t in (others or {}).items()]
-    for name, t, is_map in named:
-        if t is None:
+def should_validate(validate: Optional[bool]) -> bool:
+    """True when every value is to be checked (validate=True or BIMI_VALIDATE on)."""
+    return validation_mode(validate) == "full"
+
+
+# Pixels read by the default (sampled) check of each map: cheap, and a map of logits has
+# negative values or sums away from 1 almost everywhere.
+SAMPLED_PIXELS = 64
+
+
+def _sum_tolerance(dtype: torch.dtype) -> float:
+    """How far a probability vector's sum may be from 1: softmax in `dtype`, summed exactly, is
+    off by about one rounding of the largest entry; 1e-2 leaves room for any sane K."""
+    return 1e-2 + 4 * torch.finfo(dtype).eps
+
+
+def _not_probabilities(name: str, values: torch.Tensor, what: str) -> Optional[str]:
+    """Why `values` (n, K), read from map `name`, are not probability vectors, or None."""
+    tolerance = _sum_tolerance(values.dtype)
+    values = values.detach().double()
+    bad = (~torch.isfinite(values)).sum().item()
+    if bad:
+        return f"{name}: contains {bad} non-finite value(s) (nan or inf){what}"
+    negative = (values < 0).sum().item()
+    if negative:
+        return (
+            f"{name}: contains {negative} negative probability value(s){what} (min {values.min().item():.3g}); "
+            f"expected probabilities (a softmax over dim 1), not logits"
+        )
+    sums = values.sum(dim=-1)
+    off = ((sums - 1).abs() > tolerance) & (sums != 0)
+    count = off.sum().item()
+    if count:
+        worst = sums[off][0].item()
+        return (
+            f"{name}: {count} pixel(s){what} hold vectors that do not sum to 1 over the K clusters "
+            f"(e.g. {worst:.4g}); expected probabilities (a softmax over dim 1), not logits or scores"
+        )
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def _sample_index(shape) -> tuple:
+    """Index tensors picking SAMPLED_PIXELS pixels spread evenly over (B, *S), every channel."""
+    batch, spatial = shape[0], tuple(shape[2:])
+    count = batch * math.prod(spatial)
+    picks = sorted({(i * (count - 1)) // max(1, SAMPLED_PIXELS - 1) for i in range(min(count, SAMPLED_PIXELS))})
+    coords = []
+    for flat in picks:
+        pixel = []
+        for size in reversed(spatial):
+            pixel.append(flat % size)
+            flat //= size
+        coords.append((flat,) + tuple(reversed(pixel)))
+    columns = list(zip(*coords))
+    index = [torch.tensor(column, dtype=torch.long)[:, None] for column in columns]
+    channels = torch.arange(shape[1], dtype=torch.long)[None, :]
+    return (index[0], channels) + tuple(index[1:])
+
+
+def check_probabilities_sampled(maps: dict) -> None:
+    """The default value check (docs/contract.md §9): on CPU tensors, a fixed sample of pixels of
+    each map must hold probability vectors. Skipped for other devices (it would need a sync)
+    and while torch.compile traces (a data-dependent branch would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, p in maps.items():
+        if p.device.type != "cpu" or p.is_meta:
             continue
-        t = t.detach()
-        if t.is_floating_point():
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise ValueError(f"{name}: contains {bad} non-finite value(s) (nan or inf)")
-        if is_map:
-            negative = int((t < 0).sum())
-            if negative:
-                raise ValueError(
-                    f"{name}: contains {negative} negative probability value(s) "
-                    f"(min {float(t.min()):.3g}); expected softmax outputs"
-                )
+        with torch.no_grad():
+            sample = p[_sample_index(tuple(p.shape))]
+            sums = sample.sum(dim=-1, dtype=torch.float64)
+            # one read for the common, good case; the message is worked out only on failure
+            suspicious = bool((sample.amin() < 0) | ((sums - 1).abs() > _sum_tolerance(p.dtype)).any())
+        if suspicious or not bool(torch.isfinite(sums).all()):
+            message = _not_probabilities(name, sample, " (in a sample of pixels)")
+            if message:
+                raise ValueError(message + "; validate=False turns this check off")
+
+
+def validate_values(maps: dict, others: Optional[dict] = None, mask=None) -> None:
+    """Every value (a device sync on a GPU), naming the argument and what was found: the cluster
+    maps `maps` (name -> tensor) must hold probability vectors (finite, >= 0, summing to 1 or
+    to 0), the tensors in `others` must be finite, the mask weights must lie in [0, 1]."""
+    for name, p in maps.items():
+        message = _not_probabilities(name, p.movedim(1, -1).reshape(-1, p.shape[1]), "")
+        if message:
+            raise ValueError(message)
+    for name, t in (others or {}).items():
+        if t is None or not t.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(t.detach())).sum())
+        if bad:
+            raise ValueError(f"{name}: contains {bad} non-finite value(s) (nan or inf)")
+    if mask is not None and not mask.dtype == torch.bool:
+        values = mask.detach()
+        outside = int(((values < 0) | (values > 1) | ~torch.isfinite(values.double())).sum())
+        if outside:
+            raise ValueError(f"mask: contains {outside} value(s) outside [0, 1]; expected weights in [0, 1] (1: valid)")

@@ -2,7 +2,7 @@
 
 Under DistributedDataParallel each rank sees a slice of the global batch. The mutual
 information is not a mean of per-pixel terms: computed from one rank's slice it is a different
-(noisier) quantity than the MI of the whole batch. The joint counts J (SPEC §3) are a plain sum
+(noisier) quantity than the MI of the whole batch. The joint counts J (docs/contract.md §3) are a plain sum
 over pixels, so the global J is the sum of the ranks' J, and the MI of the global batch is the
 MI of that sum. `sync_joint_counts` does this sum (an all-reduce of the small (|O|, K, K)
 tensor), the same way SyncBatchNorm all-reduces its batch statistics.

@@ -1,9 +1,11 @@
 """The BIMI loss composed from the custom ops. Shapes: maps (B, K, H, W) or (B, K, D, H, W).
 
-Each function checks its arguments (SPEC §9) before any kernel runs, calls `ops` for the parts
-that touch every pixel, and does the small (|O|, K, K) epilogue in torch with the one definition
-of that math in `reference`. `backend` is "auto" (fastest available for the tensors' device,
-overridden by BIMI_BACKEND) or one of "reference", "cpp", "triton", "cuda".
+Each public function gathers its settings into one `LossConfig` (checked when made), checks the
+tensors once (docs/contract.md §9), calls `ops` for the parts that touch every pixel, and does
+the small (|O|, K, K) epilogue in torch with the one definition of that math in `reference`.
+`backend` is "auto" (fastest available for the tensors' device, overridden by BIMI_BACKEND) or
+one of "reference", "cpp", "triton", "cuda". The modules in `losses.py` hold a config and call the
+`*_from_config` functions directly.
 
 Example::
 
@@ -14,13 +16,14 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import checks, ops, reference
-from .offsets import OffsetSpec, check_offsets_fit, flatten, make_offsets
-from .reference import accumulation_dtype
+from .config import LossConfig
+from .numerics import EPS_MI, accumulation_dtype
+from .offsets import OffsetSpec, flat_offsets_for
 
 # The building blocks without a kernel of their own are the reference's, re-exported here so
 # there is one definition of each piece of math.
@@ -28,23 +31,105 @@ joint_distributions = reference.joint_distributions
 uncertainty_map = reference.uncertainty_map
 local_cross_correlation = reference.local_cross_correlation
 
+__all__ = [
+    "joint_counts", "joint_distributions", "regularized_mi", "edge_map", "uncertainty_map",
+    "local_cross_correlation", "boundary_cc", "boundary_cc_loss", "bimi_loss",
+    "bimi_loss_from_config", "regularized_mi_from_config", "boundary_cc_loss_from_config",
+]
 
-def edge_map(image: torch.Tensor, gamma: float = 0.75, size: Optional[Sequence[int]] = None):
-    """Edge map of `image` (B, C, *S) -> (B, 1, *S) (SPEC §5), resized to `size` if given."""
-    checks.check_gamma(gamma)
-    return reference.edge_map(image, gamma, size)
 
-
-def _prepare_pair(p1, p2, offsets, dilation, mask, validate):
+# ------------------------------------------------------------------------------------------------
+# checks, once per call
+# ------------------------------------------------------------------------------------------------
+def _check_pair(p1, p2, mask, config: LossConfig, image=None) -> Tuple[List[int], Optional[torch.Tensor]]:
+    """Every tensor check of one loss call (the settings were checked when `config` was made).
+    Returns the flat offsets and the mask as (B, *S) in the maps' dtype."""
     checks.check_maps(p1, p2)
-    offset_set = make_offsets(offsets, p1.dim() - 2, dilation)
-    check_offsets_fit(offset_set, p1.shape[2:])
+    flat_offsets = list(flat_offsets_for(config.offsets, config.dilation, tuple(p1.shape[2:])))
     flat_mask = checks.normalize_mask(mask, p1)
-    if checks.should_validate(validate):
-        checks.validate_values({"p1": p1, "p2": p2}, {"mask": mask})
-    return list(flatten(offset_set)), flat_mask
+    if image is not None:
+        checks.check_image(image, p1)
+    _check_values(config, {"p1": p1, "p2": p2}, image, mask)
+    return flat_offsets, flat_mask
 
 
+def _check_values(config: LossConfig, maps: dict, image=None, mask=None) -> None:
+    mode = checks.validation_mode(config.validate)
+    if mode == "full":
+        checks.validate_values(maps, {"image": image}, mask)
+    elif mode == "sampled":
+        checks.check_probabilities_sampled(maps)
+
+
+# ------------------------------------------------------------------------------------------------
+# the terms, on checked inputs
+# ------------------------------------------------------------------------------------------------
+def _mi_term(p1, p2, flat_offsets, flat_mask, config: LossConfig, eps: float = EPS_MI):
+    counts = ops.joint_counts(p1, p2, flat_offsets, flat_mask, config.backend)
+    if config.sync:
+        from .distributed import sync_joint_counts
+
+        counts = sync_joint_counts(counts, config.process_group)
+    return reference.regularized_mi_from_counts(
+        counts, config.alpha, config.lamda, config.symmetric, eps, config.pool_offsets, config.eps_convention
+    )
+
+
+def _edge(image, size, dtype, gamma, backend):
+    """The edge map through the edge-map op, from the image resized to `size` in `dtype`."""
+    return ops.edge_map(reference.resized_image(image, size, dtype), float(gamma), backend)
+
+
+def _boundary_term(p1, p2, image, config: LossConfig):
+    """(CC(U(p1), E) + CC(U(p2), E)) / 2: one edge map (in the maps' accumulation dtype), two
+    kernel calls."""
+    acc = accumulation_dtype(p1.dtype)
+    edge = _edge(image, p1.shape[2:], acc, config.gamma, config.backend)
+    cc1 = ops.boundary_cc(p1, edge, int(config.window), config.backend)[0]
+    cc2 = ops.boundary_cc(p2, edge, int(config.window), config.backend)[0]
+    return (cc1 + cc2) / 2
+
+
+# ------------------------------------------------------------------------------------------------
+# from a config: what the modules call
+# ------------------------------------------------------------------------------------------------
+def bimi_loss_from_config(p1, p2, image, mask, config: LossConfig) -> torch.Tensor:
+    """L = mi_weight * L_MI + boundary_weight * L_CC (docs/contract.md §6) with the settings of
+    `config`."""
+    need_image = config.boundary_weight > 0
+    if need_image and image is None:
+        raise ValueError("image: required when boundary_weight > 0 (pass boundary_weight=0 to omit the boundary term)")
+    flat_offsets, flat_mask = _check_pair(p1, p2, mask, config, image if need_image else None)
+    with ops.autocast_off(p1.device.type):
+        loss = p1.new_zeros((), dtype=accumulation_dtype(p1.dtype))
+        if config.mi_weight > 0:
+            loss = loss + config.mi_weight * _mi_term(p1, p2, flat_offsets, flat_mask, config)
+        if need_image:
+            loss = loss + config.boundary_weight * _boundary_term(p1, p2, image, config)
+    return loss
+
+
+def regularized_mi_from_config(p1, p2, mask, config: LossConfig, eps: float = EPS_MI) -> torch.Tensor:
+    """L_MI (docs/contract.md §4) with the settings of `config`."""
+    flat_offsets, flat_mask = _check_pair(p1, p2, mask, config)
+    with ops.autocast_off(p1.device.type):
+        return _mi_term(p1, p2, flat_offsets, flat_mask, config, eps)
+
+
+def boundary_cc_loss_from_config(p1, p2, image, config: LossConfig) -> torch.Tensor:
+    """L_CC (docs/contract.md §5) with the settings of `config`."""
+    if image is None:
+        raise ValueError("image: required for the boundary term (boundary_weight > 0)")
+    checks.check_maps(p1, p2)
+    checks.check_image(image, p1)
+    _check_values(config, {"p1": p1, "p2": p2}, image)
+    with ops.autocast_off(p1.device.type):
+        return _boundary_term(p1, p2, image, config)
+
+
+# ------------------------------------------------------------------------------------------------
+# the public functions
+# ------------------------------------------------------------------------------------------------
 def joint_counts(
     p1: torch.Tensor,
     p2: torch.Tensor,
@@ -54,22 +139,15 @@ def joint_counts(
     backend: str = "auto",
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Joint counts J (|O|, K, K) of SPEC §3, in float32 (float64 for float64 maps).
+    """Joint counts J (|O|, K, K) of docs/contract.md §3, in float32 (float64 for float64 maps).
 
     `offsets`: a window radius r (the set {-r..r}^n times `dilation`) or a list of n-tuples.
-    `mask`: (B, 1, *S) or (B, *S), 1 where a pixel is valid; a pair counts when both are.
+    `mask`: (B, 1, *S) or (B, *S), weights in [0, 1] (1: valid); a pair counts with the product
+    of its two weights.
     """
-    checks.check_backend_name(backend)
-    flat_offsets, flat_mask = _prepare_pair(p1, p2, offsets, dilation, mask, validate)
+    config = LossConfig(offsets=offsets, dilation=dilation, backend=backend, validate=validate)
+    flat_offsets, flat_mask = _check_pair(p1, p2, mask, config)
     return ops.joint_counts(p1, p2, flat_offsets, flat_mask, backend)
-
-
-def _sync(j, sync, process_group):
-    if not sync:
-        return j
-    from .distributed import sync_joint_counts
-
-    return sync_joint_counts(j, process_group)
 
 
 def regularized_mi(
@@ -85,30 +163,57 @@ def regularized_mi(
     validate: Optional[bool] = None,
     sync: bool = False,
     process_group=None,
-    eps: float = reference.EPS_MI,
+    eps: float = EPS_MI,
+    pool_offsets: bool = False,
+    eps_convention: str = "add",
 ) -> torch.Tensor:
-    """The regularised mutual information L_MI of SPEC §4 (a 0-dim tensor).
+    """The regularised mutual information L_MI of docs/contract.md §4 (a 0-dim tensor).
 
+    `pool_offsets=True` sums the counts over the offsets before one MI (IIC's collapsed loss);
+    `eps_convention="clamp"` uses IIC's clamp instead of adding `eps` inside the logs.
     `sync=True` all-reduces the joint counts over `process_group` (default: the default group)
     before normalising, so the MI is that of the global batch (see `bimi_kernels.distributed`).
     """
-    checks.check_mi_weights(alpha, lamda)
-    j = joint_counts(p1, p2, offsets, dilation, mask, backend, validate)
-    return reference.regularized_mi_from_counts(_sync(j, sync, process_group), alpha, lamda, symmetric, eps)
+    config = LossConfig(
+        offsets=offsets, dilation=dilation, alpha=alpha, lamda=lamda, symmetric=symmetric,
+        backend=backend, validate=validate, sync=sync, process_group=process_group,
+        pool_offsets=pool_offsets, eps_convention=eps_convention, boundary_weight=0.0,
+    )
+    checks.check_number("eps", eps, above=0.0)
+    return regularized_mi_from_config(p1, p2, mask, config, eps)
+
+
+def edge_map(
+    image: torch.Tensor,
+    gamma: float = 0.75,
+    size: Optional[Sequence[int]] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Edge map of `image` (B, C, *S) -> (B, 1, *S) (docs/contract.md §5) in the image's
+    accumulation dtype, resized to `size` first if given; the same op the loss uses."""
+    checks._check_tensor("image", image)
+    if not image.is_floating_point():
+        raise TypeError(f"image: expected a floating dtype, got {image.dtype}")
+    if image.dim() not in (4, 5) or image.numel() == 0:
+        raise ValueError(f"image: expected shape (B, C, H, W) or (B, C, D, H, W), got {tuple(image.shape)}")
+    config = LossConfig(gamma=gamma, backend=backend)
+    with ops.autocast_off(image.device.type):
+        return _edge(image, size, accumulation_dtype(image.dtype), config.gamma, config.backend)
 
 
 def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5, backend: str = "auto") -> torch.Tensor:
-    """CC(U(p), edge) of SPEC §5 for one cluster map and a precomputed edge map (B, 1, *S)."""
+    """CC(U(p), edge) of docs/contract.md §5 for one cluster map and a precomputed edge map
+    (B, 1, *S)."""
     checks.check_map(p, "p")
-    checks.check_window(window)
-    checks.check_backend_name(backend)
+    config = LossConfig(window=window, backend=backend)
     if not isinstance(edge, torch.Tensor) or tuple(edge.shape) != (p.shape[0], 1) + tuple(p.shape[2:]):
         got = tuple(edge.shape) if isinstance(edge, torch.Tensor) else type(edge).__name__
         raise ValueError(f"edge: expected shape {(p.shape[0], 1) + tuple(p.shape[2:])}, got {got}")
     if edge.device != p.device:
         raise ValueError(f"edge: on device {edge.device}, but p is on {p.device}")
     edge = edge.detach().to(accumulation_dtype(p.dtype)).contiguous()
-    return ops.boundary_cc(p, edge, int(window), backend)[0]
+    with ops.autocast_off(p.device.type):
+        return ops.boundary_cc(p, edge, int(config.window), backend)[0]
 
 
 def boundary_cc_loss(
@@ -120,26 +225,9 @@ def boundary_cc_loss(
     backend: str = "auto",
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
-    """L_CC = (CC(U(p1), E) + CC(U(p2), E)) / 2 with E = edge_map(image) (SPEC §5)."""
-    checks.check_maps(p1, p2)
-    checks.check_window(window)
-    checks.check_gamma(gamma)
-    checks.check_backend_name(backend)
-    if image is None:
-        raise ValueError("image: required for the boundary term (boundary_weight > 0)")
-    checks.check_image(image, p1)
-    if checks.should_validate(validate):
-        checks.validate_values({"p1": p1, "p2": p2}, {"image": image})
-    return _boundary_term(p1, p2, image, window, gamma, backend)
-
-
-def _boundary_term(p1, p2, image, window, gamma, backend):
-    """(CC(U(p1), E) + CC(U(p2), E)) / 2 on checked arguments: one edge map, two kernel calls."""
-    edge = ops.edge_map(reference.resized_image(image, p1.shape[2:]), float(gamma), backend)
-    edge = edge.to(accumulation_dtype(p1.dtype)).contiguous()
-    cc1 = ops.boundary_cc(p1, edge, int(window), backend)[0]
-    cc2 = ops.boundary_cc(p2, edge, int(window), backend)[0]
-    return (cc1 + cc2) / 2
+    """L_CC = (CC(U(p1), E) + CC(U(p2), E)) / 2 with E = edge_map(image) (docs/contract.md §5)."""
+    config = LossConfig(window=window, gamma=gamma, backend=backend, validate=validate)
+    return boundary_cc_loss_from_config(p1, p2, image, config)
 
 
 def bimi_loss(
@@ -160,27 +248,15 @@ def bimi_loss(
     validate: Optional[bool] = None,
     sync: bool = False,
     process_group=None,
+    pool_offsets: bool = False,
+    eps_convention: str = "add",
 ) -> torch.Tensor:
-    """L = mi_weight * L_MI + boundary_weight * L_CC (SPEC §6), a 0-dim float32 tensor
-    (float64 for float64 maps). `image` (B, C, *S') is required when boundary_weight > 0."""
-    checks.check_maps(p1, p2)
-    checks.check_mi_weights(alpha, lamda)
-    checks.check_loss_weights(mi_weight, boundary_weight)
-    checks.check_window(window)
-    checks.check_gamma(gamma)
-    checks.check_backend_name(backend)
-    if boundary_weight > 0:
-        if image is None:
-            raise ValueError("image: required when boundary_weight > 0 (pass boundary_weight=0 to omit the boundary term)")
-        checks.check_image(image, p1)
-    flat_offsets, flat_mask = _prepare_pair(p1, p2, offsets, dilation, mask, validate)
-    if checks.should_validate(validate) and boundary_weight > 0:
-        checks.validate_values({}, {"image": image})
-
-    loss = p1.new_zeros((), dtype=accumulation_dtype(p1.dtype))
-    if mi_weight > 0:
-        j = _sync(ops.joint_counts(p1, p2, flat_offsets, flat_mask, backend), sync, process_group)
-        loss = loss + mi_weight * reference.regularized_mi_from_counts(j, alpha, lamda, symmetric)
-    if boundary_weight > 0:
-        loss = loss + boundary_weight * _boundary_term(p1, p2, image, window, gamma, backend)
-    return loss
+    """L = mi_weight * L_MI + boundary_weight * L_CC (docs/contract.md §6), a 0-dim float32
+    tensor (float64 for float64 maps). `image` (B, C, *S') is required when boundary_weight > 0."""
+    config = LossConfig(
+        offsets=offsets, dilation=dilation, alpha=alpha, lamda=lamda, mi_weight=mi_weight,
+        boundary_weight=boundary_weight, window=window, gamma=gamma, symmetric=symmetric,
+        backend=backend, sync=sync, process_group=process_group, validate=validate,
+        pool_offsets=pool_offsets, eps_convention=eps_convention,
+    )
+    return bimi_loss_from_config(p1, p2, image, mask, config)

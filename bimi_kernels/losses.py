@@ -1,4 +1,8 @@
-"""Drop-in torch.nn modules: thin wrappers that hold the settings and call `functional`."""
+"""Drop-in torch.nn modules: each holds one checked `LossConfig` and calls `functional`.
+
+Settings read and write as attributes (`loss_fn.alpha`, `loss_fn.alpha = 0.3`); a write replaces
+the frozen config with a checked copy, so a module never holds an unchecked setting.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,12 +10,41 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import checks, functional
+from . import functional
+from .config import FIELD_NAMES, LossConfig
 from .offsets import OffsetSpec
 
 
-class RegularizedMILoss(nn.Module):
-    """The regularised mutual information L_MI of SPEC §4.
+class _ConfiguredLoss(nn.Module):
+    """Settings live in `self.config`; the module's own settings are exposed as attributes."""
+
+    SETTINGS: tuple = ()  # the config fields this module takes (its constructor's keywords)
+
+    def __init__(self, config: LossConfig):
+        super().__init__()
+        object.__setattr__(self, "config", config)
+
+    def __getattr__(self, name):
+        if name in FIELD_NAMES:
+            return getattr(self.__dict__["config"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in FIELD_NAMES:
+            object.__setattr__(self, "config", self.config.replace(**{name: value}))
+        elif name == "config":
+            if not isinstance(value, LossConfig):
+                raise TypeError(f"config: expected a LossConfig, got {type(value).__name__}")
+            object.__setattr__(self, "config", value)
+        else:
+            super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self.config, name)!r}" for name in self.SETTINGS if name != "process_group")
+
+
+class RegularizedMILoss(_ConfiguredLoss):
+    """The regularised mutual information L_MI of docs/contract.md §4.
 
     forward(p1, p2, mask=None): p1, p2 (B, K, H, W) or (B, K, D, H, W) cluster probabilities of
     two aligned views; mask (B, 1, *S) or (B, *S). Returns a 0-dim tensor.
@@ -21,6 +54,9 @@ class RegularizedMILoss(nn.Module):
         >>> loss_fn = RegularizedMILoss(offsets=1, alpha=0.5)
         >>> loss = loss_fn(p1, p2)
     """
+
+    SETTINGS = ("offsets", "dilation", "alpha", "lamda", "symmetric", "backend", "sync",
+                "process_group", "validate", "pool_offsets", "eps_convention")
 
     def __init__(
         self,
@@ -33,27 +69,21 @@ class RegularizedMILoss(nn.Module):
         sync: bool = False,
         process_group=None,
         validate: Optional[bool] = None,
+        pool_offsets: bool = False,
+        eps_convention: str = "add",
     ):
-        super().__init__()
-        checks.check_mi_weights(alpha, lamda)
-        checks.check_backend_name(backend)
-        self.offsets, self.dilation, self.alpha, self.lamda = offsets, dilation, alpha, lamda
-        self.symmetric, self.backend, self.validate = symmetric, backend, validate
-        self.sync, self.process_group = sync, process_group
+        super().__init__(LossConfig(
+            offsets=offsets, dilation=dilation, alpha=alpha, lamda=lamda, symmetric=symmetric,
+            backend=backend, sync=sync, process_group=process_group, validate=validate,
+            pool_offsets=pool_offsets, eps_convention=eps_convention, boundary_weight=0.0,
+        ))
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return functional.regularized_mi(
-            p1, p2, self.offsets, self.dilation, self.alpha, self.lamda, self.symmetric, mask,
-            self.backend, self.validate, self.sync, self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"offsets={self.offsets!r}, dilation={self.dilation}, alpha={self.alpha}, "
-                f"lamda={self.lamda}, symmetric={self.symmetric}, backend={self.backend!r}, sync={self.sync}")
+        return functional.regularized_mi_from_config(p1, p2, mask, self.config)
 
 
-class BoundaryCCLoss(nn.Module):
-    """The boundary-aware cross-correlation L_CC of SPEC §5.
+class BoundaryCCLoss(_ConfiguredLoss):
+    """The boundary-aware cross-correlation L_CC of docs/contract.md §5.
 
     forward(p1, p2, image): cluster maps (B, K, *S) and the image (B, C, *S') in the maps' frame
     (resized to S if needed). Returns a 0-dim tensor (negative: better when lower).
@@ -63,22 +93,17 @@ class BoundaryCCLoss(nn.Module):
         >>> loss = BoundaryCCLoss(window=5)(p1, p2, image)
     """
 
+    SETTINGS = ("window", "gamma", "backend", "validate")
+
     def __init__(self, window: int = 5, gamma: float = 0.75, backend: str = "auto", validate: Optional[bool] = None):
-        super().__init__()
-        checks.check_window(window)
-        checks.check_gamma(gamma)
-        checks.check_backend_name(backend)
-        self.window, self.gamma, self.backend, self.validate = window, gamma, backend, validate
+        super().__init__(LossConfig(window=window, gamma=gamma, backend=backend, validate=validate, mi_weight=0.0))
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return functional.boundary_cc_loss(p1, p2, image, self.window, self.gamma, self.backend, self.validate)
-
-    def extra_repr(self) -> str:
-        return f"window={self.window}, gamma={self.gamma}, backend={self.backend!r}"
+        return functional.boundary_cc_loss_from_config(p1, p2, image, self.config)
 
 
-class BIMILoss(nn.Module):
-    """The boundary-aware information-maximisation loss (SPEC §6):
+class BIMILoss(_ConfiguredLoss):
+    """The boundary-aware information-maximisation loss (docs/contract.md §6):
 
         L = mi_weight * L_MI(p1, p2) + boundary_weight * L_CC(p1, p2, image)
 
@@ -96,6 +121,10 @@ class BIMILoss(nn.Module):
         >>> loss.backward()
     """
 
+    SETTINGS = ("offsets", "dilation", "alpha", "lamda", "mi_weight", "boundary_weight", "window",
+                "gamma", "symmetric", "backend", "sync", "process_group", "validate",
+                "pool_offsets", "eps_convention")
+
     def __init__(
         self,
         offsets: OffsetSpec = 0,
@@ -111,17 +140,15 @@ class BIMILoss(nn.Module):
         sync: bool = False,
         process_group=None,
         validate: Optional[bool] = None,
+        pool_offsets: bool = False,
+        eps_convention: str = "add",
     ):
-        super().__init__()
-        checks.check_mi_weights(alpha, lamda)
-        checks.check_loss_weights(mi_weight, boundary_weight)
-        checks.check_window(window)
-        checks.check_gamma(gamma)
-        checks.check_backend_name(backend)
-        self.offsets, self.dilation, self.alpha, self.lamda = offsets, dilation, alpha, lamda
-        self.mi_weight, self.boundary_weight = mi_weight, boundary_weight
-        self.window, self.gamma, self.symmetric = window, gamma, symmetric
-        self.backend, self.sync, self.process_group, self.validate = backend, sync, process_group, validate
+        super().__init__(LossConfig(
+            offsets=offsets, dilation=dilation, alpha=alpha, lamda=lamda, mi_weight=mi_weight,
+            boundary_weight=boundary_weight, window=window, gamma=gamma, symmetric=symmetric,
+            backend=backend, sync=sync, process_group=process_group, validate=validate,
+            pool_offsets=pool_offsets, eps_convention=eps_convention,
+        ))
 
     def forward(
         self,
@@ -130,15 +157,4 @@ class BIMILoss(nn.Module):
         image: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return functional.bimi_loss(
-            p1, p2, image, mask,
-            offsets=self.offsets, dilation=self.dilation, alpha=self.alpha, lamda=self.lamda,
-            mi_weight=self.mi_weight, boundary_weight=self.boundary_weight, window=self.window,
-            gamma=self.gamma, symmetric=self.symmetric, backend=self.backend,
-            validate=self.validate, sync=self.sync, process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"offsets={self.offsets!r}, dilation={self.dilation}, alpha={self.alpha}, lamda={self.lamda}, "
-                f"mi_weight={self.mi_weight}, boundary_weight={self.boundary_weight}, window={self.window}, "
-                f"gamma={self.gamma}, symmetric={self.symmetric}, backend={self.backend!r}, sync={self.sync}")
+        return functional.bimi_loss_from_config(p1, p2, image, mask, self.config)

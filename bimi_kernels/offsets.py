@@ -1,12 +1,36 @@
 """Offset sets: a window radius (times a dilation) or an explicit list of displacements."""
 from __future__ import annotations
 
+import functools
 import itertools
 import numbers
 from typing import Sequence, Tuple, Union
 
 OffsetSpec = Union[int, Sequence[Sequence[int]]]
 Offsets = Tuple[Tuple[int, ...], ...]
+
+
+def canonical_offset_spec(offsets: OffsetSpec) -> OffsetSpec:
+    """An int radius as it is, an explicit list as a tuple of int tuples (hashable, and safe from
+    the caller's later edits); the checks that need no spatial dims are made here."""
+    if isinstance(offsets, bool):
+        raise TypeError(f"offsets: expected an int radius or a sequence of tuples, got {offsets!r}")
+    if isinstance(offsets, numbers.Integral):
+        if offsets < 0:
+            raise ValueError(f"offsets: a window radius must be >= 0, got {int(offsets)}")
+        return int(offsets)
+    if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__iter__"):
+        raise TypeError(f"offsets: expected an int radius or a sequence of tuples, got {offsets!r}")
+    result = []
+    for d in offsets:
+        if isinstance(d, numbers.Integral) or not hasattr(d, "__len__"):
+            raise TypeError(f"offsets: each offset must be a tuple of ints, got {d!r}")
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in d):
+            raise TypeError(f"offsets: offset {tuple(d)!r} must hold ints")
+        result.append(tuple(int(v) for v in d))
+    if not result:
+        raise ValueError("offsets: the offset list is empty")
+    return tuple(result)
 
 
 def make_offsets(offsets: OffsetSpec, ndim: int, dilation: int = 1) -> Offsets:
@@ -18,33 +42,30 @@ def make_offsets(offsets: OffsetSpec, ndim: int, dilation: int = 1) -> Offsets:
     """
     if ndim not in (2, 3):
         raise ValueError(f"offsets: expected 2 or 3 spatial dims, got {ndim}")
-    if isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral) or dilation < 1:
+    if isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral):
+        raise TypeError(f"dilation: expected a Python int >= 1, got {dilation!r}")
+    if dilation < 1:
         raise ValueError(f"dilation: expected an int >= 1, got {dilation!r}")
-    if isinstance(offsets, bool):
-        raise TypeError(f"offsets: expected an int radius or a sequence of tuples, got {offsets!r}")
-    if isinstance(offsets, numbers.Integral):
-        r = int(offsets)
-        if r < 0:
-            raise ValueError(f"offsets: a window radius must be >= 0, got {r}")
-        steps = [k * int(dilation) for k in range(-r, r + 1)]
+    spec = canonical_offset_spec(offsets)
+    if isinstance(spec, int):
+        steps = [k * int(dilation) for k in range(-spec, spec + 1)]
         return tuple(tuple(d) for d in itertools.product(steps, repeat=ndim))
-    if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence) and not hasattr(offsets, "__iter__"):
-        raise TypeError(f"offsets: expected an int radius or a sequence of tuples, got {offsets!r}")
-    result = []
-    for d in offsets:
-        if isinstance(d, numbers.Integral) or not hasattr(d, "__len__"):
-            raise TypeError(f"offsets: each offset must be a tuple of {ndim} ints, got {d!r}")
+    for d in spec:
         if len(d) != ndim:
             raise ValueError(
-                f"offsets: offset {tuple(d)!r} has {len(d)} components, expected {ndim} "
-                f"(one per spatial dim)"
+                f"offsets: offset {d!r} has {len(d)} components, expected {ndim} (one per spatial dim)"
             )
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in d):
-            raise TypeError(f"offsets: offset {tuple(d)!r} must hold ints")
-        result.append(tuple(int(v) for v in d))
-    if not result:
-        raise ValueError("offsets: the offset list is empty")
-    return tuple(result)
+    return spec
+
+
+@functools.lru_cache(maxsize=256)
+def flat_offsets_for(spec: OffsetSpec, dilation: int, spatial: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The checked, flat offset list of a canonical spec (see `canonical_offset_spec`) for maps of
+    spatial size `spatial`: made and checked once per (spec, dilation, size), since a training
+    loop asks for the same one every step."""
+    offsets = make_offsets(spec, len(spatial), dilation)
+    check_offsets_fit(offsets, spatial)
+    return flatten(offsets)
 
 
 def check_offsets_fit(offsets: Offsets, spatial: Sequence[int]) -> None:

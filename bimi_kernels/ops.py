@@ -1,26 +1,37 @@
 """The one dispatch point: torch.library custom ops with fake implementations and autograd.
 
-Two ops touch every pixel and are therefore kernels: the joint counts (SPEC §3) and the
-boundary cross-correlation of one cluster map with an edge map (SPEC §5). Each takes the
+Two ops touch every pixel and are therefore kernels: the joint counts (docs/contract.md §3) and
+the boundary cross-correlation of one cluster map with an edge map (§5). Each takes the
 requested backend name ("auto" or a name); the op resolves it for the tensors' device
-(`backends.resolve`, which honours BIMI_BACKEND and never falls back silently) and calls that
+(`backends.resolve`: cached, honours BIMI_BACKEND, never falls back silently) and calls that
 backend's kernel. Resolving inside the op keeps torch.compile graphs free of host-side logic.
 Backward passes are their own ops and call the same backend's backward kernels. A third op, the
 edge map of the image (no gradient), runs a backend's fused kernel where it has one.
+
+Every kernel runs with autocast off: an op computes in its accumulation dtype whatever autocast
+region the caller is in (§8), so its real output dtype is always its fake's.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import backends, reference
-from .reference import accumulation_dtype
+from .numerics import accumulation_dtype
 
 
 def _kernels(backend: str, device_type: str) -> backends.Backend:
     return backends.get(backends.resolve(backend, device_type))
+
+
+def autocast_off(device_type: str):
+    """A context without autocast for `device_type` (the kernels' own dtype rules apply)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -31,7 +42,8 @@ def joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tens
     """J (|O|, K, K) in the accumulation dtype. `offsets` is flat: offset o is offsets[o*n:(o+1)*n]."""
     kernels = _kernels(backend, p1.device.type)
     mask = None if mask is None else mask.contiguous()
-    return kernels.joint_counts(p1.contiguous(), p2.contiguous(), tuple(offsets), mask)
+    with autocast_off(p1.device.type):
+        return kernels.joint_counts(p1.contiguous(), p2.contiguous(), tuple(offsets), mask)
 
 
 @joint_counts.register_fake
@@ -47,9 +59,10 @@ def joint_counts_backward(
     """(dL/dp1, dL/dp2) from G = dL/dJ, in the dtypes of p1 and p2."""
     kernels = _kernels(backend, p1.device.type)
     mask = None if mask is None else mask.contiguous()
-    return kernels.joint_counts_backward(
-        grad_j.contiguous(), p1.contiguous(), p2.contiguous(), tuple(offsets), mask
-    )
+    with autocast_off(p1.device.type):
+        return kernels.joint_counts_backward(
+            grad_j.contiguous(), p1.contiguous(), p2.contiguous(), tuple(offsets), mask
+        )
 
 
 @joint_counts_backward.register_fake
@@ -90,7 +103,8 @@ def boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tuple[Ten
     """(CC(U(p), edge), u_range): the 0-dim CC in the accumulation dtype and the per-sample
     [min, max] of the raw uncertainty (B, 2), which the backward reuses."""
     kernels = _kernels(backend, p.device.type)
-    return kernels.boundary_cc(p.contiguous(), edge.contiguous(), window)
+    with autocast_off(p.device.type):
+        return kernels.boundary_cc(p.contiguous(), edge.contiguous(), window)
 
 
 @boundary_cc.register_fake
@@ -105,9 +119,10 @@ def boundary_cc_backward(
 ) -> Tensor:
     """dL/dp in the dtype of p, from the 0-dim dL/dCC."""
     kernels = _kernels(backend, p.device.type)
-    return kernels.boundary_cc_backward(
-        grad_cc.contiguous(), p.contiguous(), edge.contiguous(), u_range.contiguous(), window
-    )
+    with autocast_off(p.device.type):
+        return kernels.boundary_cc_backward(
+            grad_cc.contiguous(), p.contiguous(), edge.contiguous(), u_range.contiguous(), window
+        )
 
 
 @boundary_cc_backward.register_fake
@@ -140,9 +155,10 @@ def edge_map(image: Tensor, gamma: float, backend: str) -> Tensor:
     """E (B, 1, *S) in the accumulation dtype of an image (B, C, *S) already at the maps' size:
     the backend's fused kernel where it has one, else the torch definition (reference.edge_map)."""
     kernels = _kernels(backend, image.device.type)
-    if kernels.edge_map is None:
-        return reference.edge_map(image, gamma)
-    return kernels.edge_map(image.contiguous(), gamma)
+    with autocast_off(image.device.type):
+        if kernels.edge_map is None:
+            return reference.edge_map(image, gamma)
+        return kernels.edge_map(image.contiguous(), gamma)
 
 
 @edge_map.register_fake

@@ -1,11 +1,11 @@
 """The BIMI loss in plain PyTorch: the ground truth of every test, written to be read.
 
-SPEC §3-§6. Everything here is differentiable by autograd and works for 2-D maps
+docs/contract.md §3-§6. Everything here is differentiable by autograd and works for 2-D maps
 (B, K, H, W) and 3-D maps (B, K, D, H, W). It is not fast: each offset slices the two maps and
 contracts them, and the box sums are convolutions with a window of ones. Memory stays at a few
 copies of the inputs.
 
-Accumulation follows SPEC §8: float64 inputs are computed in float64, everything else in float32.
+Accumulation follows docs/contract.md §8: float64 inputs are computed in float64, everything else in float32.
 """
 from __future__ import annotations
 
@@ -14,16 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .numerics import EPS_CC, EPS_IIC_CLAMP, EPS_LOG_U, EPS_MI, EPS_MINMAX, accumulation_dtype  # noqa: F401
 from .offsets import Offsets, overlap_slices
-
-EPS_MI = 1e-5  # inside the logs of the regularised MI (SPEC §4)
-EPS_CC = 1e-5  # clamp of cross term and variances (SPEC §5)
-EPS_LOG_U = 1e-16  # inside the log of the uncertainty map
-EPS_MINMAX = 1e-6  # denominator of the min-max normalisation
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _apply_mask(p: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -34,7 +26,7 @@ def _apply_mask(p: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# §3 joint counts
+# §3 joint counts (docs/contract.md)
 # ------------------------------------------------------------------------------------------------
 def joint_counts(
     p1: torch.Tensor, p2: torch.Tensor, offsets: Offsets, mask: Optional[torch.Tensor] = None
@@ -63,11 +55,11 @@ def joint_counts_backward(
     offsets: Offsets,
     mask: Optional[torch.Tensor] = None,
 ):
-    """The backward of `joint_counts` written out (SPEC §3), not by autograd:
+    """The backward of `joint_counts` written out (docs/contract.md §3), not by autograd:
 
         dL/dp1[b,i,s] = sum_d sum_j G_d[i,j] p2[b,j,s+d]     dL/dp2[b,j,t] = sum_d sum_i G_d[i,j] p1[b,i,t-d]
 
-    over pairs inside and valid. Returns gradients in the dtypes of p1 and p2.
+    over pairs inside and valid (docs/contract.md §3). Returns gradients in the dtypes of p1 and p2.
     """
     acc = grad_j.dtype
     a = _apply_mask(p1.to(acc), mask)
@@ -85,7 +77,7 @@ def joint_counts_backward(
 
 
 # ------------------------------------------------------------------------------------------------
-# §4 regularised mutual information
+# §4 regularised mutual information (docs/contract.md)
 # ------------------------------------------------------------------------------------------------
 def joint_distributions(j: torch.Tensor, symmetric: bool = True):
     """Normalise each offset's counts to a distribution; symmetrise if asked.
@@ -102,19 +94,28 @@ def joint_distributions(j: torch.Tensor, symmetric: bool = True):
 
 
 def regularized_mi_of_distribution(
-    p: torch.Tensor, alpha: float = 0.5, lamda: float = 1.0, eps: float = EPS_MI
+    p: torch.Tensor, alpha: float = 0.5, lamda: float = 1.0, eps: float = EPS_MI, eps_convention: str = "add"
 ) -> torch.Tensor:
-    """L_RMI(P) for each distribution in a (..., K, K) batch (SPEC §4):
+    """L_RMI(P) for each distribution in a (..., K, K) batch (docs/contract.md §4):
 
     - sum T log(P + eps) + lamda sum P [log(r + eps) + log(c + eps)],  T = alpha I/K + (1-alpha) P.
+
+    eps_convention="clamp" is IIC's instead: the marginals r, c are taken from P, then P, r and c
+    are clamped from below at 2.2e-16 (a clamped entry passes no gradient) and no eps is added.
     """
     k = p.shape[-1]
-    eye = torch.eye(k, dtype=p.dtype, device=p.device)
-    target = alpha * eye / k + (1 - alpha) * p
     rows = p.sum(dim=-1, keepdim=True)  # r_i
     cols = p.sum(dim=-2, keepdim=True)  # c_j
-    cross_entropy = -(target * torch.log(p + eps)).sum(dim=(-2, -1))
-    marginals = (p * (torch.log(rows + eps) + torch.log(cols + eps))).sum(dim=(-2, -1))
+    if eps_convention == "clamp":
+        p, rows, cols = (t.clamp(min=EPS_IIC_CLAMP) for t in (p, rows, cols))
+        log = torch.log
+    else:
+        def log(t):
+            return torch.log(t + eps)
+    eye = torch.eye(k, dtype=p.dtype, device=p.device)
+    target = alpha * eye / k + (1 - alpha) * p
+    cross_entropy = -(target * log(p)).sum(dim=(-2, -1))
+    marginals = (p * (log(rows) + log(cols))).sum(dim=(-2, -1))
     return cross_entropy + lamda * marginals
 
 
@@ -124,11 +125,16 @@ def regularized_mi_from_counts(
     lamda: float = 1.0,
     symmetric: bool = True,
     eps: float = EPS_MI,
+    pool_offsets: bool = False,
+    eps_convention: str = "add",
 ) -> torch.Tensor:
     """L_MI from joint counts J (|O|, K, K): the mean over offsets with at least one pair of
-    L_RMI(P_d); 0 (with zero gradient) when no offset has one."""
+    L_RMI(P_d); 0 (with zero gradient) when no offset has one. With `pool_offsets` the counts
+    are summed over the offsets first and one L_RMI is taken (IIC's collapsed loss)."""
+    if pool_offsets:
+        j = j.sum(dim=0, keepdim=True)
     p, valid = joint_distributions(j, symmetric)
-    per_offset = regularized_mi_of_distribution(p, alpha, lamda, eps)
+    per_offset = regularized_mi_of_distribution(p, alpha, lamda, eps, eps_convention)
     weight = valid.to(per_offset.dtype)
     return (per_offset * weight).sum() / weight.sum().clamp(min=1)
 
@@ -142,13 +148,16 @@ def regularized_mi(
     lamda: float = 1.0,
     symmetric: bool = True,
     eps: float = EPS_MI,
+    pool_offsets: bool = False,
+    eps_convention: str = "add",
 ) -> torch.Tensor:
-    """L_MI of two cluster maps (SPEC §4)."""
-    return regularized_mi_from_counts(joint_counts(p1, p2, offsets, mask), alpha, lamda, symmetric, eps)
+    """L_MI of two cluster maps (docs/contract.md §4)."""
+    counts = joint_counts(p1, p2, offsets, mask)
+    return regularized_mi_from_counts(counts, alpha, lamda, symmetric, eps, pool_offsets, eps_convention)
 
 
 # ------------------------------------------------------------------------------------------------
-# §5 boundary-aware cross-correlation
+# §5 boundary-aware cross-correlation (docs/contract.md)
 # ------------------------------------------------------------------------------------------------
 def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
     """(x - min) / (max - min + 1e-6) per sample, min and max detached."""
@@ -158,24 +167,32 @@ def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo + EPS_MINMAX)
 
 
-def resized_image(image: torch.Tensor, size: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """The image detached, in the accumulation dtype, resized (bilinear/trilinear,
-    align_corners=False) when `size` differs from its spatial size."""
-    x = image.detach().to(accumulation_dtype(image.dtype))
+def resized_image(
+    image: torch.Tensor, size: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """The image detached, in `dtype` (default: the image's accumulation dtype), resized
+    (bilinear/trilinear, align_corners=False) when `size` differs from its spatial size."""
+    x = image.detach().to(dtype or accumulation_dtype(image.dtype))
     if size is not None and tuple(x.shape[2:]) != tuple(size):
         mode = "bilinear" if x.dim() == 4 else "trilinear"
         x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
     return x
 
 
-def edge_map(image: torch.Tensor, gamma: float = 0.75, size: Optional[Sequence[int]] = None):
+def edge_map(
+    image: torch.Tensor,
+    gamma: float = 0.75,
+    size: Optional[Sequence[int]] = None,
+    dtype: Optional[torch.dtype] = None,
+):
     """Edge magnitude of an image (B, C, *S): wrap-around backward differences along each spatial
     dim, sqrt of the sum of squares, mean over channels, min-max per sample, to the power gamma.
 
     Resized first (bilinear/trilinear, align_corners=False) when `size` differs from S.
-    Returns (B, 1, *S) in the accumulation dtype, without gradient.
+    Returns (B, 1, *S) without gradient, in `dtype` (default: the image's accumulation dtype;
+    the loss passes the maps' accumulation dtype, docs/contract.md §5).
     """
-    x = resized_image(image, size)
+    x = resized_image(image, size, dtype)
     ndim = x.dim() - 2
     differences = [x - torch.roll(x, 1, dims=2 + k) for k in range(ndim)]
     squares = sum(d * d for d in differences)
@@ -198,7 +215,7 @@ def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, eps: float = EPS_CC):
-    """CC(U, E) = -mean over (b, s) of cross^2 / (var_U var_E) with box windows (SPEC §5).
+    """CC(U, E) = -mean over (b, s) of cross^2 / (var_U var_E) with box windows (docs/contract.md §5).
 
     The window count is fixed at n = window^ndim (also at the borders); the cross term and both
     variances are clamped at >= eps, so negatively correlated windows give no gradient.
@@ -264,13 +281,14 @@ def boundary_cc_backward(
 def boundary_cc_loss(
     p1: torch.Tensor, p2: torch.Tensor, image: torch.Tensor, window: int = 5, gamma: float = 0.75
 ) -> torch.Tensor:
-    """L_CC = (CC(U(p1), E) + CC(U(p2), E)) / 2 with E the edge map of `image`."""
-    edge = edge_map(image, gamma, size=p1.shape[2:])
+    """L_CC = (CC(U(p1), E) + CC(U(p2), E)) / 2 with E the edge map of `image`, computed in the
+    maps' accumulation dtype."""
+    edge = edge_map(image, gamma, size=p1.shape[2:], dtype=accumulation_dtype(p1.dtype))
     return (boundary_cc(p1, edge, window) + boundary_cc(p2, edge, window)) / 2
 
 
 # ------------------------------------------------------------------------------------------------
-# §6 the full loss
+# §6 the full loss (docs/contract.md)
 # ------------------------------------------------------------------------------------------------
 def bimi_loss(
     p1: torch.Tensor,
@@ -285,10 +303,13 @@ def bimi_loss(
     window: int = 5,
     gamma: float = 0.75,
     symmetric: bool = True,
+    pool_offsets: bool = False,
+    eps_convention: str = "add",
 ) -> torch.Tensor:
-    """L = mi_weight * L_MI + boundary_weight * L_CC. `offsets` is an explicit tuple of tuples
-    (see `bimi_kernels.offsets.make_offsets`)."""
-    loss = mi_weight * regularized_mi(p1, p2, offsets, mask, alpha, lamda, symmetric)
+    """L = mi_weight * L_MI + boundary_weight * L_CC (docs/contract.md §6). `offsets` is an
+    explicit tuple of tuples (see `bimi_kernels.offsets.make_offsets`)."""
+    mi = regularized_mi(p1, p2, offsets, mask, alpha, lamda, symmetric, EPS_MI, pool_offsets, eps_convention)
+    loss = mi_weight * mi
     if boundary_weight:
         loss = loss + boundary_weight * boundary_cc_loss(p1, p2, image, window, gamma)
     return loss

@@ -1,8 +1,7 @@
 """The `reference` backend: the kernels of `backends.py` implemented by `reference.py`.
 
-Slow but always there, on any device. The joint-counts backward is the written-out formula of
-SPEC §3; the boundary backward is
-the written-out formula of `reference.boundary_cc_backward`.
+Slow but always there, on any device. The backward kernels are the written-out formulas of
+`reference.joint_counts_backward` and `reference.boundary_cc_backward` (docs/contract.md §3, §5).
 """
 from __future__ import annotations
 

@@ -8,8 +8,14 @@ if not os.path.exists("/dev/nvidiactl"):  # no GPU: run Triton kernels in the in
 # shared 2-core machine (measured 6x slower). Tests of thread-count independence set it explicitly.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The conformance suite's case table and checks (tests/backends/cases.py) are imported as `cases`
+# also by the per-backend files, which reuse them for what is specific to one backend.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "backends"))
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -1,17 +1,11 @@
-"""torch.compile through the loss and torch.library.opcheck on each custom op."""
+"""torch.compile through the loss with Inductor (code generation) and for the MI term in 3-D;
+opcheck and aot_eager compilation of every backend are in tests/backends/test_through_api.py."""
 import pytest
 import torch
 
 import bimi_kernels
-import bimi_kernels.ops  # noqa: F401  (registers torch.ops.bimi.*)
-from bimi_kernels.offsets import flatten, make_offsets
 
 from helpers import random_image, random_maps, random_mask
-
-
-def cpu_backends():
-    """Backends runnable on CPU tensors in this environment (triton only in its interpreter)."""
-    return [name for name, reason in bimi_kernels.available_backends("cpu").items() if reason is None]
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -39,33 +33,3 @@ def test_compile_3d_and_regularized_mi():
     torch.testing.assert_close(got, loss_fn(p1, p2))
     got.backward()
     assert p1.grad is not None and torch.isfinite(p1.grad).all()
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_opcheck_joint_counts(backend, with_mask):
-    p1, p2 = random_maps((2, 3, 5, 6), dtype=torch.float32, requires_grad=True)
-    mask = random_mask(p1.shape).reshape(2, 5, 6).float() if with_mask else None
-    offsets = list(flatten(make_offsets(1, 2)))
-    torch.library.opcheck(torch.ops.bimi.joint_counts.default, (p1, p2, offsets, mask, backend))
-    grad_j = torch.randn(9, 3, 3)
-    torch.library.opcheck(
-        torch.ops.bimi.joint_counts_backward.default, (grad_j, p1.detach(), p2.detach(), offsets, mask, backend)
-    )
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_opcheck_boundary_cc(backend):
-    p, _ = random_maps((2, 3, 6, 7), dtype=torch.float32, requires_grad=True)
-    edge = bimi_kernels.reference.edge_map(random_image(p.shape, dtype=torch.float32))
-    torch.library.opcheck(torch.ops.bimi.boundary_cc.default, (p, edge, 3, backend))
-    cc, u_range = torch.ops.bimi.boundary_cc(p.detach(), edge, 3, backend)
-    torch.library.opcheck(
-        torch.ops.bimi.boundary_cc_backward.default, (torch.tensor(1.0), p.detach(), edge, u_range, 3, backend)
-    )
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_opcheck_edge_map(backend):
-    image = random_image((2, 3, 6, 7), dtype=torch.float32)
-    torch.library.opcheck(torch.ops.bimi.edge_map.default, (image, 0.75, backend))

@@ -1,4 +1,5 @@
-"""SPEC §9: every bad input raises ValueError/TypeError naming the argument, before any kernel."""
+"""docs/contract.md §9: every bad input raises ValueError/TypeError naming the argument, before
+any kernel runs; value checks run sampled on CPU by default, fully when asked."""
 import pytest
 import torch
 
@@ -160,18 +161,116 @@ def test_gamma_not_positive(good):
         loss(p1, p2, image, gamma=0.0)
 
 
+# ------------------------------------------------------------------------------ settings' types
+@pytest.mark.parametrize(
+    "setting,value,error,message",
+    [
+        ("alpha", torch.tensor(0.5), TypeError, "alpha: expected a Python number, got a torch.Tensor"),
+        ("lamda", "1", TypeError, "lamda: expected a Python number"),
+        ("symmetric", "no", TypeError, "symmetric: expected True or False"),
+        ("symmetric", 0, TypeError, "symmetric: expected True or False"),
+        ("pool_offsets", None, TypeError, "pool_offsets: expected True or False"),
+        ("lamda", float("inf"), ValueError, "lamda: expected a finite number"),
+        ("mi_weight", float("inf"), ValueError, "mi_weight: expected a finite number"),
+        ("boundary_weight", float("nan"), ValueError, "boundary_weight: expected a finite number"),
+        ("gamma", float("inf"), ValueError, "gamma: expected a finite number"),
+        ("alpha", float("nan"), ValueError, "alpha: expected a finite number"),
+        ("dilation", 1.5, TypeError, "dilation: expected a Python int"),
+        ("window", 5.0, TypeError, "window: expected an odd int"),
+        ("validate", "yes", TypeError, "validate: expected True or False"),
+        ("eps_convention", "max", ValueError, "eps_convention: expected one of"),
+    ],
+)
+def test_settings_of_the_wrong_type_or_not_finite(good, setting, value, error, message):
+    p1, p2, image = good
+    with pytest.raises(error, match=message):
+        loss(p1, p2, image, **{setting: value})
+    with pytest.raises(error, match=message):
+        bimi_kernels.BIMILoss(**{setting: value})
+
+
+def test_module_settings_are_attributes_and_checked_when_set(good):
+    p1, p2, image = good
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, alpha=0.25)
+    assert loss_fn.alpha == 0.25 and loss_fn.config.alpha == 0.25 and loss_fn.offsets == 1
+    loss_fn.alpha = 0.75
+    assert loss_fn.config.alpha == 0.75
+    torch.testing.assert_close(loss_fn(p1, p2, image), loss(p1, p2, image, offsets=1, alpha=0.75))
+    with pytest.raises(ValueError, match="alpha"):
+        loss_fn.alpha = 2.0
+    assert loss_fn.alpha == 0.75  # a rejected value leaves the config as it was
+    with pytest.raises(TypeError, match="symmetric"):
+        loss_fn.symmetric = "no"
+    assert "alpha=0.75" in repr(loss_fn)
+
+
 # ----------------------------------------------------------------------------------- value checks
+def test_logits_on_cpu_are_caught_by_default(good, monkeypatch):
+    """The common mistake (logits for probabilities) is caught on CPU tensors without asking."""
+    monkeypatch.delenv("BIMI_VALIDATE", raising=False)
+    p1, p2, image = good
+    logits = torch.randn_like(p1)
+    with pytest.raises(ValueError, match=r"p1: .*negative .*softmax over dim 1"):
+        loss(logits, p2, image)
+    with pytest.raises(ValueError, match=r"p2: .*do not sum to 1"):
+        loss(p1, p2 * 3, image)  # scores >= 0 that are not normalised
+    with pytest.raises(ValueError, match=r"p1: .*negative"):
+        bimi_kernels.RegularizedMILoss()(logits, p2)
+    with pytest.raises(ValueError, match=r"p1: .*negative"):
+        BF.joint_counts(logits, p2)
+    loss(logits, p2, image, validate=False)  # asked not to check: no error
+    masked = p1.clone()
+    masked[:, :, :3] = 0  # pixels zeroed by multiplying with a mask are accepted
+    loss(masked, p2, image)
+
+
+def test_sampled_check_is_not_traced_by_compile(good, monkeypatch):
+    monkeypatch.delenv("BIMI_VALIDATE", raising=False)
+    p1, p2, image = good
+    torch._dynamo.reset()
+    compiled = torch.compile(bimi_kernels.BIMILoss(backend="reference"), fullgraph=True, backend="aot_eager")
+    compiled(p1, p2, image)  # no graph break from the data-dependent check
+
+
 def test_value_checks_only_when_asked(good, monkeypatch):
     p1, p2, image = good
     bad = p1.clone()
     bad[0, 0, 0, 0] = float("nan")
     monkeypatch.delenv("BIMI_VALIDATE", raising=False)
-    loss(bad, p2, image)  # no sync, no check: the NaN just flows through
+    loss(bad, p2, image, validate=False)  # no check at all: the NaN just flows through
     with pytest.raises(ValueError, match=r"p1: contains 1 non-finite"):
         loss(bad, p2, image, validate=True)
     monkeypatch.setenv("BIMI_VALIDATE", "1")
     with pytest.raises(ValueError, match=r"p1: contains 1 non-finite"):
         loss(bad, p2, image)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "FALSE", "no", "off", "Off", ""])
+def test_bimi_validate_off_values(good, monkeypatch, value):
+    """BIMI_VALIDATE is parsed as a boolean: these turn the full checks off (an earlier version
+    treated 'no', 'off' and 'FALSE' as on)."""
+    p1, p2, image = good
+    bad = p1.clone()
+    bad[0, 0, 1, 1] = float("nan")  # outside the sampled pixels of this shape
+    monkeypatch.setenv("BIMI_VALIDATE", value)
+    loss(bad, p2, image)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "on"])
+def test_bimi_validate_on_values(good, monkeypatch, value):
+    p1, p2, image = good
+    bad = p1.clone()
+    bad[0, 0, 1, 1] = float("nan")
+    monkeypatch.setenv("BIMI_VALIDATE", value)
+    with pytest.raises(ValueError, match="p1: contains 1 non-finite"):
+        loss(bad, p2, image)
+
+
+def test_bimi_validate_unknown_value_is_an_error(good, monkeypatch):
+    p1, p2, image = good
+    monkeypatch.setenv("BIMI_VALIDATE", "maybe")
+    with pytest.raises(ValueError, match="BIMI_VALIDATE: expected one of"):
+        loss(p1, p2, image)
 
 
 def test_value_checks_negative_probabilities_and_image(good):
@@ -185,3 +284,15 @@ def test_value_checks_negative_probabilities_and_image(good):
     with pytest.raises(ValueError, match="image: contains 1 non-finite"):
         loss(p1, p2, inf_image, validate=True)
     loss(p1, p2, image, validate=True)  # good inputs pass
+
+
+def test_mask_weights_outside_the_unit_interval_fail_validation(good):
+    """Mask values are weights in [0, 1] (docs/contract.md §2): fractional weights are used as
+    given, values outside [0, 1] fail validate=True."""
+    p1, p2, image = good
+    weights = torch.rand(2, 1, 6, 7)
+    loss(p1, p2, image, weights, validate=True)
+    with pytest.raises(ValueError, match=r"mask: contains 1 value\(s\) outside \[0, 1\]"):
+        bad = weights.clone()
+        bad[0, 0, 0, 0] = 2.0
+        loss(p1, p2, image, bad, validate=True)

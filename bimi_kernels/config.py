@@ -1,0 +1,74 @@
+"""The loss settings, defined once: a frozen, checked object shared by the modules and the
+functional API (docs/contract.md §6, §7).
+
+A new setting is one field here (with its check in `LossConfig.__post_init__`), plus the keyword
+in the public signatures that take it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from . import checks
+from .offsets import OffsetSpec, canonical_offset_spec
+
+EPS_CONVENTIONS = ("add", "clamp")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Every setting of the BIMI loss (docs/contract.md §3-§7), checked when made.
+
+    offsets, dilation    the neighbour offsets: a window radius (times dilation) or n-tuples (§2)
+    alpha, lamda         the regularised MI's weights (§4)
+    pool_offsets         sum the counts over the offsets before one MI (IIC collapsed) (§4)
+    eps_convention       "add" (eps inside the logs) or "clamp" (IIC's clamp at 2.2e-16) (§4)
+    symmetric            symmetrise each joint distribution (§4)
+    mi_weight, boundary_weight   the two terms' weights (§6)
+    window, gamma        the boundary term's box window and edge-map exponent (§5)
+    backend              "auto" or a backend name (§7)
+    sync, process_group  all-reduce the counts over a process group (§4)
+    validate             value checks: None (default: sampled on CPU), True (all), False (none) (§9)
+    """
+
+    offsets: OffsetSpec = 0
+    dilation: int = 1
+    alpha: float = 0.5
+    lamda: float = 1.0
+    mi_weight: float = 1.0
+    boundary_weight: float = 1.0
+    window: int = 5
+    gamma: float = 0.75
+    symmetric: bool = True
+    backend: str = "auto"
+    sync: bool = False
+    process_group: Any = None
+    validate: Optional[bool] = None
+    pool_offsets: bool = False
+    eps_convention: str = "add"
+
+    def __post_init__(self):
+        # an explicit offset list becomes a tuple of tuples: hashable, and safe from later edits
+        object.__setattr__(self, "offsets", canonical_offset_spec(self.offsets))
+        checks.check_int("dilation", self.dilation, minimum=1)
+        checks.check_number("alpha", self.alpha, minimum=0.0, maximum=1.0)
+        checks.check_number("lamda", self.lamda, above=0.0)
+        checks.check_number("mi_weight", self.mi_weight, minimum=0.0)
+        checks.check_number("boundary_weight", self.boundary_weight, minimum=0.0)
+        checks.check_window(self.window)
+        checks.check_number("gamma", self.gamma, above=0.0)
+        for name in ("symmetric", "sync", "pool_offsets"):
+            checks.check_bool(name, getattr(self, name))
+        checks.check_backend_name(self.backend)
+        if self.validate is not None:
+            checks.check_bool("validate", self.validate)
+        if self.eps_convention not in EPS_CONVENTIONS:
+            raise ValueError(f"eps_convention: expected one of {EPS_CONVENTIONS}, got {self.eps_convention!r}")
+
+    def replace(self, **changes) -> "LossConfig":
+        """A copy with `changes` applied, checked like a new config."""
+        return dataclasses.replace(self, **changes)
+
+
+FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(LossConfig))

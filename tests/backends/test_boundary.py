@@ -1,0 +1,80 @@
+"""Every backend's boundary-term kernels (docs/contract.md §5) and fused edge map against the
+reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cases import (
+    BF16, BOUNDARY_CASES, EDGE_CASES, EDGE_RTOL, F16, F32, F64, BoundaryCase,
+    assert_low_precision_rule, boundary_inputs, check_boundary, edge_image,
+    reference_cc_and_gradient, relative_error, run_kernels,
+)
+
+from bimi_kernels import reference
+from bimi_kernels.numerics import accumulation_dtype
+
+BOUNDARY_PARAMS = [
+    pytest.param(name, dtype, id=f"{name}-{str(dtype).replace('torch.', '')}")
+    for name, case in BOUNDARY_CASES.items()
+    for dtype in case.dtypes
+]
+
+
+@pytest.mark.parametrize("name,dtype", BOUNDARY_PARAMS)
+def test_boundary_matches_reference(backend, name, dtype):
+    case = BOUNDARY_CASES[name]
+    backend.skip_if_too_slow(case)
+    p, edge = boundary_inputs(case, dtype, backend.device)
+    check_boundary(backend.kernels, p, edge, case.window)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_low_precision_rule(backend, dtype):
+    case = BOUNDARY_CASES["2d-K10-w3"]
+    p, edge = boundary_inputs(case, dtype, backend.device)
+    cc, _, grad_cc, grad = run_kernels(backend.kernels, p, edge, case.window, 1.0)
+    assert cc.dtype == F32 and grad.dtype == dtype
+    own_cc, own_grad = reference_cc_and_gradient(p, edge, case.window, grad_cc)
+    exact_cc, exact_grad = reference_cc_and_gradient(p.double(), edge.double(), case.window, grad_cc.double())
+    assert_low_precision_rule("CC", cc, own_cc, exact_cc)
+    assert_low_precision_rule("dL/dp", grad, own_grad, exact_grad, backend.interpreted)
+
+
+def test_inputs_are_not_modified(backend):
+    p, edge = boundary_inputs(BOUNDARY_CASES["2d-K3-w3"], F32, backend.device)
+    before = (p.clone(), edge.clone())
+    run_kernels(backend.kernels, p, edge, 3, 1.0)
+    assert torch.equal(before[0], p) and torch.equal(before[1], edge)
+
+
+@st.composite
+def boundary_problems(draw, small: bool):
+    ndim = draw(st.sampled_from([2, 3]))
+    limit = (12 if ndim == 2 else 5) if small else (30 if ndim == 2 else 8)
+    spatial = tuple(draw(st.integers(1, limit), label=f"size{d}") for d in range(ndim))
+    shape = (draw(st.integers(1, 2), label="batch"), draw(st.sampled_from([2, 3, 10, 17]), label="K")) + spatial
+    return BoundaryCase(shape, draw(st.sampled_from([1, 3, 5]), label="window")), draw(st.integers(0, 99), label="seed")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_boundary_property(backend, data):
+    case, seed = data.draw(boundary_problems(small=backend.interpreted))
+    p, edge = boundary_inputs(case, F64, backend.device, seed)
+    check_boundary(backend.kernels, p, edge, case.window)
+
+
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_edge_map_matches_reference(backend, name):
+    """The backend's fused edge map where it has one, else the torch definition (via the op)."""
+    case = EDGE_CASES[name]
+    image = edge_image(case, backend.device)
+    got = torch.ops.bimi.edge_map(image, case.gamma, backend.name)
+    expected = reference.edge_map(image.cpu(), case.gamma)
+    assert got.shape == expected.shape and got.dtype == expected.dtype and got.device == image.device
+    rtol = EDGE_RTOL[accumulation_dtype(case.dtype)]
+    error = relative_error(got, expected)
+    assert error <= rtol, f"edge map: relative error {error:.3g} > {rtol:g}"

@@ -1,0 +1,161 @@
+"""Every backend through the public API: the loss against the reference backend, gradcheck,
+torch.compile, opcheck of the custom ops, autocast, determinism (docs/contract.md §7, §8)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cases import F32, F64, JOINT_CASES, assert_close, joint_inputs, random_grad_j
+from helpers import random_image, random_mask, random_maps
+
+import bimi_kernels
+from bimi_kernels import functional, reference
+from bimi_kernels.offsets import flatten, make_offsets
+
+LOSS_CASES = {
+    "2d-r1-window5": ((2, 4, 9, 11), 1, 5),
+    "3d-list-window3": ((1, 3, 4, 5, 6), [(0, 0, 0), (1, 0, -1)], 3),
+}
+
+
+def loss_and_grads(backend_name, device, shape, offsets, window, dtype=F64, **settings):
+    image = random_image(shape, dtype=dtype, device=device)
+    mask = random_mask(shape, device=device)
+    p1, p2 = random_maps(shape, dtype=dtype, device=device, requires_grad=True)
+    loss = functional.bimi_loss(p1, p2, image, mask, offsets=offsets, window=window, backend=backend_name, **settings)
+    loss.backward()
+    return loss.detach(), p1.grad, p2.grad
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_bimi_loss_matches_reference_backend(backend, case):
+    shape, offsets, window = LOSS_CASES[case]
+    ours = loss_and_grads(backend.name, backend.device, shape, offsets, window)
+    theirs = loss_and_grads("reference", "cpu", shape, offsets, window)
+    for what, a, b in zip(("loss", "dL/dp1", "dL/dp2"), ours, theirs):
+        assert_close(a, b, what, F64)
+
+
+def test_edge_map_follows_the_maps_dtype(backend):
+    """float64 maps with a float32 image: the edge map (and so the loss) is computed in float64,
+    equal to the all-float64 loss to float64 rounding (docs/contract.md §5)."""
+    shape = (2, 3, 9, 11)
+    p1, p2 = random_maps(shape, dtype=F64, device=backend.device)
+    image32 = random_image(shape, dtype=F32, device=backend.device)
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)
+    mixed = loss_fn(p1, p2, image32)
+    pure = loss_fn(p1, p2, image32.double())
+    assert mixed.dtype == F64
+    assert_close(mixed, pure, "loss (float32 image) vs loss (float64 image)", F64)
+
+
+def freeze_uncertainty_extremes(p):
+    """The min-max of U is detached, so a finite difference at the pixel holding a sample's min
+    or max of U moves the normaliser, which the analytic gradient ignores: hold those fixed."""
+    u = reference.uncertainty_map(p.detach()).flatten(1)
+    keep = torch.ones_like(u)
+    rows = torch.arange(u.shape[0], device=p.device)
+    keep[rows, u.argmin(1)] = 0
+    keep[rows, u.argmax(1)] = 0
+    keep = keep.reshape(p.shape[0], 1, *p.shape[2:])
+    frozen = p.detach() * (1 - keep)
+    return lambda x: x * keep + frozen
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 6, 7), (1, 3, 4, 5, 6)], ids=["2d", "3d"])
+def test_gradcheck_bimi_loss(backend, shape):
+    p1, p2 = random_maps(shape, device=backend.device, requires_grad=True)
+    image, mask = random_image(shape, device=backend.device), random_mask(shape, device=backend.device)
+    freeze1, freeze2 = freeze_uncertainty_extremes(p1), freeze_uncertainty_extremes(p2)
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, window=3, backend=backend.name)
+    # fast mode: Jacobians projected on random vectors (the full ones cost a loss per element)
+    assert torch.autograd.gradcheck(lambda a, b: loss_fn(freeze1(a), freeze2(b), image, mask), (p1, p2), fast_mode=True)
+
+
+def test_compile_fullgraph(backend):
+    """The kernels sit behind custom ops with fake implementations: a full graph traces through
+    the loss and its backward (aot_eager: the fake kernels, then the real ones, no codegen)."""
+    torch._dynamo.reset()
+    shape = (2, 4, 8, 9)
+    image, mask = random_image(shape, dtype=F32, device=backend.device), random_mask(shape, device=backend.device)
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, window=3, backend=backend.name)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss_fn, compiled):
+        p1, p2 = random_maps(shape, dtype=F32, device=backend.device, requires_grad=True)
+        loss = fn(p1, p2, image, mask)
+        loss.backward()
+        results.append((loss.detach(), p1.grad, p2.grad))
+    for what, traced, eager in zip(("loss", "dL/dp1", "dL/dp2"), *results[::-1]):
+        assert_close(traced, eager, what, F32)
+
+
+def test_opcheck_custom_ops(backend):
+    case = JOINT_CASES["2d-K3-r1-mask"]
+    p1, p2, mask = joint_inputs(case, F64, backend.device)
+    flat = list(flatten(case.offset_set()))
+    edge = reference.edge_map(random_image(case.shape, dtype=F64)).to(backend.device)
+    a, b = p1.clone().requires_grad_(True), p2.clone().requires_grad_(True)
+    ops = torch.ops.bimi
+    name = backend.name
+    torch.library.opcheck(ops.joint_counts.default, (a, b, flat, mask, name))
+    torch.library.opcheck(ops.joint_counts.default, (a, b, flat, None, name))
+    torch.library.opcheck(ops.boundary_cc.default, (a, edge, 3, name))
+    grad_j = random_grad_j(len(flat) // 2, case.shape[1], F64, backend.device)
+    torch.library.opcheck(ops.joint_counts_backward.default, (grad_j, p1, p2, flat, mask, name))
+    _, u_range = ops.boundary_cc(p1, edge, 3, name)
+    grad_cc = torch.tensor(1.0, dtype=F64, device=backend.device)
+    torch.library.opcheck(ops.boundary_cc_backward.default, (grad_cc, p1, edge, u_range, 3, name))
+    image = random_image(case.shape, channels=2, dtype=F32, device=backend.device)
+    torch.library.opcheck(ops.edge_map.default, (image, 0.75, name))
+
+
+def _autocast(device: str):
+    return torch.autocast(device, dtype=torch.bfloat16 if device == "cpu" else torch.float16)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_autocast_does_not_change_the_loss(backend, compiled):
+    """Under autocast every op still computes in its accumulation dtype (docs/contract.md §8):
+    the loss and its gradients equal those outside autocast, and each op's real output dtype
+    is its fake's."""
+    torch._dynamo.reset()
+    shape = (2, 6, 12, 10)
+    device = backend.device
+    image = random_image(shape, dtype=F32, device=device)
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)
+    fn = torch.compile(loss_fn, fullgraph=True, backend="aot_eager") if compiled else loss_fn
+    results = []
+    for use_autocast in (False, True):
+        p1, p2 = random_maps(shape, dtype=F32, device=device, requires_grad=True)
+        with _autocast(device) if use_autocast else torch.autocast(device, enabled=False):
+            loss = fn(p1, p2, image)
+        loss.backward()
+        results.append((loss.detach(), p1.grad, p2.grad))
+        assert loss.dtype == F32
+    for what, plain, cast in zip(("loss", "dL/dp1", "dL/dp2"), *results):
+        assert_close(cast, plain, f"{what} under autocast", F32)
+    p1, p2 = random_maps(shape, dtype=F32, device=device)
+    with _autocast(device):
+        counts = torch.ops.bimi.joint_counts(p1, p2, [0, 0], None, backend.name)
+        cc, u_range = torch.ops.bimi.boundary_cc(p1, reference.edge_map(image), 5, backend.name)
+        edge = torch.ops.bimi.edge_map(image, 0.75, backend.name)
+    assert counts.dtype == cc.dtype == u_range.dtype == edge.dtype == F32
+
+
+def test_reruns_are_bitwise_equal(backend):
+    """docs/contract.md §8: the same inputs give bitwise the same loss and gradients."""
+    shape = (2, 10, 19, 23)
+    runs = [loss_and_grads(backend.name, backend.device, shape, 1, 5, dtype=F32) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_pooled_offsets_sum_the_counts_first(backend):
+    """pool_offsets=True: one MI of the counts summed over the offsets (IIC's collapsed loss)."""
+    shape = (2, 4, 9, 11)
+    p1, p2 = random_maps(shape, device=backend.device)
+    pooled = functional.regularized_mi(p1, p2, offsets=1, pool_offsets=True, backend=backend.name)
+    counts = reference.joint_counts(p1.cpu(), p2.cpu(), make_offsets(1, 2))
+    expected = reference.regularized_mi_from_counts(counts.sum(0, keepdim=True))
+    assert_close(pooled, expected, "pooled MI", F64)
