@@ -29,6 +29,7 @@ TORCH_LIBRARY(bimi_C, m) {
   m.def(
       "boundary_cc_backward(Tensor grad_cc, Tensor p, Tensor edge, Tensor u_range, int window)"
       " -> Tensor");
-  // The edge map E (B, 1, *S) of an image (B, C, *S) in the accumulation dtype (SPEC §5).
+  // The edge map E (B, 1, *S) of an image (B, C, *S) in the accumulation dtype
+  // (docs/contract.md §5).
   m.def("edge_map(Tensor image, float gamma) -> Tensor");
 }

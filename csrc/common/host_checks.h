@@ -4,12 +4,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <optional>
 #include <vector>
 
 #include "geometry.h"
+#include "numerics.h"
 
 namespace bimi {
 
@@ -81,8 +83,13 @@ inline void check_boundary_inputs(const at::Tensor& p, const at::Tensor& edge, i
   TORCH_CHECK(edge.device() == p.device(), "bimi_C: edge must be on the device of p");
 }
 
+// The accumulation dtype of a floating map dtype: acc_type_t (numerics.h) at run time.
 inline at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+  at::ScalarType acc = at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "bimi_accumulation_type", [&] {
+    acc = c10::CppTypeToScalarType<acc_type_t<scalar_t>>::value;
+  });
+  return acc;
 }
 
 // The mask in p's dtype, contiguous, or an undefined tensor.

@@ -1,4 +1,5 @@
-// CPU boundary cross-correlation term (SPEC §5): CC(U(p), E) of one cluster map and its backward.
+// CPU boundary cross-correlation term (docs/contract.md §5): CC(U(p), E) of one cluster map and
+// its backward.
 //
 // Forward: U = -sum_k p_k log(p_k + 1e-16) of every pixel and its per-sample min and max; then per
 // region of rows the five box sums of the normalised U and E (separable: along x, then y, then z;
@@ -400,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor> boundary_cc_cpu(const at::Tensor& p_in, const
   at::Tensor u_range = at::empty({v.batch, 2}, acc_options);
   at::Tensor u = at::empty({v.batch, v.voxels()}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "bimi_boundary_cc_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type_t<scalar_t>;
     boundary_forward<scalar_t, acc_t>(p.data_ptr<scalar_t>(), edge.data_ptr<acc_t>(), v, p.dim() == 5,
                                       window, u.data_ptr<acc_t>(), cc.data_ptr<acc_t>(),
                                       u_range.data_ptr<acc_t>());
@@ -422,7 +423,7 @@ at::Tensor boundary_cc_backward_cpu(const at::Tensor& grad_cc, const at::Tensor&
   at::Tensor grad_p = at::empty_like(p);
   at::Tensor u = at::empty({v.batch, v.voxels()}, p.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "bimi_boundary_cc_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type_t<scalar_t>;
     boundary_backward<scalar_t, acc_t>(grad_cc.to(acc_type).item<acc_t>(), p.data_ptr<scalar_t>(),
                                        edge.data_ptr<acc_t>(), u_range.data_ptr<acc_t>(), v,
                                        p.dim() == 5, window, u.data_ptr<acc_t>(),

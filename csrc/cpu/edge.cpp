@@ -1,6 +1,7 @@
-// CPU edge map of the boundary term (SPEC §5): wrap-around backward differences along each
-// spatial dim, sqrt of the sum of their squares, mean over the image's channels, min-max per
-// sample (+1e-6 in the denominator), to the power gamma. The image is already at the maps' size.
+// CPU edge map of the boundary term (docs/contract.md §5): wrap-around backward differences
+// along each spatial dim, sqrt of the sum of their squares, mean over the image's channels,
+// min-max per sample (+1e-6 in the denominator), to the power gamma. The image is already at the
+// maps' size.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

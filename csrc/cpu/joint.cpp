@@ -1,4 +1,5 @@
-// CPU joint counts (SPEC §3): J[o, i, j] = sum_{b, s} m[s] m[s+d_o] p1[b, i, s] p2[b, j, s + d_o]
+// CPU joint counts (docs/contract.md §3):
+// J[o, i, j] = sum_{b, s} m[s] m[s+d_o] p1[b, i, s] p2[b, j, s + d_o]
 // and its backward, every offset in one pass over the pixels, without shifted copies.
 //
 // The pixels are cut into tiles of kTileRows image rows. A tile loads its rows of p1 and the band
@@ -303,7 +304,7 @@ at::Tensor joint_counts_cpu(const at::Tensor& p1_in, const at::Tensor& p2_in,
   at::Tensor joint = at::empty({static_cast<int64_t>(offsets.size()), k, k},
                                p1.options().dtype(accumulation_type(p1.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type_t<scalar_t>;
     joint_forward<scalar_t, acc_t>(p1.data_ptr<scalar_t>(), p2.data_ptr<scalar_t>(),
                                    mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, v, offsets,
                                    joint.data_ptr<acc_t>());
@@ -332,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
   at::Tensor grad_p1 = at::empty_like(p1);
   at::Tensor grad_p2 = at::empty_like(p2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type_t<scalar_t>;
     const scalar_t* m = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     joint_backward_first<scalar_t, acc_t>(p2.data_ptr<scalar_t>(), m, v, offsets,
                                           g.data_ptr<acc_t>(), grad_p1.data_ptr<scalar_t>());

@@ -53,7 +53,7 @@ template <typename acc_t>
 using BackwardTileFn = void (*)(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out,
                                 int64_t row_stride, int64_t channel_stride);
 
-// Row kernels of the boundary term (SPEC §5, cpu/boundary.cpp), each over the n pixels x of one
+// Row kernels of the boundary term (docs/contract.md §5, cpu/boundary.cpp), each over the n pixels x of one
 // image row. Multi-channel rows are `channels` rows `stride` apart.
 template <typename acc_t>
 struct BoundaryRowKernels {
@@ -85,7 +85,7 @@ struct BoundaryRowKernels {
   void (*uncertainty_gradient)(const acc_t* edge, const acc_t* u_normalized,
                                const acc_t* const* coefficient_sums, acc_t denominator, int64_t n,
                                acc_t* grad_u);
-  // The edge map (SPEC §5): magnitude[x] += sqrt(dz^2 + dy^2 + dx^2) of one image row with its
+  // The edge map (docs/contract.md §5): magnitude[x] += sqrt(dz^2 + dy^2 + dx^2) of one image row with its
   // wrap-around neighbours above and before (nullptr in 2-D); m /= C with the min and max of m;
   // then ((m - lo) / denominator)^gamma.
   void (*edge_magnitude)(const acc_t* row, const acc_t* above, const acc_t* before, int64_t n,
