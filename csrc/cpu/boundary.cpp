@@ -6,7 +6,7 @@
 // each an ordered sum) and the clamped NCC of every window centre, summed per region. Backward:
 // U again; per region, the box sums on the region plus a halo give each window centre's
 // coefficients of S(UE), S(U), S(U^2) (common/boundary_math.h); their box sums give dL/dU at every
-// pixel, times dU/dp. The row loops are the vectorised BoundaryRowKernels (simd_kernels.h).
+// pixel, times dU/dp. The row loops are the vectorised BoundaryRowKernels (kernels.h).
 // Regions depend only on the shape and their partial sums are added in region order, so the
 // result is the same for any thread count.
 #include <ATen/ATen.h>
@@ -19,7 +19,7 @@
 
 #include "../common/boundary_math.h"
 #include "../common/host_checks.h"
-#include "simd_kernels.h"
+#include "kernels.h"
 
 namespace bimi {
 namespace cpu {
@@ -253,7 +253,7 @@ struct StatsRows {
 template <typename scalar_t, typename acc_t>
 void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, bool is_3d,
                       int64_t window, acc_t* u, acc_t* cc, acc_t* u_range) {
-  const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
+  const BoundaryRowKernels<acc_t> k = selected_kernels<acc_t>().boundary;
   const int64_t voxels = v.voxels();
   const int64_t chunks = chunks_per_sample(v);
   std::vector<acc_t> chunk_lo(v.batch * chunks), chunk_hi(v.batch * chunks);
@@ -294,7 +294,7 @@ void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, boo
 template <typename scalar_t, typename acc_t>
 void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, const acc_t* u_range,
                        const Volume& v, bool is_3d, int64_t window, acc_t* u, scalar_t* grad_p) {
-  const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
+  const BoundaryRowKernels<acc_t> k = selected_kernels<acc_t>().boundary;
   const int64_t voxels = v.voxels();
   // U again; for float32/float64 maps dU/dp goes straight into grad_p, which the regions below
   // then scale by dL/dU in place (one log per value). Half-precision maps cannot hold dU/dp at

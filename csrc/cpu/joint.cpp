@@ -5,7 +5,7 @@
 // The pixels are cut into tiles of kTileRows image rows. A tile loads its rows of p1 and the band
 // of p2 rows its offsets reach (converted to the accumulation dtype, masked, zero-padded; one run
 // of rows per distinct row shift, so far-apart offsets stage no rows between them) and the
-// vectorised loops of simd_kernels_impl.h accumulate every offset's K x K block from them.
+// vectorised loops of simd/joint_tiles.h accumulate every offset's K x K block from them.
 // Determinism: the tiles are grouped into at most kMaxChunks chunks by the shape alone; each chunk
 // owns its partial J and the partials are summed in chunk order, so the result is bitwise the
 // same for any thread count and on every run.
@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "../common/host_checks.h"
-#include "simd_kernels.h"
+#include "kernels.h"
 
 namespace bimi {
 namespace cpu {
@@ -32,22 +32,6 @@ constexpr int64_t kMaxChunks = 64;
 // least kMinChunks chunks, for parallelism), so the extra memory stays small for many offsets.
 constexpr double kPartialsFraction = 0.05;
 constexpr int64_t kMinChunks = 4;
-
-template <typename acc_t>
-ForwardTileFn<acc_t> forward_kernel() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return &avx2::forward_tile<acc_t>;
-#endif
-  return &generic::forward_tile<acc_t>;
-}
-
-template <typename acc_t>
-BackwardTileFn<acc_t> backward_kernel() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return &avx2::backward_tile<acc_t>;
-#endif
-  return &generic::backward_tile<acc_t>;
-}
 
 // A run of consecutive rows of the second map that one tile stages: rows y0 + dy .. y0 + dy +
 // rows - 1 of plane z + dz (tile rows y0 .., plane z), stored from band row `band_row` on.
@@ -206,7 +190,7 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
   const int64_t affordable = static_cast<int64_t>(kPartialsFraction * 2 * v.batch * k * v.voxels()) / joint_size;
   const int64_t chunks = std::min(tiles, std::max(kMinChunks, std::min(kMaxChunks, affordable)));
   std::vector<acc_t> partials(chunks * joint_size, acc_t(0));
-  const ForwardTileFn<acc_t> kernel = forward_kernel<acc_t>();
+  const auto forward_tile = selected_kernels<acc_t>().joint.forward;
   // Without a mask or a dtype conversion, and with rows of whole vectors, the first map's rows are
   // read where they are (no copy).
   const bool read_in_place = mask == nullptr && layout.row_length == v.width;
@@ -234,7 +218,7 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
           tile.first_row_stride = k * layout.row_length;
           tile.first_channel_stride = layout.row_length;
         }
-        kernel(tile, partials.data() + c * joint_size);
+        forward_tile(tile, partials.data() + c * joint_size);
       }
     }
   });
@@ -252,7 +236,7 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
   const BandLayout layout = band_layout<acc_t>(v, offsets);
   const int64_t k = v.channels;
   const int64_t voxels = v.voxels();
-  const BackwardTileFn<acc_t> kernel = backward_kernel<acc_t>();
+  const auto backward_tile = selected_kernels<acc_t>().joint.backward;
   // Without a mask or a dtype conversion, and with rows that are whole vectors (so no padding
   // lanes spill into the next row), the kernel writes the gradient straight into `out`.
   const bool write_in_place = mask == nullptr && layout.row_length == v.width;
@@ -268,12 +252,12 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
       tile.scratch = scratch.data();
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (write_in_place) {
-          kernel(tile, g, out + index.b * k * voxels + v.voxel_index(index.z, index.y0, 0), v.width,
+          backward_tile(tile, g, out + index.b * k * voxels + v.voxel_index(index.z, index.y0, 0), v.width,
                  voxels);
           continue;
         }
       }
-      kernel(tile, g, result.data(), k * layout.row_length, layout.row_length);
+      backward_tile(tile, g, result.data(), k * layout.row_length, layout.row_length);
       for (int64_t r = 0; r < index.rows; ++r) {
         const int64_t pixel0 = v.voxel_index(index.z, index.y0 + r, 0);
         const scalar_t* m = mask != nullptr ? mask + index.b * voxels + pixel0 : nullptr;

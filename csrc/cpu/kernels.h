@@ -1,7 +1,8 @@
-// The vectorised inner loops of the CPU kernels (joint counts; the row kernels of the boundary
-// term, with a vectorised log), compiled twice: once for the baseline ISA
-// (simd_kernels_generic.cpp) and once for AVX2+FMA (simd_kernels_avx2.cpp), picked at run time.
-// They see only plain arrays: the tiles are loaded (dtype conversion, mask) by cpu/joint.cpp.
+// The vectorised inner loops of the CPU kernels as the op code (joint.cpp, boundary.cpp, edge.cpp)
+// sees them: plain arrays in and out, behind one table of function pointers per instruction set
+// (CpuKernels). The loops are written once, in simd/, and compiled twice: for the baseline ISA
+// (kernels_generic.cpp) and for AVX2+FMA (kernels_avx2.cpp); selected_kernels() picks a build at
+// run time (csrc/README.md). The op code loads the tiles (dtype conversion, mask).
 //
 // Tile layout. A tile is `rows` consecutive image rows of one plane of one sample. Its first map
 // is read with a row and a channel stride: a copy stored row by row, each row as K channels of
@@ -15,13 +16,23 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 namespace bimi {
 namespace cpu {
 
+// Lanes of one vector of the inner loops: 32 bytes on every ISA, so both builds add the same terms
+// in the same order. They still differ by rounding: the AVX2 build fuses each multiply and add
+// into one FMA (-ffp-contract=fast; one rounding where the baseline x86-64 build, which has no
+// FMA, rounds twice). They agree bit for bit only where every product is exact in the
+// accumulation dtype: the joint counts forward of float16/bfloat16 maps (no mask or a 0/1 mask).
+// tests/test_cpp_isa.py states the bounds.
+template <typename acc_t>
+constexpr int64_t vector_lanes() {
+  return 32 / static_cast<int64_t>(sizeof(acc_t));
+}
+
 // Where offset o reads the band for tile row 0, channel 0, pixel 0, and which tile rows have
-// their second pixel inside the image (the others are zero rows and are skipped).
+// their second pixel inside the image (the others are skipped).
 struct OffsetPlan {
   int64_t band_start;
   int64_t row_begin, row_end;
@@ -35,7 +46,7 @@ struct JointTile {
   const acc_t* first;       // forward only: channel i of tile row y at
   int64_t first_row_stride;      // first + y * first_row_stride + i * first_channel_stride
   int64_t first_channel_stride;
-  const acc_t* band;        // planes x band_rows x K x band_row_length
+  const acc_t* band;        // band_rows x K x band_row_length
   int64_t band_row_stride;  // K * band_row_length
   int64_t band_row_length;
   const OffsetPlan* plans;  // one per offset
@@ -43,18 +54,19 @@ struct JointTile {
   const acc_t** scratch;    // 2 * num_offsets pointers of work space (backward only)
 };
 
-// J[o, i, j] += sum over tile pixels s of first[i, s] * second[j, s + d_o].
+// The joint counts' tile kernels (docs/contract.md §3, cpu/joint.cpp; simd/joint_tiles.h).
 template <typename acc_t>
-using ForwardTileFn = void (*)(const JointTile<acc_t>& tile, acc_t* joint);
+struct JointTileKernels {
+  // J[o, i, j] += sum over tile pixels s of first[i, s] * second[j, s + d_o].
+  void (*forward)(const JointTile<acc_t>& tile, acc_t* joint);
+  // out[i, s] = sum_o sum_j g[o, i, j] * second[j, s + d_o] for the tile's pixels s = (y, x), x
+  // below row_length, written at out[y * row_stride + i * channel_stride + x].
+  void (*backward)(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out, int64_t row_stride,
+                   int64_t channel_stride);
+};
 
-// out[i, s] = sum_o sum_j g[o, i, j] * second[j, s + d_o] for the tile's pixels s = (y, x), x below
-// row_length, written at out[y * row_stride + i * channel_stride + x].
-template <typename acc_t>
-using BackwardTileFn = void (*)(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out,
-                                int64_t row_stride, int64_t channel_stride);
-
-// Row kernels of the boundary term (docs/contract.md §5, cpu/boundary.cpp), each over the n pixels x of one
-// image row. Multi-channel rows are `channels` rows `stride` apart.
+// Row kernels of the boundary term (docs/contract.md §5, cpu/boundary.cpp; simd/boundary_rows.h),
+// each over the n pixels x of one image row. Multi-channel rows are `channels` rows `stride` apart.
 template <typename acc_t>
 struct BoundaryRowKernels {
   // u[x] = -sum_k q[k][x] log(q[k][x] + 1e-16) (channels added in order); *lo, *hi: min and max
@@ -85,64 +97,48 @@ struct BoundaryRowKernels {
   void (*uncertainty_gradient)(const acc_t* edge, const acc_t* u_normalized,
                                const acc_t* const* coefficient_sums, acc_t denominator, int64_t n,
                                acc_t* grad_u);
-  // The edge map (docs/contract.md §5): magnitude[x] += sqrt(dz^2 + dy^2 + dx^2) of one image row with its
-  // wrap-around neighbours above and before (nullptr in 2-D); m /= C with the min and max of m;
-  // then ((m - lo) / denominator)^gamma.
-  void (*edge_magnitude)(const acc_t* row, const acc_t* above, const acc_t* before, int64_t n,
-                         acc_t* magnitude);
+};
+
+// Row kernels of the edge map (docs/contract.md §5, cpu/edge.cpp; simd/edge_rows.h).
+template <typename acc_t>
+struct EdgeRowKernels {
+  // magnitude[x] += sqrt(dz^2 + dy^2 + dx^2) of one image row with its wrap-around neighbours
+  // above and before (nullptr in 2-D).
+  void (*magnitude)(const acc_t* row, const acc_t* above, const acc_t* before, int64_t n,
+                    acc_t* magnitude);
+  // m /= C (the mean over the image's channels), with the min and max of the result.
   void (*channel_mean_range)(acc_t* m, int64_t n, acc_t channels, acc_t* lo, acc_t* hi);
+  // out = ((m - lo) / denominator)^gamma.
   void (*normalized_power)(const acc_t* m, int64_t n, acc_t lo, acc_t denominator, acc_t gamma,
                            acc_t* out);
 };
 
-#define BIMI_DECLARE_KERNELS_FOR(isa, acc_t)                                                   \
-  extern template void forward_tile<acc_t>(const JointTile<acc_t>&, acc_t*);                  \
-  extern template void backward_tile<acc_t>(const JointTile<acc_t>&, const acc_t*, acc_t*,    \
-                                            int64_t, int64_t);                                \
-  extern template BoundaryRowKernels<acc_t> boundary_row_kernels<acc_t>();
+// Every inner loop of one build, for acc_t = float or double.
+template <typename acc_t>
+struct CpuKernels {
+  JointTileKernels<acc_t> joint;
+  BoundaryRowKernels<acc_t> boundary;
+  EdgeRowKernels<acc_t> edge;
+};
 
-#define BIMI_DECLARE_JOINT_KERNELS(isa)                                                       \
-  namespace isa {                                                                             \
-  template <typename acc_t>                                                                   \
-  void forward_tile(const JointTile<acc_t>& tile, acc_t* joint);                              \
-  template <typename acc_t>                                                                   \
-  void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out,                \
-                     int64_t row_stride, int64_t channel_stride);                             \
-  template <typename acc_t>                                                                   \
-  BoundaryRowKernels<acc_t> boundary_row_kernels();                                           \
-  BIMI_DECLARE_KERNELS_FOR(isa, float)                                                        \
-  BIMI_DECLARE_KERNELS_FOR(isa, double)                                                       \
-  }
+// The build that runs here: AVX2+FMA where the processor has both, unless the environment
+// variable BIMI_CPU_ISA=generic asks for the baseline build (the tests compare both); read at
+// every call. isa_dispatch.cpp.
+template <typename acc_t>
+CpuKernels<acc_t> selected_kernels();
 
-BIMI_DECLARE_JOINT_KERNELS(generic)
+// Each build's table (simd/isa_kernels.h, compiled by kernels_generic.cpp and kernels_avx2.cpp).
+namespace generic {
+template <typename acc_t>
+CpuKernels<acc_t> isa_kernels();
+}
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BIMI_HAVE_AVX2_KERNELS 1
-BIMI_DECLARE_JOINT_KERNELS(avx2)
-#endif
-
-// Lanes of one vector of the inner loops: 32 bytes on every ISA, so both builds add the same terms
-// in the same order. They still differ by rounding: the AVX2 build fuses each multiply and add
-// into one FMA (-ffp-contract=fast; one rounding where the baseline x86-64 build, which has no
-// FMA, rounds twice). They agree bit for bit only where every product is exact in the
-// accumulation dtype: the joint counts forward of float16/bfloat16 maps (no mask or a 0/1 mask).
-// tests/test_cpp_isa.py states the bounds.
+namespace avx2 {
 template <typename acc_t>
-constexpr int64_t vector_lanes() {
-  return 32 / static_cast<int64_t>(sizeof(acc_t));
+CpuKernels<acc_t> isa_kernels();
 }
-
-// The AVX2+FMA loops when the processor has them, unless the environment variable
-// BIMI_CPU_ISA=generic asks for the baseline ones (the tests compare both). simd_dispatch.cpp.
-bool use_avx2();
-
-// The boundary row kernels of the build that runs here (use_avx2).
-template <typename acc_t>
-BoundaryRowKernels<acc_t> selected_boundary_row_kernels() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return avx2::boundary_row_kernels<acc_t>();
 #endif
-  return generic::boundary_row_kernels<acc_t>();
-}
 
 }  // namespace cpu
 }  // namespace bimi
