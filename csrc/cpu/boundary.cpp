@@ -21,8 +21,7 @@
 #include "../common/host_checks.h"
 #include "kernels.h"
 
-namespace bimi {
-namespace cpu {
+namespace bimi::cpu {
 namespace {
 
 constexpr int64_t kRegionRows = 32;
@@ -131,14 +130,12 @@ class BoxSums {
       }
     // along y: rows y - r .. y + r that are inside the image, in order
     along_y_.resize(channels_ * enz * ny_ * w);
-    const acc_t** rows = rows_.data();
     for (int64_t c = 0; c < channels_; ++c)
       for (int64_t zz = 0; zz < enz; ++zz)
         for (int64_t y = 0; y < ny_; ++y) {
           const int64_t first = std::max(y0 + y - r_, ey0), last = std::min(y0 + y + r_ + 1, ey0 + eny);
-          for (int64_t yy = first; yy < last; ++yy)
-            rows[yy - first] = along_x_.data() + ((c * enz + zz) * eny + yy - ey0) * w;
-          k_.add_rows(rows, last - first, w, along_y_.data() + ((c * enz + zz) * ny_ + y) * w);
+          add_strided_rows(along_x_.data() + ((c * enz + zz) * eny + first - ey0) * w, w, last - first,
+                           along_y_.data() + ((c * enz + zz) * ny_ + y) * w);
         }
     // along z
     along_z_.resize(channels_ * nz_ * ny_ * w);
@@ -146,10 +143,16 @@ class BoxSums {
       for (int64_t z = 0; z < nz_; ++z)
         for (int64_t y = 0; y < ny_; ++y) {
           const int64_t first = std::max(z0 + z - rz_, ez0), last = std::min(z0 + z + rz_ + 1, ez0 + enz);
-          for (int64_t zz = first; zz < last; ++zz)
-            rows[zz - first] = along_y_.data() + ((c * enz + zz - ez0) * ny_ + y) * w;
-          k_.add_rows(rows, last - first, w, along_z_.data() + ((c * nz_ + z) * ny_ + y) * w);
+          add_strided_rows(along_y_.data() + ((c * enz + first - ez0) * ny_ + y) * w, ny_ * w, last - first,
+                           along_z_.data() + ((c * nz_ + z) * ny_ + y) * w);
         }
+  }
+
+  // out = the sum of `count` rows, the first at `first` and each `stride` after the one before.
+  void add_strided_rows(const acc_t* first, int64_t stride, int64_t count, acc_t* out) {
+    const acc_t** rows = rows_.data();
+    for (int64_t i = 0; i < count; ++i) rows[i] = first + i * stride;
+    k_.add_rows(rows, count, v_.width, out);
   }
 
   Volume v_;
@@ -389,21 +392,35 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
   });
 }
 
+// The boundary ops' inputs: checked, the map contiguous, the edge map in the accumulation dtype,
+// and a (B, voxels) buffer for U.
+struct BoundaryInputs {
+  at::Tensor p, edge, u;
+  at::ScalarType acc_type;
+  Volume v;
+
+  BoundaryInputs(const at::Tensor& p_in, const at::Tensor& edge_in, int64_t window) {
+    check_boundary_inputs(p_in, edge_in, window);
+    p = p_in.contiguous();
+    acc_type = accumulation_type(p.scalar_type());
+    edge = edge_in.to(acc_type).contiguous();
+    v = volume_of(p);
+    u = at::empty({v.batch, v.voxels()}, p.options().dtype(acc_type));
+  }
+  bool is_3d() const { return p.dim() == 5; }
+};
+
 std::tuple<at::Tensor, at::Tensor> boundary_cc_cpu(const at::Tensor& p_in, const at::Tensor& edge_in,
                                                    int64_t window) {
-  check_boundary_inputs(p_in, edge_in, window);
-  const at::Tensor p = p_in.contiguous();
-  const auto acc_type = accumulation_type(p.scalar_type());
-  const at::Tensor edge = edge_in.to(acc_type).contiguous();
-  const Volume v = volume_of(p);
-  const auto acc_options = p.options().dtype(acc_type);
+  BoundaryInputs in(p_in, edge_in, window);
+  const auto acc_options = in.p.options().dtype(in.acc_type);
   at::Tensor cc = at::empty({}, acc_options);
-  at::Tensor u_range = at::empty({v.batch, 2}, acc_options);
-  at::Tensor u = at::empty({v.batch, v.voxels()}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "bimi_boundary_cc_cpu", [&] {
+  at::Tensor u_range = at::empty({in.v.batch, 2}, acc_options);
+  const auto dtype = in.p.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bimi_boundary_cc_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    boundary_forward<scalar_t, acc_t>(p.data_ptr<scalar_t>(), edge.data_ptr<acc_t>(), v, p.dim() == 5,
-                                      window, u.data_ptr<acc_t>(), cc.data_ptr<acc_t>(),
+    boundary_forward<scalar_t, acc_t>(in.p.data_ptr<scalar_t>(), in.edge.data_ptr<acc_t>(), in.v,
+                                      in.is_3d(), window, in.u.data_ptr<acc_t>(), cc.data_ptr<acc_t>(),
                                       u_range.data_ptr<acc_t>());
   });
   return {cc, u_range};
@@ -412,21 +429,17 @@ std::tuple<at::Tensor, at::Tensor> boundary_cc_cpu(const at::Tensor& p_in, const
 at::Tensor boundary_cc_backward_cpu(const at::Tensor& grad_cc, const at::Tensor& p_in,
                                     const at::Tensor& edge_in, const at::Tensor& u_range_in,
                                     int64_t window) {
-  check_boundary_inputs(p_in, edge_in, window);
-  const at::Tensor p = p_in.contiguous();
-  const auto acc_type = accumulation_type(p.scalar_type());
-  const at::Tensor edge = edge_in.to(acc_type).contiguous();
-  const at::Tensor u_range = u_range_in.to(acc_type).contiguous();
-  const Volume v = volume_of(p);
-  TORCH_CHECK(u_range.sizes() == at::IntArrayRef({v.batch, 2}), "bimi_C: u_range must be (B, 2)");
+  BoundaryInputs in(p_in, edge_in, window);
+  const at::Tensor u_range = u_range_in.to(in.acc_type).contiguous();
+  TORCH_CHECK(u_range.sizes() == at::IntArrayRef({in.v.batch, 2}), "bimi_C: u_range must be (B, 2)");
   TORCH_CHECK(grad_cc.numel() == 1, "bimi_C: grad_cc must hold one value");
-  at::Tensor grad_p = at::empty_like(p);
-  at::Tensor u = at::empty({v.batch, v.voxels()}, p.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "bimi_boundary_cc_backward_cpu", [&] {
+  at::Tensor grad_p = at::empty_like(in.p);
+  const auto dtype = in.p.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bimi_boundary_cc_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    boundary_backward<scalar_t, acc_t>(grad_cc.to(acc_type).item<acc_t>(), p.data_ptr<scalar_t>(),
-                                       edge.data_ptr<acc_t>(), u_range.data_ptr<acc_t>(), v,
-                                       p.dim() == 5, window, u.data_ptr<acc_t>(),
+    boundary_backward<scalar_t, acc_t>(grad_cc.to(in.acc_type).item<acc_t>(), in.p.data_ptr<scalar_t>(),
+                                       in.edge.data_ptr<acc_t>(), u_range.data_ptr<acc_t>(), in.v,
+                                       in.is_3d(), window, in.u.data_ptr<acc_t>(),
                                        grad_p.data_ptr<scalar_t>());
   });
   return grad_p;
@@ -439,5 +452,4 @@ TORCH_LIBRARY_IMPL(bimi_C, CPU, m) {
   m.impl("boundary_cc_backward", &boundary_cc_backward_cpu);
 }
 
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu

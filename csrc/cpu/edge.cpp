@@ -14,8 +14,7 @@
 #include "../common/host_checks.h"
 #include "kernels.h"
 
-namespace bimi {
-namespace cpu {
+namespace bimi::cpu {
 namespace {
 
 // image: (B, C, D, H, W) as one volume per channel, in the accumulation dtype; edge: (B, D*H*W).
@@ -66,5 +65,4 @@ at::Tensor edge_map_cpu(const at::Tensor& image_in, double gamma) {
 
 TORCH_LIBRARY_IMPL(bimi_C, CPU, m) { m.impl("edge_map", &edge_map_cpu); }
 
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu

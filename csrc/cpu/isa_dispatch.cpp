@@ -5,8 +5,7 @@
 
 #include "kernels.h"
 
-namespace bimi {
-namespace cpu {
+namespace bimi::cpu {
 namespace {
 
 bool use_avx2() {
@@ -33,5 +32,4 @@ CpuKernels<acc_t> selected_kernels() {
 template CpuKernels<float> selected_kernels<float>();
 template CpuKernels<double> selected_kernels<double>();
 
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu

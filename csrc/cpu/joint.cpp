@@ -22,8 +22,7 @@
 #include "../common/host_checks.h"
 #include "kernels.h"
 
-namespace bimi {
-namespace cpu {
+namespace bimi::cpu {
 namespace {
 
 constexpr int64_t kTileRows = 8;
@@ -139,46 +138,64 @@ int64_t tile_count(const Volume& v) {
   return v.batch * v.depth * ceil_div(v.height, kTileRows);
 }
 
-// Loads the band of `second` for a tile and fills the offset plans; returns the tile description.
-// Band rows outside the volume are left as they are: no plan reads them.
+// One thread's band of the second map and the offsets' plans, loaded tile by tile.
 template <typename scalar_t, typename acc_t>
-JointTile<acc_t> prepare_band(const scalar_t* second, const scalar_t* mask, const Volume& v,
-                              const std::vector<Offset3>& offsets, const BandLayout& layout,
-                              const TileIndex& t, acc_t* band, OffsetPlan* plans) {
-  const int64_t band_row_stride = v.channels * layout.band_row_length;
-  for (const BandSegment& s : layout.segments) {
-    const int64_t z = t.z + s.dz;
-    if (z < 0 || z >= v.depth) continue;
-    // the segment's rows inside the image
-    const int64_t first = std::max<int64_t>(0, t.y0 + s.dy);
-    const int64_t last = std::min(v.height, t.y0 + s.dy + s.rows);
-    if (first >= last) continue;
-    load_rows(second, mask, v, t.b, z, first, last - first, layout.pad_left, layout.band_row_length,
-              band + (s.band_row + first - (t.y0 + s.dy)) * band_row_stride);
+class BandStager {
+ public:
+  BandStager(const scalar_t* second, const scalar_t* mask, const Volume& v,
+             const std::vector<Offset3>& offsets, const BandLayout& layout)
+      : second_(second), mask_(mask), v_(v), offsets_(offsets), layout_(layout),
+        band_(layout.band_rows * v.channels * layout.band_row_length), plans_(offsets.size()) {}
+
+  // Loads the band for tile t, fills the offset plans and returns the tile (no first map, no
+  // scratch). Band rows outside the volume are left as they are: no plan reads them.
+  JointTile<acc_t> stage(const TileIndex& t) {
+    const Volume& v = v_;
+    const int64_t band_row_stride = v.channels * layout_.band_row_length;
+    for (const BandSegment& s : layout_.segments) {
+      const int64_t z = t.z + s.dz;
+      if (z < 0 || z >= v.depth) continue;
+      // the segment's rows inside the image
+      const int64_t first = std::max<int64_t>(0, t.y0 + s.dy);
+      const int64_t last = std::min(v.height, t.y0 + s.dy + s.rows);
+      if (first >= last) continue;
+      acc_t* dst = band_.data() + (s.band_row + first - (t.y0 + s.dy)) * band_row_stride;
+      load_rows(second_, mask_, v, t.b, z, first, last - first, layout_.pad_left,
+                layout_.band_row_length, dst);
+    }
+    for (size_t o = 0; o < offsets_.size(); ++o) {
+      const Offset3& d = offsets_[o];
+      OffsetPlan& plan = plans_[o];
+      plan.band_start = layout_.offset_band_row[o] * band_row_stride + layout_.pad_left + d.dx;
+      const bool plane_inside = t.z + d.dz >= 0 && t.z + d.dz < v.depth;
+      // tile rows y with 0 <= y0 + y + dy < H
+      plan.row_begin = std::max<int64_t>(0, -d.dy - t.y0);
+      plan.row_end = plane_inside ? std::min<int64_t>(t.rows, v.height - d.dy - t.y0) : 0;
+    }
+    JointTile<acc_t> tile;
+    tile.channels = v.channels;
+    tile.rows = t.rows;
+    tile.row_length = layout_.row_length;
+    tile.first = nullptr;
+    tile.first_row_stride = tile.first_channel_stride = 0;
+    tile.band = band_.data();
+    tile.band_row_stride = band_row_stride;
+    tile.band_row_length = layout_.band_row_length;
+    tile.plans = plans_.data();
+    tile.num_offsets = static_cast<int64_t>(offsets_.size());
+    tile.scratch = nullptr;
+    return tile;
   }
-  for (size_t o = 0; o < offsets.size(); ++o) {
-    const Offset3& d = offsets[o];
-    OffsetPlan& plan = plans[o];
-    plan.band_start = layout.offset_band_row[o] * band_row_stride + layout.pad_left + d.dx;
-    const bool plane_inside = t.z + d.dz >= 0 && t.z + d.dz < v.depth;
-    // tile rows y with 0 <= y0 + y + dy < H
-    plan.row_begin = std::max<int64_t>(0, -d.dy - t.y0);
-    plan.row_end = plane_inside ? std::min<int64_t>(t.rows, v.height - d.dy - t.y0) : 0;
-  }
-  JointTile<acc_t> tile;
-  tile.channels = v.channels;
-  tile.rows = t.rows;
-  tile.row_length = layout.row_length;
-  tile.first = nullptr;
-  tile.first_row_stride = tile.first_channel_stride = 0;
-  tile.band = band;
-  tile.band_row_stride = band_row_stride;
-  tile.band_row_length = layout.band_row_length;
-  tile.plans = plans;
-  tile.num_offsets = static_cast<int64_t>(offsets.size());
-  tile.scratch = nullptr;
-  return tile;
-}
+
+ private:
+  const scalar_t* second_;
+  const scalar_t* mask_;
+  const Volume& v_;
+  const std::vector<Offset3>& offsets_;
+  const BandLayout& layout_;
+  std::vector<acc_t> band_;
+  std::vector<OffsetPlan> plans_;
+};
 
 template <typename scalar_t, typename acc_t>
 void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask, const Volume& v,
@@ -195,15 +212,12 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
   // read where they are (no copy).
   const bool read_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    BandStager<scalar_t, acc_t> stager(p2, mask, v, offsets, layout);
     std::vector<acc_t> first(kTileRows * k * layout.row_length);
-    std::vector<acc_t> band(layout.band_rows * k * layout.band_row_length);
-    std::vector<OffsetPlan> plans(offsets.size());
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t t = chunk_begin(tiles, chunks, c); t < chunk_begin(tiles, chunks, c + 1); ++t) {
         const TileIndex index = tile_index(v, t);
-        JointTile<acc_t> tile =
-            prepare_band(p2, mask, v, offsets, layout, index, band.data(), plans.data());
-        tile.first = nullptr;
+        JointTile<acc_t> tile = stager.stage(index);
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           if (read_in_place) {
             tile.first = p1 + index.b * k * v.voxels() + v.voxel_index(index.z, index.y0, 0);
@@ -241,19 +255,17 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
   // lanes spill into the next row), the kernel writes the gradient straight into `out`.
   const bool write_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, tile_count(v), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> band(layout.band_rows * k * layout.band_row_length);
+    BandStager<scalar_t, acc_t> stager(second, mask, v, offsets, layout);
     std::vector<acc_t> result(kTileRows * k * layout.row_length);
-    std::vector<OffsetPlan> plans(offsets.size());
     std::vector<const acc_t*> scratch(2 * offsets.size());
     for (int64_t t = begin; t < end; ++t) {
       const TileIndex index = tile_index(v, t);
-      JointTile<acc_t> tile =
-          prepare_band(second, mask, v, offsets, layout, index, band.data(), plans.data());
+      JointTile<acc_t> tile = stager.stage(index);
       tile.scratch = scratch.data();
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (write_in_place) {
           backward_tile(tile, g, out + index.b * k * voxels + v.voxel_index(index.z, index.y0, 0), v.width,
-                 voxels);
+                        voxels);
           continue;
         }
       }
@@ -276,22 +288,40 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
   });
 }
 
+// The joint-count ops' inputs: checked, contiguous, the mask in the maps' dtype, the offsets
+// decoded (any number of them).
+struct JointInputs {
+  at::Tensor p1, p2, mask;
+  Volume v;
+  std::vector<Offset3> offsets;
+
+  JointInputs(const at::Tensor& p1_in, const at::Tensor& p2_in, at::IntArrayRef flat_offsets,
+              const std::optional<at::Tensor>& mask_in) {
+    check_joint_inputs(p1_in, p2_in, mask_in);
+    p1 = p1_in.contiguous();
+    p2 = p2_in.contiguous();
+    mask = mask_like(mask_in, p1);
+    v = volume_of(p1);
+    offsets = parse_offsets(p1, flat_offsets, kAnyNumberOfOffsets);
+  }
+  int64_t num_offsets() const { return static_cast<int64_t>(offsets.size()); }
+  template <typename scalar_t>
+  const scalar_t* mask_data() const {
+    return mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+  }
+};
+
 at::Tensor joint_counts_cpu(const at::Tensor& p1_in, const at::Tensor& p2_in,
                             at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
-  check_joint_inputs(p1_in, p2_in, mask_in);
-  const at::Tensor p1 = p1_in.contiguous();
-  const at::Tensor p2 = p2_in.contiguous();
-  const at::Tensor mask = mask_like(mask_in, p1);
-  const Volume v = volume_of(p1);
-  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets, kAnyNumberOfOffsets);
-  const int64_t k = v.channels;
-  at::Tensor joint = at::empty({static_cast<int64_t>(offsets.size()), k, k},
-                               p1.options().dtype(accumulation_type(p1.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_cpu", [&] {
+  const JointInputs in(p1_in, p2_in, flat_offsets, mask_in);
+  const int64_t k = in.v.channels;
+  at::Tensor joint = at::empty({in.num_offsets(), k, k},
+                               in.p1.options().dtype(accumulation_type(in.p1.scalar_type())));
+  const auto dtype = in.p1.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bimi_joint_counts_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    joint_forward<scalar_t, acc_t>(p1.data_ptr<scalar_t>(), p2.data_ptr<scalar_t>(),
-                                   mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, v, offsets,
-                                   joint.data_ptr<acc_t>());
+    joint_forward<scalar_t, acc_t>(in.p1.data_ptr<scalar_t>(), in.p2.data_ptr<scalar_t>(),
+                                   in.mask_data<scalar_t>(), in.v, in.offsets, joint.data_ptr<acc_t>());
   });
   return joint;
 }
@@ -299,29 +329,23 @@ at::Tensor joint_counts_cpu(const at::Tensor& p1_in, const at::Tensor& p2_in,
 std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
     const at::Tensor& grad_joint_in, const at::Tensor& p1_in, const at::Tensor& p2_in,
     at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
-  check_joint_inputs(p1_in, p2_in, mask_in);
-  const at::Tensor p1 = p1_in.contiguous();
-  const at::Tensor p2 = p2_in.contiguous();
-  const at::Tensor mask = mask_like(mask_in, p1);
-  const Volume v = volume_of(p1);
-  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets, kAnyNumberOfOffsets);
-  const int64_t k = v.channels;
-  const auto acc_type = accumulation_type(p1.scalar_type());
-  TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({static_cast<int64_t>(offsets.size()), k, k}),
+  const JointInputs in(p1_in, p2_in, flat_offsets, mask_in);
+  const int64_t k = in.v.channels;
+  TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({in.num_offsets(), k, k}),
               "bimi_C: grad_J must be (|O|, K, K), got ", grad_joint_in.sizes());
-  const at::Tensor g = grad_joint_in.to(acc_type).contiguous();
+  const at::Tensor g = grad_joint_in.to(accumulation_type(in.p1.scalar_type())).contiguous();
   const at::Tensor g_transposed = g.transpose(1, 2).contiguous();
-  std::vector<Offset3> negated(offsets.size());
-  for (size_t o = 0; o < offsets.size(); ++o)
-    negated[o] = Offset3{-offsets[o].dz, -offsets[o].dy, -offsets[o].dx};
-  at::Tensor grad_p1 = at::empty_like(p1);
-  at::Tensor grad_p2 = at::empty_like(p2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_backward_cpu", [&] {
+  std::vector<Offset3> negated;
+  for (const Offset3& d : in.offsets) negated.push_back(Offset3{-d.dz, -d.dy, -d.dx});
+  at::Tensor grad_p1 = at::empty_like(in.p1);
+  at::Tensor grad_p2 = at::empty_like(in.p2);
+  const auto dtype = in.p1.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bimi_joint_counts_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* m = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-    joint_backward_first<scalar_t, acc_t>(p2.data_ptr<scalar_t>(), m, v, offsets,
+    const scalar_t* m = in.mask_data<scalar_t>();
+    joint_backward_first<scalar_t, acc_t>(in.p2.data_ptr<scalar_t>(), m, in.v, in.offsets,
                                           g.data_ptr<acc_t>(), grad_p1.data_ptr<scalar_t>());
-    joint_backward_first<scalar_t, acc_t>(p1.data_ptr<scalar_t>(), m, v, negated,
+    joint_backward_first<scalar_t, acc_t>(in.p1.data_ptr<scalar_t>(), m, in.v, negated,
                                           g_transposed.data_ptr<acc_t>(), grad_p2.data_ptr<scalar_t>());
   });
   return {grad_p1, grad_p2};
@@ -329,7 +353,8 @@ std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
 
 // The rows of the second map one tile stages, as (dz, first dy, rows) per band segment.
 at::Tensor joint_counts_band_layout_cpu(const at::Tensor& p, at::IntArrayRef flat_offsets) {
-  const BandLayout layout = band_layout<float>(volume_of(p), parse_offsets(p, flat_offsets, kAnyNumberOfOffsets));
+  const std::vector<Offset3> offsets = parse_offsets(p, flat_offsets, kAnyNumberOfOffsets);
+  const BandLayout layout = band_layout<float>(volume_of(p), offsets);
   at::Tensor out = at::empty({static_cast<int64_t>(layout.segments.size()), 3}, at::kLong);
   int64_t* row = out.data_ptr<int64_t>();
   for (const BandSegment& s : layout.segments) {
@@ -348,5 +373,4 @@ TORCH_LIBRARY_IMPL(bimi_C, CPU, m) {
   m.impl("joint_counts_backward", &joint_counts_backward_cpu);
 }
 
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu

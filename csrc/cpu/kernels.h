@@ -17,8 +17,7 @@
 
 #include <cstdint>
 
-namespace bimi {
-namespace cpu {
+namespace bimi::cpu {
 
 // Lanes of one vector of the inner loops: 32 bytes on every ISA, so both builds add the same terms
 // in the same order. They still differ by rounding: the AVX2 build fuses each multiply and add
@@ -140,5 +139,4 @@ CpuKernels<acc_t> isa_kernels();
 }
 #endif
 
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu

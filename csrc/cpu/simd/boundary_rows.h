@@ -8,9 +8,7 @@
 #include "vector_math.h"
 #include "vector_types.h"
 
-namespace bimi {
-namespace cpu {
-namespace BIMI_CPU_ISA {
+namespace bimi::cpu::BIMI_CPU_ISA {
 namespace {
 
 // u + q log(q + 1e-16) of one vector (plogp of boundary_math.h, added to the channels before)
@@ -249,22 +247,14 @@ void uncertainty_gradient_row(const acc_t* edge, const acc_t* u_normalized,
                             coefficient_sums[2], denominator, n, grad_u);
 }
 
+// In the member order of BoundaryRowKernels (each member's signature is distinct, so a slip does
+// not compile).
 template <typename acc_t>
 BoundaryRowKernels<acc_t> boundary_row_kernels() {
-  BoundaryRowKernels<acc_t> k;
-  k.uncertainty = &uncertainty_row<acc_t>;
-  k.uncertainty_with_derivative = &uncertainty_with_derivative_row<acc_t>;
-  k.scale_channels = &scale_channels_row<acc_t>;
-  k.window_sums = &window_sums_row<acc_t>;
-  k.window_stats = &window_stats_row<acc_t>;
-  k.add_rows = &add_rows<acc_t>;
-  k.ncc_sum = &ncc_sum<acc_t>;
-  k.coefficients = &coefficients_row<acc_t>;
-  k.uncertainty_gradient = &uncertainty_gradient_row<acc_t>;
-  return k;
+  return {&uncertainty_row<acc_t>, &uncertainty_with_derivative_row<acc_t>, &scale_channels_row<acc_t>,
+          &window_sums_row<acc_t>, &window_stats_row<acc_t>, &add_rows<acc_t>, &ncc_sum<acc_t>,
+          &coefficients_row<acc_t>, &uncertainty_gradient_row<acc_t>};
 }
 
 }  // namespace
-}  // namespace BIMI_CPU_ISA
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu::BIMI_CPU_ISA

@@ -6,9 +6,7 @@
 #include "vector_math.h"
 #include "vector_types.h"
 
-namespace bimi {
-namespace cpu {
-namespace BIMI_CPU_ISA {
+namespace bimi::cpu::BIMI_CPU_ISA {
 namespace {
 
 // dz^2 + dy^2 + dx^2 at pixel x of an image row (wrap-around backward differences: dy = row -
@@ -88,14 +86,8 @@ void normalized_power_row(const acc_t* m, int64_t n, acc_t lo, acc_t denominator
 
 template <typename acc_t>
 EdgeRowKernels<acc_t> edge_row_kernels() {
-  EdgeRowKernels<acc_t> k;
-  k.magnitude = &edge_magnitude_row<acc_t>;
-  k.channel_mean_range = &channel_mean_range_row<acc_t>;
-  k.normalized_power = &normalized_power_row<acc_t>;
-  return k;
+  return {&edge_magnitude_row<acc_t>, &channel_mean_range_row<acc_t>, &normalized_power_row<acc_t>};
 }
 
 }  // namespace
-}  // namespace BIMI_CPU_ISA
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu::BIMI_CPU_ISA

@@ -8,22 +8,14 @@
 #include "external_headers.h"
 #include "joint_tiles.h"
 
-namespace bimi {
-namespace cpu {
-namespace BIMI_CPU_ISA {
+namespace bimi::cpu::BIMI_CPU_ISA {
 
 template <typename acc_t>
 CpuKernels<acc_t> isa_kernels() {
-  CpuKernels<acc_t> kernels;
-  kernels.joint = joint_tile_kernels<acc_t>();
-  kernels.boundary = boundary_row_kernels<acc_t>();
-  kernels.edge = edge_row_kernels<acc_t>();
-  return kernels;
+  return {joint_tile_kernels<acc_t>(), boundary_row_kernels<acc_t>(), edge_row_kernels<acc_t>()};
 }
 
 template CpuKernels<float> isa_kernels<float>();
 template CpuKernels<double> isa_kernels<double>();
 
-}  // namespace BIMI_CPU_ISA
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu::BIMI_CPU_ISA

@@ -6,9 +6,7 @@
 #include "external_headers.h"
 #include "vector_types.h"
 
-namespace bimi {
-namespace cpu {
-namespace BIMI_CPU_ISA {
+namespace bimi::cpu::BIMI_CPU_ISA {
 namespace {
 
 // A KI x KJ block of J for one offset: KI*KJ vector accumulators over all tile pixels.
@@ -153,13 +151,8 @@ void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out, int
 
 template <typename acc_t>
 JointTileKernels<acc_t> joint_tile_kernels() {
-  JointTileKernels<acc_t> kernels;
-  kernels.forward = &forward_tile<acc_t>;
-  kernels.backward = &backward_tile<acc_t>;
-  return kernels;
+  return {&forward_tile<acc_t>, &backward_tile<acc_t>};
 }
 
 }  // namespace
-}  // namespace BIMI_CPU_ISA
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu::BIMI_CPU_ISA

@@ -6,9 +6,7 @@
 #include "external_headers.h"
 #include "vector_types.h"
 
-namespace bimi {
-namespace cpu {
-namespace BIMI_CPU_ISA {
+namespace bimi::cpu::BIMI_CPU_ISA {
 namespace {
 
 // Natural log of every lane (double), for lanes in the positive normal range (others: see
@@ -130,6 +128,4 @@ inline Vec<float>::type vector_exp(Vec<float>::type x) {
 }
 
 }  // namespace
-}  // namespace BIMI_CPU_ISA
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu::BIMI_CPU_ISA

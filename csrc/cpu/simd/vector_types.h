@@ -20,9 +20,7 @@
 #define BIMI_UNROLL _Pragma("GCC unroll 16")
 #endif
 
-namespace bimi {
-namespace cpu {
-namespace BIMI_CPU_ISA {
+namespace bimi::cpu::BIMI_CPU_ISA {
 namespace {
 
 template <typename acc_t>
@@ -172,6 +170,4 @@ struct RunningRange {
 };
 
 }  // namespace
-}  // namespace BIMI_CPU_ISA
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu::BIMI_CPU_ISA
