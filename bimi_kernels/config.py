@@ -66,6 +66,15 @@ class LossConfig:
         if self.eps_convention not in EPS_CONVENTIONS:
             raise ValueError(f"eps_convention: expected one of {EPS_CONVENTIONS}, got {self.eps_convention!r}")
 
+    @classmethod
+    def of(cls, namespace: dict, **overrides) -> "LossConfig":
+        """The config of the settings found in `namespace` (a constructor's or function's
+        `locals()`: its other names are ignored), with `overrides` applied. The public
+        signatures list their settings once, for the reader; this passes them on."""
+        settings = {name: value for name, value in namespace.items() if name in FIELD_NAMES}
+        settings.update(overrides)
+        return cls(**settings)
+
     def replace(self, **changes) -> "LossConfig":
         """A copy with `changes` applied, checked like a new config."""
         return dataclasses.replace(self, **changes)

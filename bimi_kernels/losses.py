@@ -72,11 +72,7 @@ class RegularizedMILoss(_ConfiguredLoss):
         pool_offsets: bool = False,
         eps_convention: str = "add",
     ):
-        super().__init__(LossConfig(
-            offsets=offsets, dilation=dilation, alpha=alpha, lamda=lamda, symmetric=symmetric,
-            backend=backend, sync=sync, process_group=process_group, validate=validate,
-            pool_offsets=pool_offsets, eps_convention=eps_convention, boundary_weight=0.0,
-        ))
+        super().__init__(LossConfig.of(locals(), boundary_weight=0.0))
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return functional.regularized_mi_from_config(p1, p2, mask, self.config)
@@ -96,7 +92,7 @@ class BoundaryCCLoss(_ConfiguredLoss):
     SETTINGS = ("window", "gamma", "backend", "validate")
 
     def __init__(self, window: int = 5, gamma: float = 0.75, backend: str = "auto", validate: Optional[bool] = None):
-        super().__init__(LossConfig(window=window, gamma=gamma, backend=backend, validate=validate, mi_weight=0.0))
+        super().__init__(LossConfig.of(locals(), mi_weight=0.0))
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return functional.boundary_cc_loss_from_config(p1, p2, image, self.config)
@@ -143,12 +139,7 @@ class BIMILoss(_ConfiguredLoss):
         pool_offsets: bool = False,
         eps_convention: str = "add",
     ):
-        super().__init__(LossConfig(
-            offsets=offsets, dilation=dilation, alpha=alpha, lamda=lamda, mi_weight=mi_weight,
-            boundary_weight=boundary_weight, window=window, gamma=gamma, symmetric=symmetric,
-            backend=backend, sync=sync, process_group=process_group, validate=validate,
-            pool_offsets=pool_offsets, eps_convention=eps_convention,
-        ))
+        super().__init__(LossConfig.of(locals()))
 
     def forward(
         self,

@@ -71,23 +71,20 @@ def edge_map(image, gamma):
     return torch.ops.bimi_C.edge_map(image, float(gamma))
 
 
-CPP_BACKEND = Backend(
-    name="cpp",
-    devices=frozenset({"cpu"}),
-    joint_counts=joint_counts,
-    joint_counts_backward=joint_counts_backward,
-    boundary_cc=boundary_cc,
-    boundary_cc_backward=boundary_cc_backward,
-    unavailable_reason=_cpu_reason,
-    edge_map=edge_map,  # CPU only: the CUDA backend leaves the edge map to torch
-)
+def _native_backend(name, device, reason, edge_map=None) -> Backend:
+    """Both native backends call the same bimi_C ops; the dispatcher picks the CPU or CUDA
+    implementation by the tensors' device."""
+    return Backend(
+        name=name,
+        devices=frozenset({device}),
+        joint_counts=joint_counts,
+        joint_counts_backward=joint_counts_backward,
+        boundary_cc=boundary_cc,
+        boundary_cc_backward=boundary_cc_backward,
+        unavailable_reason=reason,
+        edge_map=edge_map,
+    )
 
-CUDA_BACKEND = Backend(
-    name="cuda",
-    devices=frozenset({"cuda"}),
-    joint_counts=joint_counts,
-    joint_counts_backward=joint_counts_backward,
-    boundary_cc=boundary_cc,
-    boundary_cc_backward=boundary_cc_backward,
-    unavailable_reason=_cuda_reason,
-)
+
+CPP_BACKEND = _native_backend("cpp", "cpu", _cpu_reason, edge_map)  # fused edge map on CPU
+CUDA_BACKEND = _native_backend("cuda", "cuda", _cuda_reason)  # the edge map stays torch's on CUDA

@@ -410,3 +410,12 @@ def test_spread_table_of_repeated_runs():
     assert len(table) == 3
     assert table[2] == ("| target-B4-K10-128x128-r1-w5 | joint_counts | cpp | iic-conv2d | 50, 60, 40 | "
                         "10, 10, 10 | 5.0x, 6.0x, 4.0x | 5.0x | 1.00, 1.00, 1.00 |")
+
+
+def test_host_overhead_writes_a_table(tmp_path):
+    from benchmarks import host_overhead
+
+    assert host_overhead.main(["--device", "cpu", "--calls", "2", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "host_overhead.md").read_text()
+    assert "| cpp | 1 |" in table and "torch" in table
+    assert (tmp_path / "host_overhead.csv").read_text().startswith("backend,offsets,eager_us")

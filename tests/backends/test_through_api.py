@@ -159,3 +159,63 @@ def test_pooled_offsets_sum_the_counts_first(backend):
     counts = reference.joint_counts(p1.cpu(), p2.cpu(), make_offsets(1, 2))
     expected = reference.regularized_mi_from_counts(counts.sum(0, keepdim=True))
     assert_close(pooled, expected, "pooled MI", F64)
+
+
+def _needs_cuda(backend):
+    if backend.device != "cuda":
+        pytest.skip("CUDA graphs need CUDA tensors")
+
+
+def test_cuda_graph_captures_forward_and_backward(backend):
+    """The whole loss, forward and backward, is capturable in one CUDA graph (no host sync, no
+    host-to-device copy after the first call), so CUDA graphs remove its host overhead."""
+    _needs_cuda(backend)
+    shape = (2, 6, 32, 40)
+    image = random_image(shape, dtype=F32, device="cuda")
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)
+    q1, q2 = random_maps(shape, dtype=F32, device="cuda", seed=1)
+    p1, p2 = (q.clone().requires_grad_(True) for q in (q1, q2))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up: kernels compiled, offset tables cached
+        for _ in range(3):
+            p1.grad = p2.grad = None
+            loss_fn(p1, p2, image).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    p1.grad = p2.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = loss_fn(p1, p2, image)
+        static_loss.backward()
+    new1, new2 = random_maps(shape, dtype=F32, device="cuda", seed=7)
+    with torch.no_grad():
+        p1.copy_(new1)
+        p2.copy_(new2)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = loss_and_grads_of(loss_fn, new1, new2, image)
+    for what, got, want in zip(("loss", "dL/dp1", "dL/dp2"), (static_loss, p1.grad, p2.grad), expected):
+        assert torch.equal(got, want), what
+
+
+def test_compile_reduce_overhead(backend):
+    """torch.compile(mode="reduce-overhead") (CUDA graphs via Inductor) gives the eager results."""
+    _needs_cuda(backend)
+    torch._dynamo.reset()
+    shape = (2, 6, 32, 40)
+    image = random_image(shape, dtype=F32, device="cuda")
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)
+    compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True)
+    for seed in range(3):  # the first calls record, later ones replay
+        p1, p2 = random_maps(shape, dtype=F32, device="cuda", seed=seed)
+        got = loss_and_grads_of(compiled, p1, p2, image)
+        want = loss_and_grads_of(loss_fn, p1, p2, image)
+        for what, a, b in zip(("loss", "dL/dp1", "dL/dp2"), got, want):
+            assert_close(a, b, what, F32)
+
+
+def loss_and_grads_of(fn, p1, p2, image):
+    a, b = p1.detach().clone().requires_grad_(True), p2.detach().clone().requires_grad_(True)
+    loss = fn(a, b, image)
+    loss.backward()
+    return loss.detach().clone(), a.grad.clone(), b.grad.clone()

@@ -1,0 +1,131 @@
+"""The host-side cost of one BIMILoss call (forward + backward): Python, the custom-op dispatch
+and the small K x K epilogue, measured on maps so small that the kernels' own time is nil.
+
+    python -m benchmarks.host_overhead [--device cpu|cuda] [--calls N] [--out DIR]
+
+For each available backend on the device: eager calls, and on CUDA also the same call captured
+once in a CUDA graph and replayed (what torch.compile(mode="reduce-overhead") does), which
+removes the host cost. Writes DIR/host_overhead.csv and DIR/host_overhead.md (device, versions,
+load average); DIR defaults to results/benchmarks/<device>.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import bimi_kernels
+
+from .run import RESULTS_DIR, device_name, git_commit
+
+SHAPE = (1, 2, 8, 8)  # kernels cost nothing here: what is timed is the host's work
+
+
+def _inputs(device):
+    g = torch.Generator().manual_seed(0)
+    p1 = torch.randn(SHAPE, generator=g).softmax(1).to(device).requires_grad_(True)
+    p2 = torch.randn(SHAPE, generator=g).softmax(1).to(device).requires_grad_(True)
+    image = torch.rand((SHAPE[0], 1) + SHAPE[2:], generator=g).to(device)
+    return p1, p2, image
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_eager(loss_fn, device, calls):
+    """Microseconds per call: batches of calls timed end to end (the device is idle meanwhile,
+    so this is the host's time), median over batches."""
+    p1, p2, image = _inputs(device)
+    for _ in range(20):
+        loss_fn(p1, p2, image).backward()
+    batches = []
+    for _ in range(7):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            loss_fn(p1, p2, image).backward()
+        _sync(device)
+        batches.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(batches)
+
+
+def time_graph_replay(loss_fn, calls):
+    """Microseconds per replay of the call captured in one CUDA graph (forward and backward)."""
+    p1, p2, image = _inputs("cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            p1.grad = p2.grad = None
+            loss_fn(p1, p2, image).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    p1.grad = p2.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_fn(p1, p2, image).backward()
+    batches = []
+    for _ in range(7):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            graph.replay()
+        torch.cuda.synchronize()
+        batches.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(batches)
+
+
+def measure(device: str, calls: int):
+    rows = []
+    for name, reason in bimi_kernels.available_backends(device).items():
+        if reason is not None or (name == "triton" and device == "cpu"):
+            continue  # Triton on CPU tensors is its interpreter: a test tool, not a runtime
+        for offsets in (0, 1):
+            loss_fn = bimi_kernels.BIMILoss(offsets=offsets, backend=name, validate=False)
+            load = os.getloadavg()[0]
+            row = {"backend": name, "offsets": offsets, "eager_us": round(time_eager(loss_fn, device, calls), 1),
+                   "graph_replay_us": "", "load_avg_1m": round(load, 2)}
+            if device == "cuda":
+                try:
+                    row["graph_replay_us"] = round(time_graph_replay(loss_fn, calls), 1)
+                except Exception as exc:  # a backend that cannot be captured says so here
+                    row["graph_replay_us"] = f"capture failed: {type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    out = args.out or RESULTS_DIR / ("cpu" if args.device == "cpu" else "cuda")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = measure(args.device, args.calls)
+    with open(out / "host_overhead.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (f"# Host overhead of one BIMILoss call (forward + backward)\n\n"
+              f"Device {device_name(args.device)}; torch {torch.__version__}; commit {git_commit()}; "
+              f"maps {SHAPE} (the kernels' time is nil); median of 7 batches of {args.calls} calls; "
+              f"`python -m benchmarks.host_overhead --device {args.device}`.\n\n"
+              "| backend | offsets | eager us/call | CUDA-graph replay us/call | load (1 min) |\n|---|---|---|---|---|\n")
+    lines = [f"| {r['backend']} | {r['offsets']} | {r['eager_us']} | {r['graph_replay_us'] or '—'} | {r['load_avg_1m']} |"
+             for r in rows]
+    (out / "host_overhead.md").write_text(header + "\n".join(lines) + "\n")
+    print(header + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
