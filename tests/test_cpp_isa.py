@@ -1,5 +1,6 @@
-"""The two builds of the C++ CPU inner loops (csrc/cpu/simd_kernels.h): AVX2+FMA, picked at run
-time where the processor has both, and the baseline x86-64 build (`BIMI_CPU_ISA=generic`).
+"""The two builds of the C++ CPU inner loops (csrc/cpu/kernels.h, csrc/cpu/simd/): AVX2+FMA,
+picked at run time where the processor has both, and the baseline x86-64 build
+(`BIMI_CPU_ISA=generic`).
 
 Both add the same terms in the same order (32-byte vectors on every ISA); the AVX2 build fuses
 each multiply and add into one FMA (one rounding where the baseline rounds twice). So they are not
