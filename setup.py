@@ -44,7 +44,7 @@ def _sources(*patterns):
 
 # Headers are not compiled on their own. With ninja (the usual case) its dependency files track
 # them; listed as `depends`, they also make a build without ninja redo a library that is older.
-CPU_DEPENDS = _sources("common/*.h", "cpu/*.h") + ["setup.py"]
+CPU_DEPENDS = _sources("common/*.h", "cpu/*.h", "cpu/simd/*.h") + ["setup.py"]
 CUDA_DEPENDS = CPU_DEPENDS + _sources("cuda/*.cuh")
 
 

@@ -8,11 +8,6 @@
 
 namespace bimi {
 
-// Most offsets a call to the CUDA kernels may carry (parse_offsets' default); a full 3-D window
-// of radius 3 has 343. The CPU kernels take any number (kAnyNumberOfOffsets).
-constexpr int64_t kMaxOffsets = 4096;
-constexpr int64_t kAnyNumberOfOffsets = INT64_MAX;
-
 struct Volume {
   int64_t batch = 0;
   int64_t channels = 0;  // K

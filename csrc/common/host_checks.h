@@ -32,17 +32,14 @@ inline void check_float_map(const at::Tensor& t, const char* name) {
               " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
 
-// Flat offsets (n values per offset, n = spatial dims) as (dz, dy, dx) triples; at most
-// max_offsets of them.
-inline std::vector<Offset3> parse_offsets(const at::Tensor& p, at::IntArrayRef flat,
-                                          int64_t max_offsets = kMaxOffsets) {
+// Flat offsets (n values per offset, n = spatial dims) as (dz, dy, dx) triples, any number of
+// them (the CPU and CUDA kernels both walk the offsets in runs).
+inline std::vector<Offset3> parse_offsets(const at::Tensor& p, at::IntArrayRef flat) {
   const int64_t n = p.dim() - 2;
   TORCH_CHECK(!flat.empty() && static_cast<int64_t>(flat.size()) % n == 0,
               "bimi_C: offsets must hold a multiple of ", n, " ints, got ", flat.size());
   const Volume v = volume_of(p);
   std::vector<Offset3> offsets(flat.size() / n);
-  TORCH_CHECK(static_cast<int64_t>(offsets.size()) <= max_offsets, "bimi_C: at most ",
-              max_offsets, " offsets, got ", offsets.size());
   for (size_t o = 0; o < offsets.size(); ++o) {
     const int64_t* d = flat.data() + o * n;
     offsets[o] = n == 3 ? Offset3{d[0], d[1], d[2]} : Offset3{0, d[0], d[1]};

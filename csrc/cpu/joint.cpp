@@ -323,7 +323,7 @@ struct JointInputs {
     p2 = p2_in.contiguous();
     mask = mask_like(mask_in, p1);
     v = volume_of(p1);
-    offsets = parse_offsets(p1, flat_offsets, kAnyNumberOfOffsets);
+    offsets = parse_offsets(p1, flat_offsets);
   }
   int64_t num_offsets() const { return static_cast<int64_t>(offsets.size()); }
   template <typename scalar_t>
@@ -374,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
 
 // The rows of the second map one tile stages, as (dz, first dy, rows) per band segment.
 at::Tensor joint_counts_band_layout_cpu(const at::Tensor& p, at::IntArrayRef flat_offsets) {
-  const std::vector<Offset3> offsets = parse_offsets(p, flat_offsets, kAnyNumberOfOffsets);
+  const std::vector<Offset3> offsets = parse_offsets(p, flat_offsets);
   const BandLayout layout = band_layout<float>(volume_of(p), offsets);
   at::Tensor out = at::empty({static_cast<int64_t>(layout.segments.size()), 3}, at::kLong);
   int64_t* row = out.data_ptr<int64_t>();

@@ -8,14 +8,14 @@
 #include <type_traits>
 
 #include "../common/geometry.h"
+#include "../common/numerics.h"
 
 namespace bimi {
 namespace cuda {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+using bimi::acc_type_t;  // the one definition: common/numerics.h
 
 inline int64_t blocks_for(int64_t items, int64_t threads = kThreads) {
   return ceil_div(items, threads);
