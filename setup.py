@@ -1,29 +1,66 @@
 """Build script: the Python package plus its native kernels.
 
-- `bimi_kernels._C` (C++ CPU kernels, the `cpp` backend) is always built when torch is importable.
+- `bimi_kernels._C` (C++ CPU kernels, the `cpp` backend) is always built. It is compiled against
+  the torch of the environment running the build, so the build needs torch importable:
+  `pip install --no-build-isolation .` (or `-e .`). Without torch (pip's default isolated build
+  environment) the build stops with a message that says so, rather than producing a package
+  that silently runs the slow reference backend.
 - `bimi_kernels._C_cuda` (CUDA kernels, the `cuda` backend) is built only with a CUDA build of
   torch and a CUDA toolkit (CUDA_HOME or nvcc on PATH). BIMI_BUILD_CUDA=1 insists on it (and fails
   loudly when it cannot be built), BIMI_BUILD_CUDA=0 skips it. TORCH_CUDA_ARCH_LIST picks the GPU
   architectures; without it and without a visible GPU it defaults to "8.0;9.0".
 
-Build against the torch already installed: `pip install --no-build-isolation --no-deps -e .`
-(torch is deliberately not a build requirement; isolation would download a multi-GB torch).
+Re-builds are incremental: ninja keeps its objects in build/ (also for editable installs, whose
+build folder pip would otherwise make new each time), so only changed sources are recompiled.
 """
 import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as setuptools_build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"
+
+NO_TORCH_MESSAGE = """
+bimi_kernels: cannot build the C++ extension: {where} ({error}).
+
+The extension is compiled against the torch it will run with, so torch must be installed first
+and the build must see it:
+
+    pip install torch     # CPU-only machine: pip install torch --index-url https://download.pytorch.org/whl/cpu
+    pip install ninja     # parallel, incremental compilation
+    pip install --no-build-isolation .     # or, in a source checkout: pip install --no-build-isolation -e .
+"""
 
 
 def _sources(*patterns):
     files = []
     for pattern in patterns:
-        files.extend(sorted(glob.glob(os.path.join(CSRC, pattern))))
+        files.extend(sorted(glob.glob(os.path.join(CSRC, pattern), recursive=True)))
     return files
+
+
+# Headers are not compiled on their own. With ninja (the usual case) its dependency files track
+# them; listed as `depends`, they also make a build without ninja redo a library that is older.
+CPU_DEPENDS = _sources("common/*.h", "cpu/*.h", "cpu/simd/*.h") + ["setup.py"]
+CUDA_DEPENDS = CPU_DEPENDS + _sources("cuda/*.cuh")
+
+
+class MissingTorchBuildExt(setuptools_build_ext):
+    """Stands in for torch's BuildExtension when torch cannot be imported: metadata and sdists
+    need no torch, but compiling does, so building a wheel stops here with the fix."""
+
+    torch_error = ""
+
+    def run(self):
+        if any("pip-build-env-" in path for path in sys.path):
+            where = ("pip is building in an isolated environment (its default), which does not "
+                     "see the torch you installed")
+        else:
+            where = f"torch is not importable by {sys.executable}"
+        raise SystemExit(NO_TORCH_MESSAGE.format(where=where, error=self.torch_error))
 
 
 def _nvidia_include_dirs():
@@ -55,22 +92,42 @@ def _want_cuda(torch, cpp_extension):
     return True, ""
 
 
+def _build_extension_class(cpp_extension):
+    class BuildExtension(cpp_extension.BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                # pip gives every editable build a new temporary folder, which would recompile
+                # everything each time; keep ninja's objects where `build_ext --inplace` keeps them.
+                self.build_temp = os.path.join(
+                    ROOT, "build", f"temp.{self.plat_name}-{sys.implementation.cache_tag}"
+                )
+
+    return BuildExtension
+
+
 def _extensions():
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        print("bimi_kernels: torch is not importable, building no native extension", file=sys.stderr)
-        return [], {}
+    except ImportError as exc:
+        # Enough for metadata and sdists; building the wheel stops with NO_TORCH_MESSAGE.
+        MissingTorchBuildExt.torch_error = f"{type(exc).__name__}: {exc}"
+        placeholder = Extension("bimi_kernels._C", sources=_sources("bimi.cpp", "cpu/*.cpp"))
+        return [placeholder], {"build_ext": MissingTorchBuildExt}
 
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     # -fno-trapping-math: the loops over windows may compute both sides of a select, so the
     # compiler vectorises them (no code relies on floating-point exception flags).
-    cxx_flags = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-DNDEBUG"] + openmp
+    # -g0: Python's own CFLAGS carry -g, which made the library 9.6 MB of mostly debug info.
+    # -Wno-psabi: silences GCC's note that passing 32-byte vectors changed ABI in GCC 4.6; the
+    # functions concerned are internal to one library built with one compiler.
+    cxx_flags = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-DNDEBUG", "-g0", "-Wno-psabi"] + openmp
     extensions = [
         cpp_extension.CppExtension(
             name="bimi_kernels._C",
             sources=_sources("bimi.cpp", "cpu/*.cpp"),
+            depends=CPU_DEPENDS,
             include_dirs=[os.path.join(ROOT, CSRC)],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=openmp,
@@ -85,13 +142,14 @@ def _extensions():
             cpp_extension.CUDAExtension(
                 name="bimi_kernels._C_cuda",
                 sources=_sources("cuda/*.cpp", "cuda/*.cu"),
+                depends=CUDA_DEPENDS,
                 include_dirs=[os.path.join(ROOT, CSRC)] + _nvidia_include_dirs(),
-                extra_compile_args={"cxx": ["-O3", "-DNDEBUG"], "nvcc": ["-O3", "-DNDEBUG"]},
+                extra_compile_args={"cxx": ["-O3", "-DNDEBUG", "-g0"], "nvcc": ["-O3", "-DNDEBUG"]},
             )
         )
     else:
         print(f"bimi_kernels: not building the CUDA extension ({reason})", file=sys.stderr)
-    return extensions, {"build_ext": cpp_extension.BuildExtension}
+    return extensions, {"build_ext": _build_extension_class(cpp_extension)}
 
 
 ext_modules, cmdclass = _extensions()

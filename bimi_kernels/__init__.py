@@ -12,7 +12,7 @@ from .losses import BIMILoss, BoundaryCCLoss, RegularizedMILoss
 from .offsets import make_offsets
 from .views import TwoViews, TwoViewTransform
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "BIMILoss",

@@ -1,9 +1,17 @@
-"""Command line: `python -m bimi_kernels {info,demo,bench}` (also the `bimi` console script)."""
+"""Command line: `bimi {info,demo,bench}` (also `python -m bimi_kernels ...`).
+
+`bimi bench` runs the benchmarks of a source checkout (`benchmarks/` is not part of the installed
+package): it works for an editable install or from the repository root, and otherwise says so.
+"""
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+from pathlib import Path
+from typing import Optional
+
+from ._version import __version__
 
 
 def info() -> int:
@@ -17,7 +25,7 @@ def info() -> int:
         triton_version = triton.__version__
     except Exception as exc:  # triton is optional off Linux
         triton_version = f"not installed ({type(exc).__name__})"
-    print(f"bimi_kernels {bimi_kernels.__version__}")
+    print(f"bimi_kernels {bimi_kernels.__version__} ({Path(bimi_kernels.__file__).parent})")
     print(f"python       {platform.python_version()} ({sys.executable})")
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"triton       {triton_version}")
@@ -38,25 +46,49 @@ def info() -> int:
     return 0
 
 
+def benchmarks_checkout() -> Optional[Path]:
+    """The source checkout whose `benchmarks/` package goes with this bimi_kernels, or None.
+
+    The package's parent folder, when it holds `benchmarks/run.py` (a checkout, or an editable
+    install of one); else the current directory, when it is such a checkout.
+    """
+    package_parent = Path(__file__).resolve().parent.parent
+    for candidate in (package_parent, Path.cwd()):
+        if (candidate / "benchmarks" / "run.py").is_file():
+            return candidate
+    return None
+
+
+def bench(argv) -> int:
+    checkout = benchmarks_checkout()
+    if checkout is None:
+        print("bimi bench: the benchmarks are not part of the installed package; they live in the "
+              "source checkout's benchmarks/ folder. From the repository root run "
+              "`python -m benchmarks.run --help`.", file=sys.stderr)
+        return 2
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks.run import main as bench_main
+
+    return bench_main(argv) or 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bimi", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bimi", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bimi_kernels {__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="versions, device, and which backends are available (or why not)")
     sub.add_parser("demo", help="pre-train a U-Net with BIMILoss on brain MRI (see `bimi demo --help`)", add_help=False)
-    sub.add_parser("bench", help="run the benchmarks (see `bimi bench --help`; run from a source checkout)", add_help=False)
+    sub.add_parser("bench", help="run the benchmarks of a source checkout (see `bimi bench --help`)", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    # demo and bench parse their own arguments
     if argv and argv[0] == "demo":
         from .demo.cli import main as demo_main
 
         return demo_main(argv[1:]) or 0
     if argv and argv[0] == "bench":
-        try:
-            from benchmarks.run import main as bench_main
-        except ImportError as exc:
-            print(f"bimi bench: the benchmarks live in the source checkout's benchmarks/ folder; "
-                  f"run it from the repository root ({exc})", file=sys.stderr)
-            return 2
-        return bench_main(argv[1:]) or 0
+        return bench(argv[1:])
     args = parser.parse_args(argv)
     if args.command in (None, "info"):
         return info()

@@ -6,6 +6,8 @@ import itertools
 import numbers
 from typing import Sequence, Tuple, Union
 
+import torch
+
 OffsetSpec = Union[int, Sequence[Sequence[int]]]
 Offsets = Tuple[Tuple[int, ...], ...]
 
@@ -58,14 +60,23 @@ def make_offsets(offsets: OffsetSpec, ndim: int, dilation: int = 1) -> Offsets:
     return spec
 
 
-@functools.lru_cache(maxsize=256)
 def flat_offsets_for(spec: OffsetSpec, dilation: int, spatial: Tuple[int, ...]) -> Tuple[int, ...]:
     """The checked, flat offset list of a canonical spec (see `canonical_offset_spec`) for maps of
     spatial size `spatial`: made and checked once per (spec, dilation, size), since a training
-    loop asks for the same one every step."""
+    loop asks for the same one every step. (torch.compile traces the plain function: it runs
+    once per compiled graph anyway.)"""
+    if torch.compiler.is_compiling():
+        return _flat_offsets(spec, dilation, spatial)
+    return _cached_flat_offsets(spec, dilation, spatial)
+
+
+def _flat_offsets(spec, dilation, spatial):
     offsets = make_offsets(spec, len(spatial), dilation)
     check_offsets_fit(offsets, spatial)
     return flatten(offsets)
+
+
+_cached_flat_offsets = functools.lru_cache(maxsize=256)(_flat_offsets)
 
 
 def check_offsets_fit(offsets: Offsets, spatial: Sequence[int]) -> None:

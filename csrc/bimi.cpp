@@ -20,12 +20,16 @@ TORCH_LIBRARY(bimi_C, m) {
   m.def(
       "joint_counts_backward(Tensor grad_j, Tensor p1, Tensor p2, int[] offsets, Tensor? mask)"
       " -> (Tensor, Tensor)");
+  // Introspection for the tests: the rows of p2 that one tile of the CPU joint counts stages,
+  // one (dz, first dy, rows) row per band segment (p gives the shape only).
+  m.def("joint_counts_band_layout(Tensor p, int[] offsets) -> Tensor");
   // (CC(U(p), edge), per-sample [min, max] of the raw uncertainty U).
   m.def("boundary_cc(Tensor p, Tensor edge, int window) -> (Tensor, Tensor)");
   // dL/dp from the 0-dim dL/dCC.
   m.def(
       "boundary_cc_backward(Tensor grad_cc, Tensor p, Tensor edge, Tensor u_range, int window)"
       " -> Tensor");
-  // The edge map E (B, 1, *S) of an image (B, C, *S) in the accumulation dtype (SPEC §5).
+  // The edge map E (B, 1, *S) of an image (B, C, *S) in the accumulation dtype
+  // (docs/contract.md §5).
   m.def("edge_map(Tensor image, float gamma) -> Tensor");
 }

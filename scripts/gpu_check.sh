@@ -1,24 +1,112 @@
 #!/usr/bin/env bash
-# One prepared GPU session: build the CUDA extension in place, run the GPU tests with the real
-# Triton compiler, then the GPU benchmarks. Writes everything under $1 (default gpu_results/).
-# Usage on a GPU machine from the repository root:  bash scripts/gpu_check.sh OUTDIR [bench-suite]
+# One prepared GPU session (about 8 minutes on an H200): build in place (the CUDA extension too),
+# run the GPU tests of every GPU backend, profile the Triton joint-count and boundary kernels
+# against the roofline, run the GPU benchmark, time a sweep of the Triton launch settings, and
+# take an ncu profile of the kernels, time the host overhead, and run compute-sanitizer on the
+# CUDA kernels, in that order of priority.
+#
+#   bash scripts/gpu_check.sh [OUTDIR]          # from the repository root, on the GPU machine
+#
+# Every step has its own time limit and log under OUTDIR; a failing step does not stop the
+# others (its exit status is recorded in OUTDIR/steps.tsv: 124 = hit its time limit). Adjust
+# with the environment: BENCH_ARGS (the benchmark's arguments), STEP_SKIP (names of steps to
+# skip, e.g. "ncu sweep"), the *_LIMIT variables below (seconds), GPU_CHECK_TAR (a .tgz to pack
+# OUTDIR into). With the device tool:
+#   GPU_CHECK_TAR=$OUT/gpu_check.tgz bash scripts/gpu_check.sh /tmp/gpu_check
 set -uo pipefail
 OUT="${1:-gpu_results}"
-SUITE="${2:-quick}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+BUILD_LIMIT="${BUILD_LIMIT:-120}"
+TEST_LIMIT="${TEST_LIMIT:-150}"
+PROFILE_LIMIT="${PROFILE_LIMIT:-60}"
+BENCH_LIMIT="${BENCH_LIMIT:-90}"
+SWEEP_LIMIT="${SWEEP_LIMIT:-40}"
+NCU_LIMIT="${NCU_LIMIT:-40}"
+BENCH_ARGS="${BENCH_ARGS:---suite quick --group target authors}"
+STEP_SKIP="${STEP_SKIP:-}"
+
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
+export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1 BIMI_BUILD_CUDA="${BIMI_BUILD_CUDA:-1}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/bimi_triton_cache}"
 unset TRITON_INTERPRET
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvcc --version | tail -2; } > "$OUT/device.txt" 2>&1
-T0=$(date +%s)
-python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - T0 )) s" | tee -a "$OUT/build.log"
-python -m bimi_kernels info > "$OUT/info.txt" 2>&1
-T1=$(date +%s)
-timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x --timeout 200 -p no:cacheprovider \
-  tests/test_cuda.py tests/test_triton.py > "$OUT/gpu_tests.txt" 2>&1
-echo "tests rc=$? in $(( $(date +%s) - T1 )) s" | tee -a "$OUT/gpu_tests.txt"
-tail -3 "$OUT/gpu_tests.txt"
-T2=$(date +%s)
-timeout "${BENCH_TIMEOUT:-200}" python -m benchmarks.run --device cuda --suite "$SUITE" --out "$OUT/bench" > "$OUT/bench.log" 2>&1
-echo "bench rc=$? in $(( $(date +%s) - T2 )) s" | tee -a "$OUT/bench.log"
-tail -5 "$OUT/bench.log"
+
+STEPS="$OUT/steps.tsv"
+printf 'step\trc\tseconds\n' > "$STEPS"
+T_START=$(date +%s)
+
+# step NAME LIMIT COMMAND...: run with a time limit, log to OUT/NAME.log, record the status
+step() {
+  local name="$1" limit="$2"
+  shift 2
+  case " $STEP_SKIP " in *" $name "*) printf '%s\tskipped\t0\n' "$name" >> "$STEPS"; return 0;; esac
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STEPS"
+  echo "[$name] rc=$rc in $(( $(date +%s) - t0 )) s (total $(( $(date +%s) - T_START )) s)"
+  tail -n 3 "$OUT/$name.log"
+  return 0
+}
+
+step device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv;
+  nvcc --version | tail -n 2; $PYTHON -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())';
+  git log -1 --format='commit %H %s' 2>/dev/null || true"
+
+# the C++ and CUDA extensions, in place (the tree's own copy of the package is imported)
+step build "$BUILD_LIMIT" "$PYTHON" setup.py build_ext --inplace
+step info 30 "$PYTHON" -m bimi_kernels info
+
+# GPU tests of every GPU backend (compiled Triton kernels, the CUDA extension, the
+# conformance suite when present); -n spreads the Triton compilations over the CPU cores
+TESTS="tests/test_triton.py tests/test_triton_launch.py tests/test_cuda.py"
+[ -d tests/backends ] && TESTS="$TESTS tests/backends"
+XDIST=""
+"$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+step tests "$TEST_LIMIT" "$PYTHON" -m pytest -q -rs -p no:cacheprovider $XDIST \
+  -k "not compile_for_h100" --junitxml="$OUT/tests.xml" $TESTS
+
+# our kernels against the roofline: timings, errors, peak memory, per-kernel table
+step profile "$PROFILE_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUT/profile"
+
+# the benchmark suite (its CLI: python -m benchmarks.run --help)
+step bench "$BENCH_LIMIT" "$PYTHON" -m benchmarks.run --device cuda $BENCH_ARGS --out "$OUT/bench"
+
+# the host's share of one BIMILoss call, eager and replayed from a CUDA graph
+step host "${HOST_LIMIT:-30}" "$PYTHON" -m benchmarks.host_overhead --device cuda --calls 50 --out "$OUT/host"
+
+# launch settings: the data to choose the GPU defaults from
+step sweep "$SWEEP_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUT/profile" --sweep
+
+# hardware counters of each kernel at B=16 K=10 256x256 r=1 and r=3 (ncu reads them on the
+# Firecracker machines; it leaves the clocks alone)
+if command -v ncu > /dev/null; then
+  step ncu "$NCU_LIMIT" ncu --clock-control none --target-processes all \
+    --kernel-name "regex:joint|ncc|uncertainty|boundary|sum_partials|finish" --launch-count 14 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section MemoryWorkloadAnalysis --csv --page details \
+    "$PYTHON" scripts/triton_profile.py --ncu-target
+else
+  printf 'ncu\tmissing\t0\n' >> "$STEPS"
+fi
+
+# races and out-of-bounds accesses in the CUDA C++ kernels (lowest priority: slow under the tool)
+if command -v compute-sanitizer > /dev/null; then
+  step racecheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 \
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
+  step memcheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
+fi
+
+echo "total $(( $(date +%s) - T_START )) s; steps:"
+column -t "$STEPS" 2>/dev/null || cat "$STEPS"
+[ -f "$OUT/profile/profile.md" ] && cat "$OUT/profile/profile.md"
+# the device tool brings back at most 8 files: pack everything into one
+if [ -n "${GPU_CHECK_TAR:-}" ]; then
+  tar czf "$GPU_CHECK_TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed into $GPU_CHECK_TAR"
+fi
+exit 0

@@ -1,14 +1,132 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (CPU): a virtual environment in .venv with the pinned CPU stack
-# (requirements-cpu.txt), then build this package in place with its C++ CPU extension.
-# Idempotent: re-running reuses .venv and rebuilds only what changed.
+# (requirements-cpu.txt), the C++ CPU extension compiled in place, and the package installed in
+# editable mode (`pip install --no-build-isolation --no-deps -e .`, which also gives `bimi`).
+#
+# Idempotent and quick to re-run: each step runs only when it has something to do.
+# - pip installs the requirements only when one of them is missing or at a version the file
+#   does not allow;
+# - the extension is compiled only when bimi_kernels/_C*.so is missing or older than a file under
+#   csrc/, setup.py or the installed torch; then ninja recompiles only the sources that changed
+#   (its objects stay in build/), printing a line per compiled file;
+# - the editable install is registered only when .venv does not have one of this folder yet.
+# Environment: PYTHON (the interpreter that makes .venv, default python3), MAX_JOBS (parallel
+# compile jobs, default: the number of cores).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
+VENV_PYTHON=.venv/bin/python
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
+START=$SECONDS
+say() { echo "setup_cpu [$(( SECONDS - START )) s] $*"; }
+
+if [ ! -x "$VENV_PYTHON" ]; then
+  say "creating .venv with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q -r requirements-cpu.txt
-# --no-build-isolation: build against the torch just installed (isolation would fetch a CUDA torch)
-MAX_JOBS="${MAX_JOBS:-2}" .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
-.venv/bin/python -m bimi_kernels info
+
+# What is already done, in one interpreter start: prints three words, each "ok" or "todo".
+read -r REQUIREMENTS NATIVE EDITABLE < <("$VENV_PYTHON" - <<'PY'
+import glob
+import json
+import os
+import pathlib
+import re
+import sysconfig
+from importlib import metadata
+
+
+def requirements_ok(path="requirements-cpu.txt"):
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        try:
+            from pip._vendor.packaging.requirements import Requirement
+        except ImportError:
+            return False
+    with open(path) as lines:
+        for line in lines:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if line.startswith("-"):  # pip options: leave them to pip
+                return False
+            requirement = Requirement(line)
+            if requirement.marker is not None and not requirement.marker.evaluate():
+                continue
+            try:
+                version = metadata.version(requirement.name)
+            except metadata.PackageNotFoundError:
+                return False
+            if not requirement.specifier.contains(version, prereleases=True):
+                return False
+    return True
+
+
+def native_ok():
+    library = os.path.join("bimi_kernels", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not os.path.exists(library):
+        return False
+    inputs = [os.path.join(d, f) for d, _, files in os.walk("csrc") for f in files] + ["setup.py"]
+    torch_files = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "torch", "version.py"))
+    if not torch_files:
+        return False  # torch missing: let the build say so
+    built = os.path.getmtime(library)
+    return all(os.path.getmtime(path) <= built for path in inputs + torch_files)
+
+
+def editable_ok():
+    """An editable install of this folder, at the version in bimi_kernels/_version.py."""
+    try:
+        installed = metadata.distribution("bimi_kernels")
+    except metadata.PackageNotFoundError:
+        return False
+    direct_url = json.loads(installed.read_text("direct_url.json") or "{}")
+    with open(os.path.join("bimi_kernels", "_version.py")) as source:
+        version = re.search(r'^__version__ = "([^"]+)"', source.read(), re.M)
+    return (direct_url.get("dir_info", {}).get("editable", False)
+            and direct_url.get("url") == pathlib.Path.cwd().as_uri()
+            and version is not None and installed.version == version.group(1))
+
+
+print(*("ok" if check() else "todo" for check in (requirements_ok, native_ok, editable_ok)))
+PY
+)
+
+if [ "$REQUIREMENTS" = ok ]; then
+  say "requirements-cpu.txt: already satisfied"
+else
+  say "installing requirements-cpu.txt"
+  "$VENV_PYTHON" -m pip install --progress-bar off -r requirements-cpu.txt
+fi
+
+if [ "$NATIVE" = ok ]; then
+  say "C++ extension: up to date"
+else
+  if compgen -G "build/temp.*/build.ninja" > /dev/null; then
+    say "compiling the C++ extension with $MAX_JOBS job(s): only the files that changed"
+  else
+    say "compiling the C++ extension with $MAX_JOBS job(s): every file (a few minutes on 2 cores)"
+  fi
+  # ninja prints one long compiler command per finished file: show the file instead; pass
+  # everything else (warnings, errors) through unchanged.
+  "$VENV_PYTHON" setup.py -q build_ext --inplace 2>&1 | while IFS= read -r line; do
+    if [[ "$line" =~ ^\[([0-9]+/[0-9]+)\]\ .*\ -c\ ([^ ]+) ]]; then
+      say "  [${BASH_REMATCH[1]}] compiled ${BASH_REMATCH[2]#"$PWD/"}"
+    else
+      printf '%s\n' "$line"
+    fi
+  done
+  say "C++ extension built"
+fi
+
+if [ "$EDITABLE" = ok ]; then
+  say "editable install: already registered"
+else
+  # compiles nothing more: ninja finds the objects of the step above in build/ and only links
+  say "registering the editable install (pip install --no-build-isolation --no-deps -e .)"
+  "$VENV_PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
+fi
+
+say "done"
+"$VENV_PYTHON" -m bimi_kernels info

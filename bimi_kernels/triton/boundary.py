@@ -1,318 +1,658 @@
-"""Triton kernels for the boundary-aware cross-correlation term (SPEC §5), forward and backward.
+"""Triton kernels for the boundary-aware cross-correlation term (docs/contract.md §5), forward
+and backward.
 
-Forward, two passes (the per-sample min-max of U sits between them):
-  1. `_uncertainty_kernel`: U = -sum_k p_k log(p_k + 1e-16) per pixel from a (K, BLOCK_P) tile of p,
-     written as a (B, *S) map, plus each tile's min and max of U (tiles stay within one sample);
-     the launcher reduces those to the per-sample [min, max] (`u_range`).
-  2. `_ncc_kernel`: per centre pixel the five box sums of Un, Un^2, Un E, E, E^2 over the window
-     (zero padding), gathered from the U and E maps, normalising U on the fly with the detached
-     per-sample min and max, then the clamped NCC term; each tile writes its partial sum and the
-     launcher adds them in a fixed order (deterministic) and divides by B * prod(S).
-Backward, three passes: U again (pass 1 without the min-max), `_ncc_kernel` in backward mode
-writes the per-centre coefficients of dL/dS(Un), dL/dS(Un^2), dL/dS(Un E), and
-`_boundary_grad_kernel` box-sums those (the box is its own transpose), forms dL/dUn and writes
-dL/dp_k = -dL/dU (log(p_k + 1e-16) + p_k / (p_k + 1e-16)) once per element. Temporaries are
-(B, *S) maps only (U and three coefficient maps), never (B, K, *S).
+Forward, two passes over the data (the per-sample min-max of U sits between them) and a tiny
+reduction:
+  1. `_uncertainty_kernel`, grid (R, B): program (r, b) walks runs of sample b's pixels,
+     writes U = -sum_k p_k log(p_k + 1e-16) (a (B, *S) map) and the running min and max of U
+     over its pixels (R per sample).
+  2. `_ncc_kernel`, grid (R, B): program (r, b) reduces sample b's R minima and maxima (program
+     0 writes them to u_range), then walks b's spatial tiles: per centre pixel the five box sums
+     of Un, Un^2, Un E, E, E^2 (zero padding; Un = (U - min) / (max - min + 1e-6) on the fly),
+     the clamped NCC term, summed in registers; one partial sum per program.
+  3. `_finish_kernel`, one program: adds the B R partial sums in order (deterministic) and
+     writes cc = -sum / (B prod(S)).
+Backward, three passes:
+  1. `_uncertainty_kernel` again, writing Un directly (the saved u_range is known).
+  2. `_ncc_kernel` in backward mode: per centre the coefficients of dL/dS(Un), dL/dS(Un^2),
+     dL/dS(Un E) (zero where the reference's clamps cut the gradient), three (B, *S) maps.
+  3. `_boundary_grad_kernel`: box sums of the three coefficient maps (the box is its own
+     transpose), dL/dUn, and dL/dp_k = -dL/dU (log(p_k + 1e-16) + p_k / (p_k + 1e-16)) written
+     once per element; U at the pixel is recomputed from the same logs, not read.
+Edge map (the backend's fused `edge_map`): `_edge_magnitude_kernel` writes the channel mean of
+the wrap-around difference magnitude into the output and each program's min/max,
+`_edge_normalise_kernel` normalises and raises to gamma in place: no temporary but the output.
+Temporaries, all (B, *S) in the accumulation dtype: the forward holds 1 (U), the backward 4 (Un
+and the three coefficient maps), plus O(B R) partial sums. At B=16 K=10 256x256 float32 that is
+4 MiB and 16 MiB; the maps themselves are 40 MiB each.
 
-The formulas follow `bimi_kernels.reference.local_cross_correlation` term by term, including the
-clamps at eps = 1e-5 (a clamped term passes no gradient), so float64 agrees to rounding.
+Roofline, B=16 K=10 256x256 float32, both views, forward + backward: the map is read three
+times (forward pass 1, backward passes 1 and 3) and its gradient written once, 4 x 42 MB; the
+(B, *S) maps add 2 x 4 MB (forward) and 4 x 4 MB written + ~4 x 4 MB read (backward, box reads
+hit the caches); both views: ~2 x 220 MB = 0.44 GB -> ~0.1 ms at 4.3 TB/s. The arithmetic,
+2 x (K logs + 25 x 2 box taps + NCC) per pixel and pass, is ~0.1 GFLOP: memory-bound.
+
+The formulas follow `bimi_kernels.reference.local_cross_correlation` and
+`reference.boundary_cc_backward` term by term, including the clamps at eps = 1e-5, so float64
+agrees to rounding.
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, INTERPRETER_BLOCK_P, grid_size, padded_k, spatial_dims
+from ..numerics import EPS_CC, EPS_LOG_U, EPS_MINMAX
+from . import INTERPRETED, accumulation_dtype, multiprocessor_count, padded_k, spatial_dims
+from .tiles import (
+    Tile,
+    make_tile,
+    map_extent,
+    needs_wide_index,
+    next_power_of_2,
+    sample_pointer,
+    tile_geometry,
+    tile_is_interior,
+    with_tile_shape,
+)
 
-EPS_CC = 1e-5  # clamp of the cross term and the variances
-EPS_LOG_U = 1e-16  # inside the log of the uncertainty map
-EPS_MINMAX = 1e-6  # denominator of the min-max normalisation
+# pointer parameters that hold accumulation-dtype data (scripts/triton_compile_check.py)
+ACCUMULATOR_POINTERS = (
+    "u_ptr", "range_ptr", "u_range_ptr", "edge_ptr", "partial_ptr", "cc_ptr", "grad_cc_ptr",
+    "coef_u_ptr", "coef_uu_ptr", "coef_ue_ptr", "out_ptr",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# @triton.jit helpers
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def entropy_terms(q, EPS_LOG: tl.constexpr):
+    """log(q + 1e-16) of a (K_PAD, TILE) block and U = -sum_k q_k log(q_k + 1e-16)."""
+    log_q = tl.log(q + EPS_LOG)
+    return log_q, -tl.sum(q * log_q, axis=0)
 
 
 @triton.jit
+def normalise(u, lo, denominator):
+    """Un = (U - min) / (max - min + 1e-6), as the reference writes it."""
+    return (u - lo) / denominator
+
+
+@triton.jit
+def sample_range(range_ptr, b, n_range, R_PAD: tl.constexpr):
+    """Sample b's [min, max] of U from its programs' running minima and maxima."""
+    r = tl.arange(0, R_PAD)
+    ok = r < n_range
+    base = range_ptr + b.to(tl.int64) * n_range * 2
+    lo = tl.min(tl.load(base + 2 * r, mask=ok, other=float("inf")), axis=0)
+    hi = tl.max(tl.load(base + 2 * r + 1, mask=ok, other=float("-inf")), axis=0)
+    return lo, hi
+
+
+@triton.jit
+def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                CHECK: tl.constexpr, NCC: tl.constexpr, NORMALISE: tl.constexpr,
+                IS_3D: tl.constexpr, RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr):
+    """Box-window sums around each pixel of a tile (zero padding).
+
+    NCC: the five sums of A, A^2, A B, B, B^2 with A the uncertainty map (normalised on the fly
+    when NORMALISE, as `normalise`: a missing neighbour reads U = min, i.e. Un = 0) and B the
+    edge map. Otherwise: the sums of the three maps A, B, C (and two zeros).
+    CHECK=False for interior tiles (no bounds tests). The neighbour tests are built per dim
+    outside the inner loops and written inline: each nested @triton.jit call costs the
+    interpreter ~0.6 ms. The z loop is not unrolled, so 3-D windows keep their registers."""
+    sum_1 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    sum_2 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    sum_3 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    sum_4 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    sum_5 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    for dz in range(-RADIUS_Z, RADIUS_Z + 1):
+        ok_z = inside
+        if IS_3D:
+            ok_z = ok_z & (z + dz >= 0) & (z + dz < D)
+        for dy in tl.static_range(-RADIUS, RADIUS + 1):
+            ok_zy = ok_z & (y + dy >= 0) & (y + dy < H)
+            for dx in tl.static_range(-RADIUS, RADIUS + 1):
+                at = s + (dz * plane + dy * W + dx)
+                if CHECK:
+                    ok = ok_zy & (x + dx >= 0) & (x + dx < W)
+                    a = tl.load(a_base + at, mask=ok, other=lo if NORMALISE else 0.0)
+                    b = tl.load(b_base + at, mask=ok, other=0.0)
+                    if not NCC:
+                        c = tl.load(c_base + at, mask=ok, other=0.0)
+                else:
+                    a = tl.load(a_base + at)
+                    b = tl.load(b_base + at)
+                    if not NCC:
+                        c = tl.load(c_base + at)
+                if NORMALISE:
+                    a = (a - lo) / denominator
+                if NCC:
+                    sum_1 += a
+                    sum_2 += a * a
+                    sum_3 += a * b
+                    sum_4 += b
+                    sum_5 += b * b
+                else:
+                    sum_1 += a
+                    sum_2 += b
+                    sum_3 += c
+    return sum_1, sum_2, sum_3, sum_4, sum_5
+
+
+@triton.jit
+def ncc_terms(s_u, s_uu, s_ue, s_e, s_ee, count, EPS: tl.constexpr):
+    """The reference's window statistics, in its order: means, the raw cross term and
+    variances, and their clamps at eps."""
+    mu_u = s_u / count
+    mu_e = s_e / count
+    cross_raw = s_ue - mu_e * s_u - mu_u * s_e + mu_u * mu_e * count
+    var_u_raw = s_uu - 2 * mu_u * s_u + mu_u * mu_u * count
+    var_e_raw = s_ee - 2 * mu_e * s_e + mu_e * mu_e * count
+    cross = tl.maximum(cross_raw, EPS)
+    var_u = tl.maximum(var_u_raw, EPS)
+    var_e = tl.maximum(var_e_raw, EPS)
+    return mu_u, mu_e, cross_raw, var_u_raw, cross, var_u, var_e
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
 def _uncertainty_kernel(
-    p_ptr, u_ptr, tile_min_ptr, tile_max_ptr,
-    K, N, n_tiles, tiles_per_sample,
-    WRITE_RANGE: tl.constexpr, EPS_LOG: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    p_ptr, u_ptr, range_ptr, u_range_ptr,
+    p_stride_b, p_stride_k, K, N, tiles_per_sample,
+    WRITE_RANGE: tl.constexpr, NORMALISED: tl.constexpr, WIDE: tl.constexpr,
+    EPS_LOG: tl.constexpr, EPS_NORM: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
+    # WRITE_RANGE: also the running [min, max] of U of this program (forward).
+    # NORMALISED: write Un with the saved per-sample range instead of U (backward).
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    n_range = tl.num_programs(0)
     acc_dtype = u_ptr.dtype.element_ty
-    eps_log = tl.full((), EPS_LOG, acc_dtype)
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    n = tl.cast(N, tl.int64)
-    k_stride = k.to(tl.int64) * n
-    for tile in range(pid, n_tiles, n_programs):
-        b = tile // tiles_per_sample
-        s = tl.cast(tile - b * tiles_per_sample, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        inside = s < n
-        q = tl.load(
-            p_ptr + tl.cast(b, tl.int64) * K * n + (k_stride[:, None] + s[None, :]),
-            mask=k_ok[:, None] & inside[None, :], other=0.0,
-        ).to(acc_dtype)
-        u = -tl.sum(q * tl.log(q + eps_log), axis=0)
-        pixel = tl.cast(b, tl.int64) * n + s
-        tl.store(u_ptr + pixel, u, mask=inside)
+    if WIDE:
+        channel = k.to(tl.int64) * p_stride_k
+    else:
+        channel = k * p_stride_k
+    p_base = sample_pointer(p_ptr, b, p_stride_b)
+    u_base = sample_pointer(u_ptr, b, N)
+    if NORMALISED:
+        lo = tl.load(u_range_ptr + 2 * b)
+        denominator = tl.load(u_range_ptr + 2 * b + 1) - lo + EPS_NORM
+    low = tl.full((BLOCK,), float("inf"), acc_dtype)
+    high = tl.full((BLOCK,), float("-inf"), acc_dtype)
+    for tile in range(r, tiles_per_sample, n_range):
+        if WIDE:
+            s = tl.cast(tile, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            s = tile * BLOCK + tl.arange(0, BLOCK)
+        inside = s < N
+        q = tl.load(p_base + (channel[:, None] + s[None, :]),
+                    mask=k_ok[:, None] & inside[None, :], other=0.0).to(acc_dtype)
+        log_q, u = entropy_terms(q, EPS_LOG)
+        if NORMALISED:
+            u = normalise(u, lo, denominator)
+        tl.store(u_base + s, u, mask=inside)
         if WRITE_RANGE:
-            tl.store(tile_min_ptr + tile, tl.min(tl.where(inside, u, float("inf")), axis=0))
-            tl.store(tile_max_ptr + tile, tl.max(tl.where(inside, u, float("-inf")), axis=0))
+            low = tl.minimum(low, tl.where(inside, u, float("inf")))
+            high = tl.maximum(high, tl.where(inside, u, float("-inf")))
+    if WRITE_RANGE:
+        out = range_ptr + (b.to(tl.int64) * n_range + r) * 2
+        tl.store(out, tl.min(low, axis=0))
+        tl.store(out + 1, tl.max(high, axis=0))
 
 
 @triton.jit
 def _ncc_kernel(
-    u_ptr, u_range_ptr, edge_ptr, partial_ptr, coef_ptr, grad_cc_ptr,
-    N, H, W, D, total_pixels, n_tiles, radius, radius_z, window_count,
-    BACKWARD: tl.constexpr,
-    EPS: tl.constexpr, EPS_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
+    u_ptr, range_ptr, u_range_ptr, edge_ptr, partial_ptr, grad_cc_ptr,
+    coef_u_ptr, coef_uu_ptr, coef_ue_ptr,
+    edge_stride_b, D, H, W, N, total_pixels, n_range, window_count,
+    tiles_z, tiles_y, tiles_x,
+    BACKWARD: tl.constexpr, IS_3D: tl.constexpr, WIDE: tl.constexpr,
+    EPS: tl.constexpr, EPS_NORM: tl.constexpr, R_PAD: tl.constexpr,
+    RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
+    TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # Forward: the box sums of Un (normalised on the fly) and E and the summed NCC term.
+    # BACKWARD: u_ptr holds Un already; writes the three coefficient maps instead.
+    r = tl.program_id(0)
+    b = tl.program_id(1)
     n_programs = tl.num_programs(0)
     acc_dtype = u_ptr.dtype.element_ty
-    eps = tl.full((), EPS, acc_dtype)
-    eps_norm = tl.full((), EPS_NORM, acc_dtype)
     count = tl.cast(window_count, acc_dtype)  # n = window^ndim, an exact integer
-    n = tl.cast(N, tl.int64)
+    if WIDE:
+        plane = tl.cast(H, tl.int64) * W
+    else:
+        plane = H * W
     if BACKWARD:
-        # L = -mean(f) scaled by grad_cc: dL/df = -grad_cc / (B * prod(S))
+        # L = -mean(f) scaled by grad_cc: dL/df = -grad_cc / (B prod(S))
         scale = -tl.load(grad_cc_ptr) / tl.cast(total_pixels, acc_dtype)
-    for tile in range(pid, n_tiles, n_programs):
-        g = tl.cast(tile, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        inside = g < total_pixels
-        b = g // n
-        s = g - b * n
-        y = s // W
-        x = s - y * W
-        z = y // H
-        y = y - z * H
-        lo = tl.load(u_range_ptr + 2 * b, mask=inside, other=0.0)
-        denominator = tl.load(u_range_ptr + 2 * b + 1, mask=inside, other=1.0) - lo + eps_norm
-        s_u = tl.zeros((BLOCK_P,), dtype=acc_dtype)
-        s_uu = tl.zeros((BLOCK_P,), dtype=acc_dtype)
-        s_ue = tl.zeros((BLOCK_P,), dtype=acc_dtype)
-        s_e = tl.zeros((BLOCK_P,), dtype=acc_dtype)
-        s_ee = tl.zeros((BLOCK_P,), dtype=acc_dtype)
-        for dz in range(-radius_z, radius_z + 1):
-            z2 = z + dz
-            ok_z = inside & (z2 >= 0) & (z2 < D)
-            for dy in range(-radius, radius + 1):
-                y2 = y + dy
-                ok_zy = ok_z & (y2 >= 0) & (y2 < H)
-                row = g + (dz * H + dy) * W
-                for dx in range(-radius, radius + 1):
-                    x2 = x + dx
-                    ok = ok_zy & (x2 >= 0) & (x2 < W)
-                    # a missing neighbour reads U = lo, i.e. Un = 0: zero padding of Un
-                    un = (tl.load(u_ptr + (row + dx), mask=ok, other=lo) - lo) / denominator
-                    e = tl.load(edge_ptr + (row + dx), mask=ok, other=0.0)
-                    s_u += un
-                    s_uu += un * un
-                    s_ue += un * e
-                    s_e += e
-                    s_ee += e * e
-        # the reference's expressions, in its order
-        mu_u = s_u / count
-        mu_e = s_e / count
-        cross_raw = s_ue - mu_e * s_u - mu_u * s_e + mu_u * mu_e * count
-        var_u_raw = s_uu - 2 * mu_u * s_u + mu_u * mu_u * count
-        var_e_raw = s_ee - 2 * mu_e * s_e + mu_e * mu_e * count
-        cross = tl.maximum(cross_raw, eps)
-        var_u = tl.maximum(var_u_raw, eps)
-        var_e = tl.maximum(var_e_raw, eps)
+        lo = tl.zeros((), dtype=acc_dtype)
+        denominator = tl.full((), 1.0, dtype=acc_dtype)
+    else:
+        lo, hi = sample_range(range_ptr, b, n_range, R_PAD)
+        if r == 0:
+            tl.store(u_range_ptr + 2 * b, lo)
+            tl.store(u_range_ptr + 2 * b + 1, hi)
+        denominator = hi - lo + EPS_NORM
+    u_base = sample_pointer(u_ptr, b, N)
+    e_base = sample_pointer(edge_ptr, b, edge_stride_b)
+    total = tl.zeros((TILE_D * TILE_H * TILE_W,), dtype=acc_dtype)
+    for tile in range(r, tiles_z * tiles_y * tiles_x, n_programs):
+        sample, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+            tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
+        if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
+                            TILE_D, TILE_H, TILE_W, IS_3D):
+            s_u, s_uu, s_ue, s_e, s_ee = window_sums(
+                u_base, e_base, e_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                False, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z)
+        else:
+            s_u, s_uu, s_ue, s_e, s_ee = window_sums(
+                u_base, e_base, e_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                True, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z)
+        mu_u, mu_e, cross_raw, var_u_raw, cross, var_u, var_e = ncc_terms(
+            s_u, s_uu, s_ue, s_e, s_ee, count, EPS)
         if BACKWARD:
             # f = cross^2 / (var_u var_e); df/dcross and df/dvar_u, zero where clamped
-            d_cross = tl.where(cross_raw >= eps, 2 * cross / (var_u * var_e), 0.0)
-            d_var_u = tl.where(var_u_raw >= eps, -(cross * cross) / (var_u * var_u * var_e), 0.0)
+            d_cross = tl.where(cross_raw >= EPS, 2 * cross / (var_u * var_e), 0.0)
+            d_var_u = tl.where(var_u_raw >= EPS, -(cross * cross) / (var_u * var_u * var_e), 0.0)
             # through the box sums: dcross/dS(U) = -mu_e, dvar_u/dS(U) = -2 mu_u
-            coef_u = scale * (-mu_e * d_cross - 2 * mu_u * d_var_u)
-            coef_uu = scale * d_var_u
-            coef_ue = scale * d_cross
-            tl.store(coef_ptr + g, coef_u, mask=inside)
-            tl.store(coef_ptr + total_pixels + g, coef_uu, mask=inside)
-            tl.store(coef_ptr + 2 * total_pixels + g, coef_ue, mask=inside)
+            pixel = sample_pointer(coef_u_ptr, b, N) + s
+            tl.store(pixel, scale * (-mu_e * d_cross - 2 * mu_u * d_var_u), mask=inside)
+            tl.store(sample_pointer(coef_uu_ptr, b, N) + s, scale * d_var_u, mask=inside)
+            tl.store(sample_pointer(coef_ue_ptr, b, N) + s, scale * d_cross, mask=inside)
         else:
-            f = tl.where(inside, cross * cross / (var_u * var_e), 0.0)
-            tl.store(partial_ptr + tile, tl.sum(f, axis=0))
+            total += tl.where(inside, cross * cross / (var_u * var_e), 0.0)
+    if not BACKWARD:
+        tl.store(partial_ptr + b * n_programs + r, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _finish_kernel(partial_ptr, cc_ptr, n_partials, total_pixels, BLOCK: tl.constexpr):
+    """cc = -(sum of the partial sums, in order) / (B prod(S))."""
+    total = tl.zeros((BLOCK,), dtype=cc_ptr.dtype.element_ty)
+    for start in range(0, n_partials, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        total += tl.load(partial_ptr + index, mask=index < n_partials, other=0.0)
+    tl.store(cc_ptr, -(tl.sum(total, axis=0) / tl.cast(total_pixels, cc_ptr.dtype.element_ty)))
 
 
 @triton.jit
 def _boundary_grad_kernel(
-    p_ptr, u_ptr, u_range_ptr, edge_ptr, coef_ptr, grad_ptr,
-    K, N, H, W, D, total_pixels, n_tiles, radius, radius_z,
-    EPS_NORM: tl.constexpr, EPS_LOG: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    p_ptr, u_range_ptr, edge_ptr, coef_u_ptr, coef_uu_ptr, coef_ue_ptr, grad_ptr,
+    p_stride_b, p_stride_k, edge_stride_b, grad_stride_b, grad_stride_k,
+    K, D, H, W, N, tiles_z, tiles_y, tiles_x,
+    IS_3D: tl.constexpr, WIDE: tl.constexpr,
+    EPS_NORM: tl.constexpr, EPS_LOG: tl.constexpr, K_PAD: tl.constexpr,
+    RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
+    TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    r = tl.program_id(0)
+    b = tl.program_id(1)
     n_programs = tl.num_programs(0)
-    acc_dtype = u_ptr.dtype.element_ty
-    eps_norm = tl.full((), EPS_NORM, acc_dtype)
-    eps_log = tl.full((), EPS_LOG, acc_dtype)
+    acc_dtype = coef_u_ptr.dtype.element_ty
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    n = tl.cast(N, tl.int64)
-    k_stride = k.to(tl.int64) * n
-    for tile in range(pid, n_tiles, n_programs):
-        g = tl.cast(tile, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        inside = g < total_pixels
-        b = g // n
-        s = g - b * n
-        y = s // W
-        x = s - y * W
-        z = y // H
-        y = y - z * H
+    if WIDE:
+        plane = tl.cast(H, tl.int64) * W
+        channel = k.to(tl.int64) * p_stride_k
+        out_channel = k.to(tl.int64) * grad_stride_k
+    else:
+        plane = H * W
+        channel = k * p_stride_k
+        out_channel = k * grad_stride_k
+    lo = tl.load(u_range_ptr + 2 * b)
+    denominator = tl.load(u_range_ptr + 2 * b + 1) - lo + EPS_NORM
+    a_base = sample_pointer(coef_u_ptr, b, N)
+    b_base = sample_pointer(coef_uu_ptr, b, N)
+    c_base = sample_pointer(coef_ue_ptr, b, N)
+    p_base = sample_pointer(p_ptr, b, p_stride_b)
+    e_base = sample_pointer(edge_ptr, b, edge_stride_b)
+    grad_base = sample_pointer(grad_ptr, b, grad_stride_b)
+    for tile in range(r, tiles_z * tiles_y * tiles_x, n_programs):
+        sample, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+            tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         # box sums of the coefficient maps (the window is symmetric: its own transpose)
-        t_u = tl.zeros((BLOCK_P,), dtype=acc_dtype)
-        t_uu = tl.zeros((BLOCK_P,), dtype=acc_dtype)
-        t_ue = tl.zeros((BLOCK_P,), dtype=acc_dtype)
-        for dz in range(-radius_z, radius_z + 1):
-            z2 = z + dz
-            ok_z = inside & (z2 >= 0) & (z2 < D)
-            for dy in range(-radius, radius + 1):
-                y2 = y + dy
-                ok_zy = ok_z & (y2 >= 0) & (y2 < H)
-                row = g + (dz * H + dy) * W
-                for dx in range(-radius, radius + 1):
-                    x2 = x + dx
-                    ok = ok_zy & (x2 >= 0) & (x2 < W)
-                    t_u += tl.load(coef_ptr + (row + dx), mask=ok, other=0.0)
-                    t_uu += tl.load(coef_ptr + total_pixels + (row + dx), mask=ok, other=0.0)
-                    t_ue += tl.load(coef_ptr + 2 * total_pixels + (row + dx), mask=ok, other=0.0)
-        lo = tl.load(u_range_ptr + 2 * b, mask=inside, other=0.0)
-        denominator = tl.load(u_range_ptr + 2 * b + 1, mask=inside, other=1.0) - lo + eps_norm
-        un = (tl.load(u_ptr + g, mask=inside, other=0.0) - lo) / denominator
-        e = tl.load(edge_ptr + g, mask=inside, other=0.0)
+        if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
+                            TILE_D, TILE_H, TILE_W, IS_3D):
+            t_u, t_uu, t_ue, unused_4, unused_5 = window_sums(
+                a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                False, False, False, IS_3D, RADIUS, RADIUS_Z)
+        else:
+            t_u, t_uu, t_ue, unused_4, unused_5 = window_sums(
+                a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
+                True, False, False, IS_3D, RADIUS, RADIUS_Z)
+        tile_ok = k_ok[:, None] & inside[None, :]
+        q = tl.load(p_base + (channel[:, None] + s[None, :]), mask=tile_ok,
+                    other=0.0).to(acc_dtype)
+        log_q, u = entropy_terms(q, EPS_LOG)
+        un = normalise(u, lo, denominator)
+        e = tl.load(e_base + s, mask=inside, other=0.0)
         # dL/dU = dL/dUn / (max - min + 1e-6), min and max detached
         grad_u = (t_u + 2 * un * t_uu + e * t_ue) / denominator
-        index = k_stride[:, None] + (b * K * n + s)[None, :]
-        tile_ok = k_ok[:, None] & inside[None, :]
-        q = tl.load(p_ptr + index, mask=tile_ok, other=0.0).to(acc_dtype)
         # U = -sum_k q_k log(q_k + eps): dU/dq_k = -(log(q_k + eps) + q_k / (q_k + eps))
-        grad = -grad_u[None, :] * (tl.log(q + eps_log) + q / (q + eps_log))
-        tl.store(grad_ptr + index, grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
+        grad = -grad_u[None, :] * (log_q + q / (q + EPS_LOG))
+        tl.store(grad_base + (out_channel[:, None] + s[None, :]),
+                 grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _edge_magnitude_kernel(
+    image_ptr, out_ptr, range_ptr,
+    image_stride_b, image_stride_c, C, D, H, W, N, runs_per_sample,
+    IS_3D: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The edge map's first pass: per pixel the mean over channels of the magnitude of the
+    # wrap-around backward differences, and this program's running min and max of it.
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    n_range = tl.num_programs(0)
+    acc_dtype = out_ptr.dtype.element_ty
+    out_base = sample_pointer(out_ptr, b, N)
+    low = tl.full((BLOCK,), float("inf"), acc_dtype)
+    high = tl.full((BLOCK,), float("-inf"), acc_dtype)
+    if WIDE:
+        plane = tl.cast(H, tl.int64) * W
+    else:
+        plane = H * W
+    for run in range(r, runs_per_sample, n_range):
+        if WIDE:
+            s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            s = run * BLOCK + tl.arange(0, BLOCK)
+        inside = s < N
+        x = s % W
+        y = (s // W) % H
+        # the neighbour before, wrapping around (torch.roll by 1) along each dim
+        before_y = tl.where(y == 0, s + (H - 1) * W, s - W)
+        before_x = tl.where(x == 0, s + (W - 1), s - 1)
+        if IS_3D:
+            before_z = tl.where(s < plane, s + (D - 1) * plane, s - plane)
+        total = tl.zeros((BLOCK,), dtype=acc_dtype)
+        for c in range(0, C):
+            base = sample_pointer(image_ptr, b, image_stride_b) + c * image_stride_c
+            value = tl.load(base + s, mask=inside, other=0.0).to(acc_dtype)
+            squares = tl.zeros((BLOCK,), dtype=acc_dtype)
+            if IS_3D:
+                dz = value - tl.load(base + before_z, mask=inside, other=0.0).to(acc_dtype)
+                squares += dz * dz
+            dy = value - tl.load(base + before_y, mask=inside, other=0.0).to(acc_dtype)
+            dx = value - tl.load(base + before_x, mask=inside, other=0.0).to(acc_dtype)
+            squares += dy * dy
+            squares += dx * dx
+            total += tl.sqrt(squares)
+        magnitude = total / C
+        tl.store(out_base + s, magnitude, mask=inside)
+        low = tl.minimum(low, tl.where(inside, magnitude, float("inf")))
+        high = tl.maximum(high, tl.where(inside, magnitude, float("-inf")))
+    out = range_ptr + (tl.cast(b, tl.int64) * n_range + r) * 2
+    tl.store(out, tl.min(low, axis=0))
+    tl.store(out + 1, tl.max(high, axis=0))
+
+
+@triton.jit
+def _edge_normalise_kernel(
+    out_ptr, range_ptr, N, runs_per_sample, n_range, gamma, zero_power,
+    WIDE: tl.constexpr, EPS_NORM: tl.constexpr, R_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The second pass, in place: ((m - min) / (max - min + 1e-6)) ** gamma.
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    lo, hi = sample_range(range_ptr, b, n_range, R_PAD)
+    denominator = hi - lo + EPS_NORM
+    out_base = sample_pointer(out_ptr, b, N)
+    for run in range(r, runs_per_sample, tl.num_programs(0)):
+        if WIDE:
+            s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            s = run * BLOCK + tl.arange(0, BLOCK)
+        inside = s < N
+        v = normalise(tl.load(out_base + s, mask=inside, other=0.0), lo, denominator)
+        # v ** gamma as exp(gamma log v), v >= 0; 0 ** gamma (0, or 1 for gamma = 0) apart
+        powered = tl.exp(gamma * tl.log(tl.where(v > 0, v, 1.0)))
+        tl.store(out_base + s, tl.where(v > 0, powered, zero_power), mask=inside)
 
 
 # ------------------------------------------------------------------------------------------------
-# launchers
+# launch settings and launchers
 # ------------------------------------------------------------------------------------------------
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class BoundaryConfig(NamedTuple):
+    run_pixels: int  # pixels per run of the uncertainty pass (a power of two)
+    tile_pixels: int  # pixels per spatial tile of the box-sum passes (a power of two)
+    grad_tile_pixels: int  # pixels per tile of the gradient pass (holds a (K_PAD, TILE) block)
+    num_warps: int
 
 
-def default_block_p(k_pad: int) -> int:
-    """Pixels per tile. On a GPU the (K_PAD, BLOCK_P) tile of p in the gradient kernel is kept
-    to 2048 values per program (4 warps: 16 per thread), the box-sum kernels (k_pad=1) use 256;
-    chosen from `ptxas -v` register counts, not timed on hardware yet."""
+INTERPRETER_RUN_PIXELS = 4096
+
+
+def default_config(k_pad: int, dtype: torch.dtype) -> BoundaryConfig:
+    """Under the interpreter: big runs and tiles (its cost is per operation). On a GPU: a
+    (K_PAD, run) block of about 4096 values per program (32 a thread at 4 warps), 256-pixel
+    tiles for the box sums; no spills on sm_90 (scripts/triton_compile_check.py)."""
+    words = 2 if dtype == torch.float64 else 1
     if INTERPRETED:
-        return INTERPRETER_BLOCK_P
-    return max(32, min(256, 2048 // k_pad))
+        run = max(16, min(1024, (1 << 18) // k_pad))
+        return BoundaryConfig(run, 1024, run, 4)
+    run = max(16, min(512, 4096 // (k_pad * words)))
+    return BoundaryConfig(run, 256, max(16, min(256, 2048 // (k_pad * words))), 4)
 
 
-def _check_block(block_p: int) -> int:
-    block_p = int(block_p)
-    if block_p < 1 or block_p & (block_p - 1):
-        raise ValueError(f"block_p: expected a power of two, got {block_p}")
-    return block_p
+class _Plan(NamedTuple):
+    batch: int
+    k: int
+    k_pad: int
+    dims: tuple
+    n: int
+    is_3d: bool
+    radius: int
+    radius_z: int
+    window_count: int
+    config: BoundaryConfig
+    runs_per_sample: int
+    n_range: int  # programs per sample of the uncertainty pass
+    tile: Tile
+    grad_tile: Tile
+    n_box: int  # programs per sample of the box-sum passes
+    n_grad: int  # programs per sample of the gradient pass
+    wide: bool
+    acc_dtype: torch.dtype
 
 
-def uncertainty(p, *, with_range=True, block_p=None, max_programs=None):
-    """U (B, N) in the accumulation dtype and, if asked, the per-sample [min, max] (B, 2)."""
-    batch, k = int(p.shape[0]), int(p.shape[1])
-    _, _, _, n = spatial_dims(p.shape)
-    acc_dtype = _accumulation_dtype(p.dtype)
+def _programs_per_sample(batch: int, tiles: int, device: torch.device) -> int:
+    if INTERPRETED:
+        return max(1, min(tiles, 2))
+    return max(1, min(tiles, triton.cdiv(4 * multiprocessor_count(device), max(batch, 1))))
+
+
+def _plan(p, window, config: Optional[BoundaryConfig], tile: Optional[Sequence[int]],
+          max_programs: Optional[int] = None) -> _Plan:
+    """The launch geometry of a call, cached on what it depends on."""
+    return _cached_plan(tuple(p.shape), p.dtype, int(p.stride(1)), int(window), config,
+                        None if tile is None else tuple(tile), max_programs, p.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(shape, dtype, stride_k, window, config, tile, max_programs, device) -> _Plan:
+    batch, k = int(shape[0]), int(shape[1])
+    d, h, w, n = spatial_dims(shape)
     k_pad = padded_k(k)
-    block_p = _check_block(block_p if block_p is not None else default_block_p(k_pad))
-    tiles_per_sample = triton.cdiv(n, block_p)
-    n_tiles = batch * tiles_per_sample
-    u = torch.empty((batch, n), dtype=acc_dtype, device=p.device)
-    tile_min = torch.empty((batch, tiles_per_sample), dtype=acc_dtype, device=p.device)
-    tile_max = torch.empty_like(tile_min)
-    if n_tiles > 0:
-        n_programs = grid_size(n_tiles, p.device)
-        if max_programs is not None:
-            n_programs = max(1, min(n_programs, int(max_programs)))
-        _uncertainty_kernel[(n_programs,)](
-            p, u, tile_min, tile_max,
-            k, n, n_tiles, tiles_per_sample,
-            WRITE_RANGE=with_range, EPS_LOG=EPS_LOG_U, K_PAD=k_pad, BLOCK_P=block_p,
-            num_warps=4,
-        )
-    if not with_range:
-        return u, None
-    u_range = torch.stack([tile_min.amin(dim=1), tile_max.amax(dim=1)], dim=1)
-    return u, u_range
-
-
-def _box_geometry(p, window):
-    d, h, w, n = spatial_dims(p.shape)
+    config = config or default_config(k_pad, dtype)
     radius = int(window) // 2
-    radius_z = radius if p.dim() == 5 else 0
-    window_count = int(window) ** (p.dim() - 2)
-    return d, h, w, n, radius, radius_z, window_count
+    is_3d = len(shape) == 5
+    runs = triton.cdiv(n, config.run_pixels)
+    if tile is None:
+        box_tile = make_tile((d, h, w), config.tile_pixels)
+        grad_tile = make_tile((d, h, w), config.grad_tile_pixels)
+    else:
+        box_tile = grad_tile = with_tile_shape((d, h, w), tile)
+    per_sample = [_programs_per_sample(batch, t, device)
+                  for t in (runs, box_tile.per_sample, grad_tile.per_sample)]
+    if max_programs is not None:
+        per_sample = [max(1, min(v, int(max_programs))) for v in per_sample]
+    extent = map_extent(k, stride_k, n)
+    return _Plan(
+        batch, k, k_pad, (d, h, w), n, is_3d, radius, radius if is_3d else 0,
+        int(window) ** (len(shape) - 2), config, runs, per_sample[0], box_tile, grad_tile,
+        per_sample[1], per_sample[2], needs_wide_index(extent), accumulation_dtype(dtype),
+    )
 
 
-def boundary_cc(p, edge, window, *, block_p=None, max_programs=None):
-    """(cc, u_range): the contract's `boundary_cc`. cc is 0-dim in the accumulation dtype."""
-    u, u_range = uncertainty(p, block_p=block_p, max_programs=max_programs)
-    acc_dtype = u.dtype
-    d, h, w, n, radius, radius_z, window_count = _box_geometry(p, window)
-    total_pixels = int(p.shape[0]) * n
-    block_p = _check_block(block_p if block_p is not None else default_block_p(1))
-    n_tiles = triton.cdiv(total_pixels, block_p)
-    if n_tiles == 0:
+def kernel_constexprs(plan: _Plan):
+    """(kernel, compile-time settings) of every launch of the forward and the backward (also
+    used by scripts/triton_compile_check.py)."""
+    common = dict(WIDE=plan.wide, num_warps=plan.config.num_warps)
+    box = dict(IS_3D=plan.is_3d, RADIUS=plan.radius, RADIUS_Z=plan.radius_z,
+               TILE_D=plan.tile.depth, TILE_H=plan.tile.height, TILE_W=plan.tile.width)
+    grad_box = dict(box, TILE_D=plan.grad_tile.depth, TILE_H=plan.grad_tile.height,
+                    TILE_W=plan.grad_tile.width)
+    uncertainty = dict(EPS_LOG=EPS_LOG_U, EPS_NORM=EPS_MINMAX, K_PAD=plan.k_pad,
+                       BLOCK=plan.config.run_pixels, **common)
+    ncc = dict(EPS=EPS_CC, EPS_NORM=EPS_MINMAX, R_PAD=next_power_of_2(plan.n_range), **box,
+               **common)
+    return [
+        (_uncertainty_kernel, dict(uncertainty, WRITE_RANGE=True, NORMALISED=False)),
+        (_ncc_kernel, dict(ncc, BACKWARD=False)),
+        (_finish_kernel, dict(BLOCK=_finish_block(plan), num_warps=4)),
+        (_uncertainty_kernel, dict(uncertainty, WRITE_RANGE=False, NORMALISED=True)),
+        (_ncc_kernel, dict(ncc, BACKWARD=True)),
+        (_boundary_grad_kernel, dict(EPS_NORM=EPS_MINMAX, EPS_LOG=EPS_LOG_U, K_PAD=plan.k_pad,
+                                     **grad_box, **common)),
+    ]
+
+
+def edge_constexprs(is_3d: bool):
+    """(kernel, compile-time settings) of the edge map's two launches (compile check)."""
+    block = INTERPRETER_RUN_PIXELS if INTERPRETED else EDGE_RUN_PIXELS
+    return [
+        (_edge_magnitude_kernel, dict(IS_3D=is_3d, WIDE=False, BLOCK=block, num_warps=4)),
+        (_edge_normalise_kernel, dict(WIDE=False, EPS_NORM=EPS_MINMAX, R_PAD=64, BLOCK=block,
+                                      num_warps=4)),
+    ]
+
+
+def _finish_block(plan: _Plan) -> int:
+    return max(16, min(1024, next_power_of_2(plan.batch * plan.n_box)))
+
+
+def _dense_pixels(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its spatial dims (after batch and channel) are dense, else a copy."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size != 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
+def boundary_cc(p, edge, window, *, config: Optional[BoundaryConfig] = None,
+                tile: Optional[Sequence[int]] = None, max_programs: Optional[int] = None):
+    """(cc, u_range): the contract's `boundary_cc`. cc is 0-dim in the accumulation dtype,
+    u_range (B, 2) the per-sample [min, max] of U. p (B, K, *S) and edge (B, 1, *S) need dense
+    spatial dims only."""
+    p = _dense_pixels(p)
+    plan = _plan(p, window, config, tile, max_programs)
+    acc = plan.acc_dtype
+    edge = _dense_pixels(edge.to(acc))
+    settings = kernel_constexprs(plan)
+    u_range = torch.empty((plan.batch, 2), dtype=acc, device=p.device)
+    if plan.batch * plan.n == 0:
         # the mean over no pixel, as torch's mean gives it
-        return torch.full((), float("nan"), dtype=acc_dtype, device=p.device), u_range
-    n_programs = grid_size(n_tiles, p.device)
-    if max_programs is not None:
-        n_programs = max(1, min(n_programs, int(max_programs)))
-    partial = torch.empty((n_tiles,), dtype=acc_dtype, device=p.device)
-    edge = edge.to(acc_dtype).contiguous()
-    _ncc_kernel[(n_programs,)](
-        u, u_range, edge, partial, partial, partial,
-        n, h, w, d, total_pixels, n_tiles, radius, radius_z, window_count,
-        BACKWARD=False, EPS=EPS_CC, EPS_NORM=EPS_MINMAX, BLOCK_P=block_p,
-        num_warps=4,
+        return torch.full((), float("nan"), dtype=acc, device=p.device), u_range.zero_()
+    u = torch.empty((plan.batch, plan.n), dtype=acc, device=p.device)
+    ranges = torch.empty((plan.batch, plan.n_range, 2), dtype=acc, device=p.device)
+    partial = torch.empty((plan.batch, plan.n_box), dtype=acc, device=p.device)
+    cc = torch.empty((), dtype=acc, device=p.device)
+    d, h, w = plan.dims
+    _uncertainty_kernel[(plan.n_range, plan.batch)](
+        p, u, ranges, u_range, p.stride(0), p.stride(1), plan.k, plan.n, plan.runs_per_sample,
+        **settings[0][1],
     )
-    # fixed-order sum of the tiles' partial sums: deterministic
-    return -(partial.sum() / total_pixels), u_range
+    _ncc_kernel[(plan.n_box, plan.batch)](
+        u, ranges, u_range, edge, partial, cc, u, u, u,
+        edge.stride(0), d, h, w, plan.n, plan.batch * plan.n, plan.n_range, plan.window_count,
+        plan.tile.tiles_z, plan.tile.tiles_y, plan.tile.tiles_x,
+        **settings[1][1],
+    )
+    _finish_kernel[(1,)](partial, cc, partial.numel(), plan.batch * plan.n, **settings[2][1])
+    return cc, u_range
 
 
-def boundary_cc_backward(grad_cc, p, edge, u_range, window, *, block_p=None, max_programs=None):
+def boundary_cc_backward(grad_cc, p, edge, u_range, window, *,
+                         config: Optional[BoundaryConfig] = None,
+                         tile: Optional[Sequence[int]] = None,
+                         max_programs: Optional[int] = None):
     """dL/dp in p's dtype: the contract's `boundary_cc_backward`."""
-    u, _ = uncertainty(p, with_range=False, block_p=block_p, max_programs=max_programs)
-    acc_dtype = u.dtype
-    d, h, w, n, radius, radius_z, window_count = _box_geometry(p, window)
-    batch, k = int(p.shape[0]), int(p.shape[1])
-    total_pixels = batch * n
-    grad_p = torch.empty_like(p)
-    if total_pixels == 0:
+    p = _dense_pixels(p)
+    plan = _plan(p, window, config, tile, max_programs)
+    acc = plan.acc_dtype
+    grad_p = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+    if plan.batch * plan.n == 0:
         return grad_p
-    grad_cc = grad_cc.to(acc_dtype).reshape(1).contiguous()
-    u_range = u_range.to(acc_dtype).contiguous()
-    edge = edge.to(acc_dtype).contiguous()
-    coef = torch.empty((3, total_pixels), dtype=acc_dtype, device=p.device)
-
-    block_p_box = _check_block(block_p if block_p is not None else default_block_p(1))
-    n_tiles = triton.cdiv(total_pixels, block_p_box)
-    n_programs = grid_size(n_tiles, p.device)
-    if max_programs is not None:
-        n_programs = max(1, min(n_programs, int(max_programs)))
-    _ncc_kernel[(n_programs,)](
-        u, u_range, edge, coef, coef, grad_cc,
-        n, h, w, d, total_pixels, n_tiles, radius, radius_z, window_count,
-        BACKWARD=True, EPS=EPS_CC, EPS_NORM=EPS_MINMAX, BLOCK_P=block_p_box,
-        num_warps=4,
+    edge = _dense_pixels(edge.to(acc))
+    grad_cc = grad_cc.to(acc).reshape(1)
+    u_range = u_range.to(acc).contiguous()
+    settings = kernel_constexprs(plan)
+    # Un and the three coefficient maps: the backward's four (B, *S) temporaries
+    un = torch.empty((plan.batch, plan.n), dtype=acc, device=p.device)
+    coef = torch.empty((3, plan.batch, plan.n), dtype=acc, device=p.device)
+    d, h, w = plan.dims
+    _uncertainty_kernel[(plan.n_range, plan.batch)](
+        p, un, un, u_range, p.stride(0), p.stride(1), plan.k, plan.n, plan.runs_per_sample,
+        **settings[3][1],
     )
-
-    k_pad = padded_k(k)
-    block_p_grad = _check_block(block_p if block_p is not None else default_block_p(k_pad))
-    n_tiles = triton.cdiv(total_pixels, block_p_grad)
-    n_programs = grid_size(n_tiles, p.device)
-    if max_programs is not None:
-        n_programs = max(1, min(n_programs, int(max_programs)))
-    _boundary_grad_kernel[(n_programs,)](
-        p, u, u_range, edge, coef, grad_p,
-        k, n, h, w, d, total_pixels, n_tiles, radius, radius_z,
-        EPS_NORM=EPS_MINMAX, EPS_LOG=EPS_LOG_U, K_PAD=k_pad, BLOCK_P=block_p_grad,
-        num_warps=4,
+    _ncc_kernel[(plan.n_box, plan.batch)](
+        un, un, u_range, edge, un, grad_cc, coef[0], coef[1], coef[2],
+        edge.stride(0), d, h, w, plan.n, plan.batch * plan.n, plan.n_range, plan.window_count,
+        plan.tile.tiles_z, plan.tile.tiles_y, plan.tile.tiles_x,
+        **settings[4][1],
+    )
+    del un
+    _boundary_grad_kernel[(plan.n_grad, plan.batch)](
+        p, u_range, edge, coef[0], coef[1], coef[2], grad_p,
+        p.stride(0), p.stride(1), edge.stride(0), grad_p.stride(0), grad_p.stride(1),
+        plan.k, d, h, w, plan.n, plan.grad_tile.tiles_z, plan.grad_tile.tiles_y,
+        plan.grad_tile.tiles_x,
+        **settings[5][1],
     )
     return grad_p
+
+
+EDGE_RUN_PIXELS = 1024
+
+
+def edge_map(image, gamma):
+    """The backend contract's fused edge map: (B, 1, *S) in the image's accumulation dtype,
+    `reference.edge_map(image, gamma)` in two passes (magnitude and per-program min/max, then
+    the normalisation and power in place): no temporary beyond the output."""
+    image = _dense_pixels(image)
+    batch, channels = int(image.shape[0]), int(image.shape[1])
+    d, h, w, n = spatial_dims(image.shape)
+    acc = accumulation_dtype(image.dtype)
+    out = torch.empty((batch, 1) + tuple(image.shape[2:]), dtype=acc, device=image.device)
+    if batch * n == 0:
+        return out
+    block = INTERPRETER_RUN_PIXELS if INTERPRETED else EDGE_RUN_PIXELS
+    runs = triton.cdiv(n, block)
+    n_range = _programs_per_sample(batch, runs, image.device)
+    ranges = torch.empty((batch, n_range, 2), dtype=acc, device=image.device)
+    wide = needs_wide_index(map_extent(channels, image.stride(1), n))
+    _edge_magnitude_kernel[(n_range, batch)](
+        image, out, ranges, image.stride(0), image.stride(1), channels, d, h, w, n, runs,
+        IS_3D=image.dim() == 5, WIDE=wide, BLOCK=block, num_warps=4,
+    )
+    gamma = float(gamma)
+    zero_power = 1.0 if gamma == 0 else (0.0 if gamma > 0 else float("inf"))
+    _edge_normalise_kernel[(n_range, batch)](
+        out, ranges, n, runs, n_range, gamma, zero_power,
+        WIDE=wide, EPS_NORM=EPS_MINMAX, R_PAD=next_power_of_2(n_range), BLOCK=block,
+        num_warps=4,
+    )
+    return out

@@ -1,29 +1,60 @@
-"""Triton kernels for the all-offset joint counts (SPEC §3), forward and backward.
+"""Triton kernels for the all-offset joint counts (docs/contract.md §3), forward and backward.
 
-Layout: maps are (B, K, *S) contiguous; 2-D maps are 3-D ones with D = 1 (IS_3D=False only skips
-the depth checks). A program works on a tile of BLOCK_P consecutive pixels of the flattened
-(B, *S) (a tile may straddle two samples), keeps the tile of p1 in registers and loops over the
-offsets, gathering the partner pixels s + d (or t - d) directly from the input: no shifted or
-unfolded copy of a map is ever made. Which partners exist comes from a small per-offset table
-(flat shift and, per spatial dim, the coordinate range whose partner is inside).
+Partner rows. The |O| offsets and the K channels of the partner map give |O| K "partner rows"
+r = (o, k): row r of a pixel tile is map[k] at s + d_o. A chunk of ROWS such rows (ROWS a power
+of two, rows packed across offsets, so only the last chunk is padded) is gathered straight from
+the map as a (ROWS, TILE) operand; no shifted or unfolded copy of a map is ever made. One small
+table per (offsets, shape) on the device (`partner_table`, cached) gives each row its element
+offset k*stride_k + shift, its flat shift (for the mask), the coordinate range whose partner is
+inside, and where its entries of dL/dJ sit.
 
-Forward: a persistent grid (n_pixel_programs, n_offset_groups). Program (q, g) walks the tiles
-q, q + n_pixel_programs, ... and adds, for each offset o of its group, the K x K product
-p1_tile @ p2_shifted_tile^T into its own slot partial[q, o]. No two programs share a slot, so no
-atomics are needed, and the launcher sums `partial` over q in a fixed order: deterministic. The
-number of pixel programs is bounded so `partial` stays under 1 MiB.
+Forward, J[o, i, j] = sum_s m p1[i, s] m p2[j, s + d_o]: grid (chunks, pixel programs). Program
+(c, q) keeps a (ROWS, K_PAD) accumulator in registers while it walks the spatial tiles q,
+q + Q, ... (tiles of one sample, x fastest); per tile it loads p1's (TILE, K_PAD) block once and
+the chunk's partner rows, and adds partner_rows @ p1_tile (one tl.dot). At the end it writes the
+accumulator once to partial[q]; `_sum_partials_kernel` adds the Q partials in program order and
+writes J (deterministic, no atomics). Tiles whose halo lies inside the sample skip every bounds
+test. All offsets zero (the authors' setting) is run as a 1-D problem: tiles are runs of a
+flattened sample, a K x K product streamed at the memory rate.
 
-Backward: one pass over the pixels computes both gradients; per tile and offset it gathers p2 at
-s + d and p1 at t - d, multiplies by G_d (resp. G_d^T) and accumulates in registers; each
-gradient element is written exactly once.
+Backward, one pass over the pixel tiles: for each tile, for each chunk, gather the partner rows
+of p2 (offsets d) and of p1 (offsets -d) and accumulate
+    dL/dp1[s, i] += rows_p2(s)^T @ G1[rows, i],   G1[(o, j), i] = G_o[i, j]
+    dL/dp2[t, j] += rows_p1(t)^T @ G2[rows, j],   G2[(o, i), j] = G_o[i, j]
+in registers ((TILE, K_PAD) each), then write each gradient element once. The partner rows come
+from the tile's neighbourhood, so each map is read from memory about once plus its halo.
 
-Products use tl.dot on float32 values (float16/bfloat16 are converted first, which is exact);
-float64 uses an explicit broadcast-multiply-and-sum so it stays float64 on every GPU.
+Products: tl.dot everywhere. float32 maps use 3xTF32 on the GPU (error about float32's; plain
+TF32 truncates and is not), or FMAs where few partner rows make the product memory-bound
+(`product_precision`: offset 0 alone, for one); float16/bfloat16 maps use their native
+tensor-core product with float32 accumulation in the forward (the products of two
+half-precision numbers are exact in float32), and are widened to float32 (exact) against dL/dJ
+in the backward; float64 uses the float64 tensor-core product (DMMA). The interpreter computes
+every dot exactly in the accumulation dtype.
+
+Roofline, H200 (4.3 TB/s copy, 67 TFLOP/s FP32 FMA, ~495 TFLOP/s dense TF32, so ~165 with
+3xTF32), float32 maps, forward + backward. Bytes: read p1, p2 (forward), read both and write both
+gradients (backward): 6 K B N words. FLOPs (useful): 6 |O| K^2 B N. The tensor cores do
+(rows_pad K_PAD) / (|O| K K) times that (partner rows and K padded), and every gathered element
+costs ~3 integer instructions (address) plus the 3xTF32 split on the CUDA cores:
+- B=16 K=10 256x256 r=1 (|O|=9): 252 MB -> 59 us; 5.7 GFLOP -> 85 us FMA, 34 us 3xTF32, x1.7
+  padded (96 rows, K_PAD 16) -> 58 us; 0.30 G gathered elements -> ~0.1 ms of integer issue.
+  Expected: bound by the gather's issue rate and the tensor cores together, ~0.1-0.2 ms.
+- B=16 K=10 256x256 r=3 (|O|=49): 252 MB -> 59 us; 31 GFLOP -> 460 us FMA, 186 us 3xTF32,
+  x1.67 padded -> 310 us; 1.6 G gathered elements -> ~0.3-0.5 ms. Compute-bound, ~0.5 ms.
+- B=16 K=40 256x256 r=1: 1.0 GB -> 234 us; 91 GFLOP -> 1.35 ms FMA, 0.55 ms 3xTF32, x1.64
+  padded (K_PAD 64) -> 0.9 ms. Compute-bound, ~1 ms (the FP32-FMA roofline is 1.35 ms).
+- offset 0 alone (B=16 K=10): 84 MB read -> 20 us; 16 x 16 padded products on FMAs are under
+  the memory time (`product_precision`): memory-bound, like torch.mm at best.
+What a GPU run must confirm (scripts/gpu_check.sh, scripts/triton_profile.py): these times
+within 5x (>= 20 % of the roofline), no spills, the products on HMMA/HGMMA (DMMA for float64)
+in the SASS, and offset 0 at least as fast as torch.einsum / torch.bmm on the same maps.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -31,309 +62,586 @@ import triton.language as tl
 
 from . import (
     INTERPRETED,
-    INTERPRETER_BLOCK_P,
-    INTERPRETER_MAX_PROGRAMS,
     PARTIAL_BYTES_BUDGET,
+    accumulation_dtype,
     dot_precision,
     grid_size,
     multiprocessor_count,
-    offset_table,
     padded_k,
     spatial_dims,
 )
+from .tiles import (
+    Tile,
+    coordinate_in_range,
+    make_tile,
+    map_extent,
+    needs_wide_index,
+    next_power_of_2,
+    sample_pointer,
+    tile_geometry,
+    tile_is_interior,
+    with_tile_shape,
+)
+
+# Columns of the partner table (column-major: column c of row r at c * rows_stride + r).
+COL_MAP_OFFSET = tl.constexpr(0)  # k * stride_k + flat shift of the row's offset
+COL_SHIFT = tl.constexpr(1)  # flat shift alone (the mask has no channel)
+COL_Z_LO = tl.constexpr(2)  # pixels with z_lo <= z < z_hi have their partner inside
+COL_Z_HI = tl.constexpr(3)
+COL_Y_LO = tl.constexpr(4)
+COL_Y_HI = tl.constexpr(5)
+COL_X_LO = tl.constexpr(6)
+COL_X_HI = tl.constexpr(7)
+COL_GRAD_INDEX = tl.constexpr(8)  # index in dL/dJ of the row's entry for column 0
+TABLE_COLUMNS = 9
 
 
-# Offset table rows (built by `offset_table`): the flat index shift of d, then for each spatial
-# dim the range [lo, hi) of coordinates whose partner c + d_dim is inside the image.
-TABLE_COLUMNS = 8
+# ------------------------------------------------------------------------------------------------
+# @triton.jit helpers
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def load_partner_rows(rows_ptr, rows, rows_stride, WIDE: tl.constexpr):
+    """(map offset, flat shift) of a chunk of partner rows, each a (ROWS,) vector."""
+    map_offset = tl.load(rows_ptr + COL_MAP_OFFSET * rows_stride + rows)
+    shift = tl.load(rows_ptr + COL_SHIFT * rows_stride + rows)
+    if WIDE:
+        return map_offset, shift
+    else:
+        return map_offset.to(tl.int32), shift.to(tl.int32)
 
 
 @triton.jit
-def _joint_counts_forward_kernel(
-    p1_ptr, p2_ptr, mask_ptr, table_ptr, partial_ptr,
-    K, N, H, W, total_pixels,
-    n_offsets, offsets_per_group, n_tiles,
-    IS_3D: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    # Helpers are written inline: the interpreter pays milliseconds per nested jit call.
-    pid_pixels = tl.program_id(0)
-    pid_offsets = tl.program_id(1)
-    n_pixel_programs = tl.num_programs(0)
-    acc_dtype = partial_ptr.dtype.element_ty
+def partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D: tl.constexpr):
+    """(ROWS, TILE) validity: the pixel is in the sample and its partner s + d_o too. The
+    ranges are read here, for the border tiles only, rather than held in registers."""
+    y_lo = tl.load(rows_ptr + COL_Y_LO * rows_stride + rows).to(tl.int32)
+    y_hi = tl.load(rows_ptr + COL_Y_HI * rows_stride + rows).to(tl.int32)
+    x_lo = tl.load(rows_ptr + COL_X_LO * rows_stride + rows).to(tl.int32)
+    x_hi = tl.load(rows_ptr + COL_X_HI * rows_stride + rows).to(tl.int32)
+    ok = inside[None, :] & coordinate_in_range(y, y_lo, y_hi)
+    ok = ok & coordinate_in_range(x, x_lo, x_hi)
+    if IS_3D:
+        z_lo = tl.load(rows_ptr + COL_Z_LO * rows_stride + rows).to(tl.int32)
+        z_hi = tl.load(rows_ptr + COL_Z_HI * rows_stride + rows).to(tl.int32)
+        ok = ok & coordinate_in_range(z, z_lo, z_hi)
+    return ok
 
+
+@triton.jit
+def gather_partner_rows(map_base, mask_base, map_offset, shift, s, ok, OUT_DTYPE: tl.constexpr,
+                        CHECK: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(ROWS, TILE) block in OUT_DTYPE: row r at pixel s is map[k_r, s + d_r] (times the mask
+    there). CHECK=False for interior tiles: every address is inside, no predicate."""
+    if CHECK:
+        rows = tl.load(map_base + (map_offset[:, None] + s[None, :]), mask=ok, other=0.0)
+    else:
+        rows = tl.load(map_base + (map_offset[:, None] + s[None, :]))
+    rows = rows.to(OUT_DTYPE)
+    if HAS_MASK:
+        if CHECK:
+            weight = tl.load(mask_base + (shift[:, None] + s[None, :]), mask=ok, other=0.0)
+        else:
+            weight = tl.load(mask_base + (shift[:, None] + s[None, :]))
+        rows = rows * weight.to(OUT_DTYPE)
+    return rows
+
+
+@triton.jit
+def partner_block(map_base, mask_base, map_offset, shift, rows_ptr, rows, rows_stride, row_ok,
+                  s, z, y, x, inside, interior, OUT_DTYPE: tl.constexpr,
+                  IS_3D: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The chunk's (ROWS, TILE) partner rows of a tile: without bounds tests on an interior
+    tile (rows past the table's end read as zero), with the partner test on a border tile."""
+    if interior:
+        block = gather_partner_rows(map_base, mask_base, map_offset, shift, s, row_ok[:, None],
+                                    OUT_DTYPE, True, HAS_MASK)
+    else:
+        ok = partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D)
+        block = gather_partner_rows(map_base, mask_base, map_offset, shift, s, ok,
+                                    OUT_DTYPE, True, HAS_MASK)
+    return block
+
+
+@triton.jit
+def accumulate_gradient(acc, grad_j_ptr, map_base, mask_base, rows_ptr, rows, rows_stride,
+                        row_ok, column_stride, k, k_ok, s, z, y, x, inside, interior,
+                        DOT_PRECISION: tl.constexpr, IS_3D: tl.constexpr,
+                        HAS_MASK: tl.constexpr, WIDE: tl.constexpr):
+    """acc (TILE, K_PAD) += partner_rows^T @ G_rows: the chunk's contribution to one map's
+    gradient. G_rows[r, c] = dL/dJ[index_r + c * column_stride] (the table's COL_GRAD_INDEX)."""
+    map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)
+    block = partner_block(map_base, mask_base, map_offset, shift, rows_ptr, rows, rows_stride,
+                          row_ok, s, z, y, x, inside, interior, acc.dtype, IS_3D, HAS_MASK)
+    g_index = tl.load(rows_ptr + COL_GRAD_INDEX * rows_stride + rows)
+    g = tl.load(grad_j_ptr + (g_index[:, None] + k[None, :] * column_stride),
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    return tl.dot(tl.trans(block), g, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def store_gradient(grad_ptr, b, stride_b, out_channel, acc, weight, s, inside, k_ok,
+                   HAS_MASK: tl.constexpr):
+    """Write a tile's (TILE, K_PAD) gradient once, times the mask at the pixel."""
+    if HAS_MASK:
+        acc = acc * weight
+    out = sample_pointer(grad_ptr, b, stride_b) + (s[:, None] + out_channel[None, :])
+    tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=inside[:, None] & k_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _joint_counts_forward_kernel(
+    p1_ptr, p2_ptr, mask_ptr, rows_ptr, partial_ptr,
+    p1_stride_b, p1_stride_k, p2_stride_b, mask_stride_b,
+    K, D, H, W, n_rows, rows_stride,
+    tiles_z, tiles_y, tiles_x, n_tiles, halo_z, halo_y, halo_x,
+    IS_3D: tl.constexpr, HAS_MASK: tl.constexpr, WIDE: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K_PAD: tl.constexpr, ROWS: tl.constexpr,
+    TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    pid = tl.program_id(1)
+    n_programs = tl.num_programs(1)
+    acc_dtype = partial_ptr.dtype.element_ty
+    if NATIVE_DOT:
+        operand_dtype = p1_ptr.dtype.element_ty
+    else:
+        operand_dtype = acc_dtype
+
+    rows = chunk * ROWS + tl.arange(0, ROWS)
+    map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)  # for every tile
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    n = tl.cast(N, tl.int64)
-    k_stride = k.to(tl.int64) * n
-    kk_index = k[:, None] * K + k[None, :]
-    kk_ok = k_ok[:, None] & k_ok[None, :]
-    o_begin = pid_offsets * offsets_per_group
-    o_end = tl.minimum(o_begin + offsets_per_group, n_offsets)
-    slot_base = partial_ptr + pid_pixels.to(tl.int64) * n_offsets * K * K + kk_index
-
-    for tile in range(pid_pixels, n_tiles, n_pixel_programs):
-        # a tile is BLOCK_P consecutive pixels of the flattened (B, *S), possibly across samples
-        g = tl.cast(tile, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        inside = g < total_pixels
-        b = g // n
-        s = g - b * n
-        y = s // W
-        x = s - y * W
-        if IS_3D:
-            z = y // H
-            y = y - z * H
-        # element (b, k, s) of a (B, K, *S) map lives at b*K*N + k*N + s
-        pixel_base = b * K * n + s
-        a = tl.load(
-            p1_ptr + (k_stride[:, None] + pixel_base[None, :]),
-            mask=k_ok[:, None] & inside[None, :], other=0.0,
-        ).to(acc_dtype)  # p1 tile (K_PAD, BLOCK_P), read once for all offsets
+    if WIDE:
+        channel = k.to(tl.int64) * p1_stride_k
+    else:
+        channel = k * p1_stride_k
+    row_ok = rows < n_rows
+    acc = tl.zeros((ROWS, K_PAD), dtype=acc_dtype)
+    for tile in range(pid, n_tiles, n_programs):
+        b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+            tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
+        mask_base = sample_pointer(mask_ptr, b, mask_stride_b)
+        # p1's (TILE, K_PAD) block, read once for every partner row of the chunk
+        a = tl.load(sample_pointer(p1_ptr, b, p1_stride_b) + (s[:, None] + channel[None, :]),
+                    mask=inside[:, None] & k_ok[None, :], other=0.0).to(operand_dtype)
         if HAS_MASK:
-            a = a * tl.load(mask_ptr + g, mask=inside, other=0.0).to(acc_dtype)[None, :]
-        # pixels along the last dim, so consecutive threads read consecutive addresses
-        p2_tile = p2_ptr + (k_stride[:, None] + pixel_base[None, :])
-        tile_k_ok = k_ok[:, None]
-        for o in range(o_begin, o_end):
-            row = table_ptr + o * 8
-            shift = tl.load(row)
-            ok = inside & (y >= tl.load(row + 3)) & (y < tl.load(row + 4))
-            ok = ok & (x >= tl.load(row + 5)) & (x < tl.load(row + 6))
-            if IS_3D:
-                ok = ok & (z >= tl.load(row + 1)) & (z < tl.load(row + 2))
-            # p2 at s + d as (K_PAD, BLOCK_P), gathered straight from p2
-            c = tl.load(p2_tile + shift, mask=tile_k_ok & ok[None, :], other=0.0).to(acc_dtype)
-            if HAS_MASK:
-                c = c * tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)[None, :]
-            slot = slot_base + o * K * K
-            acc = tl.load(slot, mask=kk_ok, other=0.0)
-            if USE_DOT:
-                acc = tl.dot(a, tl.trans(c), acc, input_precision=DOT_PRECISION)
-            else:
-                acc += tl.sum(a[:, None, :] * c[None, :, :], axis=2)
-            tl.store(slot, acc, mask=kk_ok)
-            # The next tile's load of this slot may be done by other threads of the program
-            # (another register layout): make the store visible to the whole block first.
-            tl.debug_barrier()
+            a = a * tl.load(mask_base + s, mask=inside, other=0.0).to(operand_dtype)[:, None]
+        interior = tile_is_interior(z0, y0, x0, D, H, W, halo_z, halo_y, halo_x,
+                                    TILE_D, TILE_H, TILE_W, IS_3D)
+        c = partner_block(sample_pointer(p2_ptr, b, p2_stride_b), mask_base, map_offset, shift,
+                          rows_ptr, rows, rows_stride, row_ok, s, z, y, x, inside, interior,
+                          operand_dtype, IS_3D, HAS_MASK)
+        if NATIVE_DOT:
+            acc = tl.dot(c, a, acc)
+        else:
+            acc = tl.dot(c, a, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+
+    kk = tl.arange(0, K_PAD)
+    out = partial_ptr + pid.to(tl.int64) * rows_stride * K_PAD
+    tl.store(out + rows[:, None] * K_PAD + kk[None, :], acc)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, partial_stride, K, n_out,
+                         K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """J[o, i, j] = sum over programs q, in order, of partial[q, o K + j, i]."""
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = index < n_out
+    o = index // (K * K)
+    i = (index // K) % K
+    j = index % K
+    source = (o * K + j) * K_PAD + i
+    total = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
+    for q in range(0, n_partials):
+        total += tl.load(partial_ptr + q * partial_stride + source, mask=ok, other=0.0)
+    tl.store(out_ptr + index, total, mask=ok)
 
 
 @triton.jit
 def _joint_counts_backward_kernel(
-    grad_j_ptr, p1_ptr, p2_ptr, mask_ptr, table_ptr, reverse_table_ptr, grad_p1_ptr, grad_p2_ptr,
-    K, N, H, W, total_pixels,
-    n_offsets, n_tiles,
+    grad_j_ptr, p1_ptr, p2_ptr, mask_ptr, rows_ptr, reverse_rows_ptr, grad_p1_ptr, grad_p2_ptr,
+    p1_stride_b, p2_stride_b, mask_stride_b, grad_stride_b, grad_stride_k,
+    K, D, H, W, n_rows, rows_stride, n_chunks,
+    tiles_z, tiles_y, tiles_x, n_tiles, halo_z, halo_y, halo_x,
     GRAD_P1: tl.constexpr, GRAD_P2: tl.constexpr,
-    IS_3D: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    IS_3D: tl.constexpr, HAS_MASK: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr,
+    TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    # GRAD_P1 / GRAD_P2 pick the gradients this launch computes: both in one pass over the
-    # pixels, or one each in two launches when both accumulators would not fit the registers.
+    # GRAD_P1 / GRAD_P2 pick the gradients of this launch: both in one pass over the pixels,
+    # or one each in two launches when both accumulators would not fit the registers.
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     acc_dtype = grad_j_ptr.dtype.element_ty
-
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    n = tl.cast(N, tl.int64)
-    k_stride = k.to(tl.int64) * n
-    kk_index = k[:, None] * K + k[None, :]
-    kk_ok = k_ok[:, None] & k_ok[None, :]
-
+    if WIDE:
+        out_channel = k.to(tl.int64) * grad_stride_k
+    else:
+        out_channel = k * grad_stride_k
     for tile in range(pid, n_tiles, n_programs):
-        g = tl.cast(tile, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        inside = g < total_pixels
-        b = g // n
-        s = g - b * n
-        y = s // W
-        x = s - y * W
-        if IS_3D:
-            z = y // H
-            y = y - z * H
-        tile_index = k_stride[:, None] + (b * K * n + s)[None, :]  # (K_PAD, BLOCK_P)
-        tile_ok = k_ok[:, None] & inside[None, :]
-        if GRAD_P1:
-            p2_tile = p2_ptr + tile_index
-            grad1 = tl.zeros((K_PAD, BLOCK_P), dtype=acc_dtype)
-        if GRAD_P2:
-            p1_tile = p1_ptr + tile_index
-            grad2 = tl.zeros((K_PAD, BLOCK_P), dtype=acc_dtype)
-        for o in range(0, n_offsets):
-            g_d = tl.load(grad_j_ptr + o * K * K + kk_index, mask=kk_ok, other=0.0)
+        b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+            tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
+        interior = tile_is_interior(z0, y0, x0, D, H, W, halo_z, halo_y, halo_x,
+                                    TILE_D, TILE_H, TILE_W, IS_3D)
+        mask_base = sample_pointer(mask_ptr, b, mask_stride_b)
+        grad1 = tl.zeros((TILE_D * TILE_H * TILE_W, K_PAD), dtype=acc_dtype)
+        grad2 = tl.zeros((TILE_D * TILE_H * TILE_W, K_PAD), dtype=acc_dtype)
+        for chunk in range(0, n_chunks):
+            rows = chunk * ROWS + tl.arange(0, ROWS)
+            row_ok = rows < n_rows
             if GRAD_P1:
-                # dL/dp1[i, s] += sum_j G[i, j] p2[j, s + d]
-                row = table_ptr + o * 8
-                shift = tl.load(row)
-                ok = inside & (y >= tl.load(row + 3)) & (y < tl.load(row + 4))
-                ok = ok & (x >= tl.load(row + 5)) & (x < tl.load(row + 6))
-                if IS_3D:
-                    ok = ok & (z >= tl.load(row + 1)) & (z < tl.load(row + 2))
-                q2 = tl.load(p2_tile + shift, mask=k_ok[:, None] & ok[None, :], other=0.0)
-                q2 = q2.to(acc_dtype)
-                if HAS_MASK:
-                    m2 = tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)
-                    q2 = q2 * m2[None, :]
-                if USE_DOT:
-                    grad1 = tl.dot(g_d, q2, grad1, input_precision=DOT_PRECISION)
-                else:
-                    grad1 += tl.sum(g_d[:, :, None] * q2[None, :, :], axis=1)
+                # dL/dp1[s, i] += sum_(o, j) p2[j, s + d_o] G_o[i, j]: rows (o, j), stride K
+                grad1 = accumulate_gradient(
+                    grad1, grad_j_ptr, sample_pointer(p2_ptr, b, p2_stride_b), mask_base,
+                    rows_ptr, rows, rows_stride, row_ok, K, k, k_ok, s, z, y, x, inside,
+                    interior, DOT_PRECISION, IS_3D, HAS_MASK, WIDE)
             if GRAD_P2:
-                # dL/dp2[j, t] += sum_i G[i, j] p1[i, t - d]
-                row = reverse_table_ptr + o * 8
-                shift = tl.load(row)
-                ok = inside & (y >= tl.load(row + 3)) & (y < tl.load(row + 4))
-                ok = ok & (x >= tl.load(row + 5)) & (x < tl.load(row + 6))
-                if IS_3D:
-                    ok = ok & (z >= tl.load(row + 1)) & (z < tl.load(row + 2))
-                q1 = tl.load(p1_tile + shift, mask=k_ok[:, None] & ok[None, :], other=0.0)
-                q1 = q1.to(acc_dtype)
-                if HAS_MASK:
-                    m1 = tl.load(mask_ptr + (g + shift), mask=ok, other=0.0).to(acc_dtype)
-                    q1 = q1 * m1[None, :]
-                g_t = tl.trans(g_d)
-                if USE_DOT:
-                    grad2 = tl.dot(g_t, q1, grad2, input_precision=DOT_PRECISION)
-                else:
-                    grad2 += tl.sum(g_t[:, :, None] * q1[None, :, :], axis=1)
+                # dL/dp2[t, j] += sum_(o, i) p1[i, t - d_o] G_o[i, j]: rows (o, i), stride 1
+                grad2 = accumulate_gradient(
+                    grad2, grad_j_ptr, sample_pointer(p1_ptr, b, p1_stride_b), mask_base,
+                    reverse_rows_ptr, rows, rows_stride, row_ok, 1, k, k_ok, s, z, y, x,
+                    inside, interior, DOT_PRECISION, IS_3D, HAS_MASK, WIDE)
         if HAS_MASK:
-            m_here = tl.load(mask_ptr + g, mask=inside, other=0.0).to(acc_dtype)[None, :]
+            weight = tl.load(mask_base + s, mask=inside, other=0.0).to(acc_dtype)[:, None]
+        else:
+            weight = tl.full((1, 1), 1.0, acc_dtype)  # not applied
         if GRAD_P1:
-            if HAS_MASK:
-                grad1 = grad1 * m_here
-            out1 = grad1.to(grad_p1_ptr.dtype.element_ty)
-            tl.store(grad_p1_ptr + tile_index, out1, mask=tile_ok)
+            store_gradient(grad_p1_ptr, b, grad_stride_b, out_channel, grad1, weight, s, inside,
+                           k_ok, HAS_MASK)
         if GRAD_P2:
-            if HAS_MASK:
-                grad2 = grad2 * m_here
-            out2 = grad2.to(grad_p2_ptr.dtype.element_ty)
-            tl.store(grad_p2_ptr + tile_index, out2, mask=tile_ok)
+            store_gradient(grad_p2_ptr, b, grad_stride_b, out_channel, grad2, weight, s, inside,
+                           k_ok, HAS_MASK)
 
 
 # ------------------------------------------------------------------------------------------------
-# launchers
+# host side: partner tables, launch settings, launchers
 # ------------------------------------------------------------------------------------------------
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class Geometry(NamedTuple):
+    """What the kernels see of a problem. All-zero offsets run as a 1-D problem (D = H = 1,
+    W = N): the partner is the pixel itself, so tiles can be plain runs of a sample."""
+
+    dims: Tuple[int, int, int]
+    ndim: int
+    offsets: Tuple[int, ...]  # flat, ndim values per offset
+    halo: Tuple[int, int, int]  # max |d| per dim (z, y, x)
+    flat: bool  # all offsets zero, run as (1, 1, N)
 
 
-class LaunchConfig(NamedTuple):
-    block_p: int  # pixels per tile (a power of two)
+@functools.lru_cache(maxsize=256)
+def geometry(flat_offsets: Tuple[int, ...], ndim: int, dims: Tuple[int, int, int]) -> Geometry:
+    if not any(flat_offsets):
+        n_offsets = len(flat_offsets) // ndim
+        return Geometry((1, 1, dims[0] * dims[1] * dims[2]), 2, (0, 0) * n_offsets, (0, 0, 0),
+                        True)
+    per_dim = [flat_offsets[i::ndim] for i in range(ndim)]
+    halo = tuple(max(abs(v) for v in values) for values in per_dim)
+    return Geometry(dims, ndim, flat_offsets, (0,) * (3 - ndim) + halo, False)
+
+
+_partner_tables: dict = {}
+
+
+def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad: int,
+                  device: torch.device) -> torch.Tensor:
+    """The (TABLE_COLUMNS, rows_pad) int64 table of the partner rows r = o K + k (offset d_o,
+    or -d_o when `reverse`) on `device`; rows past |O| K are padding (no pixel has its partner
+    inside them, and their dL/dJ entries are masked off). Cached: a training loop copies each
+    table to the device once."""
+    key = (geo, k, stride_k, reverse, rows_pad, str(device))
+    table = _partner_tables.get(key)
+    if table is not None:
+        return table
+    depth, height, width = geo.dims
+    sign = -1 if reverse else 1
+    columns = [[0] * rows_pad for _ in range(TABLE_COLUMNS)]
+    flat = geo.offsets
+    for o in range(len(flat) // geo.ndim):
+        d = (0,) * (3 - geo.ndim) + tuple(sign * v for v in flat[o * geo.ndim:(o + 1) * geo.ndim])
+        shift = (d[0] * height + d[1]) * width + d[2]
+        ranges = []
+        for delta, size in zip(d, geo.dims):
+            ranges += [max(0, -delta), size - max(0, delta)]
+        for channel in range(k):
+            r = o * k + channel
+            columns[COL_MAP_OFFSET.value][r] = channel * stride_k + shift
+            columns[COL_SHIFT.value][r] = shift
+            for column, value in zip(range(COL_Z_LO.value, COL_X_HI.value + 1), ranges):
+                columns[column][r] = value
+            # forward table: rows (o, j), dL/dJ[o, i, j] at o K^2 + j + i K (column stride K);
+            # reverse table: rows (o, i), dL/dJ[o, i, j] at o K^2 + i K + j (column stride 1)
+            columns[COL_GRAD_INDEX.value][r] = o * k * k + (channel * k if reverse else channel)
+    table = torch.tensor(columns, dtype=torch.int64).to(device)
+    if len(_partner_tables) > 512:  # a long-running process with many shapes: start over
+        _partner_tables.clear()
+    _partner_tables[key] = table
+    return table
+
+
+class JointConfig(NamedTuple):
+    rows: int  # partner rows per chunk at most (a power of two >= 16)
+    tile_pixels: int  # pixels per tile (a power of two >= 16)
     num_warps: int
-    split_backward: bool  # dL/dp1 and dL/dp2 in two launches (fewer live registers each)
+    split_backward: bool = False  # dL/dp1 and dL/dp2 in two launches (fewer live registers)
 
 
-def default_config(k_pad: int, use_dot: bool) -> LaunchConfig:
-    """Fixed launch settings. Under the interpreter: big tiles (its cost is per tile). On a GPU:
-    the largest tiles whose registers do not spill, from `ptxas -v` on sm_90 code with
-    tf32x3 dots (fp32) and the broadcast product (fp64); not timed on hardware yet."""
+# Under the interpreter every operation costs ~0.1 ms of Python whatever its size and a nested
+# @triton.jit call ~0.6 ms: few, big tiles; tensors stay under Triton's 2^20-element limit.
+INTERPRETER_TILE_PIXELS = 1024
+INTERPRETER_ROW_ELEMENTS = 1 << 18
+
+
+def default_config(k_pad: int, dtype: torch.dtype) -> JointConfig:
+    """Launch settings sized from K and the dtype. On a GPU each program holds in registers the
+    (ROWS, TILE) partner rows with their addresses, the (TILE, K_PAD) map block and the
+    accumulators; the sizes below keep sm_90 code free of spills for K up to 128 in every
+    dtype (scripts/triton_compile_check.py; float64 counts twice)."""
     if INTERPRETED:
-        return LaunchConfig(INTERPRETER_BLOCK_P, 4, False)
-    if not use_dot:  # float64: the (K_PAD, K_PAD, BLOCK_P) product lives in registers
-        return LaunchConfig(max(1, 4096 // (k_pad * k_pad)), 4, False)
-    if k_pad <= 16:
-        return LaunchConfig(64, 8, False)
-    if k_pad <= 32:
-        return LaunchConfig(32, 8, True)
-    return LaunchConfig(16, 8, True)
+        tile = max(16, min(INTERPRETER_TILE_PIXELS, (1 << 20) // (4 * k_pad)))
+        return JointConfig(max(16, INTERPRETER_ROW_ELEMENTS // tile), tile, 4)
+    table = FLOAT64_CONFIGS if dtype == torch.float64 else CONFIGS
+    return table[min(max(k_pad, 16), 128)]
 
 
-def _launch_geometry(p1, block_p):
-    batch, k = int(p1.shape[0]), int(p1.shape[1])
-    d, h, w, n = spatial_dims(p1.shape)
+# (max rows per chunk, tile pixels, warps, split backward) by K_PAD, from
+# `python scripts/triton_compile_check.py` on sm_90: no spills, registers <= 255.
+CONFIGS = {
+    16: JointConfig(32, 64, 4),
+    32: JointConfig(32, 32, 4, split_backward=True),
+    64: JointConfig(16, 32, 4, split_backward=True),
+    128: JointConfig(16, 16, 8, split_backward=True),
+}
+FLOAT64_CONFIGS = {
+    16: JointConfig(16, 32, 4, split_backward=True),
+    32: JointConfig(16, 32, 4, split_backward=True),
+    64: JointConfig(16, 16, 4, split_backward=True),
+    128: JointConfig(16, 16, 8, split_backward=True),
+}
+
+
+def chunk_rows(n_rows: int, k_pad: int, max_rows: int) -> int:
+    """Rows per chunk: the power of two in [16, max_rows] that minimises the padded rows plus,
+    per chunk, the reload of the (TILE, K_PAD) map block (counted as K_PAD / 2 rows)."""
+    candidates = []
+    rows = 16
+    while rows <= max(16, min(max_rows, next_power_of_2(n_rows))):
+        chunks = triton.cdiv(n_rows, rows)
+        candidates.append((chunks * rows + chunks * k_pad / 2, -rows))
+        rows *= 2
+    return -min(candidates)[1]
+
+
+def _dense_spatial(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """t itself when its dims after the first `lead` ones are laid out densely, else a
+    contiguous copy: the kernels take the batch and channel strides as arguments and assume
+    dense pixels."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[lead:]), reversed(t.stride()[lead:])):
+        if size != 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
+def _prepare(p1, p2, mask):
+    p1, p2 = _dense_spatial(p1, 2), _dense_spatial(p2, 2)
+    if mask is not None:
+        mask = _dense_spatial(mask.reshape(mask.shape[0], *p1.shape[2:]), 1)
+    return p1, p2, mask
+
+
+class _Problem(NamedTuple):
+    batch: int
+    k: int
+    k_pad: int
+    n: int
+    geo: Geometry
+    tile: Tile
+    n_tiles: int
+    config: JointConfig
+    rows: int
+    n_rows: int
+    rows_pad: int
+    n_chunks: int
+    wide: bool
+
+
+def _problem(p1, p2, mask, flat_offsets, config, tile_shape, grads=()) -> _Problem:
+    """The launch geometry of a call; cached on what it depends on (shapes, channel strides,
+    dtype, offsets, settings), so a training loop pays for it once."""
+    return _cached_problem(
+        tuple(p1.shape), p1.dtype, tuple(int(t.stride(1)) for t in (p1, p2, *grads)),
+        mask is not None, tuple(flat_offsets), config,
+        None if tile_shape is None else tuple(tile_shape),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_problem(shape, dtype, channel_strides, has_mask, flat, config, tile_shape):
+    batch, k = int(shape[0]), int(shape[1])
+    ndim = len(shape) - 2
+    d, h, w, n = spatial_dims(shape)
+    flat = tuple(int(v) for v in flat)
+    geo = geometry(flat, ndim, (d, h, w))
     k_pad = padded_k(k)
-    use_dot = p1.dtype != torch.float64
-    config = default_config(k_pad, use_dot)
-    if block_p is not None:
-        config = config._replace(block_p=int(block_p))
-    if config.block_p < 1 or config.block_p & (config.block_p - 1):
-        raise ValueError(f"block_p: expected a power of two, got {config.block_p}")
-    if use_dot and not INTERPRETED and config.block_p < 16:
-        raise ValueError(f"block_p: tl.dot needs at least 16 pixels per tile, got {config.block_p}")
-    total_pixels = batch * n
-    return batch, k, (d, h, w), n, k_pad, use_dot, config, total_pixels
+    config = config or default_config(k_pad, dtype)
+    n_rows = len(flat) // ndim * k
+    rows = chunk_rows(n_rows, k_pad, config.rows)
+    n_chunks = triton.cdiv(n_rows, rows)
+    if tile_shape is None:
+        # all-zero offsets: runs of a flattened sample, as long as the tile
+        pixels = config.tile_pixels
+        tile = make_tile(geo.dims, pixels, max_width=pixels if geo.flat else 64)
+    else:
+        tile = with_tile_shape(geo.dims, (1, 1, math.prod(tile_shape)) if geo.flat else
+                               tile_shape)
+    extents = [map_extent(k, stride, n) for stride in channel_strides] + [n]
+    return _Problem(
+        batch, k, k_pad, n, geo, tile, batch * tile.per_sample, config, rows, n_rows,
+        n_chunks * rows, n_chunks, needs_wide_index(*extents),
+    )
 
 
-def joint_counts(
-    p1, p2, offsets, mask=None, *, block_p=None, max_programs=None, offset_groups=None
-):
+def native_dot(dtype: torch.dtype) -> bool:
+    """Half-precision maps multiply on their own tensor-core path in the forward (exact
+    products, float32 sums); the interpreter has no bfloat16 dot, so it widens those first."""
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
+
+
+def forward_constexprs(prob: _Problem, dtype: torch.dtype, has_mask: bool,
+                       precision: str) -> dict:
+    """The compile-time settings of `_joint_counts_forward_kernel` (also used by
+    scripts/triton_compile_check.py)."""
+    return dict(
+        IS_3D=prob.geo.ndim == 3, HAS_MASK=has_mask, WIDE=prob.wide,
+        NATIVE_DOT=native_dot(dtype), DOT_PRECISION=precision,
+        K_PAD=prob.k_pad, ROWS=prob.rows,
+        TILE_D=prob.tile.depth, TILE_H=prob.tile.height, TILE_W=prob.tile.width,
+        num_warps=prob.config.num_warps,
+    )
+
+
+def backward_passes(prob: _Problem, split: Optional[bool] = None):
+    """(GRAD_P1, GRAD_P2) of each backward launch."""
+    split = prob.config.split_backward if split is None else bool(split)
+    return [(True, False), (False, True)] if split else [(True, True)]
+
+
+def backward_constexprs(prob: _Problem, has_mask: bool, precision: str,
+                        want_p1: bool, want_p2: bool) -> dict:
+    """The compile-time settings of `_joint_counts_backward_kernel`."""
+    return dict(
+        GRAD_P1=want_p1, GRAD_P2=want_p2,
+        IS_3D=prob.geo.ndim == 3, HAS_MASK=has_mask, WIDE=prob.wide,
+        DOT_PRECISION=precision, K_PAD=prob.k_pad, ROWS=prob.rows,
+        TILE_D=prob.tile.depth, TILE_H=prob.tile.height, TILE_W=prob.tile.width,
+        num_warps=prob.config.num_warps,
+    )
+
+
+def product_precision(prob: _Problem, precision: str) -> str:
+    """float32 products on FMAs ("ieee") where the padded product is cheap next to the bytes
+    (few partner rows: offset 0 alone, for one): FMAs do it within the memory time and keep
+    3xTF32's operand splits out of the registers (sm_90: 72 against 255 registers for the
+    forward at K=10, offset 0). Balance on an H200: 67 TFLOP/s FMA against 4.3 TB/s, so
+    2 rows_pad K_PAD FLOP per 8 K bytes of a pixel is memory-bound below rows_pad K_PAD ~ 62 K;
+    a factor 2 of margin."""
+    if precision == "tf32x3" and prob.rows_pad * prob.k_pad <= 32 * prob.k:
+        return "ieee"
+    return precision
+
+
+def _mask_stride(mask, fallback):
+    return int(mask.stride(0)) if mask is not None else int(fallback.stride(0))
+
+
+def joint_counts(p1, p2, offsets, mask=None, *, config: Optional[JointConfig] = None,
+                 tile: Optional[Sequence[int]] = None, max_programs: Optional[int] = None):
     """J (|O|, K, K) in the accumulation dtype; the backend contract's `joint_counts`.
 
-    `block_p` (pixels per tile, a power of two), `max_programs` (pixel-direction programs of
-    the persistent grid) and `offset_groups` (programs along the offsets) override the
-    defaults; tests use them to cover the GPU's grid shapes under the interpreter.
+    p1, p2: (B, K, *S) with dense spatial dims (any batch and channel strides); mask None or
+    (B, *S). `config` (launch settings), `tile` (an explicit (TILE_D, TILE_H, TILE_W); a 2-D
+    map takes TILE_D = 1) and `max_programs` (programs along the pixels) override the defaults;
+    tests use them to cover the GPU's grid shapes under the interpreter.
     """
-    batch, k, dims, n, k_pad, use_dot, config, total_pixels = _launch_geometry(p1, block_p)
-    ndim = p1.dim() - 2
-    table = offset_table(offsets, ndim, dims, p1.device)
-    n_offsets = int(table.shape[0])
-    acc_dtype = _accumulation_dtype(p1.dtype)
-    n_tiles = triton.cdiv(total_pixels, config.block_p)
-    if n_tiles == 0 or n_offsets == 0:
-        return torch.zeros((n_offsets, k, k), dtype=acc_dtype, device=p1.device)
+    p1, p2, mask = _prepare(p1, p2, mask)
+    prob = _problem(p1, p2, mask, offsets, config, tile)
+    acc_dtype = accumulation_dtype(p1.dtype)
+    n_offsets = prob.n_rows // max(prob.k, 1)
+    if prob.n_tiles == 0 or n_offsets == 0:
+        return torch.zeros((n_offsets, prob.k, prob.k), dtype=acc_dtype, device=p1.device)
+    table = partner_table(prob.geo, prob.k, int(p2.stride(1)), False, prob.rows_pad, p1.device)
 
-    # Programs along the pixels: bounded so the partial sums stay within the memory budget.
-    slot_bytes = n_offsets * k * k * torch.finfo(acc_dtype).bits // 8
+    # programs along the pixels: fill the GPU together with the chunks, within a bound on the
+    # partial sums' memory
+    slot_bytes = prob.rows_pad * prob.k_pad * torch.finfo(acc_dtype).bits // 8
     if INTERPRETED:
-        n_pixel_programs = min(n_tiles, INTERPRETER_MAX_PROGRAMS)
-        n_groups = 1
+        n_programs = min(prob.n_tiles, 2)
     else:
-        sms = multiprocessor_count(p1.device)
-        n_pixel_programs = min(n_tiles, 2 * sms, max(1, PARTIAL_BYTES_BUDGET // slot_bytes))
-        # Split the offsets across programs when the pixel direction alone cannot fill the GPU.
-        n_groups = min(n_offsets, max(1, math.ceil(4 * sms / n_pixel_programs)))
+        target = 4 * multiprocessor_count(p1.device)
+        n_programs = min(prob.n_tiles, max(1, triton.cdiv(target, prob.n_chunks)),
+                         max(1, PARTIAL_BYTES_BUDGET // slot_bytes))
     if max_programs is not None:
-        n_pixel_programs = max(1, min(n_pixel_programs, int(max_programs)))
-    if offset_groups is not None:
-        n_groups = max(1, min(n_offsets, int(offset_groups)))
-    offsets_per_group = math.ceil(n_offsets / n_groups)
-    n_groups = math.ceil(n_offsets / offsets_per_group)
-
-    partial = torch.zeros((n_pixel_programs, n_offsets, k, k), dtype=acc_dtype, device=p1.device)
+        n_programs = max(1, min(prob.n_tiles, int(max_programs)))
+    partial = torch.empty((n_programs, prob.rows_pad, prob.k_pad), dtype=acc_dtype,
+                          device=p1.device)
     has_mask = mask is not None
-    _joint_counts_forward_kernel[(n_pixel_programs, n_groups)](
+    depth, height, width = prob.geo.dims
+    _joint_counts_forward_kernel[(prob.n_chunks, n_programs)](
         p1, p2, mask if has_mask else p1, table, partial,
-        k, n, dims[1], dims[2], total_pixels,
-        n_offsets, offsets_per_group, n_tiles,
-        IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot,
-        DOT_PRECISION=dot_precision(p1.device), K_PAD=k_pad, BLOCK_P=config.block_p,
-        num_warps=config.num_warps,
+        p1.stride(0), p1.stride(1), p2.stride(0), _mask_stride(mask, p1),
+        prob.k, depth, height, width, prob.n_rows, prob.rows_pad,
+        prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x, prob.n_tiles, *prob.geo.halo,
+        **forward_constexprs(prob, p1.dtype, has_mask,
+                             product_precision(prob, dot_precision(p1.device, acc_dtype))),
     )
-    # fixed-order reduction over the programs' partial sums: deterministic
-    return partial.sum(dim=0)
+    counts = torch.empty((n_offsets, prob.k, prob.k), dtype=acc_dtype, device=p1.device)
+    block = 1024 if not INTERPRETED else max(16, next_power_of_2(counts.numel()))
+    _sum_partials_kernel[(triton.cdiv(counts.numel(), block),)](
+        partial, counts, n_programs, prob.rows_pad * prob.k_pad, prob.k, counts.numel(),
+        K_PAD=prob.k_pad, BLOCK=block, num_warps=4,
+    )
+    return counts
 
 
-def joint_counts_backward(
-    grad_j, p1, p2, offsets, mask=None, *, block_p=None, max_programs=None, split=None
-):
+def joint_counts_backward(grad_j, p1, p2, offsets, mask=None, *,
+                          config: Optional[JointConfig] = None,
+                          tile: Optional[Sequence[int]] = None,
+                          max_programs: Optional[int] = None, split: Optional[bool] = None):
     """(grad_p1, grad_p2) in the dtypes of p1 and p2; the contract's `joint_counts_backward`.
 
     `split` (default: the launch config's choice) computes the two gradients in two launches.
     """
-    batch, k, dims, n, k_pad, use_dot, config, total_pixels = _launch_geometry(p1, block_p)
-    ndim = p1.dim() - 2
-    table = offset_table(offsets, ndim, dims, p1.device)
-    reverse_table = offset_table(offsets, ndim, dims, p1.device, reverse=True)
-    n_offsets = int(table.shape[0])
-    acc_dtype = _accumulation_dtype(p1.dtype)
-    grad_j = grad_j.to(acc_dtype).contiguous()
-    grad_p1 = torch.empty_like(p1)
-    grad_p2 = torch.empty_like(p2)
-    n_tiles = triton.cdiv(total_pixels, config.block_p)
-    if n_tiles == 0:
+    p1, p2, mask = _prepare(p1, p2, mask)
+    grad_p1 = torch.empty(p1.shape, dtype=p1.dtype, device=p1.device)
+    grad_p2 = torch.empty(p2.shape, dtype=p2.dtype, device=p2.device)
+    prob = _problem(p1, p2, mask, offsets, config, tile, grads=(grad_p1,))
+    acc_dtype = accumulation_dtype(p1.dtype)
+    if prob.n_tiles == 0:
         return grad_p1, grad_p2
-    n_programs = grid_size(n_tiles, p1.device)
+    if prob.n_rows == 0:
+        return grad_p1.zero_(), grad_p2.zero_()
+    grad_j = grad_j.to(acc_dtype).contiguous()
+    table = partner_table(prob.geo, prob.k, int(p2.stride(1)), False, prob.rows_pad, p1.device)
+    reverse = partner_table(prob.geo, prob.k, int(p1.stride(1)), True, prob.rows_pad, p1.device)
+    n_programs = grid_size(prob.n_tiles, p1.device)
     if max_programs is not None:
-        n_programs = max(1, min(n_programs, int(max_programs)))
+        n_programs = max(1, min(prob.n_tiles, int(max_programs)))
     has_mask = mask is not None
-    split = config.split_backward if split is None else bool(split)
-    passes = [(True, False), (False, True)] if split else [(True, True)]
-    for want_p1, want_p2 in passes:
+    precision = product_precision(prob, dot_precision(p1.device, acc_dtype))
+    depth, height, width = prob.geo.dims
+    for want_p1, want_p2 in backward_passes(prob, split):
         _joint_counts_backward_kernel[(n_programs,)](
-            grad_j, p1, p2, mask if has_mask else p1, table, reverse_table, grad_p1, grad_p2,
-            k, n, dims[1], dims[2], total_pixels,
-            n_offsets, n_tiles,
-            GRAD_P1=want_p1, GRAD_P2=want_p2,
-            IS_3D=ndim == 3, HAS_MASK=has_mask, USE_DOT=use_dot,
-            DOT_PRECISION=dot_precision(p1.device), K_PAD=k_pad, BLOCK_P=config.block_p,
-            num_warps=config.num_warps,
+            grad_j, p1, p2, mask if has_mask else p1, table, reverse, grad_p1, grad_p2,
+            p1.stride(0), p2.stride(0), _mask_stride(mask, p1),
+            grad_p1.stride(0), grad_p1.stride(1),
+            prob.k, depth, height, width, prob.n_rows, prob.rows_pad, prob.n_chunks,
+            prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x, prob.n_tiles,
+            *prob.geo.halo,
+            **backward_constexprs(prob, has_mask, precision, want_p1, want_p2),
         )
     return grad_p1, grad_p2

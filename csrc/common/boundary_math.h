@@ -1,16 +1,14 @@
-// Per-pixel and per-window math of the boundary cross-correlation term (SPEC §5), written once for
-// the CPU and CUDA kernels. Each formula follows bimi_kernels.reference term by term.
+// Per-pixel and per-window math of the boundary cross-correlation term (docs/contract.md §5),
+// written once for the CPU and CUDA kernels. Each formula follows bimi_kernels.reference term by
+// term.
 #pragma once
 
 #include <math.h>
 
 #include "macros.h"
+#include "numerics.h"
 
 namespace bimi {
-
-constexpr double kEpsLogU = 1e-16;   // inside the log of the uncertainty map
-constexpr double kEpsMinMax = 1e-6;  // denominator of the min-max normalisation
-constexpr double kEpsCC = 1e-5;      // clamp of the cross term and the variances
 
 BIMI_HD float math_log(float x) { return ::logf(x); }
 BIMI_HD double math_log(double x) { return ::log(x); }

@@ -8,9 +8,6 @@
 
 namespace bimi {
 
-// Most offsets a call may carry; a full 3-D window of radius 3 has 343.
-constexpr int64_t kMaxOffsets = 4096;
-
 struct Volume {
   int64_t batch = 0;
   int64_t channels = 0;  // K

@@ -4,12 +4,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <optional>
 #include <vector>
 
 #include "geometry.h"
+#include "numerics.h"
 
 namespace bimi {
 
@@ -30,20 +32,21 @@ inline void check_float_map(const at::Tensor& t, const char* name) {
               " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
 
-// Flat offsets (n values per offset, n = spatial dims) as (dz, dy, dx) triples.
+// Flat offsets (n values per offset, n = spatial dims) as (dz, dy, dx) triples, any number of
+// them (the CPU and CUDA kernels both walk the offsets in runs).
 inline std::vector<Offset3> parse_offsets(const at::Tensor& p, at::IntArrayRef flat) {
   const int64_t n = p.dim() - 2;
   TORCH_CHECK(!flat.empty() && static_cast<int64_t>(flat.size()) % n == 0,
               "bimi_C: offsets must hold a multiple of ", n, " ints, got ", flat.size());
   const Volume v = volume_of(p);
   std::vector<Offset3> offsets(flat.size() / n);
-  TORCH_CHECK(static_cast<int64_t>(offsets.size()) <= kMaxOffsets, "bimi_C: at most ",
-              kMaxOffsets, " offsets, got ", offsets.size());
   for (size_t o = 0; o < offsets.size(); ++o) {
     const int64_t* d = flat.data() + o * n;
     offsets[o] = n == 3 ? Offset3{d[0], d[1], d[2]} : Offset3{0, d[0], d[1]};
-    TORCH_CHECK(std::abs(offsets[o].dz) < v.depth && std::abs(offsets[o].dy) < v.height &&
-                    std::abs(offsets[o].dx) < v.width,
+    // -size < d < size, not |d| < size: |INT64_MIN| does not exist (it would pass as negative)
+    const Offset3& off = offsets[o];
+    TORCH_CHECK(-v.depth < off.dz && off.dz < v.depth && -v.height < off.dy && off.dy < v.height &&
+                    -v.width < off.dx && off.dx < v.width,
                 "bimi_C: offset ", o, " does not fit the spatial size ", p.sizes().slice(2));
   }
   return offsets;
@@ -77,8 +80,13 @@ inline void check_boundary_inputs(const at::Tensor& p, const at::Tensor& edge, i
   TORCH_CHECK(edge.device() == p.device(), "bimi_C: edge must be on the device of p");
 }
 
+// The accumulation dtype of a floating map dtype: acc_type_t (numerics.h) at run time.
 inline at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+  at::ScalarType acc = at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "bimi_accumulation_type", [&] {
+    acc = c10::CppTypeToScalarType<acc_type_t<scalar_t>>::value;
+  });
+  return acc;
 }
 
 // The mask in p's dtype, contiguous, or an undefined tensor.

@@ -4,7 +4,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BIMI_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
-// Forced: the CPU row loops (cpu/simd_boundary_impl.h) are vectorised only once this math is
+// Forced: the CPU row loops (cpu/simd/boundary_rows.h) are vectorised only once this math is
 // inlined into them, and GCC does not inline it on its own into functions built for AVX2.
 #define BIMI_HD inline __attribute__((always_inline))
 #else

@@ -1,11 +1,12 @@
-// CPU boundary cross-correlation term (SPEC §5): CC(U(p), E) of one cluster map and its backward.
+// CPU boundary cross-correlation term (docs/contract.md §5): CC(U(p), E) of one cluster map and
+// its backward.
 //
 // Forward: U = -sum_k p_k log(p_k + 1e-16) of every pixel and its per-sample min and max; then per
 // region of rows the five box sums of the normalised U and E (separable: along x, then y, then z;
 // each an ordered sum) and the clamped NCC of every window centre, summed per region. Backward:
 // U again; per region, the box sums on the region plus a halo give each window centre's
 // coefficients of S(UE), S(U), S(U^2) (common/boundary_math.h); their box sums give dL/dU at every
-// pixel, times dU/dp. The row loops are the vectorised BoundaryRowKernels (simd_kernels.h).
+// pixel, times dU/dp. The row loops are the vectorised BoundaryRowKernels (kernels.h).
 // Regions depend only on the shape and their partial sums are added in region order, so the
 // result is the same for any thread count.
 #include <ATen/ATen.h>
@@ -18,10 +19,9 @@
 
 #include "../common/boundary_math.h"
 #include "../common/host_checks.h"
-#include "simd_kernels.h"
+#include "kernels.h"
 
-namespace bimi {
-namespace cpu {
+namespace bimi::cpu {
 namespace {
 
 constexpr int64_t kRegionRows = 32;
@@ -130,14 +130,12 @@ class BoxSums {
       }
     // along y: rows y - r .. y + r that are inside the image, in order
     along_y_.resize(channels_ * enz * ny_ * w);
-    const acc_t** rows = rows_.data();
     for (int64_t c = 0; c < channels_; ++c)
       for (int64_t zz = 0; zz < enz; ++zz)
         for (int64_t y = 0; y < ny_; ++y) {
           const int64_t first = std::max(y0 + y - r_, ey0), last = std::min(y0 + y + r_ + 1, ey0 + eny);
-          for (int64_t yy = first; yy < last; ++yy)
-            rows[yy - first] = along_x_.data() + ((c * enz + zz) * eny + yy - ey0) * w;
-          k_.add_rows(rows, last - first, w, along_y_.data() + ((c * enz + zz) * ny_ + y) * w);
+          add_strided_rows(along_x_.data() + ((c * enz + zz) * eny + first - ey0) * w, w, last - first,
+                           along_y_.data() + ((c * enz + zz) * ny_ + y) * w);
         }
     // along z
     along_z_.resize(channels_ * nz_ * ny_ * w);
@@ -145,10 +143,16 @@ class BoxSums {
       for (int64_t z = 0; z < nz_; ++z)
         for (int64_t y = 0; y < ny_; ++y) {
           const int64_t first = std::max(z0 + z - rz_, ez0), last = std::min(z0 + z + rz_ + 1, ez0 + enz);
-          for (int64_t zz = first; zz < last; ++zz)
-            rows[zz - first] = along_y_.data() + ((c * enz + zz - ez0) * ny_ + y) * w;
-          k_.add_rows(rows, last - first, w, along_z_.data() + ((c * nz_ + z) * ny_ + y) * w);
+          add_strided_rows(along_y_.data() + ((c * enz + first - ez0) * ny_ + y) * w, ny_ * w, last - first,
+                           along_z_.data() + ((c * nz_ + z) * ny_ + y) * w);
         }
+  }
+
+  // out = the sum of `count` rows, the first at `first` and each `stride` after the one before.
+  void add_strided_rows(const acc_t* first, int64_t stride, int64_t count, acc_t* out) {
+    const acc_t** rows = rows_.data();
+    for (int64_t i = 0; i < count; ++i) rows[i] = first + i * stride;
+    k_.add_rows(rows, count, v_.width, out);
   }
 
   Volume v_;
@@ -158,6 +162,15 @@ class BoxSums {
   std::vector<acc_t> along_x_, along_y_, along_z_;
   std::vector<const acc_t*> rows_;  // the rows of one window along y or z
 };
+
+// window^ndim, the pixel count of every window, as acc_t. Multiplied in double: in int64,
+// window^3 wraps around for windows above 2^21 (in double it is exact up to 2^17, and rounds
+// beyond).
+template <typename acc_t>
+acc_t window_pixel_count(int64_t window, bool is_3d) {
+  const double w = static_cast<double>(window);
+  return static_cast<acc_t>(is_3d ? w * w * w : w * w);
+}
 
 // Pixels [pixel0, pixel0 + count) of sample b's K channels as the row kernels take them: K runs
 // `stride` apart in the accumulation dtype (converted into `buffer` when the map's dtype differs).
@@ -243,7 +256,7 @@ struct StatsRows {
 template <typename scalar_t, typename acc_t>
 void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, bool is_3d,
                       int64_t window, acc_t* u, acc_t* cc, acc_t* u_range) {
-  const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
+  const BoundaryRowKernels<acc_t> k = selected_kernels<acc_t>().boundary;
   const int64_t voxels = v.voxels();
   const int64_t chunks = chunks_per_sample(v);
   std::vector<acc_t> chunk_lo(v.batch * chunks), chunk_hi(v.batch * chunks);
@@ -254,7 +267,7 @@ void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, boo
   }
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
-  const acc_t n = static_cast<acc_t>(is_3d ? window * window * window : window * window);
+  const acc_t n = window_pixel_count<acc_t>(window, is_3d);
   const RegionGrid grid(v, is_3d);
   std::vector<acc_t> partials(grid.count, acc_t(0));
   at::parallel_for(0, grid.count, 1, [&](int64_t begin, int64_t end) {
@@ -284,7 +297,7 @@ void boundary_forward(const scalar_t* p, const acc_t* edge, const Volume& v, boo
 template <typename scalar_t, typename acc_t>
 void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, const acc_t* u_range,
                        const Volume& v, bool is_3d, int64_t window, acc_t* u, scalar_t* grad_p) {
-  const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
+  const BoundaryRowKernels<acc_t> k = selected_kernels<acc_t>().boundary;
   const int64_t voxels = v.voxels();
   // U again; for float32/float64 maps dU/dp goes straight into grad_p, which the regions below
   // then scale by dL/dU in place (one log per value). Half-precision maps cannot hold dU/dp at
@@ -302,7 +315,7 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
   const int64_t r = window / 2;
   const int64_t rz = is_3d ? r : 0;
   const int64_t w = v.width;
-  const acc_t n = static_cast<acc_t>(is_3d ? window * window * window : window * window);
+  const acc_t n = window_pixel_count<acc_t>(window, is_3d);
   // dL/d(ncc) of every window centre: CC = -mean(ncc)
   const acc_t scale = -grad_cc / static_cast<acc_t>(v.batch * voxels);
   const RegionGrid grid(v, is_3d);
@@ -379,21 +392,35 @@ void boundary_backward(acc_t grad_cc, const scalar_t* p, const acc_t* edge, cons
   });
 }
 
+// The boundary ops' inputs: checked, the map contiguous, the edge map in the accumulation dtype,
+// and a (B, voxels) buffer for U.
+struct BoundaryInputs {
+  at::Tensor p, edge, u;
+  at::ScalarType acc_type;
+  Volume v;
+
+  BoundaryInputs(const at::Tensor& p_in, const at::Tensor& edge_in, int64_t window) {
+    check_boundary_inputs(p_in, edge_in, window);
+    p = p_in.contiguous();
+    acc_type = accumulation_type(p.scalar_type());
+    edge = edge_in.to(acc_type).contiguous();
+    v = volume_of(p);
+    u = at::empty({v.batch, v.voxels()}, p.options().dtype(acc_type));
+  }
+  bool is_3d() const { return p.dim() == 5; }
+};
+
 std::tuple<at::Tensor, at::Tensor> boundary_cc_cpu(const at::Tensor& p_in, const at::Tensor& edge_in,
                                                    int64_t window) {
-  check_boundary_inputs(p_in, edge_in, window);
-  const at::Tensor p = p_in.contiguous();
-  const auto acc_type = accumulation_type(p.scalar_type());
-  const at::Tensor edge = edge_in.to(acc_type).contiguous();
-  const Volume v = volume_of(p);
-  const auto acc_options = p.options().dtype(acc_type);
+  BoundaryInputs in(p_in, edge_in, window);
+  const auto acc_options = in.p.options().dtype(in.acc_type);
   at::Tensor cc = at::empty({}, acc_options);
-  at::Tensor u_range = at::empty({v.batch, 2}, acc_options);
-  at::Tensor u = at::empty({v.batch, v.voxels()}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "bimi_boundary_cc_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    boundary_forward<scalar_t, acc_t>(p.data_ptr<scalar_t>(), edge.data_ptr<acc_t>(), v, p.dim() == 5,
-                                      window, u.data_ptr<acc_t>(), cc.data_ptr<acc_t>(),
+  at::Tensor u_range = at::empty({in.v.batch, 2}, acc_options);
+  const auto dtype = in.p.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bimi_boundary_cc_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    boundary_forward<scalar_t, acc_t>(in.p.data_ptr<scalar_t>(), in.edge.data_ptr<acc_t>(), in.v,
+                                      in.is_3d(), window, in.u.data_ptr<acc_t>(), cc.data_ptr<acc_t>(),
                                       u_range.data_ptr<acc_t>());
   });
   return {cc, u_range};
@@ -402,21 +429,17 @@ std::tuple<at::Tensor, at::Tensor> boundary_cc_cpu(const at::Tensor& p_in, const
 at::Tensor boundary_cc_backward_cpu(const at::Tensor& grad_cc, const at::Tensor& p_in,
                                     const at::Tensor& edge_in, const at::Tensor& u_range_in,
                                     int64_t window) {
-  check_boundary_inputs(p_in, edge_in, window);
-  const at::Tensor p = p_in.contiguous();
-  const auto acc_type = accumulation_type(p.scalar_type());
-  const at::Tensor edge = edge_in.to(acc_type).contiguous();
-  const at::Tensor u_range = u_range_in.to(acc_type).contiguous();
-  const Volume v = volume_of(p);
-  TORCH_CHECK(u_range.sizes() == at::IntArrayRef({v.batch, 2}), "bimi_C: u_range must be (B, 2)");
+  BoundaryInputs in(p_in, edge_in, window);
+  const at::Tensor u_range = u_range_in.to(in.acc_type).contiguous();
+  TORCH_CHECK(u_range.sizes() == at::IntArrayRef({in.v.batch, 2}), "bimi_C: u_range must be (B, 2)");
   TORCH_CHECK(grad_cc.numel() == 1, "bimi_C: grad_cc must hold one value");
-  at::Tensor grad_p = at::empty_like(p);
-  at::Tensor u = at::empty({v.batch, v.voxels()}, p.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "bimi_boundary_cc_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    boundary_backward<scalar_t, acc_t>(grad_cc.to(acc_type).item<acc_t>(), p.data_ptr<scalar_t>(),
-                                       edge.data_ptr<acc_t>(), u_range.data_ptr<acc_t>(), v,
-                                       p.dim() == 5, window, u.data_ptr<acc_t>(),
+  at::Tensor grad_p = at::empty_like(in.p);
+  const auto dtype = in.p.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bimi_boundary_cc_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    boundary_backward<scalar_t, acc_t>(grad_cc.to(in.acc_type).item<acc_t>(), in.p.data_ptr<scalar_t>(),
+                                       in.edge.data_ptr<acc_t>(), u_range.data_ptr<acc_t>(), in.v,
+                                       in.is_3d(), window, in.u.data_ptr<acc_t>(),
                                        grad_p.data_ptr<scalar_t>());
   });
   return grad_p;
@@ -429,5 +452,4 @@ TORCH_LIBRARY_IMPL(bimi_C, CPU, m) {
   m.impl("boundary_cc_backward", &boundary_cc_backward_cpu);
 }
 
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu

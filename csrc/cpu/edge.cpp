@@ -1,6 +1,7 @@
-// CPU edge map of the boundary term (SPEC §5): wrap-around backward differences along each
-// spatial dim, sqrt of the sum of their squares, mean over the image's channels, min-max per
-// sample (+1e-6 in the denominator), to the power gamma. The image is already at the maps' size.
+// CPU edge map of the boundary term (docs/contract.md §5): wrap-around backward differences
+// along each spatial dim, sqrt of the sum of their squares, mean over the image's channels,
+// min-max per sample (+1e-6 in the denominator), to the power gamma. The image is already at the
+// maps' size.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,16 +12,15 @@
 
 #include "../common/boundary_math.h"
 #include "../common/host_checks.h"
-#include "simd_kernels.h"
+#include "kernels.h"
 
-namespace bimi {
-namespace cpu {
+namespace bimi::cpu {
 namespace {
 
 // image: (B, C, D, H, W) as one volume per channel, in the accumulation dtype; edge: (B, D*H*W).
 template <typename acc_t>
 void edge_map(const acc_t* image, const Volume& v, bool is_3d, acc_t gamma, acc_t* edge) {
-  const BoundaryRowKernels<acc_t> k = selected_boundary_row_kernels<acc_t>();
+  const EdgeRowKernels<acc_t> k = selected_kernels<acc_t>().edge;
   const int64_t voxels = v.voxels();
   at::parallel_for(0, v.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -33,7 +33,7 @@ void edge_map(const acc_t* image, const Volume& v, bool is_3d, acc_t gamma, acc_
             const acc_t* row = channel + v.voxel_index(z, y, 0);
             const acc_t* above = channel + v.voxel_index(z, (y + v.height - 1) % v.height, 0);
             const acc_t* before = is_3d ? channel + v.voxel_index((z + v.depth - 1) % v.depth, y, 0) : nullptr;
-            k.edge_magnitude(row, above, before, v.width, magnitude + v.voxel_index(z, y, 0));
+            k.magnitude(row, above, before, v.width, magnitude + v.voxel_index(z, y, 0));
           }
       }
       acc_t lo, hi;
@@ -65,5 +65,4 @@ at::Tensor edge_map_cpu(const at::Tensor& image_in, double gamma) {
 
 TORCH_LIBRARY_IMPL(bimi_C, CPU, m) { m.impl("edge_map", &edge_map_cpu); }
 
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu

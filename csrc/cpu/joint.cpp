@@ -1,9 +1,11 @@
-// CPU joint counts (SPEC §3): J[o, i, j] = sum_{b, s} m[s] m[s+d_o] p1[b, i, s] p2[b, j, s + d_o]
+// CPU joint counts (docs/contract.md §3):
+// J[o, i, j] = sum_{b, s} m[s] m[s+d_o] p1[b, i, s] p2[b, j, s + d_o]
 // and its backward, every offset in one pass over the pixels, without shifted copies.
 //
 // The pixels are cut into tiles of kTileRows image rows. A tile loads its rows of p1 and the band
-// of p2 rows its offsets reach (converted to the accumulation dtype, masked, zero-padded) and the
-// vectorised loops of simd_kernels_impl.h accumulate every offset's K x K block from them.
+// of p2 rows its offsets reach (converted to the accumulation dtype, masked, zero-padded; one run
+// of rows per distinct row shift, so far-apart offsets stage no rows between them) and the
+// vectorised loops of simd/joint_tiles.h accumulate every offset's K x K block from them.
 // Determinism: the tiles are grouped into at most kMaxChunks chunks by the shape alone; each chunk
 // owns its partial J and the partials are summed in chunk order, so the result is bitwise the
 // same for any thread count and on every run.
@@ -13,94 +15,95 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common/host_checks.h"
-#include "simd_kernels.h"
+#include "kernels.h"
 
-namespace bimi {
-namespace cpu {
+namespace bimi::cpu {
 namespace {
 
 constexpr int64_t kTileRows = 8;
+
 constexpr int64_t kMaxChunks = 64;
 // The per-chunk partial J stay under this fraction of the two input maps' elements (but at
 // least kMinChunks chunks, for parallelism), so the extra memory stays small for many offsets.
 constexpr double kPartialsFraction = 0.05;
 constexpr int64_t kMinChunks = 4;
 
-template <typename acc_t>
-ForwardTileFn<acc_t> forward_kernel() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return &avx2::forward_tile<acc_t>;
-#endif
-  return &generic::forward_tile<acc_t>;
-}
+// A run of consecutive rows of the second map that one tile stages: rows y0 + dy .. y0 + dy +
+// rows - 1 of plane z + dz (tile rows y0 .., plane z), stored from band row `band_row` on.
+struct BandSegment {
+  int64_t dz, dy, rows, band_row;
+};
 
-template <typename acc_t>
-BackwardTileFn<acc_t> backward_kernel() {
-#if defined(BIMI_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return &avx2::backward_tile<acc_t>;
-#endif
-  return &generic::backward_tile<acc_t>;
-}
-
-// Sizes of the tile buffers for a set of offsets: which planes (dz) and rows (dy) the band holds
-// and how much zero padding each band row needs for the largest |dx|.
+// What a tile stages of the second map for a set of offsets: for each distinct (dz, dy), the
+// kTileRows rows that offsets with that row shift read, runs that overlap or touch merged into
+// one segment. The staged rows (and with them the copy cost) follow the number of distinct row
+// shifts, not the spread between the lowest and the highest offset. Each band row is padded
+// with zeros for the largest |dx|.
 struct BandLayout {
-  std::vector<int64_t> plane_dz;  // distinct dz, ascending
-  int64_t dy_min = 0, dy_max = 0;
+  std::vector<BandSegment> segments;  // ascending (dz, dy)
+  std::vector<int64_t> offset_band_row;  // per offset: the band row of tile row 0
   int64_t pad_left = 0, pad_right = 0;
   int64_t row_length = 0;       // padded tile row: width rounded up to 2 vectors
   int64_t band_row_length = 0;  // pad_left + row_length + pad_right
-  int64_t band_rows = 0;        // kTileRows + dy_max - dy_min
-
-  int64_t plane_index(int64_t dz) const {
-    return std::lower_bound(plane_dz.begin(), plane_dz.end(), dz) - plane_dz.begin();
-  }
+  int64_t band_rows = 0;        // rows of all segments
 };
 
 template <typename acc_t>
 BandLayout band_layout(const Volume& v, const std::vector<Offset3>& offsets) {
   BandLayout layout;
   int64_t dx_min = 0, dx_max = 0;
-  layout.dy_min = layout.dy_max = offsets[0].dy;
+  std::vector<std::pair<int64_t, int64_t>> shifts;  // distinct (dz, dy), ascending
   for (const Offset3& d : offsets) {
-    layout.plane_dz.push_back(d.dz);
-    layout.dy_min = std::min(layout.dy_min, d.dy);
-    layout.dy_max = std::max(layout.dy_max, d.dy);
+    shifts.emplace_back(d.dz, d.dy);
     dx_min = std::min(dx_min, d.dx);
     dx_max = std::max(dx_max, d.dx);
   }
-  std::sort(layout.plane_dz.begin(), layout.plane_dz.end());
-  layout.plane_dz.erase(std::unique(layout.plane_dz.begin(), layout.plane_dz.end()),
-                        layout.plane_dz.end());
+  std::sort(shifts.begin(), shifts.end());
+  shifts.erase(std::unique(shifts.begin(), shifts.end()), shifts.end());
+  for (const auto& [dz, dy] : shifts) {
+    BandSegment* last = layout.segments.empty() ? nullptr : &layout.segments.back();
+    if (last != nullptr && last->dz == dz && dy <= last->dy + last->rows) {
+      layout.band_rows += dy + kTileRows - (last->dy + last->rows);
+      last->rows = dy + kTileRows - last->dy;
+    } else {
+      layout.segments.push_back(BandSegment{dz, dy, kTileRows, layout.band_rows});
+      layout.band_rows += kTileRows;
+    }
+  }
+  for (const Offset3& d : offsets) {
+    // the last segment of d's plane that starts at or above d.dy holds d's rows
+    const auto after = std::upper_bound(
+        layout.segments.begin(), layout.segments.end(), std::make_pair(d.dz, d.dy),
+        [](const std::pair<int64_t, int64_t>& key, const BandSegment& s) {
+          return key < std::make_pair(s.dz, s.dy);
+        });
+    const BandSegment& s = *(after - 1);
+    layout.offset_band_row.push_back(s.band_row + d.dy - s.dy);
+  }
   const int64_t step = 2 * vector_lanes<acc_t>();
   layout.pad_left = -dx_min;
   layout.pad_right = dx_max;
   layout.row_length = ceil_div(v.width, step) * step;
   layout.band_row_length = layout.pad_left + layout.row_length + layout.pad_right;
-  layout.band_rows = kTileRows + layout.dy_max - layout.dy_min;
   return layout;
 }
 
-// Rows y0 .. y0+rows-1 of plane z of sample b, every channel, as acc_t times the mask, each
-// channel row written at dst[k * row_stride + pad_left + x] with zeros around it. Rows outside
-// the image are all zeros.
+// Rows y0 .. y0+rows-1 (inside the image) of plane z of sample b, every channel, as acc_t times
+// the mask, each channel row written at dst[k * row_stride + pad_left + x] with zeros around it.
 template <typename scalar_t, typename acc_t>
 void load_rows(const scalar_t* p, const scalar_t* mask, const Volume& v, int64_t b, int64_t z,
                int64_t y0, int64_t rows, int64_t pad_left, int64_t row_stride, acc_t* dst) {
   const int64_t k_count = v.channels;
   const int64_t voxels = v.voxels();
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t y = y0 + r;
     acc_t* row = dst + r * k_count * row_stride;
-    if (z < 0 || z >= v.depth || y < 0 || y >= v.height) {
-      std::fill(row, row + k_count * row_stride, acc_t(0));
-      continue;
-    }
-    const int64_t pixel0 = v.voxel_index(z, y, 0);
+    const int64_t pixel0 = v.voxel_index(z, y0 + r, 0);
     const scalar_t* m = mask != nullptr ? mask + b * voxels + pixel0 : nullptr;
     for (int64_t k = 0; k < k_count; ++k) {
       const scalar_t* src = p + (b * k_count + k) * voxels + pixel0;
@@ -137,42 +140,83 @@ int64_t tile_count(const Volume& v) {
   return v.batch * v.depth * ceil_div(v.height, kTileRows);
 }
 
-// Loads the band of `second` for a tile and fills the offset plans; returns the tile description.
+// Zero-initialised work space for tile rows of whole vector pairs (the first map's copy, the
+// gradient before conversion), starting on a cache line: then no vector load or store of a row
+// straddles two lines. With malloc's 16-byte alignment half of them could, in some runs and not
+// in others: the forward with a copied first map was 10-14 % slower in those runs.
+template <typename T>
+class TileRowsBuffer {
+ public:
+  explicit TileRowsBuffer(int64_t size) : storage_(size + kCacheLine / sizeof(T), T(0)) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(storage_.data());
+    offset_ = static_cast<int64_t>((kCacheLine - address % kCacheLine) % kCacheLine / sizeof(T));
+  }
+  T* data() { return storage_.data() + offset_; }
+
+ private:
+  static constexpr uintptr_t kCacheLine = 64;  // bytes
+  std::vector<T> storage_;
+  int64_t offset_ = 0;
+};
+
+// One thread's band of the second map and the offsets' plans, loaded tile by tile.
 template <typename scalar_t, typename acc_t>
-JointTile<acc_t> prepare_band(const scalar_t* second, const scalar_t* mask, const Volume& v,
-                              const std::vector<Offset3>& offsets, const BandLayout& layout,
-                              const TileIndex& t, acc_t* band, OffsetPlan* plans) {
-  const int64_t band_row_stride = v.channels * layout.band_row_length;
-  const int64_t plane_stride = layout.band_rows * band_row_stride;
-  const int64_t rows_needed = t.rows + layout.dy_max - layout.dy_min;
-  for (size_t pl = 0; pl < layout.plane_dz.size(); ++pl) {
-    load_rows(second, mask, v, t.b, t.z + layout.plane_dz[pl], t.y0 + layout.dy_min, rows_needed,
-              layout.pad_left, layout.band_row_length, band + pl * plane_stride);
+class BandStager {
+ public:
+  BandStager(const scalar_t* second, const scalar_t* mask, const Volume& v,
+             const std::vector<Offset3>& offsets, const BandLayout& layout)
+      : second_(second), mask_(mask), v_(v), offsets_(offsets), layout_(layout),
+        band_(layout.band_rows * v.channels * layout.band_row_length), plans_(offsets.size()) {}
+
+  // Loads the band for tile t, fills the offset plans and returns the tile (no first map, no
+  // scratch). Band rows outside the volume are left as they are: no plan reads them.
+  JointTile<acc_t> stage(const TileIndex& t) {
+    const Volume& v = v_;
+    const int64_t band_row_stride = v.channels * layout_.band_row_length;
+    for (const BandSegment& s : layout_.segments) {
+      const int64_t z = t.z + s.dz;
+      if (z < 0 || z >= v.depth) continue;
+      // the segment's rows inside the image
+      const int64_t first = std::max<int64_t>(0, t.y0 + s.dy);
+      const int64_t last = std::min(v.height, t.y0 + s.dy + s.rows);
+      if (first >= last) continue;
+      acc_t* dst = band_.data() + (s.band_row + first - (t.y0 + s.dy)) * band_row_stride;
+      load_rows(second_, mask_, v, t.b, z, first, last - first, layout_.pad_left,
+                layout_.band_row_length, dst);
+    }
+    for (size_t o = 0; o < offsets_.size(); ++o) {
+      const Offset3& d = offsets_[o];
+      OffsetPlan& plan = plans_[o];
+      plan.band_start = layout_.offset_band_row[o] * band_row_stride + layout_.pad_left + d.dx;
+      const bool plane_inside = t.z + d.dz >= 0 && t.z + d.dz < v.depth;
+      // tile rows y with 0 <= y0 + y + dy < H
+      plan.row_begin = std::max<int64_t>(0, -d.dy - t.y0);
+      plan.row_end = plane_inside ? std::min<int64_t>(t.rows, v.height - d.dy - t.y0) : 0;
+    }
+    JointTile<acc_t> tile;
+    tile.channels = v.channels;
+    tile.rows = t.rows;
+    tile.row_length = layout_.row_length;
+    tile.first = nullptr;
+    tile.first_row_stride = tile.first_channel_stride = 0;
+    tile.band = band_.data();
+    tile.band_row_stride = band_row_stride;
+    tile.band_row_length = layout_.band_row_length;
+    tile.plans = plans_.data();
+    tile.num_offsets = static_cast<int64_t>(offsets_.size());
+    tile.scratch = nullptr;
+    return tile;
   }
-  for (size_t o = 0; o < offsets.size(); ++o) {
-    const Offset3& d = offsets[o];
-    OffsetPlan& plan = plans[o];
-    plan.band_start = layout.plane_index(d.dz) * plane_stride +
-                      (d.dy - layout.dy_min) * band_row_stride + layout.pad_left + d.dx;
-    const bool plane_inside = t.z + d.dz >= 0 && t.z + d.dz < v.depth;
-    // tile rows y with 0 <= y0 + y + dy < H
-    plan.row_begin = std::max<int64_t>(0, -d.dy - t.y0);
-    plan.row_end = plane_inside ? std::min<int64_t>(t.rows, v.height - d.dy - t.y0) : 0;
-  }
-  JointTile<acc_t> tile;
-  tile.channels = v.channels;
-  tile.rows = t.rows;
-  tile.row_length = layout.row_length;
-  tile.first = nullptr;
-  tile.first_row_stride = tile.first_channel_stride = 0;
-  tile.band = band;
-  tile.band_row_stride = band_row_stride;
-  tile.band_row_length = layout.band_row_length;
-  tile.plans = plans;
-  tile.num_offsets = static_cast<int64_t>(offsets.size());
-  tile.scratch = nullptr;
-  return tile;
-}
+
+ private:
+  const scalar_t* second_;
+  const scalar_t* mask_;
+  const Volume& v_;
+  const std::vector<Offset3>& offsets_;
+  const BandLayout& layout_;
+  std::vector<acc_t> band_;
+  std::vector<OffsetPlan> plans_;
+};
 
 template <typename scalar_t, typename acc_t>
 void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask, const Volume& v,
@@ -184,20 +228,17 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
   const int64_t affordable = static_cast<int64_t>(kPartialsFraction * 2 * v.batch * k * v.voxels()) / joint_size;
   const int64_t chunks = std::min(tiles, std::max(kMinChunks, std::min(kMaxChunks, affordable)));
   std::vector<acc_t> partials(chunks * joint_size, acc_t(0));
-  const ForwardTileFn<acc_t> kernel = forward_kernel<acc_t>();
+  const auto forward_tile = selected_kernels<acc_t>().joint.forward;
   // Without a mask or a dtype conversion, and with rows of whole vectors, the first map's rows are
   // read where they are (no copy).
   const bool read_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> first(kTileRows * k * layout.row_length);
-    std::vector<acc_t> band(layout.plane_dz.size() * layout.band_rows * k * layout.band_row_length);
-    std::vector<OffsetPlan> plans(offsets.size());
+    BandStager<scalar_t, acc_t> stager(p2, mask, v, offsets, layout);
+    TileRowsBuffer<acc_t> first(kTileRows * k * layout.row_length);
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t t = chunk_begin(tiles, chunks, c); t < chunk_begin(tiles, chunks, c + 1); ++t) {
         const TileIndex index = tile_index(v, t);
-        JointTile<acc_t> tile =
-            prepare_band(p2, mask, v, offsets, layout, index, band.data(), plans.data());
-        tile.first = nullptr;
+        JointTile<acc_t> tile = stager.stage(index);
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           if (read_in_place) {
             tile.first = p1 + index.b * k * v.voxels() + v.voxel_index(index.z, index.y0, 0);
@@ -212,7 +253,7 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
           tile.first_row_stride = k * layout.row_length;
           tile.first_channel_stride = layout.row_length;
         }
-        kernel(tile, partials.data() + c * joint_size);
+        forward_tile(tile, partials.data() + c * joint_size);
       }
     }
   });
@@ -230,28 +271,26 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
   const BandLayout layout = band_layout<acc_t>(v, offsets);
   const int64_t k = v.channels;
   const int64_t voxels = v.voxels();
-  const BackwardTileFn<acc_t> kernel = backward_kernel<acc_t>();
+  const auto backward_tile = selected_kernels<acc_t>().joint.backward;
   // Without a mask or a dtype conversion, and with rows that are whole vectors (so no padding
   // lanes spill into the next row), the kernel writes the gradient straight into `out`.
   const bool write_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, tile_count(v), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> band(layout.plane_dz.size() * layout.band_rows * k * layout.band_row_length);
-    std::vector<acc_t> result(kTileRows * k * layout.row_length);
-    std::vector<OffsetPlan> plans(offsets.size());
+    BandStager<scalar_t, acc_t> stager(second, mask, v, offsets, layout);
+    TileRowsBuffer<acc_t> result(kTileRows * k * layout.row_length);
     std::vector<const acc_t*> scratch(2 * offsets.size());
     for (int64_t t = begin; t < end; ++t) {
       const TileIndex index = tile_index(v, t);
-      JointTile<acc_t> tile =
-          prepare_band(second, mask, v, offsets, layout, index, band.data(), plans.data());
+      JointTile<acc_t> tile = stager.stage(index);
       tile.scratch = scratch.data();
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (write_in_place) {
-          kernel(tile, g, out + index.b * k * voxels + v.voxel_index(index.z, index.y0, 0), v.width,
-                 voxels);
+          backward_tile(tile, g, out + index.b * k * voxels + v.voxel_index(index.z, index.y0, 0), v.width,
+                        voxels);
           continue;
         }
       }
-      kernel(tile, g, result.data(), k * layout.row_length, layout.row_length);
+      backward_tile(tile, g, result.data(), k * layout.row_length, layout.row_length);
       for (int64_t r = 0; r < index.rows; ++r) {
         const int64_t pixel0 = v.voxel_index(index.z, index.y0 + r, 0);
         const scalar_t* m = mask != nullptr ? mask + index.b * voxels + pixel0 : nullptr;
@@ -270,22 +309,40 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
   });
 }
 
+// The joint-count ops' inputs: checked, contiguous, the mask in the maps' dtype, the offsets
+// decoded (any number of them).
+struct JointInputs {
+  at::Tensor p1, p2, mask;
+  Volume v;
+  std::vector<Offset3> offsets;
+
+  JointInputs(const at::Tensor& p1_in, const at::Tensor& p2_in, at::IntArrayRef flat_offsets,
+              const std::optional<at::Tensor>& mask_in) {
+    check_joint_inputs(p1_in, p2_in, mask_in);
+    p1 = p1_in.contiguous();
+    p2 = p2_in.contiguous();
+    mask = mask_like(mask_in, p1);
+    v = volume_of(p1);
+    offsets = parse_offsets(p1, flat_offsets);
+  }
+  int64_t num_offsets() const { return static_cast<int64_t>(offsets.size()); }
+  template <typename scalar_t>
+  const scalar_t* mask_data() const {
+    return mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+  }
+};
+
 at::Tensor joint_counts_cpu(const at::Tensor& p1_in, const at::Tensor& p2_in,
                             at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
-  check_joint_inputs(p1_in, p2_in, mask_in);
-  const at::Tensor p1 = p1_in.contiguous();
-  const at::Tensor p2 = p2_in.contiguous();
-  const at::Tensor mask = mask_like(mask_in, p1);
-  const Volume v = volume_of(p1);
-  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
-  const int64_t k = v.channels;
-  at::Tensor joint = at::empty({static_cast<int64_t>(offsets.size()), k, k},
-                               p1.options().dtype(accumulation_type(p1.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    joint_forward<scalar_t, acc_t>(p1.data_ptr<scalar_t>(), p2.data_ptr<scalar_t>(),
-                                   mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, v, offsets,
-                                   joint.data_ptr<acc_t>());
+  const JointInputs in(p1_in, p2_in, flat_offsets, mask_in);
+  const int64_t k = in.v.channels;
+  at::Tensor joint = at::empty({in.num_offsets(), k, k},
+                               in.p1.options().dtype(accumulation_type(in.p1.scalar_type())));
+  const auto dtype = in.p1.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bimi_joint_counts_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    joint_forward<scalar_t, acc_t>(in.p1.data_ptr<scalar_t>(), in.p2.data_ptr<scalar_t>(),
+                                   in.mask_data<scalar_t>(), in.v, in.offsets, joint.data_ptr<acc_t>());
   });
   return joint;
 }
@@ -293,40 +350,48 @@ at::Tensor joint_counts_cpu(const at::Tensor& p1_in, const at::Tensor& p2_in,
 std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cpu(
     const at::Tensor& grad_joint_in, const at::Tensor& p1_in, const at::Tensor& p2_in,
     at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
-  check_joint_inputs(p1_in, p2_in, mask_in);
-  const at::Tensor p1 = p1_in.contiguous();
-  const at::Tensor p2 = p2_in.contiguous();
-  const at::Tensor mask = mask_like(mask_in, p1);
-  const Volume v = volume_of(p1);
-  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
-  const int64_t k = v.channels;
-  const auto acc_type = accumulation_type(p1.scalar_type());
-  TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({static_cast<int64_t>(offsets.size()), k, k}),
+  const JointInputs in(p1_in, p2_in, flat_offsets, mask_in);
+  const int64_t k = in.v.channels;
+  TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({in.num_offsets(), k, k}),
               "bimi_C: grad_J must be (|O|, K, K), got ", grad_joint_in.sizes());
-  const at::Tensor g = grad_joint_in.to(acc_type).contiguous();
+  const at::Tensor g = grad_joint_in.to(accumulation_type(in.p1.scalar_type())).contiguous();
   const at::Tensor g_transposed = g.transpose(1, 2).contiguous();
-  std::vector<Offset3> negated(offsets.size());
-  for (size_t o = 0; o < offsets.size(); ++o)
-    negated[o] = Offset3{-offsets[o].dz, -offsets[o].dy, -offsets[o].dx};
-  at::Tensor grad_p1 = at::empty_like(p1);
-  at::Tensor grad_p2 = at::empty_like(p2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* m = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-    joint_backward_first<scalar_t, acc_t>(p2.data_ptr<scalar_t>(), m, v, offsets,
+  std::vector<Offset3> negated;
+  for (const Offset3& d : in.offsets) negated.push_back(Offset3{-d.dz, -d.dy, -d.dx});
+  at::Tensor grad_p1 = at::empty_like(in.p1);
+  at::Tensor grad_p2 = at::empty_like(in.p2);
+  const auto dtype = in.p1.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bimi_joint_counts_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* m = in.mask_data<scalar_t>();
+    joint_backward_first<scalar_t, acc_t>(in.p2.data_ptr<scalar_t>(), m, in.v, in.offsets,
                                           g.data_ptr<acc_t>(), grad_p1.data_ptr<scalar_t>());
-    joint_backward_first<scalar_t, acc_t>(p1.data_ptr<scalar_t>(), m, v, negated,
+    joint_backward_first<scalar_t, acc_t>(in.p1.data_ptr<scalar_t>(), m, in.v, negated,
                                           g_transposed.data_ptr<acc_t>(), grad_p2.data_ptr<scalar_t>());
   });
   return {grad_p1, grad_p2};
+}
+
+// The rows of the second map one tile stages, as (dz, first dy, rows) per band segment.
+at::Tensor joint_counts_band_layout_cpu(const at::Tensor& p, at::IntArrayRef flat_offsets) {
+  const std::vector<Offset3> offsets = parse_offsets(p, flat_offsets);
+  const BandLayout layout = band_layout<float>(volume_of(p), offsets);
+  at::Tensor out = at::empty({static_cast<int64_t>(layout.segments.size()), 3}, at::kLong);
+  int64_t* row = out.data_ptr<int64_t>();
+  for (const BandSegment& s : layout.segments) {
+    *row++ = s.dz;
+    *row++ = s.dy;
+    *row++ = s.rows;
+  }
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bimi_C, CPU, m) {
   m.impl("joint_counts", &joint_counts_cpu);
+  m.impl("joint_counts_band_layout", &joint_counts_band_layout_cpu);
   m.impl("joint_counts_backward", &joint_counts_backward_cpu);
 }
 
-}  // namespace cpu
-}  // namespace bimi
+}  // namespace bimi::cpu

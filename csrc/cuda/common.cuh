@@ -1,4 +1,5 @@
-// Helpers shared by the CUDA kernels: launch sizes, dtype dispatch and a fixed-order block sum.
+// Helpers shared by the CUDA kernels: launch sizes, the accumulation type and fixed-order block and
+// warp reductions (no atomics: every reduction gives the same result on every run).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,14 +8,14 @@
 #include <type_traits>
 
 #include "../common/geometry.h"
+#include "../common/numerics.h"
 
 namespace bimi {
 namespace cuda {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+using bimi::acc_type_t;  // the one definition: common/numerics.h
 
 inline int64_t blocks_for(int64_t items, int64_t threads = kThreads) {
   return ceil_div(items, threads);
@@ -31,6 +32,32 @@ __device__ acc_t block_sum(acc_t value, acc_t* scratch) {
     __syncthreads();
   }
   return scratch[0];
+}
+
+// Sum over the 32 lanes of a warp by a fixed butterfly (every lane gets the same total, the same
+// on every run). Every lane of the warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t value) {
+#pragma unroll
+  for (int mask = 16; mask >= 1; mask /= 2) value += __shfl_xor_sync(0xffffffffu, value, mask);
+  return value;
+}
+
+// The min and max of one value pair per thread over a block of kThreads threads (a tree in
+// shared memory); valid in scratch_lo[0] and scratch_hi[0] for every thread afterwards.
+template <typename acc_t>
+__device__ void block_min_max(acc_t lo, acc_t hi, acc_t* scratch_lo, acc_t* scratch_hi) {
+  scratch_lo[threadIdx.x] = lo;
+  scratch_hi[threadIdx.x] = hi;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      const acc_t l = scratch_lo[threadIdx.x + stride], h = scratch_hi[threadIdx.x + stride];
+      if (l < scratch_lo[threadIdx.x]) scratch_lo[threadIdx.x] = l;
+      if (h > scratch_hi[threadIdx.x]) scratch_hi[threadIdx.x] = h;
+    }
+    __syncthreads();
+  }
 }
 
 // out[e] = sum over c of partials[c * size + e], c ascending: the second, fixed-order stage of

@@ -1,250 +1,252 @@
-// CUDA joint counts (SPEC §3) and their backward, every offset in one pass over the pixels.
+// CUDA joint counts (docs/contract.md §3) and their backward.
 //
-// Forward: the pixels are cut into row segments of kSegment pixels, the segments into a number
-// of chunks fixed by the shape. Block (chunk c, offset o, pair group) loads each segment of p1
-// and the matching segment of p2 shifted by d_o into shared memory (masked, in the accumulation
-// dtype, zeros outside the image) and each thread accumulates its K x K pairs in registers. The
-// per-chunk partials are summed in chunk order by a second kernel: no atomics, bitwise
-// reproducible. Backward: one thread per (pixel, block of 4 output channels) sums over offsets
-// and channels in a fixed order; the p2 gradient is the same kernel with the roles swapped, G
-// transposed and the offsets negated.
+// Forward: block (task, chunk) walks the spatial tiles of its chunk; per tile it loads the p1
+// tile (its i channels) and the p2 window its cluster of offsets reaches (its j channels) into
+// shared memory once, and each warp adds the products of one micro-tile of channels for a run of
+// up to kRun offsets, lane by lane, in registers that live across the tiles. The lanes are summed
+// with a fixed shuffle tree, each block writes its own partial J, and a second kernel adds the
+// partials in chunk order: no atomics, the same result on every run. Backward: block (tile, i
+// group) loads the window of the other map once per cluster and channel run and accumulates
+// kTileRows x kMicro outputs per lane; the p2 gradient is the same kernel with the maps swapped,
+// the offsets negated and G read transposed. Both gradients: one read of each map (plus halo),
+// one write of each gradient. The per-thread steps live in joint_tiles.h, shared with the host
+// emulation test (tests/emulate_joint.cpp); the launch plan in joint_plan.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <mutex>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "../common/host_checks.h"
 #include "common.cuh"
+#include "joint_plan.h"
 
 namespace bimi {
 namespace cuda {
 namespace {
 
-constexpr int kSegment = 64;        // pixels of one image row per shared-memory tile
-constexpr int kSegmentStride = kSegment + 1;  // padded: threads reading different channels hit different banks
-constexpr int kPairsPerThread = 8;  // K x K pairs one thread accumulates
-constexpr int64_t kPairsPerBlock = int64_t(kThreads) * kPairsPerThread;
-constexpr int64_t kMaxChunks = 1024;
-constexpr int64_t kPartialBudget = int64_t(1) << 24;  // elements of the partials buffer
-constexpr int kBackwardChannels = 4;
-
 template <typename scalar_t, typename acc_t>
-__global__ void joint_forward_partials_kernel(const scalar_t* __restrict__ p1,
-                                              const scalar_t* __restrict__ p2,
-                                              const scalar_t* __restrict__ mask, Volume v,
-                                              const int64_t* __restrict__ offsets,
-                                              int64_t num_offsets, int64_t segments, int64_t chunks,
-                                              acc_t* __restrict__ partials) {
-  extern __shared__ unsigned char shared_raw[];
-  acc_t* first_tile = reinterpret_cast<acc_t*>(shared_raw);  // K x kSegmentStride
-  const int64_t k_count = v.channels;
-  acc_t* second_tile = first_tile + k_count * kSegmentStride;
-
-  const int64_t chunk = blockIdx.x;
-  const int64_t o = blockIdx.y;
-  const int64_t pair0 = static_cast<int64_t>(blockIdx.z) * kPairsPerBlock;
-  const int64_t pairs = k_count * k_count;
-  const int64_t dz = offsets[3 * o], dy = offsets[3 * o + 1], dx = offsets[3 * o + 2];
-  const int64_t voxels = v.voxels();
-  const int64_t segments_per_row = ceil_div(v.width, kSegment);
-
-  acc_t acc[kPairsPerThread];
+__global__ void __launch_bounds__(kMaxWarps* kWarp)
+    joint_forward_kernel(const __grid_constant__ JointForwardArgs<scalar_t, acc_t> args,
+                         const __grid_constant__ OffsetTable table) {
+  constexpr int kRun = JointConfig<acc_t>::kRun;
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  acc_t* shared = reinterpret_cast<acc_t*>(shared_raw);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const ForwardBlock block = forward_block(args, table, blockIdx.x, blockIdx.y);
+  const ForwardWarp<kRun> w = forward_warp<kRun>(args, table, block, warp);
+  acc_t acc[kRun][kMicro][kMicro];
 #pragma unroll
-  for (int q = 0; q < kPairsPerThread; ++q) acc[q] = acc_t(0);
+  for (int m = 0; m < kRun; ++m)
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[m][i][j] = acc_t(0);
 
-  const int64_t seg_end = chunk_begin(segments, chunks, chunk + 1);
-  for (int64_t seg = chunk_begin(segments, chunks, chunk); seg < seg_end; ++seg) {
-    const int64_t row = seg / segments_per_row;
-    const int64_t x0 = (seg % segments_per_row) * kSegment;
-    const int64_t b = row / (v.depth * v.height);
-    const int64_t z = (row / v.height) % v.depth;
-    const int64_t y = row % v.height;
-    __syncthreads();  // the previous segment's tiles are no longer read
-    for (int64_t e = threadIdx.x; e < k_count * kSegment; e += blockDim.x) {
-      const int64_t k = e / kSegment;
-      const int64_t x = e % kSegment;
-      const int64_t xx = x0 + x;
-      acc_t a = 0, s = 0;
-      if (xx < v.width) {
-        const int64_t i1 = v.voxel_index(z, y, xx);
-        a = static_cast<acc_t>(p1[(b * k_count + k) * voxels + i1]);
-        if (mask != nullptr) a *= static_cast<acc_t>(mask[b * voxels + i1]);
-        if (v.inside(z + dz, y + dy, xx + dx)) {
-          const int64_t i2 = v.voxel_index(z + dz, y + dy, xx + dx);
-          s = static_cast<acc_t>(p2[(b * k_count + k) * voxels + i2]);
-          if (mask != nullptr) s *= static_cast<acc_t>(mask[b * voxels + i2]);
-        }
-      }
-      first_tile[k * kSegmentStride + x] = a;
-      second_tile[k * kSegmentStride + x] = s;
-    }
+  for (int64_t t = block.tile_begin; t < block.tile_end; ++t) {
+    forward_load(args, table, block, tile_at(args.v, t), warp, warps, lane, shared);
     __syncthreads();
+    if (w.active) forward_accumulate<kRun>(w, shared, shared + forward_tile_elements(args), lane, acc);
+    __syncthreads();  // the next tile overwrites shared memory
+  }
+  if (!w.active) return;  // warp-uniform: every lane of a warp that sums below is here
 #pragma unroll
-    for (int q = 0; q < kPairsPerThread; ++q) {
-      const int64_t pair = pair0 + static_cast<int64_t>(q) * kThreads + threadIdx.x;
-      if (pair < pairs) {
-        const acc_t* a = first_tile + (pair / k_count) * kSegmentStride;
-        const acc_t* s = second_tile + (pair % k_count) * kSegmentStride;
-        acc_t dot = 0;
-        for (int x = 0; x < kSegment; ++x) dot += a[x] * s[x];
-        acc[q] += dot;
+  for (int m = 0; m < kRun; ++m)
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) {
+        const acc_t total = warp_sum(acc[m][i][j]);
+        if (lane == 0) forward_store(args, w, block.chunk, m, i, j, total);
       }
-    }
-  }
-#pragma unroll
-  for (int q = 0; q < kPairsPerThread; ++q) {
-    const int64_t pair = pair0 + static_cast<int64_t>(q) * kThreads + threadIdx.x;
-    if (pair < pairs) partials[(chunk * num_offsets + o) * pairs + pair] = acc[q];
-  }
 }
 
-// out[b, i, s] = m[s] sum_o sum_j g[o, i, j] m[s+d_o] second[b, j, s + d_o], for 4 channels i.
 template <typename scalar_t, typename acc_t>
-__global__ void joint_backward_first_kernel(const scalar_t* __restrict__ second,
-                                            const scalar_t* __restrict__ mask, Volume v,
-                                            const int64_t* __restrict__ offsets, int64_t num_offsets,
-                                            const acc_t* __restrict__ g, scalar_t* __restrict__ out) {
-  const int64_t voxels = v.voxels();
-  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (index >= v.batch * voxels) return;
-  const int64_t k_count = v.channels;
-  const int64_t b = index / voxels;
-  const int64_t s = index % voxels;
-  const int64_t x = s % v.width;
-  const int64_t y = (s / v.width) % v.height;
-  const int64_t z = s / (v.width * v.height);
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kBackwardChannels;
-
-  acc_t acc[kBackwardChannels];
+__global__ void __launch_bounds__(kBackwardWarps* kWarp)
+    joint_backward_kernel(const __grid_constant__ JointBackwardArgs<scalar_t, acc_t> args,
+                          const __grid_constant__ OffsetTable table) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  acc_t* shared = reinterpret_cast<acc_t*>(shared_raw);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const BackwardWarp w = backward_warp(args, blockIdx.x, blockIdx.y, warp);
+  acc_t acc[kTileRows][kMicro];
 #pragma unroll
-  for (int q = 0; q < kBackwardChannels; ++q) acc[q] = acc_t(0);
-  for (int64_t o = 0; o < num_offsets; ++o) {
-    const int64_t zz = z + offsets[3 * o], yy = y + offsets[3 * o + 1], xx = x + offsets[3 * o + 2];
-    if (!v.inside(zz, yy, xx)) continue;
-    const int64_t s2 = v.voxel_index(zz, yy, xx);
-    const acc_t m2 = mask != nullptr ? static_cast<acc_t>(mask[b * voxels + s2]) : acc_t(1);
-    const acc_t* go = g + (o * k_count + i0) * k_count;
-    for (int64_t j = 0; j < k_count; ++j) {
-      acc_t value = static_cast<acc_t>(second[(b * k_count + j) * voxels + s2]);
-      if (mask != nullptr) value *= m2;
+  for (int r = 0; r < kTileRows; ++r)
 #pragma unroll
-      for (int q = 0; q < kBackwardChannels; ++q)
-        if (i0 + q < k_count) acc[q] += go[q * k_count + j] * value;
+    for (int i = 0; i < kMicro; ++i) acc[r][i] = acc_t(0);
+  for (int32_t c = 0; c < table.clusters; ++c) {
+    for (int64_t j0 = 0; j0 < args.v.channels; j0 += JointConfig<acc_t>::kWindowChannels) {
+      __syncthreads();  // every warp is done with the previous window
+      backward_load(args, table, w.tile, c, j0, warp, warps, lane, shared);
+      __syncthreads();
+      backward_accumulate(args, table, w, c, j0, lane, shared, acc);
     }
   }
-  const acc_t m1 = mask != nullptr ? static_cast<acc_t>(mask[b * voxels + s]) : acc_t(1);
-#pragma unroll
-  for (int q = 0; q < kBackwardChannels; ++q) {
-    if (i0 + q < k_count) {
-      const acc_t value = mask != nullptr ? acc[q] * m1 : acc[q];
-      out[(b * k_count + i0 + q) * voxels + s] = static_cast<scalar_t>(value);
-    }
-  }
+  backward_store(args, w, lane, acc);
 }
 
-at::Tensor offsets_on_device(const std::vector<Offset3>& offsets, const at::Device& device) {
-  std::vector<int64_t> flat;
-  for (const Offset3& d : offsets) {
-    flat.push_back(d.dz);
-    flat.push_back(d.dy);
-    flat.push_back(d.dx);
-  }
-  return at::tensor(flat, at::TensorOptions().dtype(at::kLong)).to(device);
+// Rows, columns and planes are int32 inside a tile's arithmetic (offsets and window corners);
+// a spatial size must leave room for a tile and a window past it.
+void check_extents(const Volume& v) {
+  constexpr int64_t limit = std::numeric_limits<int32_t>::max() - 2 * kMaxWindow;
+  TORCH_CHECK(v.depth < limit && v.height < limit && v.width < limit,
+              "bimi_C (cuda): each spatial size must be below ", limit);
+}
+
+// Blocks above 48 KB of dynamic shared memory need the kernel's limit raised first. It is raised
+// once per kernel and device, to the device's maximum, so later launches (a hot loop, a CUDA
+// graph capture) make no driver call.
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(bytes <= optin, "bimi_C (cuda): a joint-count block needs ", bytes,
+              " bytes of shared memory, this GPU allows ", optin);
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> raised;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), c10::cuda::current_device()};
+  if (raised.count(key) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(optin)));
+  raised.insert(key);
 }
 
 at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
                              at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
   check_joint_inputs(p1_in, p2_in, mask_in);
+  TORCH_CHECK(p1_in.is_cuda(), "bimi_C (cuda): p1 must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(p1_in.device());
   const at::Tensor p1 = p1_in.contiguous();
   const at::Tensor p2 = p2_in.contiguous();
   const at::Tensor mask = mask_like(mask_in, p1);
   const Volume v = volume_of(p1);
+  check_extents(v);
   const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
   const int64_t num_offsets = static_cast<int64_t>(offsets.size());
   const int64_t k = v.channels;
   const auto acc_options = p1.options().dtype(accumulation_type(p1.scalar_type()));
   at::Tensor joint = at::empty({num_offsets, k, k}, acc_options);
   if (v.batch * v.voxels() == 0) return joint.zero_();
-  const at::Tensor device_offsets = offsets_on_device(offsets, p1.device());
-
-  const int64_t segments = v.batch * v.depth * v.height * ceil_div(v.width, kSegment);
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min({segments, kMaxChunks, kPartialBudget / (num_offsets * k * k)}));
-  const int64_t pair_groups = ceil_div(k * k, kPairsPerBlock);
-  at::Tensor partials = at::empty({chunks, num_offsets, k, k}, acc_options);
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(num_offsets),
-                  static_cast<unsigned>(pair_groups));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const size_t shared_bytes = 2 * k * kSegmentStride * sizeof(acc_t);
-    auto kernel = joint_forward_partials_kernel<scalar_t, acc_t>;
-    if (shared_bytes > 48 * 1024) {
-      const int optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-      TORCH_CHECK(shared_bytes <= static_cast<size_t>(optin), "bimi_C: K = ", k,
-                  " needs more shared memory than this GPU has per block");
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
+    using Config = JointConfig<acc_t>;
+    std::vector<JointLaunch> launches = plan_joint_launches(offsets, +1);
+    const ForwardShape shape = forward_shape(launches, k, Config::kRun, Config::kGroupBlocks);
+    const int64_t largest = set_forward_blocks(launches, shape, Config::kRun);
+    TORCH_CHECK(largest <= std::numeric_limits<int32_t>::max(), "bimi_C (cuda): K = ", k,
+                " is too large for the joint-count forward");
+    const int64_t tiles = tile_count(v);
+    const int64_t chunks = forward_chunks(tiles, largest, num_offsets, k);
+    at::Tensor partials = chunks == 1 ? joint : at::empty({chunks, num_offsets, k, k}, acc_options);
+
+    JointForwardArgs<scalar_t, acc_t> args;
+    args.p1 = p1.data_ptr<scalar_t>();
+    args.p2 = p2.data_ptr<scalar_t>();
+    args.mask = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+    args.v = v;
+    args.ib_per_block = shape.ib_per_block;
+    args.jb_per_block = shape.jb_per_block;
+    args.runs_per_block = shape.runs_per_block;
+    args.i_groups = shape.i_groups;
+    args.j_groups = shape.j_groups;
+    args.num_offsets = num_offsets;
+    args.tiles = tiles;
+    args.chunks = chunks;
+    args.out = partials.data_ptr<acc_t>();
+    const auto kernel = joint_forward_kernel<scalar_t, acc_t>;
+    for (const JointLaunch& launch : launches) {
+      const size_t shared_bytes = forward_shared_elements(shape, launch) * sizeof(acc_t);
+      allow_shared_memory(kernel, shared_bytes);
+      const dim3 grid(static_cast<unsigned>(launch.table.block_begin[launch.table.clusters]),
+                      static_cast<unsigned>(chunks));
+      kernel<<<grid, shape.warps() * kWarp, shared_bytes, stream>>>(args, launch.table);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    kernel<<<grid, kThreads, shared_bytes, stream>>>(
-        p1.data_ptr<scalar_t>(), p2.data_ptr<scalar_t>(),
-        mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, v, device_offsets.data_ptr<int64_t>(),
-        num_offsets, segments, chunks, partials.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t size = num_offsets * k * k;
-    sum_partials_kernel<acc_t><<<blocks_for(size), kThreads, 0, stream>>>(
-        partials.data_ptr<acc_t>(), chunks, size, joint.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (chunks > 1) {
+      const int64_t size = num_offsets * k * k;
+      sum_partials_kernel<acc_t><<<blocks_for(size), kThreads, 0, stream>>>(
+          partials.data_ptr<acc_t>(), chunks, size, joint.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return joint;
+}
+
+// The gradient of the map in the first role: `second` is the other map, G read transposed and
+// the offsets negated for the p2 gradient (sign = -1).
+template <typename scalar_t, typename acc_t>
+void joint_backward_role(const at::Tensor& second, const at::Tensor& mask, const Volume& v,
+                         const std::vector<Offset3>& offsets, int sign, const at::Tensor& g,
+                         at::Tensor& out, cudaStream_t stream) {
+  using Config = JointConfig<acc_t>;
+  const std::vector<JointLaunch> launches = plan_joint_launches(offsets, sign);
+  const int32_t warps = backward_warps(v.channels);
+  const int64_t i_groups = backward_i_groups(v.channels);
+  const int64_t tiles = tile_count(v);
+  TORCH_CHECK(i_groups <= 65535 && tiles <= std::numeric_limits<int32_t>::max(),
+              "bimi_C (cuda): K or the map is too large for one joint-count backward launch");
+  // more than one table: the launches pass their raw sums on in the accumulation dtype
+  at::Tensor carry;
+  if (launches.size() > 1) carry = at::empty(out.sizes(), out.options().dtype(g.scalar_type()));
+
+  JointBackwardArgs<scalar_t, acc_t> args;
+  args.second = second.data_ptr<scalar_t>();
+  args.mask = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+  args.v = v;
+  args.g = g.data_ptr<acc_t>();
+  args.transpose_g = sign < 0;
+  args.warps = warps;
+  args.out = out.data_ptr<scalar_t>();
+  const auto kernel = joint_backward_kernel<scalar_t, acc_t>;
+  for (size_t l = 0; l < launches.size(); ++l) {
+    args.carry_in = l > 0 ? carry.data_ptr<acc_t>() : nullptr;
+    args.carry_out = l + 1 < launches.size() ? carry.data_ptr<acc_t>() : nullptr;
+    const size_t shared_bytes =
+        backward_shared_elements(v.channels, Config::kWindowChannels, launches[l]) * sizeof(acc_t);
+    allow_shared_memory(kernel, shared_bytes);
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(i_groups));
+    kernel<<<grid, warps * kWarp, shared_bytes, stream>>>(args, launches[l].table);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cuda(
     const at::Tensor& grad_joint_in, const at::Tensor& p1_in, const at::Tensor& p2_in,
     at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
   check_joint_inputs(p1_in, p2_in, mask_in);
+  TORCH_CHECK(p1_in.is_cuda(), "bimi_C (cuda): p1 must be a CUDA tensor");
+  TORCH_CHECK(grad_joint_in.device() == p1_in.device(), "bimi_C (cuda): grad_J must be on the device of p1");
   const c10::cuda::CUDAGuard guard(p1_in.device());
   const at::Tensor p1 = p1_in.contiguous();
   const at::Tensor p2 = p2_in.contiguous();
   const at::Tensor mask = mask_like(mask_in, p1);
   const Volume v = volume_of(p1);
+  check_extents(v);
   const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
   const int64_t num_offsets = static_cast<int64_t>(offsets.size());
   const int64_t k = v.channels;
-  const auto acc_type = accumulation_type(p1.scalar_type());
   TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({num_offsets, k, k}),
               "bimi_C: grad_J must be (|O|, K, K), got ", grad_joint_in.sizes());
-  const at::Tensor g = grad_joint_in.to(acc_type).contiguous();
-  const at::Tensor g_transposed = g.transpose(1, 2).contiguous();
-  std::vector<Offset3> negated(offsets.size());
-  for (size_t o = 0; o < offsets.size(); ++o)
-    negated[o] = Offset3{-offsets[o].dz, -offsets[o].dy, -offsets[o].dx};
+  const at::Tensor g = grad_joint_in.to(accumulation_type(p1.scalar_type())).contiguous();
   at::Tensor grad_p1 = at::empty_like(p1);
   at::Tensor grad_p2 = at::empty_like(p2);
   if (v.batch * v.voxels() == 0) return {grad_p1, grad_p2};
-  const at::Tensor device_offsets = offsets_on_device(offsets, p1.device());
-  const at::Tensor device_negated = offsets_on_device(negated, p1.device());
-  const dim3 grid(static_cast<unsigned>(blocks_for(v.batch * v.voxels())),
-                  static_cast<unsigned>(ceil_div(k, kBackwardChannels)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* m = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-    joint_backward_first_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        p2.data_ptr<scalar_t>(), m, v, device_offsets.data_ptr<int64_t>(), num_offsets,
-        g.data_ptr<acc_t>(), grad_p1.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    joint_backward_first_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        p1.data_ptr<scalar_t>(), m, v, device_negated.data_ptr<int64_t>(), num_offsets,
-        g_transposed.data_ptr<acc_t>(), grad_p2.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    joint_backward_role<scalar_t, acc_t>(p2, mask, v, offsets, +1, g, grad_p1, stream);
+    joint_backward_role<scalar_t, acc_t>(p1, mask, v, offsets, -1, g, grad_p2, stream);
   });
   return {grad_p1, grad_p2};
 }

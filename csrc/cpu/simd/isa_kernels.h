@@ -1,0 +1,21 @@
+// The table of one build's inner loops (CpuKernels of kernels.h), defined in namespace
+// bimi::cpu::BIMI_CPU_ISA for float and double. Included once by kernels_generic.cpp and once by
+// kernels_avx2.cpp: the per-ISA builds of the same source.
+#pragma once
+
+#include "boundary_rows.h"
+#include "edge_rows.h"
+#include "external_headers.h"
+#include "joint_tiles.h"
+
+namespace bimi::cpu::BIMI_CPU_ISA {
+
+template <typename acc_t>
+CpuKernels<acc_t> isa_kernels() {
+  return {joint_tile_kernels<acc_t>(), boundary_row_kernels<acc_t>(), edge_row_kernels<acc_t>()};
+}
+
+template CpuKernels<float> isa_kernels<float>();
+template CpuKernels<double> isa_kernels<double>();
+
+}  // namespace bimi::cpu::BIMI_CPU_ISA

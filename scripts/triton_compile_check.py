@@ -1,0 +1,241 @@
+"""Compile the Triton kernels for an NVIDIA GPU without one, and report registers and spills.
+
+Runs Triton's real compiler (TTIR -> PTX) and the ptxas that ships with Triton on every kernel
+variant the launchers would launch, with the launchers' own settings, so GPU-only compile errors
+(types, layouts, tl.dot shapes) and register spills show up on a machine with no GPU. Needs
+TRITON_INTERPRET unset (the kernels must not be interpreted).
+
+    python scripts/triton_compile_check.py                 # the full set: K x dtype x layout
+    python scripts/triton_compile_check.py --quick         # a representative set (the CI test)
+    python scripts/triton_compile_check.py --k 10 40 --dtype fp32 --json out.json
+
+Prints one line per variant (kernel, settings, registers, spilled bytes, shared memory, the
+matrix instruction in the PTX) and exits 1 when a variant fails to compile or spills.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, Iterable, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
+FULL_K = (2, 10, 16, 40, 64, 128)
+
+
+def _ptxas_report(ptx: str, arch: int) -> Dict[str, Optional[int]]:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return {"registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
+                "stack_bytes": None}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as handle:
+            handle.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        report = subprocess.run(
+            [ptxas, "-v", f"-arch=sm_{arch}{suffix}", path, "-o", os.devnull],
+            capture_output=True, text=True,
+        ).stderr
+
+    def number(pattern):
+        found = re.search(pattern, report)
+        return int(found.group(1)) if found else None
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_store_bytes": number(r"(\d+) bytes spill stores"),
+        "spill_load_bytes": number(r"(\d+) bytes spill loads"),
+        "stack_bytes": number(r"(\d+) bytes stack frame"),
+    }
+
+
+def _matrix_instruction(ptx: str) -> str:
+    if "wgmma" in ptx:
+        return "wgmma"
+    found = re.search(r"mma\.sync\.aligned\.(m\d+n\d+k\d+)\S*?\.(\w+)\.(\w+)\.(\w+)\.(\w+)", ptx)
+    if found:
+        return f"mma.{found.group(1)}.{found.group(3)}"
+    return "fma"
+
+
+def compile_variant(fn, pointer_types: Dict[str, str], constexprs: Dict, num_warps: int,
+                    arch: int, wide_ints: Iterable[str] = ()) -> Dict:
+    """Compile one kernel variant; returns its report row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    wide_ints = set(wide_ints)
+    signature = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name in pointer_types:
+            signature[p.name] = pointer_types[p.name]
+        else:
+            signature[p.name] = "i64" if p.name in wide_ints else "i32"
+    row = {"kernel": fn.__name__, "settings": {k: v for k, v in constexprs.items()},
+           "num_warps": num_warps}
+    try:
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": num_warps},
+        )
+    except Exception as exc:  # report and go on: one failure should not hide the others
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+        return row
+    ptx = kernel.asm["ptx"]
+    row.update(_ptxas_report(ptx, arch))
+    row["shared_bytes"] = kernel.metadata.shared
+    row["matrix"] = _matrix_instruction(ptx)
+    return row
+
+
+def joint_variants(dtype_names: Iterable[str], ks: Iterable[int], layouts: Iterable[tuple]):
+    """(kernel, pointer types, constexprs, num_warps, wide ints) of the joint-count kernels, with
+    the settings the launchers derive for each (dtype, K, layout)."""
+    import torch
+
+    from bimi_kernels.triton import joint
+
+    for name in dtype_names:
+        dtype = getattr(torch, DTYPES[name])
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        base_precision = "ieee" if dtype == torch.float64 else "tf32x3"
+        for k in ks:
+            for shape_tail, radius, masked in layouts:
+                shape = (2, k) + tuple(shape_tail)
+                p = torch.empty(shape, dtype=dtype, device="meta")
+                mask = torch.empty((2,) + tuple(shape_tail), dtype=dtype, device="meta")
+                ndim = len(shape_tail)
+                flat = tuple(v for d in _window(radius, ndim) for v in d)
+                prob = joint._problem(p, p, mask if masked else None, flat, None, None)
+                precision = joint.product_precision(prob, base_precision)
+                pointers = {"p1_ptr": "*" + name, "p2_ptr": "*" + name, "mask_ptr": "*" + name,
+                            "grad_p1_ptr": "*" + name, "grad_p2_ptr": "*" + name,
+                            "rows_ptr": "*i64", "reverse_rows_ptr": "*i64",
+                            "partial_ptr": "*" + acc, "grad_j_ptr": "*" + acc,
+                            "out_ptr": "*" + acc}
+                label = {"dtype": name, "K": k, "shape": "x".join(map(str, shape_tail)),
+                         "radius": radius, "mask": masked}
+                settings = joint.forward_constexprs(prob, dtype, masked, precision)
+                warps = settings.pop("num_warps")
+                yield joint._joint_counts_forward_kernel, pointers, settings, warps, label
+                for want_p1, want_p2 in joint.backward_passes(prob):
+                    settings = joint.backward_constexprs(prob, masked, precision, want_p1,
+                                                         want_p2)
+                    warps = settings.pop("num_warps")
+                    yield joint._joint_counts_backward_kernel, pointers, settings, warps, label
+            yield (joint._sum_partials_kernel,
+                   {"partial_ptr": "*" + acc, "out_ptr": "*" + acc},
+                   {"K_PAD": joint.padded_k(k), "BLOCK": 1024}, 4, {"dtype": name, "K": k})
+
+
+def boundary_variants(dtype_names: Iterable[str], ks: Iterable[int], windows=(5,)):
+    import torch
+
+    from bimi_kernels.triton import boundary
+
+    for name in dtype_names:
+        dtype = getattr(torch, DTYPES[name])
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        pointers = {"p_ptr": "*" + name, "grad_ptr": "*" + name}
+        for param in boundary.ACCUMULATOR_POINTERS:
+            pointers[param] = "*" + acc
+        for k in ks:
+            for shape_tail in ((256, 256), (32, 32, 32)):
+                for window in windows:
+                    shape = (2, k) + shape_tail
+                    p = torch.empty(shape, dtype=dtype, device="meta")
+                    plan = boundary._plan(p, window, None, None)
+                    label = {"dtype": name, "K": k, "shape": "x".join(map(str, shape_tail)),
+                             "window": window}
+                    for fn, settings in boundary.kernel_constexprs(plan):
+                        settings = dict(settings)
+                        warps = settings.pop("num_warps")
+                        yield fn, pointers, settings, warps, label
+        for is_3d in (False, True):
+            for fn, settings in boundary.edge_constexprs(is_3d):
+                settings = dict(settings)
+                warps = settings.pop("num_warps")
+                yield fn, dict(pointers, image_ptr="*" + name), settings, warps, {"dtype": name}
+
+
+def _window(radius: int, ndim: int):
+    import itertools
+
+    steps = range(-radius, radius + 1)
+    return list(itertools.product(steps, repeat=ndim))
+
+
+def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool) -> List[Dict]:
+    if "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    if quick:
+        layouts = [((256, 256), 1, False), ((16, 16, 16), 1, True)]
+    else:
+        layouts = [((256, 256), 0, False), ((256, 256), 1, False), ((256, 256), 3, True),
+                   ((32, 32, 32), 1, True)]
+    rows = []
+    seen = set()
+    for fn, pointers, settings, warps, label in list(joint_variants(dtype_names, ks, layouts)) + \
+            list(boundary_variants(dtype_names, ks if not quick else ks[:1])):
+        key = (fn.__name__, tuple(sorted(settings.items())), tuple(sorted(pointers.items())),
+               warps)
+        if key in seen:  # layouts that give the same compile-time settings compile once
+            continue
+        seen.add(key)
+        row = compile_variant(fn, pointers, settings, warps, arch)
+        row["case"] = label
+        rows.append(row)
+        print(_format(row), flush=True)
+    return rows
+
+
+def _format(row: Dict) -> str:
+    settings = ",".join(f"{k}={v}" for k, v in row["settings"].items()
+                        if k not in ("DOT_PRECISION",))
+    case = ",".join(f"{k}={v}" for k, v in row.get("case", {}).items())
+    if "error" in row:
+        return f"FAIL {row['kernel']} [{case}] {settings}: {row['error']}"
+    spills = row.get("spill_store_bytes")
+    status = "ok  " if not spills else "SPILL"
+    return (f"{status} {row['kernel']:<32} regs={row['registers']} spill={spills} "
+            f"smem={row['shared_bytes']} {row['matrix']:<18} warps={row['num_warps']} "
+            f"[{case}] {settings}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability (90 = H100/H200)")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--k", nargs="+", type=int, default=list(FULL_K))
+    parser.add_argument("--quick", action="store_true",
+                        help="two layouts instead of four, boundary kernels for the first K only")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    rows = run(args.arch, args.dtype, args.k, args.quick)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1, default=str)
+    failed = [r for r in rows if "error" in r]
+    spilled = [r for r in rows if r.get("spill_store_bytes")]
+    print(f"{len(rows)} variants compiled for sm_{args.arch}: {len(failed)} failed, "
+          f"{len(spilled)} spill")
+    return 1 if failed or spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

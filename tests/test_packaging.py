@@ -1,0 +1,144 @@
+"""Packaging: what an sdist carries, what a build without torch says, the metadata and the CLI.
+The slow install checks (sdist -> wheel -> fresh venv -> import from elsewhere; `pip install .`
+with build isolation) are .ci/check_install.sh."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import bimi_kernels
+from bimi_kernels import _version
+from bimi_kernels.__main__ import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _tracked_files(*paths):
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", *paths],
+                            cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return [name for name in listed.split("\0") if name and (ROOT / name).exists()]
+
+
+@pytest.fixture(scope="module")
+def source_copy(tmp_path_factory):
+    """The working tree's sources without its build outputs, as a fresh clone would have them."""
+    copy = tmp_path_factory.mktemp("source")
+    for name in _tracked_files():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, copy / name)
+    return copy
+
+
+def _run_setup(source, *args, block_torch=False):
+    """Run setup.py in `source`; with block_torch, as in pip's isolated build (no torch)."""
+    code = "import runpy, sys\n"
+    if block_torch:
+        code += "sys.modules['torch'] = None\n"
+    code += f"sys.argv = ['setup.py', *{list(args)!r}]\nrunpy.run_path('setup.py', run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=300)
+
+
+def test_sdist_carries_every_file_the_build_needs(source_copy, tmp_path):
+    # csrc/cpu/*.cpp include ../common/*.h; the CUDA sources are compiled where a toolkit exists
+    done = _run_setup(source_copy, "-q", "sdist", "-d", str(tmp_path), block_torch=True)
+    assert done.returncode == 0, done.stderr
+    (sdist,) = tmp_path.glob("bimi_kernels-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        members = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    needed = set(_tracked_files("csrc", "bimi_kernels")) | {
+        "setup.py", "pyproject.toml", "MANIFEST.in", "LICENSE", "README.md", "requirements-cpu.txt"}
+    assert any(name.endswith(".h") for name in needed) and any(name.endswith(".cu") for name in needed)
+    assert sorted(needed - members) == []
+    assert not any(name.startswith("tests/") for name in members)  # they need the repository
+
+
+def test_a_build_without_torch_stops_and_names_no_build_isolation(source_copy):
+    # pip's default isolated build environment has no torch: no silently pure-Python wheel
+    done = _run_setup(source_copy, "build_ext", block_torch=True)
+    assert done.returncode != 0
+    message = done.stdout + done.stderr
+    assert "cannot build the C++ extension" in message
+    assert "pip install --no-build-isolation ." in message
+    assert "https://download.pytorch.org/whl/cpu" in message
+    # metadata needs no torch (pip asks for it before building)
+    assert _run_setup(source_copy, "-q", "egg_info", block_torch=True).returncode == 0
+
+
+def test_build_system_requires_only_what_the_build_uses():
+    requires = PYPROJECT["build-system"]["requires"]
+    names = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in requires}
+    # torch would be downloaded (CUDA, several GB) into an isolated build environment
+    assert "torch" not in names
+    assert names == {"setuptools", "ninja"}
+    assert "setuptools>=77" in requires  # the SPDX form of `license`
+
+
+def test_license_is_mit_in_spdx_form_with_the_file():
+    assert PYPROJECT["project"]["license"] == "MIT"
+    assert PYPROJECT["project"]["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_version_is_written_once():
+    project = PYPROJECT["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "bimi_kernels._version.__version__"}
+    assert bimi_kernels.__version__ == _version.__version__
+    holders = [name for name in _tracked_files("bimi_kernels", "setup.py", "pyproject.toml")
+               if name.endswith((".py", ".toml"))
+               and re.search(rf"""["']{re.escape(_version.__version__)}["']""", (ROOT / name).read_text())]
+    assert holders == ["bimi_kernels/_version.py"]
+
+
+def test_numpy_is_not_a_dependency_of_the_package():
+    assert not any(dep.startswith("numpy") for dep in PYPROJECT["project"]["dependencies"])
+    assert any(dep.startswith("numpy") for dep in PYPROJECT["project"]["optional-dependencies"]["demo"])
+    core = [path for path in (ROOT / "bimi_kernels").rglob("*.py") if "demo" not in path.parts]
+    importing = [str(path.relative_to(ROOT)) for path in core
+                 if re.search(r"^\s*(import numpy|from numpy)", path.read_text(), re.M)]
+    assert importing == []
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bimi_kernels {_version.__version__}"
+
+
+def test_bench_runs_the_checkout_benchmarks_without_the_checkout_on_sys_path(tmp_path):
+    # as the `bimi` console script runs: the package importable, the repository root not on
+    # sys.path, the current directory elsewhere
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from bimi_kernels.__main__ import main\n"
+        f"sys.path[:] = [p for p in sys.path if p not in ({str(ROOT)!r}, '')]\n"
+        "sys.exit(main(['bench', '--help']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout and "--quick" in done.stdout
+
+
+def test_bench_without_a_checkout_says_where_the_benchmarks_are(monkeypatch, capsys):
+    monkeypatch.setattr("bimi_kernels.__main__.benchmarks_checkout", lambda: None)
+    assert cli_main(["bench"]) == 2
+    assert "python -m benchmarks.run" in capsys.readouterr().err
+
+
+def test_pytest_ignores_only_third_party_warnings():
+    filters = PYPROJECT["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    for entry in filters:
+        action, _message, _category, module = entry.split(":")[:4]
+        assert action == "ignore" and module, entry  # always narrowed to a module
+        assert module.split("\\")[0] not in ("bimi_kernels", "tests", "benchmarks", ""), entry
+

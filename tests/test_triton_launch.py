@@ -1,0 +1,468 @@
+"""Launch geometry of the Triton kernels: tiles, chunks of partner rows, grids, strides and the
+64-bit index arithmetic, each against `bimi_kernels.reference` (docs/contract.md §3, §5, §8).
+
+Under the interpreter every test here runs with an address guard: each load and store of an
+interpreted kernel is checked, before it touches memory, to lie inside the storage of one of
+that launch's tensor arguments (the interpreter itself has no bounds checks). Shapes and grids
+are small: the interpreter pays ~0.1 ms per operation and ~0.6 ms per nested @triton.jit call,
+so tiles are chosen to give a few tiles per sample, not many.
+"""
+import os
+
+if not os.path.exists("/dev/nvidiactl"):  # no GPU: Triton kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import random_image, random_mask, random_maps  # noqa: E402
+
+from bimi_kernels import backends, reference  # noqa: E402
+from bimi_kernels.offsets import flatten, make_offsets  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_REASON = backends.unavailable_reason("triton", DEVICE)
+if _REASON is not None:
+    pytest.skip(f"triton backend unavailable on {DEVICE}: {_REASON}", allow_module_level=True)
+
+from bimi_kernels.triton import INTERPRETED, boundary, joint  # noqa: E402
+from bimi_kernels.triton.backend import BACKEND  # noqa: E402
+from bimi_kernels.triton.tiles import INT32_LIMIT, make_tile  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
+)
+
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+RTOL = {F64: 1e-10, F32: 1e-5}
+
+
+# ------------------------------------------------------------------------------------------------
+# the address guard
+# ------------------------------------------------------------------------------------------------
+class OutOfBounds(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def address_guard(monkeypatch):
+    """Every interpreted load and store must address the storage of a tensor argument of its
+    launch. Yields the list of the launches' guarded address counts."""
+    if not INTERPRETED:
+        yield None
+        return
+    from triton.runtime import interpreter
+
+    ranges = []
+    checked = []
+
+    def storages(args):
+        found = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                storage = arg.untyped_storage()
+                found.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        return found
+
+    original_call = interpreter.GridExecutor.__call__
+
+    def guarded_call(self, *args, **kwargs):
+        ranges[:] = storages(list(args) + list(kwargs.values()))
+        return original_call(self, *args, **kwargs)
+
+    def check(ptrs, mask, what):
+        addresses = np.asarray(ptrs.data).astype(np.uint64)
+        active = np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)
+        addresses = addresses[active]
+        if addresses.size == 0:
+            return
+        size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+        ok = np.zeros(addresses.shape, dtype=bool)
+        for start, end in ranges:
+            ok |= (addresses >= np.uint64(start)) & (addresses + np.uint64(size) <= np.uint64(end))
+        checked.append(addresses.size)
+        if not ok.all():
+            bad = int(addresses[~ok][0])
+            raise OutOfBounds(f"{what} at {bad:#x} outside every tensor argument {ranges}")
+
+    builder = interpreter.interpreter_builder
+    original_load, original_store = builder.create_masked_load, builder.create_masked_store
+
+    def load(ptrs, mask, other, *rest):
+        check(ptrs, mask, "load")
+        return original_load(ptrs, mask, other, *rest)
+
+    def store(ptrs, value, mask, *rest):
+        check(ptrs, mask, "store")
+        return original_store(ptrs, value, mask, *rest)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", guarded_call)
+    monkeypatch.setattr(builder, "create_masked_load", load)
+    monkeypatch.setattr(builder, "create_masked_store", store)
+    yield checked
+
+
+def test_address_guard_catches_an_out_of_bounds_load(address_guard):
+    if not INTERPRETED:
+        pytest.skip("the guard watches the interpreter")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_past_end(x_ptr, y_ptr, n):
+        i = tl.arange(0, 16)
+        tl.store(y_ptr + i, tl.load(x_ptr + n + i))
+
+    x = torch.zeros(16)
+    y = torch.zeros(16)
+    read_past_end[(1,)](x, y, 0)
+    with pytest.raises(Exception, match="outside every tensor argument"):
+        read_past_end[(1,)](x, y, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def assert_close_rel(actual, expected, rtol, what):
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    error = ((actual - expected).abs().max() / scale).item()
+    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g}"
+
+
+def make_inputs(shape, dtype, masked, seed=0):
+    p1, p2 = random_maps(shape, dtype=dtype, seed=seed, device=DEVICE)
+    mask = None
+    if masked:
+        mask = random_mask(shape, seed=seed + 2, keep=0.7, device=DEVICE)[:, 0].to(dtype)
+    return p1, p2, mask
+
+
+def random_grad_j(n_offsets, k, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n_offsets, k, k), generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def check_joint(p1, p2, offsets, mask, rtol, **launch):
+    flat = flatten(offsets)
+    counts = joint.joint_counts(p1, p2, flat, mask, **launch)
+    expected = reference.joint_counts(p1, p2, offsets, mask)
+    assert counts.shape == expected.shape and counts.dtype == expected.dtype
+    assert_close_rel(counts, expected, rtol, "J")
+    grad_j = random_grad_j(len(offsets), p1.shape[1], counts.dtype)
+    launch.pop("max_programs", None)
+    grads = joint.joint_counts_backward(grad_j, p1, p2, flat, mask, **launch)
+    expected_grads = reference.joint_counts_backward(grad_j, p1, p2, offsets, mask)
+    for i in range(2):
+        assert grads[i].dtype == (p1, p2)[i].dtype
+        assert_close_rel(grads[i], expected_grads[i], rtol, f"dL/dp{i + 1}")
+
+
+# ------------------------------------------------------------------------------------------------
+# joint counts: tiles, chunks, grids
+# ------------------------------------------------------------------------------------------------
+JOINT_GEOMETRY = {
+    # name: (shape, offsets (radius or list), masked, tile, max rows per chunk, max_programs)
+    "2d-sizes-not-multiples-of-tile": ((2, 3, 13, 19), 1, True, (1, 4, 8), None, 3),
+    "2d-one-row": ((2, 3, 1, 9), [(0, 0), (0, 2), (0, -5)], False, (1, 1, 16), None, None),
+    "2d-one-column": ((2, 3, 7, 1), [(0, 0), (3, 0), (-1, 0)], True, (1, 4, 4), None, 2),
+    "2d-one-pixel": ((3, 2, 1, 1), 0, True, None, None, None),
+    "2d-offsets-larger-than-tile": ((1, 3, 12, 13), [(5, -7), (-9, 10), (0, 1)], True,
+                                    (1, 2, 8), None, 3),
+    "2d-radius-3-several-chunks": ((1, 2, 9, 10), 3, False, (1, 4, 8), 32, 3),
+    "2d-radius-5": ((1, 2, 12, 13), 5, True, (1, 8, 8), None, None),
+    "2d-zero-offset-flat-runs": ((2, 5, 9, 7), 0, True, (1, 2, 8), None, 3),
+    "2d-repeated-zero-offsets": ((2, 3, 5, 6), [(0, 0), (0, 0)], False, None, None, None),
+    "3d-tile-every-dim": ((1, 3, 4, 5, 6), 1, True, (2, 2, 4), 32, 3),
+    "3d-one-deep": ((1, 3, 1, 5, 6), [(0, 0, 0), (0, 1, -2)], False, (1, 2, 8), None, None),
+    "3d-one-high-one-wide": ((2, 2, 6, 1, 1), [(0, 0, 0), (2, 0, 0), (-4, 0, 0)], True,
+                             (4, 1, 4), None, 2),
+    "3d-offsets-larger-than-tile": ((1, 2, 6, 7, 8), [(4, -5, 6), (0, 0, 0), (-3, 2, -7)],
+                                    True, (2, 2, 4), None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(JOINT_GEOMETRY), ids=list(JOINT_GEOMETRY))
+def test_joint_counts_tile_geometry(case):
+    shape, spec, masked, tile, max_rows, max_programs = JOINT_GEOMETRY[case]
+    p1, p2, mask = make_inputs(shape, F64, masked)
+    offsets = make_offsets(spec, len(shape) - 2)
+    config = None
+    if max_rows is not None:
+        config = joint.JointConfig(rows=max_rows, tile_pixels=64, num_warps=4)
+    check_joint(p1, p2, offsets, mask, RTOL[F64], tile=tile, config=config,
+                max_programs=max_programs)
+
+
+@pytest.mark.parametrize("k", [2, 3, 17, 33, 64, 128])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_joint_counts_every_k(k, dtype):
+    """K up to 128 in float64 and float32: tiles sized from K and the dtype (float64 at
+    K >= 33 used to exceed Triton's largest tensor)."""
+    shape = (1, k, 5, 6) if k > 33 else (2, k, 6, 7)
+    p1, p2, mask = make_inputs(shape, dtype, masked=k == 17)
+    check_joint(p1, p2, make_offsets(1, 2), mask, RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_joint_counts_half_precision_rule(dtype):
+    """docs/contract.md §8: error vs the float64 result <= 2x the reference's own error in
+    that dtype plus a small floor; here with several tiles and a mask."""
+    p1, p2, mask = make_inputs((2, 10, 9, 11), dtype, True)
+    offsets = make_offsets(1, 2)
+    flat = flatten(offsets)
+    exact = [t.double() for t in (p1, p2, mask)]
+    tile = (1, 4, 8)
+    results = {
+        "J": (joint.joint_counts(p1, p2, flat, mask, tile=tile),
+              reference.joint_counts(p1, p2, offsets, mask),
+              reference.joint_counts(*exact[:2], offsets, exact[2])),
+    }
+    grad_j = random_grad_j(len(offsets), 10, F32)
+    grads = joint.joint_counts_backward(grad_j, p1, p2, flat, mask, tile=tile)
+    low = reference.joint_counts_backward(grad_j, p1, p2, offsets, mask)
+    high = reference.joint_counts_backward(grad_j.double(), *exact[:2], offsets, exact[2])
+    for i in range(2):
+        results[f"dL/dp{i + 1}"] = (grads[i], low[i], high[i])
+    for what, (ours, theirs, truth) in results.items():
+        floor = 1e-6 * truth.abs().max().item()
+        error = (ours.double() - truth).abs().max().item()
+        bound = 2 * (theirs.double() - truth).abs().max().item() + floor
+        assert error <= bound, f"{what}: {error:.3g} > {bound:.3g}"
+
+
+def test_joint_counts_fixed_order_reduction_is_bitwise_repeatable():
+    """Several programs per grid dimension (chunks x pixel programs), each adding its own
+    partial sums; the partials are added in program order: reruns agree bitwise."""
+    p1, p2, mask = make_inputs((2, 4, 9, 10), F32, True)
+    flat = flatten(make_offsets(1, 2))
+    config = joint.JointConfig(rows=16, tile_pixels=32, num_warps=4)
+    first = joint.joint_counts(p1, p2, flat, mask, config=config, tile=(1, 2, 8), max_programs=3)
+    again = joint.joint_counts(p1, p2, flat, mask, config=config, tile=(1, 2, 8), max_programs=3)
+    assert torch.equal(first, again)
+
+
+def test_joint_counts_take_batch_and_channel_strides():
+    """Maps that are channel slices of a larger map and every other sample of a batch run in
+    place (no copy): the kernels take the batch and channel strides."""
+    big1, big2, _ = make_inputs((4, 7, 6, 9), F64, False)
+    p1, p2 = big1[::2, 1:5], big2[1::2, 2:6]
+    mask = random_mask((4, 1, 6, 9), device=DEVICE)[::2, 0].to(F64)
+    assert not p1.is_contiguous() and joint._dense_spatial(p1, 2) is p1
+    offsets = make_offsets(1, 2)
+    check_joint(p1, p2, offsets, mask, RTOL[F64], tile=(1, 2, 8))
+
+
+def test_partner_table_columns_and_cache():
+    geo = joint.geometry((0, 0, 1, -2), 2, (1, 5, 6))
+    table = joint.partner_table(geo, 3, 30, False, 16, torch.device("cpu"))
+    assert table.shape == (joint.TABLE_COLUMNS, 16)
+    column = {name: table[getattr(joint, name).value].tolist() for name in (
+        "COL_MAP_OFFSET", "COL_SHIFT", "COL_Y_LO", "COL_Y_HI", "COL_X_LO", "COL_X_HI",
+        "COL_GRAD_INDEX")}
+    # row 4 = offset 1 (d = (1, -2): shift 1 * 6 - 2 = 4), channel 1
+    assert column["COL_SHIFT"][4] == 4 and column["COL_MAP_OFFSET"][4] == 30 + 4
+    assert (column["COL_Y_LO"][4], column["COL_Y_HI"][4]) == (0, 4)
+    assert (column["COL_X_LO"][4], column["COL_X_HI"][4]) == (2, 6)
+    assert column["COL_GRAD_INDEX"][4] == 9 + 1  # dL/dJ[1, i, j=1] at 9 + 1 + 3 i
+    assert column["COL_Y_HI"][6:] == [0] * 10  # padding rows: no partner inside
+    reverse = joint.partner_table(geo, 3, 30, True, 16, torch.device("cpu"))
+    assert reverse[joint.COL_SHIFT.value, 4] == -4 and reverse[joint.COL_GRAD_INDEX.value, 4] == 12
+    assert joint.partner_table(geo, 3, 30, False, 16, torch.device("cpu")) is table
+
+
+@pytest.mark.parametrize("k", [2, 10, 16, 40, 64, 128])
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64])
+def test_default_configs_fit_triton_tensors(k, dtype, monkeypatch):
+    """Every tensor a kernel builds stays under Triton's 2^20 elements, with the GPU settings
+    and the interpreter's, for every K up to 128 and dtype."""
+    from bimi_kernels.triton import padded_k
+
+    for interpreted in (False, True):
+        monkeypatch.setattr(joint, "INTERPRETED", interpreted)
+        monkeypatch.setattr(boundary, "INTERPRETED", interpreted)
+        k_pad = padded_k(k)
+        config = joint.default_config(k_pad, dtype)
+        rows = joint.chunk_rows(490 * k, k_pad, config.rows)
+        for elements in (rows * config.tile_pixels, config.tile_pixels * k_pad, rows * k_pad):
+            assert elements <= 1 << 20
+        if not interpreted:
+            assert config.tile_pixels >= 16 and rows >= 16  # tl.dot's minimum on a GPU
+        b_config = boundary.default_config(k_pad, dtype)
+        assert k_pad * max(b_config.run_pixels, b_config.grad_tile_pixels) <= 1 << 20
+
+
+def test_make_tile_shapes():
+    """As wide as the sample (up to 64), then as tall (up to 8 in a volume), then deep."""
+    assert make_tile((1, 256, 256), 64) == (1, 1, 64, 1, 256, 4)
+    assert make_tile((1, 256, 256), 256) == (1, 4, 64, 1, 64, 4)
+    assert make_tile((1, 5, 3), 64) == (1, 8, 4, 1, 1, 1)
+    assert make_tile((1, 1, 1), 64) == (1, 1, 16, 1, 1, 1)  # tl.dot's minimum
+    assert make_tile((7, 9, 5), 128) == (2, 8, 8, 4, 2, 1)
+    assert make_tile((32, 32, 32), 256) == (1, 8, 32, 32, 4, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# boundary term: tiles, windows, programs per sample
+# ------------------------------------------------------------------------------------------------
+def boundary_inputs(shape, dtype, seed=0):
+    p = random_maps(shape, dtype=dtype, seed=seed, device=DEVICE)[0]
+    acc = reference.accumulation_dtype(dtype)
+    image = random_image(shape, channels=2, dtype=torch.float64, seed=seed + 1, device=DEVICE)
+    return p, reference.edge_map(image.to(acc)).contiguous()
+
+
+def check_boundary(p, edge, window, rtol, **launch):
+    cc, u_range = boundary.boundary_cc(p, edge, window, **launch)
+    assert_close_rel(cc, reference.boundary_cc(p, edge, window), rtol, "CC")
+    u = reference.uncertainty_map(p).flatten(1)
+    assert_close_rel(u_range, torch.stack([u.amin(1), u.amax(1)], 1), rtol, "u_range")
+    grad_cc = torch.tensor(1.3, dtype=cc.dtype, device=DEVICE)
+    grad = boundary.boundary_cc_backward(grad_cc, p, edge, u_range, window, **launch)
+    expected = reference.boundary_cc_backward(grad_cc, p, edge, window)
+    if torch.count_nonzero(expected) == 0:
+        assert torch.count_nonzero(grad) == 0
+    else:
+        assert_close_rel(grad, expected, rtol, "dL/dp")
+
+
+BOUNDARY_GEOMETRY = {
+    # name: (shape, window, tile, max_programs)
+    "2d-sizes-not-multiples-of-tile-w5": ((2, 3, 11, 13), 5, (1, 4, 8), 3),
+    "2d-window-7-interior-tile": ((1, 2, 22, 22), 7, (1, 8, 8), 2),
+    "2d-one-row-w3": ((2, 4, 1, 9), 3, None, None),
+    "2d-one-pixel-w5": ((2, 3, 1, 1), 5, None, None),
+    "3d-tile-every-dim-w3": ((1, 3, 5, 6, 7), 3, (2, 4, 8), 2),
+    "3d-one-deep-w5": ((2, 2, 1, 6, 7), 5, None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUNDARY_GEOMETRY), ids=list(BOUNDARY_GEOMETRY))
+def test_boundary_tile_geometry(case):
+    shape, window, tile, max_programs = BOUNDARY_GEOMETRY[case]
+    p, edge = boundary_inputs(shape, F64)
+    check_boundary(p, edge, window, RTOL[F64], tile=tile, max_programs=max_programs)
+
+
+@pytest.mark.parametrize("k", [2, 33, 128])
+def test_boundary_every_k_float64(k):
+    p, edge = boundary_inputs((1, k, 5, 6), F64)
+    check_boundary(p, edge, 3, RTOL[F64])
+
+
+def test_boundary_several_runs_per_program():
+    """The uncertainty pass walks several runs per program and reduces the running min/max
+    across programs of a sample."""
+    p, edge = boundary_inputs((2, 3, 9, 10), F64)
+    config = boundary.BoundaryConfig(run_pixels=16, tile_pixels=32, grad_tile_pixels=16,
+                                     num_warps=4)
+    check_boundary(p, edge, 5, RTOL[F64], config=config, max_programs=2)
+
+
+def test_boundary_takes_batch_and_channel_strides():
+    big, _, _ = make_inputs((4, 6, 7, 8), F64, False)
+    p = big[1::2, 1:4]
+    edge = boundary_inputs((4, 1, 7, 8), F64)[1][::2]
+    assert boundary._dense_pixels(p) is p and boundary._dense_pixels(edge) is edge
+    check_boundary(p, edge, 3, RTOL[F64], tile=(1, 4, 8))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 2, 5, 6, 7), (2, 1, 1, 13), (1, 2, 4, 1, 1)],
+                         ids=["2d", "3d", "one-row", "3d-one-column"])
+@pytest.mark.parametrize("gamma", [0.75, 0.0])
+def test_edge_map_runs_and_programs(shape, gamma, monkeypatch):
+    """The fused edge map: wrap-around differences at every border, several runs per program
+    and several programs per sample (their minima and maxima reduced per sample), gamma = 0."""
+    monkeypatch.setattr(boundary, "INTERPRETER_RUN_PIXELS", 16)
+    image = random_image(shape, channels=shape[1], dtype=F64, device=DEVICE)
+    got = boundary.edge_map(image, gamma)
+    expected = reference.edge_map(image, gamma)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert_close_rel(got, expected, RTOL[F64], "edge")
+
+
+# ------------------------------------------------------------------------------------------------
+# host side: no synchronisation, cheap
+# ------------------------------------------------------------------------------------------------
+def test_launchers_never_read_tensor_values_on_the_host(monkeypatch):
+    """No .item(), bool() or tolist() on a tensor inside the four kernels: they can be
+    captured by CUDA graphs and never wait for the device."""
+    p1, p2, mask = make_inputs((1, 3, 6, 7), F32, True)
+    flat = flatten(make_offsets(1, 2))
+    edge = boundary_inputs((1, 3, 6, 7), F32)[1]
+    BACKEND.joint_counts(p1, p2, flat, mask)  # warm the table caches first
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a launcher read a tensor value on the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    counts = BACKEND.joint_counts(p1, p2, flat, mask)
+    BACKEND.joint_counts_backward(torch.ones_like(counts), p1, p2, flat, mask)
+    cc, u_range = BACKEND.boundary_cc(p1, edge, 3)
+    BACKEND.boundary_cc_backward(torch.ones_like(cc), p1, edge, u_range, 3)
+    BACKEND.edge_map(random_image((1, 2, 6, 7), channels=2, device=DEVICE), 0.75)
+
+
+# ------------------------------------------------------------------------------------------------
+# 64-bit index arithmetic
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def huge_buffer():
+    """A float16 buffer of 3.3e9 elements (6.6 GB of address space). Only the pages the tests
+    write and the kernels touch are ever backed by memory (a few MB)."""
+    if DEVICE != "cpu":
+        pytest.skip("the lazily backed buffer is a CPU (interpreter) device")
+    try:
+        return torch.empty(3 * 2**30 + 2**28, dtype=F16)
+    except RuntimeError as exc:  # an address-space limit on this machine
+        pytest.skip(f"cannot reserve 6.6 GB of address space: {exc}")
+
+
+def strided_maps(buffer, shape, stride_b, stride_k, offset, seed):
+    """A (B, K, H, W) map viewing `buffer` with the given batch and channel strides, filled
+    with a random softmax (only its own elements are written)."""
+    b, k, h, w = shape
+    view = buffer.as_strided(shape, (stride_b, stride_k, w, 1), offset)
+    view.copy_(random_maps(shape, dtype=F16, seed=seed)[0])
+    return view
+
+
+@pytest.mark.parametrize("where", ["batch", "channel"])
+def test_index_arithmetic_past_2_31(huge_buffer, where, address_guard):
+    """Maps whose element offsets pass 2^31 while the strides themselves fit in 32 bits (so
+    Triton passes them as int32): the third sample starts at 3 * 3 * 2^29 elements (batch), or
+    the third channel at 2 * (2^30 + 64) (channel, which makes the launchers compile the
+    kernels with 64-bit per-element offsets). Every kernel must give bitwise the result of the
+    same map made contiguous, and (interpreter) never address memory outside its tensors.
+    Before the 64-bit sample bases, each of these read and wrote outside the maps."""
+    shape = (3, 2, 6, 7) if where == "batch" else (1, 3, 6, 7)
+    stride_b, stride_k = (3 * 2**29, 64) if where == "batch" else (4096, 2**30 + 64)
+    assert max(stride_b, stride_k) < INT32_LIMIT
+    assert (shape[0] - 1) * stride_b + (shape[1] - 1) * stride_k >= INT32_LIMIT
+    p1 = strided_maps(huge_buffer, shape, stride_b, stride_k, 0, seed=1)
+    p2 = strided_maps(huge_buffer, shape, stride_b, stride_k, 1024, seed=2)
+    mask = huge_buffer.as_strided((shape[0],) + shape[2:], (stride_b, shape[3], 1), 2048)
+    mask.copy_(random_mask(shape, seed=3)[:, 0].to(F16))
+    edge = boundary_inputs(shape, F16)[1]
+    dense = [t.contiguous() for t in (p1, p2, mask)]
+    flat = flatten(make_offsets(1, 2))
+    tile = (1, 4, 8)
+
+    counts = joint.joint_counts(p1, p2, flat, mask, tile=tile)
+    assert torch.equal(counts, joint.joint_counts(dense[0], dense[1], flat, dense[2], tile=tile))
+    grad_j = random_grad_j(9, shape[1], F32)
+    grads = joint.joint_counts_backward(grad_j, p1, p2, flat, mask, tile=tile)
+    expected = joint.joint_counts_backward(grad_j, dense[0], dense[1], flat, dense[2], tile=tile)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected))
+
+    cc, u_range = boundary.boundary_cc(p1, edge, 3, tile=tile)
+    cc_dense, u_range_dense = boundary.boundary_cc(dense[0], edge, 3, tile=tile)
+    assert torch.equal(cc, cc_dense) and torch.equal(u_range, u_range_dense)
+    grad_cc = torch.tensor(0.7)
+    assert torch.equal(boundary.boundary_cc_backward(grad_cc, p1, edge, u_range, 3, tile=tile),
+                       boundary.boundary_cc_backward(grad_cc, dense[0], edge, u_range, 3,
+                                                     tile=tile))
+    if INTERPRETED:
+        assert sum(address_guard) > 0  # the guard saw the kernels' accesses
