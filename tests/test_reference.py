@@ -178,7 +178,7 @@ def test_symmetric_distribution():
 
 # ----------------------------------------------------------------------------------- boundary term
 def naive_local_cc(u, e, window, eps=1e-5):
-    """SPEC §5 with explicit loops over window centres (numpy, float64)."""
+    """docs/contract.md §5 with explicit loops over window centres (numpy, float64)."""
     u, e = u.numpy()[:, 0], e.numpy()[:, 0]
     half, n = window // 2, float(window ** (u.ndim - 1))  # u.ndim counts the batch dim
     total, count = 0.0, 0
