@@ -49,6 +49,7 @@ from ..numerics import EPS_CC, EPS_LOG_U, EPS_MINMAX
 from . import INTERPRETED, accumulation_dtype, multiprocessor_count, padded_k, spatial_dims
 from .tiles import (
     Tile,
+    channel_offsets,
     make_tile,
     map_extent,
     needs_wide_index,
@@ -177,10 +178,7 @@ def _uncertainty_kernel(
     acc_dtype = u_ptr.dtype.element_ty
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    if WIDE:
-        channel = k.to(tl.int64) * p_stride_k
-    else:
-        channel = k * p_stride_k
+    channel = channel_offsets(k, p_stride_k, WIDE)
     p_base = sample_pointer(p_ptr, b, p_stride_b)
     u_base = sample_pointer(u_ptr, b, N)
     if NORMALISED:
@@ -302,12 +300,10 @@ def _boundary_grad_kernel(
     k_ok = k < K
     if WIDE:
         plane = tl.cast(H, tl.int64) * W
-        channel = k.to(tl.int64) * p_stride_k
-        out_channel = k.to(tl.int64) * grad_stride_k
     else:
         plane = H * W
-        channel = k * p_stride_k
-        out_channel = k * grad_stride_k
+    channel = channel_offsets(k, p_stride_k, WIDE)
+    out_channel = channel_offsets(k, grad_stride_k, WIDE)
     lo = tl.load(u_range_ptr + 2 * b)
     denominator = tl.load(u_range_ptr + 2 * b + 1) - lo + EPS_NORM
     a_base = sample_pointer(coef_u_ptr, b, N)

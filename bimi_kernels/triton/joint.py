@@ -72,6 +72,7 @@ from . import (
 )
 from .tiles import (
     Tile,
+    channel_offsets,
     coordinate_in_range,
     make_tile,
     map_extent,
@@ -215,10 +216,7 @@ def _joint_counts_forward_kernel(
     map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)  # for every tile
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    if WIDE:
-        channel = k.to(tl.int64) * p1_stride_k
-    else:
-        channel = k * p1_stride_k
+    channel = channel_offsets(k, p1_stride_k, WIDE)
     row_ok = rows < n_rows
     acc = tl.zeros((ROWS, K_PAD), dtype=acc_dtype)
     for tile in range(pid, n_tiles, n_programs):
@@ -279,10 +277,7 @@ def _joint_counts_backward_kernel(
     acc_dtype = grad_j_ptr.dtype.element_ty
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    if WIDE:
-        out_channel = k.to(tl.int64) * grad_stride_k
-    else:
-        out_channel = k * grad_stride_k
+    out_channel = channel_offsets(k, grad_stride_k, WIDE)
     for tile in range(pid, n_tiles, n_programs):
         b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)

@@ -93,6 +93,16 @@ def map_extent(channels: int, channel_stride: int, spatial_pixels: int) -> int:
 # @triton.jit helpers
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def channel_offsets(k, stride_k, WIDE: tl.constexpr):
+    """Offsets of channels k for a channel stride, in 64 bits where one can pass 2^31 (WIDE)."""
+    if WIDE:
+        offsets = k.to(tl.int64) * stride_k
+    else:
+        offsets = k * stride_k
+    return offsets
+
+
+@triton.jit
 def sample_pointer(ptr, b, stride_b):
     """Base address of sample b: the product in 64 bits whatever the types of b and stride_b."""
     return ptr + tl.cast(b, tl.int64) * stride_b
