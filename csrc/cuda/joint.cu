@@ -120,47 +120,68 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
   raised.insert(key);
 }
 
+const at::Tensor& checked_cuda_first_map(const at::Tensor& p1, const at::Tensor& p2,
+                                         const std::optional<at::Tensor>& mask) {
+  check_joint_inputs(p1, p2, mask);
+  TORCH_CHECK(p1.is_cuda(), "bimi_C (cuda): p1 must be a CUDA tensor");
+  return p1;
+}
+
+// The checked inputs of one joint-count call (forward or backward), on its device for the
+// call's lifetime: contiguous maps, the mask in the maps' dtype, the volume and the offsets.
+struct JointCall {
+  const c10::cuda::CUDAGuard guard;
+  const at::Tensor p1, p2, mask;
+  const Volume v;
+  const std::vector<Offset3> offsets;
+  const int64_t num_offsets;
+  const int64_t k;  // channels
+
+  JointCall(const at::Tensor& p1_in, const at::Tensor& p2_in, at::IntArrayRef flat_offsets,
+            const std::optional<at::Tensor>& mask_in)
+      : guard(checked_cuda_first_map(p1_in, p2_in, mask_in).device()),
+        p1(p1_in.contiguous()),
+        p2(p2_in.contiguous()),
+        mask(mask_like(mask_in, p1)),
+        v(volume_of(p1)),
+        offsets(parse_offsets(p1, flat_offsets)),
+        num_offsets(static_cast<int64_t>(offsets.size())),
+        k(v.channels) {
+    check_extents(v);
+  }
+};
+
 at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
                              at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
-  check_joint_inputs(p1_in, p2_in, mask_in);
-  TORCH_CHECK(p1_in.is_cuda(), "bimi_C (cuda): p1 must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(p1_in.device());
-  const at::Tensor p1 = p1_in.contiguous();
-  const at::Tensor p2 = p2_in.contiguous();
-  const at::Tensor mask = mask_like(mask_in, p1);
-  const Volume v = volume_of(p1);
-  check_extents(v);
-  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
-  const int64_t num_offsets = static_cast<int64_t>(offsets.size());
-  const int64_t k = v.channels;
-  const auto acc_options = p1.options().dtype(accumulation_type(p1.scalar_type()));
-  at::Tensor joint = at::empty({num_offsets, k, k}, acc_options);
-  if (v.batch * v.voxels() == 0) return joint.zero_();
+  const JointCall call(p1_in, p2_in, flat_offsets, mask_in);
+  const auto acc_options = call.p1.options().dtype(accumulation_type(call.p1.scalar_type()));
+  at::Tensor joint = at::empty({call.num_offsets, call.k, call.k}, acc_options);
+  if (call.v.batch * call.v.voxels() == 0) return joint.zero_();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.p1.scalar_type(), "bimi_joint_counts_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     using Config = JointConfig<acc_t>;
-    std::vector<JointLaunch> launches = plan_joint_launches(offsets, +1);
-    const ForwardShape shape = forward_shape(launches, k, Config::kRun, Config::kGroupBlocks);
+    std::vector<JointLaunch> launches = plan_joint_launches(call.offsets, +1);
+    const ForwardShape shape = forward_shape(launches, call.k, Config::kRun, Config::kGroupBlocks);
     const int64_t largest = set_forward_blocks(launches, shape, Config::kRun);
-    TORCH_CHECK(largest <= std::numeric_limits<int32_t>::max(), "bimi_C (cuda): K = ", k,
+    TORCH_CHECK(largest <= std::numeric_limits<int32_t>::max(), "bimi_C (cuda): K = ", call.k,
                 " is too large for the joint-count forward");
-    const int64_t tiles = tile_count(v);
-    const int64_t chunks = forward_chunks(tiles, largest, num_offsets, k);
-    at::Tensor partials = chunks == 1 ? joint : at::empty({chunks, num_offsets, k, k}, acc_options);
+    const int64_t tiles = tile_count(call.v);
+    const int64_t chunks = forward_chunks(tiles, largest, call.num_offsets, call.k);
+    at::Tensor partials = chunks == 1 ? joint : at::empty({chunks, call.num_offsets, call.k, call.k}, acc_options);
 
     JointForwardArgs<scalar_t, acc_t> args;
-    args.p1 = p1.data_ptr<scalar_t>();
-    args.p2 = p2.data_ptr<scalar_t>();
-    args.mask = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-    args.v = v;
+    args.p1 = call.p1.data_ptr<scalar_t>();
+    args.p2 = call.p2.data_ptr<scalar_t>();
+    args.mask = call.mask.defined() ? call.mask.data_ptr<scalar_t>() : nullptr;
+    args.v = call.v;
     args.ib_per_block = shape.ib_per_block;
     args.jb_per_block = shape.jb_per_block;
     args.runs_per_block = shape.runs_per_block;
     args.i_groups = shape.i_groups;
     args.j_groups = shape.j_groups;
-    args.num_offsets = num_offsets;
+    args.num_offsets = call.num_offsets;
     args.tiles = tiles;
     args.chunks = chunks;
     args.out = partials.data_ptr<acc_t>();
@@ -174,7 +195,7 @@ at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (chunks > 1) {
-      const int64_t size = num_offsets * k * k;
+      const int64_t size = call.num_offsets * call.k * call.k;
       sum_partials_kernel<acc_t><<<blocks_for(size), kThreads, 0, stream>>>(
           partials.data_ptr<acc_t>(), chunks, size, joint.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -224,29 +245,19 @@ void joint_backward_role(const at::Tensor& second, const at::Tensor& mask, const
 std::tuple<at::Tensor, at::Tensor> joint_counts_backward_cuda(
     const at::Tensor& grad_joint_in, const at::Tensor& p1_in, const at::Tensor& p2_in,
     at::IntArrayRef flat_offsets, const std::optional<at::Tensor>& mask_in) {
-  check_joint_inputs(p1_in, p2_in, mask_in);
-  TORCH_CHECK(p1_in.is_cuda(), "bimi_C (cuda): p1 must be a CUDA tensor");
+  const JointCall call(p1_in, p2_in, flat_offsets, mask_in);
   TORCH_CHECK(grad_joint_in.device() == p1_in.device(), "bimi_C (cuda): grad_J must be on the device of p1");
-  const c10::cuda::CUDAGuard guard(p1_in.device());
-  const at::Tensor p1 = p1_in.contiguous();
-  const at::Tensor p2 = p2_in.contiguous();
-  const at::Tensor mask = mask_like(mask_in, p1);
-  const Volume v = volume_of(p1);
-  check_extents(v);
-  const std::vector<Offset3> offsets = parse_offsets(p1, flat_offsets);
-  const int64_t num_offsets = static_cast<int64_t>(offsets.size());
-  const int64_t k = v.channels;
-  TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({num_offsets, k, k}),
+  TORCH_CHECK(grad_joint_in.sizes() == at::IntArrayRef({call.num_offsets, call.k, call.k}),
               "bimi_C: grad_J must be (|O|, K, K), got ", grad_joint_in.sizes());
-  const at::Tensor g = grad_joint_in.to(accumulation_type(p1.scalar_type())).contiguous();
-  at::Tensor grad_p1 = at::empty_like(p1);
-  at::Tensor grad_p2 = at::empty_like(p2);
-  if (v.batch * v.voxels() == 0) return {grad_p1, grad_p2};
+  const at::Tensor g = grad_joint_in.to(accumulation_type(call.p1.scalar_type())).contiguous();
+  at::Tensor grad_p1 = at::empty_like(call.p1);
+  at::Tensor grad_p2 = at::empty_like(call.p2);
+  if (call.v.batch * call.v.voxels() == 0) return {grad_p1, grad_p2};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p1.scalar_type(), "bimi_joint_counts_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.p1.scalar_type(), "bimi_joint_counts_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    joint_backward_role<scalar_t, acc_t>(p2, mask, v, offsets, +1, g, grad_p1, stream);
-    joint_backward_role<scalar_t, acc_t>(p1, mask, v, offsets, -1, g, grad_p2, stream);
+    joint_backward_role<scalar_t, acc_t>(call.p2, call.mask, call.v, call.offsets, +1, g, grad_p1, stream);
+    joint_backward_role<scalar_t, acc_t>(call.p1, call.mask, call.v, call.offsets, -1, g, grad_p2, stream);
   });
   return {grad_p1, grad_p2};
 }
