@@ -60,6 +60,18 @@ def assert_low_precision_rule(
     )
 
 
+def case_params(table: dict) -> list:
+    """pytest params (name, dtype) for every case of a table and each of its dtypes, with
+    readable ids such as "2d-K3-r1-mask-float64"."""
+    import pytest
+
+    return [
+        pytest.param(name, dtype, id=f"{name}-{str(dtype).replace('torch.', '')}")
+        for name, case in table.items()
+        for dtype in case.dtypes
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
 # joint counts
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cases import (
+    case_params,
     BF16, BOUNDARY_CASES, EDGE_CASES, EDGE_RTOL, F16, F32, F64, BoundaryCase,
     assert_low_precision_rule, boundary_inputs, check_boundary, edge_image,
     reference_cc_and_gradient, relative_error, run_kernels,
@@ -16,11 +17,7 @@ from cases import (
 from bimi_kernels import reference
 from bimi_kernels.numerics import accumulation_dtype
 
-BOUNDARY_PARAMS = [
-    pytest.param(name, dtype, id=f"{name}-{str(dtype).replace('torch.', '')}")
-    for name, case in BOUNDARY_CASES.items()
-    for dtype in case.dtypes
-]
+BOUNDARY_PARAMS = case_params(BOUNDARY_CASES)
 
 
 @pytest.mark.parametrize("name,dtype", BOUNDARY_PARAMS)

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cases import (
+    case_params,
     BF16, F16, F32, F64, JOINT_CASES, JointCase, assert_low_precision_rule, check_joint, cpu,
     joint_inputs, random_grad_j,
 )
@@ -14,11 +15,7 @@ from cases import (
 from bimi_kernels import reference
 from bimi_kernels.offsets import flatten, make_offsets
 
-JOINT_PARAMS = [
-    pytest.param(name, dtype, id=f"{name}-{str(dtype).replace('torch.', '')}")
-    for name, case in JOINT_CASES.items()
-    for dtype in case.dtypes
-]
+JOINT_PARAMS = case_params(JOINT_CASES)
 
 
 @pytest.mark.parametrize("name,dtype", JOINT_PARAMS)
