@@ -54,6 +54,7 @@ from .tiles import (
     map_extent,
     needs_wide_index,
     next_power_of_2,
+    plane_size,
     sample_pointer,
     tile_geometry,
     tile_is_interior,
@@ -225,10 +226,7 @@ def _ncc_kernel(
     n_programs = tl.num_programs(0)
     acc_dtype = u_ptr.dtype.element_ty
     count = tl.cast(window_count, acc_dtype)  # n = window^ndim, an exact integer
-    if WIDE:
-        plane = tl.cast(H, tl.int64) * W
-    else:
-        plane = H * W
+    plane = plane_size(H, W, WIDE)
     if BACKWARD:
         # L = -mean(f) scaled by grad_cc: dL/df = -grad_cc / (B prod(S))
         scale = -tl.load(grad_cc_ptr) / tl.cast(total_pixels, acc_dtype)
@@ -298,10 +296,7 @@ def _boundary_grad_kernel(
     acc_dtype = coef_u_ptr.dtype.element_ty
     k = tl.arange(0, K_PAD)
     k_ok = k < K
-    if WIDE:
-        plane = tl.cast(H, tl.int64) * W
-    else:
-        plane = H * W
+    plane = plane_size(H, W, WIDE)
     channel = channel_offsets(k, p_stride_k, WIDE)
     out_channel = channel_offsets(k, grad_stride_k, WIDE)
     lo = tl.load(u_range_ptr + 2 * b)
@@ -354,10 +349,7 @@ def _edge_magnitude_kernel(
     out_base = sample_pointer(out_ptr, b, N)
     low = tl.full((BLOCK,), float("inf"), acc_dtype)
     high = tl.full((BLOCK,), float("-inf"), acc_dtype)
-    if WIDE:
-        plane = tl.cast(H, tl.int64) * W
-    else:
-        plane = H * W
+    plane = plane_size(H, W, WIDE)
     for run in range(r, runs_per_sample, n_range):
         if WIDE:
             s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -128,6 +128,15 @@ def tile_pixels(TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr
 
 
 @triton.jit
+def plane_size(H, W, WIDE: tl.constexpr):
+    """H W, in 64 bits where a (z, y, x) offset can pass 2^31 (WIDE)."""
+    if WIDE:
+        return tl.cast(H, tl.int64) * W
+    else:
+        return H * W
+
+
+@triton.jit
 def pixel_offset(z, y, x, H, W, WIDE: tl.constexpr):
     """Offset of pixel (z, y, x) in a dense (D, H, W) block: (z H + y) W + x."""
     if WIDE:
