@@ -65,7 +65,7 @@ def _check_values(config: LossConfig, maps: dict, image=None, mask=None) -> None
 # the terms, on checked inputs
 # ------------------------------------------------------------------------------------------------
 def _mi_term(p1, p2, flat_offsets, flat_mask, config: LossConfig, eps: float = EPS_MI):
-    counts = ops.joint_counts(p1, p2, flat_offsets, flat_mask, config.backend)
+    counts = ops.apply_joint_counts(p1, p2, flat_offsets, flat_mask, config.backend)
     if config.sync:
         from .distributed import sync_joint_counts
 
@@ -77,7 +77,7 @@ def _mi_term(p1, p2, flat_offsets, flat_mask, config: LossConfig, eps: float = E
 
 def _edge(image, size, dtype, gamma, backend):
     """The edge map through the edge-map op, from the image resized to `size` in `dtype`."""
-    return ops.edge_map(reference.resized_image(image, size, dtype), float(gamma), backend)
+    return ops.apply_edge_map(reference.resized_image(image, size, dtype), float(gamma), backend)
 
 
 def _boundary_term(p1, p2, image, config: LossConfig):
@@ -85,8 +85,8 @@ def _boundary_term(p1, p2, image, config: LossConfig):
     kernel calls."""
     acc = accumulation_dtype(p1.dtype)
     edge = _edge(image, p1.shape[2:], acc, config.gamma, config.backend)
-    cc1 = ops.boundary_cc(p1, edge, int(config.window), config.backend)[0]
-    cc2 = ops.boundary_cc(p2, edge, int(config.window), config.backend)[0]
+    cc1 = ops.apply_boundary_cc(p1, edge, int(config.window), config.backend)[0]
+    cc2 = ops.apply_boundary_cc(p2, edge, int(config.window), config.backend)[0]
     return (cc1 + cc2) / 2
 
 
@@ -147,7 +147,7 @@ def joint_counts(
     """
     config = LossConfig.of(locals())
     flat_offsets, flat_mask = _check_pair(p1, p2, mask, config)
-    return ops.joint_counts(p1, p2, flat_offsets, flat_mask, backend)
+    return ops.apply_joint_counts(p1, p2, flat_offsets, flat_mask, backend)
 
 
 def regularized_mi(
@@ -209,7 +209,7 @@ def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5, backend: s
         raise ValueError(f"edge: on device {edge.device}, but p is on {p.device}")
     edge = edge.detach().to(accumulation_dtype(p.dtype)).contiguous()
     with ops.autocast_off(p.device.type):
-        return ops.boundary_cc(p, edge, int(config.window), backend)[0]
+        return ops.apply_boundary_cc(p, edge, int(config.window), backend)[0]
 
 
 def boundary_cc_loss(

@@ -10,6 +10,13 @@ edge map of the image (no gradient), runs a backend's fused kernel where it has 
 
 Every kernel runs with autocast off: an op computes in its accumulation dtype whatever autocast
 region the caller is in (§8), so its real output dtype is always its fake's.
+
+Two routes to the same kernels. The `apply_*` functions, which `functional` calls, take the
+custom op whenever something may trace the call (torch.compile, export, fake or other tensor
+subclasses, a dispatch or function mode), and otherwise a plain torch.autograd.Function: in
+eager mode torch.library's custom-op machinery costs ~50 us of Python per op and again per
+backward op, more than the whole host cost the Function adds. Both routes call the one
+implementation of each op below (`_joint_counts_impl`, ...) and give bitwise the same results.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import backends, reference
 from .numerics import accumulation_dtype
@@ -40,6 +48,10 @@ def autocast_off(device_type: str):
 @torch.library.custom_op("bimi::joint_counts", mutates_args=())
 def joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor], backend: str) -> Tensor:
     """J (|O|, K, K) in the accumulation dtype. `offsets` is flat: offset o is offsets[o*n:(o+1)*n]."""
+    return _joint_counts_impl(p1, p2, offsets, mask, backend)
+
+
+def _joint_counts_impl(p1, p2, offsets, mask, backend):
     kernels = _kernels(backend, p1.device.type)
     mask = None if mask is None else mask.contiguous()
     with autocast_off(p1.device.type):
@@ -57,6 +69,10 @@ def joint_counts_backward(
     grad_j: Tensor, p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor], backend: str
 ) -> Tuple[Tensor, Tensor]:
     """(dL/dp1, dL/dp2) from G = dL/dJ, in the dtypes of p1 and p2."""
+    return _joint_counts_backward_impl(grad_j, p1, p2, offsets, mask, backend)
+
+
+def _joint_counts_backward_impl(grad_j, p1, p2, offsets, mask, backend):
     kernels = _kernels(backend, p1.device.type)
     mask = None if mask is None else mask.contiguous()
     with autocast_off(p1.device.type):
@@ -102,6 +118,10 @@ joint_counts.register_autograd(_joint_counts_autograd, setup_context=_joint_coun
 def boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tuple[Tensor, Tensor]:
     """(CC(U(p), edge), u_range): the 0-dim CC in the accumulation dtype and the per-sample
     [min, max] of the raw uncertainty (B, 2), which the backward reuses."""
+    return _boundary_cc_impl(p, edge, window, backend)
+
+
+def _boundary_cc_impl(p, edge, window, backend):
     kernels = _kernels(backend, p.device.type)
     with autocast_off(p.device.type):
         return kernels.boundary_cc(p.contiguous(), edge.contiguous(), window)
@@ -118,6 +138,10 @@ def boundary_cc_backward(
     grad_cc: Tensor, p: Tensor, edge: Tensor, u_range: Tensor, window: int, backend: str
 ) -> Tensor:
     """dL/dp in the dtype of p, from the 0-dim dL/dCC."""
+    return _boundary_cc_backward_impl(grad_cc, p, edge, u_range, window, backend)
+
+
+def _boundary_cc_backward_impl(grad_cc, p, edge, u_range, window, backend):
     kernels = _kernels(backend, p.device.type)
     with autocast_off(p.device.type):
         return kernels.boundary_cc_backward(
@@ -154,6 +178,10 @@ boundary_cc.register_autograd(_boundary_cc_autograd, setup_context=_boundary_cc_
 def edge_map(image: Tensor, gamma: float, backend: str) -> Tensor:
     """E (B, 1, *S) in the accumulation dtype of an image (B, C, *S) already at the maps' size:
     the backend's fused kernel where it has one, else the torch definition (reference.edge_map)."""
+    return _edge_map_impl(image, gamma, backend)
+
+
+def _edge_map_impl(image, gamma, backend):
     kernels = _kernels(backend, image.device.type)
     with autocast_off(image.device.type):
         if kernels.edge_map is None:
@@ -164,3 +192,94 @@ def edge_map(image: Tensor, gamma: float, backend: str) -> Tensor:
 @edge_map.register_fake
 def _edge_map_fake(image, gamma, backend):
     return image.new_empty((image.shape[0], 1) + tuple(image.shape[2:]), dtype=accumulation_dtype(image.dtype))
+
+
+
+# ------------------------------------------------------------------------------------------------
+# the eager route
+# ------------------------------------------------------------------------------------------------
+# False sends every call through the custom ops (a switch for tests and for debugging).
+EAGER_ROUTE = True
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _modes_active() -> bool:
+    """Whether a torch dispatch or function mode (make_fx, FakeTensorMode, `with
+    torch.device(...)`, ...) or a torch.func transform is active: then the custom op must be
+    called. True when this torch cannot tell."""
+    try:
+        return (torch._C._len_torch_dispatch_stack() > 0 or torch._C._len_torch_function_stack() > 0
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+    except AttributeError:  # pragma: no cover - private API gone in some later torch
+        return True
+
+
+def eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on `tensors` may skip the custom op: nothing traces it and every tensor
+    is a plain tensor (not fake, functional or another subclass)."""
+    if not EAGER_ROUTE or torch.compiler.is_compiling() or _modes_active():
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
+class _JointCountsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p1, p2, offsets, mask, backend):
+        ctx.save_for_backward(p1, p2, mask)
+        ctx.offsets, ctx.backend = offsets, backend
+        return _joint_counts_impl(p1, p2, offsets, mask, backend)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_j):
+        p1, p2, mask = ctx.saved_tensors
+        grad_p1, grad_p2 = _joint_counts_backward_impl(grad_j, p1, p2, ctx.offsets, mask, ctx.backend)
+        return (grad_p1 if ctx.needs_input_grad[0] else None,
+                grad_p2 if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+class _BoundaryCCFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, edge, window, backend):
+        cc, u_range = _boundary_cc_impl(p, edge, window, backend)
+        ctx.save_for_backward(p, edge, u_range)
+        ctx.window, ctx.backend = window, backend
+        ctx.mark_non_differentiable(u_range)
+        return cc, u_range
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_cc, _grad_u_range):
+        p, edge, u_range = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad_p = _boundary_cc_backward_impl(grad_cc, p, edge, u_range, ctx.window, ctx.backend)
+        return grad_p, None, None, None
+
+
+def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor],
+                       backend: str) -> Tensor:
+    """`joint_counts`, by the eager route where it may (see the module's docstring)."""
+    if not eager(p1, p2, mask):
+        return joint_counts(p1, p2, list(offsets), mask, backend)
+    if p1.requires_grad or p2.requires_grad:
+        return _JointCountsFunction.apply(p1, p2, offsets, mask, backend)
+    return _joint_counts_impl(p1, p2, offsets, mask, backend)
+
+
+def apply_boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tuple[Tensor, Tensor]:
+    """`boundary_cc`, by the eager route where it may."""
+    if not eager(p, edge):
+        return boundary_cc(p, edge, window, backend)
+    if p.requires_grad:
+        return _BoundaryCCFunction.apply(p, edge, window, backend)
+    return _boundary_cc_impl(p, edge, window, backend)
+
+
+def apply_edge_map(image: Tensor, gamma: float, backend: str) -> Tensor:
+    """`edge_map`, by the eager route where it may (no gradient either way)."""
+    if not eager(image):
+        return edge_map(image, gamma, backend)
+    with torch.no_grad():
+        return _edge_map_impl(image, gamma, backend)

@@ -75,3 +75,27 @@ def test_loaders_are_plain_functions_returning_backends():
     for name, loader in backends._LOADERS.items():
         assert callable(loader) and loader.__module__ == "bimi_kernels.backends"
     assert backends.get("reference").name == "reference"
+
+
+def test_eager_route_only_where_nothing_traces():
+    """ops.eager: the custom ops are skipped only for plain tensors with no tracing, mode or
+    transform active, so torch.compile, export, fake tensors and torch.func see the custom ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bimi_kernels import ops
+
+    p = torch.rand(1, 2, 3, 3)
+    assert ops.eager(p, None)
+    assert ops.eager(torch.nn.Parameter(p))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(p)
+        assert not ops.eager(fake)
+    assert not ops.eager(fake)  # a fake tensor outside its mode
+    with torch.device("cpu"):  # a function mode
+        assert not ops.eager(p)
+    seen = []
+    torch.func.grad(lambda x: (seen.append(ops.eager(x)), x.sum())[1])(p)
+    assert seen == [False]
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x: x * 2 if ops.eager(x) else x * 3, fullgraph=True, backend="eager")
+    assert torch.equal(traced(p), p * 3)

@@ -9,7 +9,7 @@ from cases import F32, F64, JOINT_CASES, assert_close, joint_inputs, random_grad
 from helpers import random_image, random_mask, random_maps
 
 import bimi_kernels
-from bimi_kernels import functional, reference
+from bimi_kernels import functional, ops, reference
 from bimi_kernels.offsets import flatten, make_offsets
 
 LOSS_CASES = {
@@ -149,6 +149,49 @@ def test_reruns_are_bitwise_equal(backend):
     runs = [loss_and_grads(backend.name, backend.device, shape, 1, 5, dtype=F32) for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no-grad"])
+def test_eager_route_equals_the_custom_ops(backend, monkeypatch, requires_grad):
+    """Eager calls skip the custom ops (a plain autograd.Function, or the kernel itself without
+    a gradient: less host overhead, bimi_kernels/ops.py); both routes call the same kernels and
+    give bitwise the same loss and gradients."""
+    shape = (2, 5, 9, 11)
+    image = random_image(shape, dtype=F32, device=backend.device)
+    mask = random_mask(shape, device=backend.device)
+    routes = []
+    for eager_route in (True, False):
+        monkeypatch.setattr(ops, "EAGER_ROUTE", eager_route)
+        p1, p2 = random_maps(shape, dtype=F32, device=backend.device, requires_grad=requires_grad)
+        loss = functional.bimi_loss(p1, p2, image, mask, offsets=1, backend=backend.name)
+        counts = functional.joint_counts(p1, p2, offsets=[(0, 0), (2, -1)], backend=backend.name)
+        edge = functional.edge_map(image, backend=backend.name)
+        results = [loss.detach(), counts.detach(), edge]
+        if requires_grad:
+            loss.backward()
+            results += [p1.grad, p2.grad]
+        else:
+            assert not loss.requires_grad and not counts.requires_grad
+        routes.append(results)
+    for what, a, b in zip(("loss", "counts", "edge map", "dL/dp1", "dL/dp2"), *routes):
+        assert torch.equal(a, b), what
+
+
+def test_second_derivative_is_refused(backend):
+    """Neither route has a second derivative: asking for one raises instead of returning a
+    wrong one."""
+    shape = (1, 3, 6, 7)
+    image = random_image(shape, dtype=F64, device=backend.device)
+    for eager_route in (True, False):
+        p1, p2 = random_maps(shape, dtype=F64, device=backend.device, requires_grad=True)
+        ops.EAGER_ROUTE = eager_route
+        try:
+            loss = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)(p1, p2, image)
+            (grad,) = torch.autograd.grad(loss, p1, create_graph=True)
+            with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+                grad.sum().backward()
+        finally:
+            ops.EAGER_ROUTE = True
 
 
 def test_pooled_offsets_sum_the_counts_first(backend):
