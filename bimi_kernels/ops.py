@@ -216,9 +216,10 @@ def _modes_active() -> bool:
 
 
 def eager(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call on `tensors` may skip the custom op: nothing traces it and every tensor
-    is a plain tensor (not fake, functional or another subclass)."""
-    if not EAGER_ROUTE or torch.compiler.is_compiling() or _modes_active():
+    """Whether a call on `tensors` may skip the custom op: nothing traces it (torch.compile,
+    torch.jit.trace, a mode or transform) and every tensor is a plain tensor (not fake,
+    functional or another subclass)."""
+    if not EAGER_ROUTE or torch.compiler.is_compiling() or torch.jit.is_tracing() or _modes_active():
         return False
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 

@@ -96,6 +96,11 @@ def test_eager_route_only_where_nothing_traces():
     seen = []
     torch.func.grad(lambda x: (seen.append(ops.eager(x)), x.sum())[1])(p)
     assert seen == [False]
+    seen.clear()
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated, still in use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(lambda x: (seen.append(ops.eager(x)), x * 2)[1], (p,), check_trace=False)
+    assert seen == [False]
     torch._dynamo.reset()
     traced = torch.compile(lambda x: x * 2 if ops.eager(x) else x * 3, fullgraph=True, backend="eager")
     assert torch.equal(traced(p), p * 3)
