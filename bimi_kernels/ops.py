@@ -94,11 +94,13 @@ def _joint_counts_setup_context(ctx, inputs, output):
     ctx.offsets, ctx.backend = offsets, backend
 
 
-def _joint_counts_autograd(ctx, grad_j):
+def _joint_counts_grads(ctx, grad_j, backward):
+    """The inputs' gradients from dL/dJ with `backward` (the backward op, or on the eager route
+    its implementation): one definition for both routes."""
     p1, p2, mask = ctx.saved_tensors
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None
-    grad_p1, grad_p2 = joint_counts_backward(grad_j, p1, p2, ctx.offsets, mask, ctx.backend)
+    grad_p1, grad_p2 = backward(grad_j, p1, p2, ctx.offsets, mask, ctx.backend)
     return (
         grad_p1 if ctx.needs_input_grad[0] else None,
         grad_p2 if ctx.needs_input_grad[1] else None,
@@ -106,6 +108,10 @@ def _joint_counts_autograd(ctx, grad_j):
         None,
         None,
     )
+
+
+def _joint_counts_autograd(ctx, grad_j):
+    return _joint_counts_grads(ctx, grad_j, joint_counts_backward)
 
 
 joint_counts.register_autograd(_joint_counts_autograd, setup_context=_joint_counts_setup_context)
@@ -160,12 +166,15 @@ def _boundary_cc_setup_context(ctx, inputs, output):
     ctx.window, ctx.backend = window, backend
 
 
-def _boundary_cc_autograd(ctx, grad_cc, _grad_u_range):
+def _boundary_cc_grads(ctx, grad_cc, backward):
     p, edge, u_range = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
-    grad_p = boundary_cc_backward(grad_cc, p, edge, u_range, ctx.window, ctx.backend)
-    return grad_p, None, None, None
+    return backward(grad_cc, p, edge, u_range, ctx.window, ctx.backend), None, None, None
+
+
+def _boundary_cc_autograd(ctx, grad_cc, _grad_u_range):
+    return _boundary_cc_grads(ctx, grad_cc, boundary_cc_backward)
 
 
 boundary_cc.register_autograd(_boundary_cc_autograd, setup_context=_boundary_cc_setup_context)
@@ -225,38 +234,35 @@ def eager(*tensors: Optional[Tensor]) -> bool:
 
 
 class _JointCountsFunction(torch.autograd.Function):
+    """The eager route of `joint_counts`: what is saved and how the gradients are formed are the
+    custom op's (`_joint_counts_setup_context`, `_joint_counts_grads`)."""
+
     @staticmethod
     def forward(ctx, p1, p2, offsets, mask, backend):
-        ctx.save_for_backward(p1, p2, mask)
-        ctx.offsets, ctx.backend = offsets, backend
-        return _joint_counts_impl(p1, p2, offsets, mask, backend)
+        counts = _joint_counts_impl(p1, p2, offsets, mask, backend)
+        _joint_counts_setup_context(ctx, (p1, p2, offsets, mask, backend), counts)
+        return counts
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_j):
-        p1, p2, mask = ctx.saved_tensors
-        grad_p1, grad_p2 = _joint_counts_backward_impl(grad_j, p1, p2, ctx.offsets, mask, ctx.backend)
-        return (grad_p1 if ctx.needs_input_grad[0] else None,
-                grad_p2 if ctx.needs_input_grad[1] else None, None, None, None)
+        return _joint_counts_grads(ctx, grad_j, _joint_counts_backward_impl)
 
 
 class _BoundaryCCFunction(torch.autograd.Function):
+    """The eager route of `boundary_cc` (`_boundary_cc_setup_context`, `_boundary_cc_grads`)."""
+
     @staticmethod
     def forward(ctx, p, edge, window, backend):
-        cc, u_range = _boundary_cc_impl(p, edge, window, backend)
-        ctx.save_for_backward(p, edge, u_range)
-        ctx.window, ctx.backend = window, backend
-        ctx.mark_non_differentiable(u_range)
-        return cc, u_range
+        output = _boundary_cc_impl(p, edge, window, backend)
+        _boundary_cc_setup_context(ctx, (p, edge, window, backend), output)
+        ctx.mark_non_differentiable(output[1])
+        return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_cc, _grad_u_range):
-        p, edge, u_range = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad_p = _boundary_cc_backward_impl(grad_cc, p, edge, u_range, ctx.window, ctx.backend)
-        return grad_p, None, None, None
+        return _boundary_cc_grads(ctx, grad_cc, _boundary_cc_backward_impl)
 
 
 def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor],
