@@ -270,7 +270,7 @@ def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optiona
     """`joint_counts`, by the eager route where it may (see the module's docstring)."""
     if not eager(p1, p2, mask):
         return joint_counts(p1, p2, list(offsets), mask, backend)
-    if p1.requires_grad or p2.requires_grad:
+    if torch.is_grad_enabled() and (p1.requires_grad or p2.requires_grad):
         return _JointCountsFunction.apply(p1, p2, offsets, mask, backend)
     return _joint_counts_impl(p1, p2, offsets, mask, backend)
 
@@ -279,7 +279,7 @@ def apply_boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tup
     """`boundary_cc`, by the eager route where it may."""
     if not eager(p, edge):
         return boundary_cc(p, edge, window, backend)
-    if p.requires_grad:
+    if torch.is_grad_enabled() and p.requires_grad:
         return _BoundaryCCFunction.apply(p, edge, window, backend)
     return _boundary_cc_impl(p, edge, window, backend)
 
