@@ -1,5 +1,6 @@
-"""The host-side cost of one BIMILoss call (forward + backward): Python, the custom-op dispatch
-and the small K x K epilogue, measured on maps so small that the kernels' own time is nil.
+"""The host-side cost of one BIMILoss call (forward + backward): Python, the ops' dispatch (the
+eager route, for these eager calls), the autograd graph and the small K x K epilogue, without the
+value checks (validate=False), measured on maps so small that the kernels' own time is nil.
 
     python -m benchmarks.host_overhead [--device cpu|cuda] [--calls N] [--out DIR]
 

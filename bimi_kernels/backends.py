@@ -27,7 +27,8 @@ and may add a fused fifth (None where it has none: then `reference.edge_map` com
 
 Kernels never modify their inputs, never synchronise with the host for values, and run with
 autocast off (the ops switch it off around them).
-`bimi_kernels.ops` is the only caller: it wraps these in torch.library custom ops.
+`bimi_kernels.ops` is the only caller: its custom ops and its eager route (`ops.apply_*`) call
+them through one implementation per op.
 """
 from __future__ import annotations
 

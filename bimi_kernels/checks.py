@@ -1,10 +1,11 @@
 """Input checks (docs/contract.md §9): a wrong call raises ValueError/TypeError naming the
 argument, before any kernel runs.
 
-Shape, dtype, device and setting checks cost nothing and always run. Checks that read values
-(logits passed for probabilities, non-finite numbers, mask weights) run on a sample of pixels of
-CPU tensors by default, where reading costs no device sync, and on every value only when asked
-(`validate=True`, or BIMI_VALIDATE on when `validate` is None).
+Shape, dtype, device and setting checks cost nothing and always run. Checks that read values run
+by default only for the maps, on a sample of pixels of CPU tensors, where reading costs no device
+sync (logits passed for probabilities, negative or non-finite values); every value of the maps,
+the image and the mask weights is checked only when asked (`validate=True`, or BIMI_VALIDATE on
+when `validate` is None).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def check_image(image, p, name: str = "image") -> None:
 
 
 def normalize_mask(mask, p) -> Optional[torch.Tensor]:
-    """mask (B, 1, *S) or (B, *S) -> a contiguous (B, *S) tensor of 0/1 in p's dtype, or None."""
+    """mask (B, 1, *S) or (B, *S) -> a contiguous (B, *S) tensor of weights in p's dtype, or None."""
     if mask is None:
         return None
     _check_tensor("mask", mask)

@@ -1,4 +1,4 @@
-"""The BIMI loss composed from the custom ops. Shapes: maps (B, K, H, W) or (B, K, D, H, W).
+"""The BIMI loss composed from the ops (`ops.apply_*`). Shapes: maps (B, K, H, W) or (B, K, D, H, W).
 
 Each public function gathers its settings into one `LossConfig` (checked when made), checks the
 tensors once (docs/contract.md §9), calls `ops` for the parts that touch every pixel, and does
@@ -76,7 +76,7 @@ def _mi_term(p1, p2, flat_offsets, flat_mask, config: LossConfig, eps: float = E
 
 
 def _edge(image, size, dtype, gamma, backend):
-    """The edge map through the edge-map op, from the image resized to `size` in `dtype`."""
+    """The edge map through `ops.apply_edge_map` (the loss's own route), from the image resized to `size` in `dtype`."""
     return ops.apply_edge_map(reference.resized_image(image, size, dtype), float(gamma), backend)
 
 

@@ -1,4 +1,5 @@
-"""The one dispatch point: torch.library custom ops with fake implementations and autograd.
+"""The one dispatch point: torch.library custom ops with fake implementations and autograd, and
+their eager route.
 
 Two ops touch every pixel and are therefore kernels: the joint counts (docs/contract.md §3) and
 the boundary cross-correlation of one cluster map with an edge map (§5). Each takes the
@@ -12,8 +13,9 @@ Every kernel runs with autocast off: an op computes in its accumulation dtype wh
 region the caller is in (§8), so its real output dtype is always its fake's.
 
 Two routes to the same kernels. The `apply_*` functions, which `functional` calls, take the
-custom op whenever something may trace the call (torch.compile, export, fake or other tensor
-subclasses, a dispatch or function mode), and otherwise a plain torch.autograd.Function: in
+custom op whenever something may trace the call (torch.compile, torch.jit.trace, export, fake
+or other tensor subclasses, a dispatch or function mode, a torch.func transform), and otherwise
+a plain torch.autograd.Function (or, without a gradient, the implementation itself): in
 eager mode torch.library's custom-op machinery costs ~50 us of Python per op and again per
 backward op, more than the whole host cost the Function adds. Both routes call the one
 implementation of each op below (`_joint_counts_impl`, ...) and give bitwise the same results.
