@@ -4,7 +4,8 @@ value checks (validate=False), measured on maps so small that the kernels' own t
 
     python -m benchmarks.host_overhead [--device cpu|cuda] [--calls N] [--out DIR]
 
-For each available backend on the device: eager calls, and on CUDA also the same call captured
+For each available backend on the device: eager calls (by the ops' eager route, and the same
+calls through the custom ops for comparison), and on CUDA also the same call captured
 once in a CUDA graph and replayed (what torch.compile(mode="reduce-overhead") does), which
 removes the host cost. Writes DIR/host_overhead.csv and DIR/host_overhead.md (device, versions,
 load average); DIR defaults to results/benchmarks/<device>.
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 import bimi_kernels
+from bimi_kernels import ops
 
 from .run import RESULTS_DIR, device_name, git_commit
 
@@ -41,20 +43,28 @@ def _sync(device):
 
 
 def time_eager(loss_fn, device, calls):
-    """Microseconds per call: batches of calls timed end to end (the device is idle meanwhile,
-    so this is the host's time), median over batches."""
+    """Microseconds per call by the eager route and through the custom ops (ops.EAGER_ROUTE
+    False): batches of calls timed end to end (the device is idle meanwhile, so this is the
+    host's time), the two routes' batches interleaved, median over batches."""
     p1, p2, image = _inputs(device)
-    for _ in range(20):
-        loss_fn(p1, p2, image).backward()
-    batches = []
-    for _ in range(7):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            loss_fn(p1, p2, image).backward()
-        _sync(device)
-        batches.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(batches)
+    batches = {True: [], False: []}
+    try:
+        for eager_route in (True, False):
+            ops.EAGER_ROUTE = eager_route
+            for _ in range(20):
+                loss_fn(p1, p2, image).backward()
+        for _ in range(7):
+            for eager_route in (True, False):
+                ops.EAGER_ROUTE = eager_route
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    loss_fn(p1, p2, image).backward()
+                _sync(device)
+                batches[eager_route].append((time.perf_counter() - start) / calls * 1e6)
+    finally:
+        ops.EAGER_ROUTE = True
+    return statistics.median(batches[True]), statistics.median(batches[False])
 
 
 def time_graph_replay(loss_fn, calls):
@@ -90,8 +100,9 @@ def measure(device: str, calls: int):
         for offsets in (0, 1):
             loss_fn = bimi_kernels.BIMILoss(offsets=offsets, backend=name, validate=False)
             load = os.getloadavg()[0]
-            row = {"backend": name, "offsets": offsets, "eager_us": round(time_eager(loss_fn, device, calls), 1),
-                   "graph_replay_us": "", "load_avg_1m": round(load, 2)}
+            eager_route_us, custom_ops_us = time_eager(loss_fn, device, calls)
+            row = {"backend": name, "offsets": offsets, "eager_us": round(eager_route_us, 1),
+                   "custom_ops_us": round(custom_ops_us, 1), "graph_replay_us": "", "load_avg_1m": round(load, 2)}
             if device == "cuda":
                 try:
                     row["graph_replay_us"] = round(time_graph_replay(loss_fn, calls), 1)
@@ -120,9 +131,13 @@ def main(argv=None) -> int:
               f"Device {device_name(args.device)}; torch {torch.__version__}; commit {git_commit()}; "
               f"maps {SHAPE} (the kernels' time is nil); median of 7 batches of {args.calls} calls; "
               f"`python -m benchmarks.host_overhead --device {args.device}`.\n\n"
-              "| backend | offsets | eager us/call | CUDA-graph replay us/call | load (1 min) |\n|---|---|---|---|---|\n")
-    lines = [f"| {r['backend']} | {r['offsets']} | {r['eager_us']} | {r['graph_replay_us'] or '—'} | {r['load_avg_1m']} |"
-             for r in rows]
+              "'eager': what an eager call costs (the ops' eager route); 'through the custom ops': the "
+              "same calls with `bimi_kernels.ops.EAGER_ROUTE = False`, their batches interleaved with "
+              "the eager ones; the CUDA-graph replay is of the eager call.\n\n"
+              "| backend | offsets | eager us/call | through the custom ops us/call | CUDA-graph replay us/call "
+              "| load (1 min) |\n|---|---|---|---|---|---|\n")
+    lines = [f"| {r['backend']} | {r['offsets']} | {r['eager_us']} | {r['custom_ops_us']} | "
+             f"{r['graph_replay_us'] or '—'} | {r['load_avg_1m']} |" for r in rows]
     (out / "host_overhead.md").write_text(header + "\n".join(lines) + "\n")
     print(header + "\n".join(lines))
     return 0
