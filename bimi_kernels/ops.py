@@ -205,7 +205,6 @@ def _edge_map_fake(image, gamma, backend):
     return image.new_empty((image.shape[0], 1) + tuple(image.shape[2:]), dtype=accumulation_dtype(image.dtype))
 
 
-
 # ------------------------------------------------------------------------------------------------
 # the eager route
 # ------------------------------------------------------------------------------------------------
