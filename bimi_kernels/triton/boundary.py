@@ -209,6 +209,23 @@ def _uncertainty_kernel(
 
 
 @triton.jit
+def tile_window_sums(a_base, b_base, c_base, s, z0, y0, x0, z, y, x, inside, lo, denominator,
+                     D, H, W, plane, NCC: tl.constexpr, NORMALISE: tl.constexpr,
+                     IS_3D: tl.constexpr, RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
+                     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """`window_sums` of a tile: without bounds tests where the tile and its window halo lie
+    inside the sample, with them on a border tile."""
+    if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
+                        TILE_D, TILE_H, TILE_W, IS_3D):
+        sums = window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W,
+                           plane, False, NCC, NORMALISE, IS_3D, RADIUS, RADIUS_Z)
+    else:
+        sums = window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W,
+                           plane, True, NCC, NORMALISE, IS_3D, RADIUS, RADIUS_Z)
+    return sums
+
+
+@triton.jit
 def _ncc_kernel(
     u_ptr, range_ptr, u_range_ptr, edge_ptr, partial_ptr, grad_cc_ptr,
     coef_u_ptr, coef_uu_ptr, coef_ue_ptr,
@@ -244,15 +261,9 @@ def _ncc_kernel(
     for tile in range(r, tiles_z * tiles_y * tiles_x, n_programs):
         sample, z0, y0, x0, z, y, x, s, inside = tile_geometry(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
-        if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
-                            TILE_D, TILE_H, TILE_W, IS_3D):
-            s_u, s_uu, s_ue, s_e, s_ee = window_sums(
-                u_base, e_base, e_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
-                False, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z)
-        else:
-            s_u, s_uu, s_ue, s_e, s_ee = window_sums(
-                u_base, e_base, e_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
-                True, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z)
+        s_u, s_uu, s_ue, s_e, s_ee = tile_window_sums(
+            u_base, e_base, e_base, s, z0, y0, x0, z, y, x, inside, lo, denominator, D, H, W,
+            plane, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z, TILE_D, TILE_H, TILE_W)
         mu_u, mu_e, cross_raw, var_u_raw, cross, var_u, var_e = ncc_terms(
             s_u, s_uu, s_ue, s_e, s_ee, count, EPS)
         if BACKWARD:
@@ -311,15 +322,9 @@ def _boundary_grad_kernel(
         sample, z0, y0, x0, z, y, x, s, inside = tile_geometry(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         # box sums of the coefficient maps (the window is symmetric: its own transpose)
-        if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
-                            TILE_D, TILE_H, TILE_W, IS_3D):
-            t_u, t_uu, t_ue, unused_4, unused_5 = window_sums(
-                a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
-                False, False, False, IS_3D, RADIUS, RADIUS_Z)
-        else:
-            t_u, t_uu, t_ue, unused_4, unused_5 = window_sums(
-                a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
-                True, False, False, IS_3D, RADIUS, RADIUS_Z)
+        t_u, t_uu, t_ue, unused_4, unused_5 = tile_window_sums(
+            a_base, b_base, c_base, s, z0, y0, x0, z, y, x, inside, lo, denominator, D, H, W,
+            plane, False, False, IS_3D, RADIUS, RADIUS_Z, TILE_D, TILE_H, TILE_W)
         tile_ok = k_ok[:, None] & inside[None, :]
         q = tl.load(p_base + (channel[:, None] + s[None, :]), mask=tile_ok,
                     other=0.0).to(acc_dtype)
