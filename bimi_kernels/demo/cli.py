@@ -47,31 +47,27 @@ LONG_CPU_RUN_SECONDS = 3600
 DEMO_FILES = ("results.md", "results.json", "loss_curves.png", "dice.png", "finetune_curves.png", "log.txt")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else a usage error saying so."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value: ..."
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+at_least_two = int_at_least(2)
 
 
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def at_least_two(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text}")
     return value
 
 
