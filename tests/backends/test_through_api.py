@@ -159,9 +159,14 @@ def test_eager_route_equals_the_custom_ops(backend, monkeypatch, requires_grad):
     shape = (2, 5, 9, 11)
     image = random_image(shape, dtype=F32, device=backend.device)
     mask = random_mask(shape, device=backend.device)
+    custom_op_calls = []
+    for name in ("joint_counts", "boundary_cc", "edge_map"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _op=op, _name=name: (custom_op_calls.append(_name), _op(*args))[1])
     routes = []
     for eager_route in (True, False):
         monkeypatch.setattr(ops, "EAGER_ROUTE", eager_route)
+        custom_op_calls.clear()
         p1, p2 = random_maps(shape, dtype=F32, device=backend.device, requires_grad=requires_grad)
         loss = functional.bimi_loss(p1, p2, image, mask, offsets=1, backend=backend.name)
         counts = functional.joint_counts(p1, p2, offsets=[(0, 0), (2, -1)], backend=backend.name)
@@ -172,26 +177,25 @@ def test_eager_route_equals_the_custom_ops(backend, monkeypatch, requires_grad):
             results += [p1.grad, p2.grad]
         else:
             assert not loss.requires_grad and not counts.requires_grad
+        # the route really taken: no custom op on the eager route, all three on the other
+        assert sorted(set(custom_op_calls)) == ([] if eager_route else ["boundary_cc", "edge_map", "joint_counts"])
         routes.append(results)
     for what, a, b in zip(("loss", "counts", "edge map", "dL/dp1", "dL/dp2"), *routes):
         assert torch.equal(a, b), what
 
 
-def test_second_derivative_is_refused(backend):
+def test_second_derivative_is_refused(backend, monkeypatch):
     """Neither route has a second derivative: asking for one raises instead of returning a
     wrong one."""
     shape = (1, 3, 6, 7)
     image = random_image(shape, dtype=F64, device=backend.device)
     for eager_route in (True, False):
+        monkeypatch.setattr(ops, "EAGER_ROUTE", eager_route)
         p1, p2 = random_maps(shape, dtype=F64, device=backend.device, requires_grad=True)
-        ops.EAGER_ROUTE = eager_route
-        try:
-            loss = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)(p1, p2, image)
-            (grad,) = torch.autograd.grad(loss, p1, create_graph=True)
-            with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
-                grad.sum().backward()
-        finally:
-            ops.EAGER_ROUTE = True
+        loss = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)(p1, p2, image)
+        (grad,) = torch.autograd.grad(loss, p1, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+            grad.sum().backward()
 
 
 def test_pooled_offsets_sum_the_counts_first(backend):
@@ -212,24 +216,15 @@ def _needs_cuda(backend):
 def test_cuda_graph_captures_forward_and_backward(backend):
     """The whole loss, forward and backward, is capturable in one CUDA graph (no host sync, no
     host-to-device copy after the first call), so CUDA graphs remove its host overhead."""
+    from benchmarks.host_overhead import capture_loss_and_backward
+
     _needs_cuda(backend)
     shape = (2, 6, 32, 40)
     image = random_image(shape, dtype=F32, device="cuda")
     loss_fn = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)
     q1, q2 = random_maps(shape, dtype=F32, device="cuda", seed=1)
     p1, p2 = (q.clone().requires_grad_(True) for q in (q1, q2))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up: kernels compiled, offset tables cached
-        for _ in range(3):
-            p1.grad = p2.grad = None
-            loss_fn(p1, p2, image).backward()
-    torch.cuda.current_stream().wait_stream(side)
-    p1.grad = p2.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = loss_fn(p1, p2, image)
-        static_loss.backward()
+    graph, static_loss = capture_loss_and_backward(loss_fn, p1, p2, image)
     new1, new2 = random_maps(shape, dtype=F32, device="cuda", seed=7)
     with torch.no_grad():
         p1.copy_(new1)
