@@ -224,6 +224,21 @@ def test_logits_on_cpu_are_caught_by_default(good, monkeypatch):
     loss(masked, p2, image)
 
 
+def test_sampled_check_reads_any_layout_and_catches_nan(good, monkeypatch):
+    """The default check samples by logical index (any strides) and a NaN at a sampled pixel
+    fails it (the comparisons are written so that NaN cannot pass)."""
+    monkeypatch.delenv("BIMI_VALIDATE", raising=False)
+    p1, p2, image = good
+    bad = p2.clone()
+    bad[0, 0, 0, 0] = float("nan")  # pixel 0 is always sampled
+    with pytest.raises(ValueError, match=r"p2: contains 1 non-finite .*in a sample of pixels"):
+        loss(p1, bad, image)
+    logits = torch.randn_like(p1).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"p1: .*negative"):
+        loss(logits, p2, image)
+    loss(p1.contiguous(memory_format=torch.channels_last), p2, image)  # good values in any layout
+
+
 def test_sampled_check_is_not_traced_by_compile(good, monkeypatch):
     monkeypatch.delenv("BIMI_VALIDATE", raising=False)
     p1, p2, image = good
