@@ -501,10 +501,13 @@ def _cached_problem(shape, dtype, channel_strides, has_mask, flat, config, tile_
     )
 
 
-def native_dot(dtype: torch.dtype) -> bool:
+def native_dot(dtype: torch.dtype, has_mask: bool) -> bool:
     """Half-precision maps multiply on their own tensor-core path in the forward (exact
-    products, float32 sums); the interpreter has no bfloat16 dot, so it widens those first."""
-    return dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
+    products, float32 sums); the interpreter has no bfloat16 dot, so it widens those first.
+    Not with a mask: the operands would be mask x probability rounded to the half dtype (a
+    relative error of 2^-11 per term for fractional weights, docs/contract.md §8), so masked maps
+    are widened and multiplied at the float32 precision."""
+    return not has_mask and (dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED))
 
 
 def forward_constexprs(prob: _Problem, dtype: torch.dtype, has_mask: bool,
@@ -513,7 +516,7 @@ def forward_constexprs(prob: _Problem, dtype: torch.dtype, has_mask: bool,
     scripts/triton_compile_check.py)."""
     return dict(
         IS_3D=prob.geo.ndim == 3, HAS_MASK=has_mask, WIDE=prob.wide,
-        NATIVE_DOT=native_dot(dtype), DOT_PRECISION=precision,
+        NATIVE_DOT=native_dot(dtype, has_mask), DOT_PRECISION=precision,
         K_PAD=prob.k_pad, ROWS=prob.rows,
         TILE_D=prob.tile.depth, TILE_H=prob.tile.height, TILE_W=prob.tile.width,
         num_warps=prob.config.num_warps,
