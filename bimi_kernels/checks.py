@@ -20,7 +20,8 @@ import torch
 from .numerics import FLOAT_DTYPES
 
 
-def _check_tensor(name: str, t) -> None:
+def check_tensor(name: str, t) -> None:
+    """TypeError unless t is a tensor."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
@@ -28,7 +29,7 @@ def _check_tensor(name: str, t) -> None:
 def check_maps(p1, p2) -> None:
     """p1, p2: (B, K, H, W) or (B, K, D, H, W), same shape, dtype and device, K >= 2."""
     for name, t in (("p1", p1), ("p2", p2)):
-        _check_tensor(name, t)
+        check_tensor(name, t)
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{name}: expected a float dtype (float16, bfloat16, float32 or float64), got {t.dtype}"
@@ -49,7 +50,7 @@ def check_maps(p1, p2) -> None:
 
 def check_map(p, name: str = "p") -> None:
     """One cluster map: float dtype, 4 or 5 dims, K >= 2, no empty dim."""
-    _check_tensor(name, p)
+    check_tensor(name, p)
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a float dtype (float16, bfloat16, float32 or float64), got {p.dtype}")
     if p.dim() not in (4, 5):
@@ -64,7 +65,7 @@ def check_map(p, name: str = "p") -> None:
 
 def check_image(image, p, name: str = "image") -> None:
     """image: (B, C, *S') with the maps' batch size and number of spatial dims, same device."""
-    _check_tensor(name, image)
+    check_tensor(name, image)
     if not image.is_floating_point():
         raise TypeError(f"{name}: expected a floating dtype, got {image.dtype}")
     if image.dim() != p.dim():
@@ -84,7 +85,7 @@ def normalize_mask(mask, p) -> Optional[torch.Tensor]:
     """mask (B, 1, *S) or (B, *S) -> a contiguous (B, *S) tensor of weights in p's dtype, or None."""
     if mask is None:
         return None
-    _check_tensor("mask", mask)
+    check_tensor("mask", mask)
     if mask.is_complex():
         raise TypeError(f"mask: expected a bool, integer or float dtype, got {mask.dtype}")
     batch, spatial = p.shape[0], tuple(p.shape[2:])

@@ -187,7 +187,7 @@ def edge_map(
 ) -> torch.Tensor:
     """Edge map of `image` (B, C, *S) -> (B, 1, *S) (docs/contract.md §5) in the image's
     accumulation dtype, resized to `size` first if given; the same op the loss uses."""
-    checks._check_tensor("image", image)
+    checks.check_tensor("image", image)
     if not image.is_floating_point():
         raise TypeError(f"image: expected a floating dtype, got {image.dtype}")
     if image.dim() not in (4, 5) or image.numel() == 0:
@@ -202,9 +202,9 @@ def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5, backend: s
     (B, 1, *S)."""
     checks.check_map(p, "p")
     config = LossConfig(window=window, backend=backend)
-    if not isinstance(edge, torch.Tensor) or tuple(edge.shape) != (p.shape[0], 1) + tuple(p.shape[2:]):
-        got = tuple(edge.shape) if isinstance(edge, torch.Tensor) else type(edge).__name__
-        raise ValueError(f"edge: expected shape {(p.shape[0], 1) + tuple(p.shape[2:])}, got {got}")
+    checks.check_tensor("edge", edge)
+    if tuple(edge.shape) != (p.shape[0], 1) + tuple(p.shape[2:]):
+        raise ValueError(f"edge: expected shape {(p.shape[0], 1) + tuple(p.shape[2:])}, got {tuple(edge.shape)}")
     if edge.device != p.device:
         raise ValueError(f"edge: on device {edge.device}, but p is on {p.device}")
     edge = edge.detach().to(accumulation_dtype(p.dtype)).contiguous()

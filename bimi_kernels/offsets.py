@@ -17,6 +17,11 @@ def canonical_offset_spec(offsets: OffsetSpec) -> OffsetSpec:
     the caller's later edits); the checks that need no spatial dims are made here."""
     if isinstance(offsets, bool):
         raise TypeError(f"offsets: expected an int radius or a sequence of tuples, got {offsets!r}")
+    if isinstance(offsets, torch.Tensor):  # its iteration would fail inside torch, not naming offsets
+        raise TypeError(
+            f"offsets: expected an int radius or a sequence of tuples of Python ints, got a tensor of shape "
+            f"{tuple(offsets.shape)} (pass offsets.tolist())"
+        )
     if isinstance(offsets, numbers.Integral):
         if offsets < 0:
             raise ValueError(f"offsets: a window radius must be >= 0, got {int(offsets)}")

@@ -60,6 +60,25 @@ def test_negative_radius_and_bad_dilation(good):
         loss(p1, p2, image, offsets=1, dilation=0)
 
 
+def test_offsets_given_as_a_tensor(good):
+    """A tensor of offsets is refused by name (iterating a 0-dim tensor fails inside torch)."""
+    p1, p2, image = good
+    for offsets in (torch.tensor(1), torch.tensor([[0, 1], [1, 0]])):
+        with pytest.raises(TypeError, match=r"offsets: .*got a tensor .*offsets.tolist\(\)"):
+            loss(p1, p2, image, offsets=offsets)
+        with pytest.raises(TypeError, match="offsets: "):
+            bimi_kernels.BIMILoss(offsets=offsets)
+
+
+def test_edge_that_is_not_a_tensor(good):
+    p1, _, _ = good
+    edge = torch.rand(p1.shape[0], 1, *p1.shape[2:])
+    with pytest.raises(TypeError, match="edge: expected a torch.Tensor, got float"):
+        bimi_kernels.functional.boundary_cc(p1, 1.0)
+    with pytest.raises(ValueError, match="edge: expected shape"):
+        bimi_kernels.functional.boundary_cc(p1, edge[:, :, 1:])
+
+
 @pytest.mark.parametrize("window", [0, 4, -3])
 def test_window_even_or_below_one(good, window):
     p1, p2, image = good
