@@ -27,7 +27,6 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import backends, reference
 from .numerics import accumulation_dtype
@@ -234,6 +233,35 @@ def eager(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """The gradients `compute()` returns, in a node whose own backward refuses: differentiating
+    them raises, as on the custom-op route (whose backward ops have no autograd formula). The
+    node's inputs are the tensors the gradients were computed from (dL/d(output) and the saved
+    inputs), so it lies on every path from a second derivative to the maps. (once_differentiable
+    attaches its error to detached copies instead: torch.autograd.grad(..., inputs=p) skips it
+    and returns a second derivative without the kernels' part.)"""
+
+    @staticmethod
+    def forward(ctx, op_name, compute, *tensors):
+        ctx.op_name = op_name
+        return compute()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"bimi::{ctx.op_name}: no second derivative (its backward kernels have no derivative of "
+            "their own); differentiate the loss once, without create_graph=True"
+        )
+
+
+def _gradients_without_a_derivative(op_name, compute, *tensors):
+    """`compute()` (the eager route's gradients) as they are when no graph of the backward is being
+    built; under create_graph=True, through _NoSecondDerivative."""
+    if not torch.is_grad_enabled():
+        return compute()
+    return _NoSecondDerivative.apply(op_name, compute, *[t for t in tensors if t is not None])
+
+
 class _JointCountsFunction(torch.autograd.Function):
     """The eager route of `joint_counts`: what is saved and how the gradients are formed are the
     custom op's (`_joint_counts_setup_context`, `_joint_counts_grads`)."""
@@ -245,9 +273,10 @@ class _JointCountsFunction(torch.autograd.Function):
         return counts
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_j):
-        return _joint_counts_grads(ctx, grad_j, _joint_counts_backward_impl)
+        return _gradients_without_a_derivative(
+            "joint_counts", lambda: _joint_counts_grads(ctx, grad_j, _joint_counts_backward_impl),
+            grad_j, *ctx.saved_tensors)
 
 
 class _BoundaryCCFunction(torch.autograd.Function):
@@ -261,9 +290,10 @@ class _BoundaryCCFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_cc, _grad_u_range):
-        return _boundary_cc_grads(ctx, grad_cc, _boundary_cc_backward_impl)
+        return _gradients_without_a_derivative(
+            "boundary_cc", lambda: _boundary_cc_grads(ctx, grad_cc, _boundary_cc_backward_impl),
+            grad_cc, *ctx.saved_tensors)
 
 
 def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor],
@@ -271,18 +301,20 @@ def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optiona
     """`joint_counts`, by the eager route where it may (see the module's docstring)."""
     if not eager(p1, p2, mask):
         return joint_counts(p1, p2, list(offsets), mask, backend)
-    if torch.is_grad_enabled() and (p1.requires_grad or p2.requires_grad):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (p1, p2, mask)):
         return _JointCountsFunction.apply(p1, p2, offsets, mask, backend)
-    return _joint_counts_impl(p1, p2, offsets, mask, backend)
+    with torch.no_grad():
+        return _joint_counts_impl(p1, p2, offsets, mask, backend)
 
 
 def apply_boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tuple[Tensor, Tensor]:
     """`boundary_cc`, by the eager route where it may."""
     if not eager(p, edge):
         return boundary_cc(p, edge, window, backend)
-    if torch.is_grad_enabled() and p.requires_grad:
+    if torch.is_grad_enabled() and (p.requires_grad or edge.requires_grad):
         return _BoundaryCCFunction.apply(p, edge, window, backend)
-    return _boundary_cc_impl(p, edge, window, backend)
+    with torch.no_grad():
+        return _boundary_cc_impl(p, edge, window, backend)
 
 
 def apply_edge_map(image: Tensor, gamma: float, backend: str) -> Tensor:

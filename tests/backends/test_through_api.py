@@ -2,6 +2,8 @@
 torch.compile, opcheck of the custom ops, autocast, determinism (docs/contract.md §7, §8)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -184,18 +186,49 @@ def test_eager_route_equals_the_custom_ops(backend, monkeypatch, requires_grad):
         assert torch.equal(a, b), what
 
 
-def test_second_derivative_is_refused(backend, monkeypatch):
+@pytest.mark.parametrize("term", ["both", "mi", "boundary"])
+@pytest.mark.parametrize("how", ["backward", "grad-wrt-p1"])
+def test_second_derivative_is_refused(backend, monkeypatch, term, how):
     """Neither route has a second derivative: asking for one raises instead of returning a
-    wrong one."""
+    wrong one, for each term and also when the second derivative is asked for a map only
+    (torch.autograd.grad(..., inputs=p1) visits only the nodes on the way to p1)."""
     shape = (1, 3, 6, 7)
     image = random_image(shape, dtype=F64, device=backend.device)
+    weights = {"both": {}, "mi": {"boundary_weight": 0.0}, "boundary": {"mi_weight": 0.0}}[term]
     for eager_route in (True, False):
         monkeypatch.setattr(ops, "EAGER_ROUTE", eager_route)
         p1, p2 = random_maps(shape, dtype=F64, device=backend.device, requires_grad=True)
-        loss = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)(p1, p2, image)
+        loss = bimi_kernels.BIMILoss(offsets=1, backend=backend.name, **weights)(p1, p2, image)
         (grad,) = torch.autograd.grad(loss, p1, create_graph=True)
-        with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
-            grad.sum().backward()
+        with pytest.raises(RuntimeError, match="no second derivative|no autograd formula"):
+            if how == "backward":
+                grad.square().sum().backward()
+            else:
+                torch.autograd.grad(grad.square().sum() + p1.square().sum(), p1)
+
+
+def test_a_mask_that_requires_grad_gets_no_gradient(backend, monkeypatch):
+    """A mask that requires grad (made by a differentiable warp, say) is a weight without a
+    gradient on both routes: the maps get theirs, the mask none, and no autograd warning."""
+    shape = (2, 4, 7, 9)
+    results = []
+    for eager_route in (True, False):
+        monkeypatch.setattr(ops, "EAGER_ROUTE", eager_route)
+        p1, p2 = random_maps(shape, dtype=F64, device=backend.device)
+        mask = random_mask(shape, device=backend.device).to(F64).requires_grad_()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*autograd kernel was not registered")
+            counts = functional.joint_counts(p1, p2, offsets=1, mask=mask, backend=backend.name)
+        assert counts.requires_grad
+        counts.sum().backward()
+        assert mask.grad is None
+        p1, p2 = random_maps(shape, dtype=F64, device=backend.device, requires_grad=True)
+        loss = functional.regularized_mi(p1, p2, offsets=1, mask=mask, backend=backend.name)
+        loss.backward()
+        results.append((loss.detach(), p1.grad, p2.grad, mask.grad))
+    for what, a, b in zip(("loss", "dL/dp1", "dL/dp2"), *results):
+        assert torch.equal(a, b), what
+    assert results[0][3] is None and results[1][3] is None
 
 
 def test_pooled_offsets_sum_the_counts_first(backend):
