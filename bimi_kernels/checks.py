@@ -110,8 +110,9 @@ def check_number(name: str, value, minimum=None, maximum=None, above=None) -> No
     """A finite Python number (int or float; not a bool, not a tensor) in the given range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a Python number, got {_describe(value)}")
-    value = float(value)
-    if not math.isfinite(value):
+    # comparisons rather than math.isfinite, which torch.compile cannot trace once a float
+    # setting that changed between calls has become a symbolic float
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name}: expected a finite number, got {value}")
     if minimum is not None and maximum is not None and not minimum <= value <= maximum:
         raise ValueError(f"{name}: expected a number in [{minimum:g}, {maximum:g}], got {value:g}")

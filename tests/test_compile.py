@@ -33,3 +33,15 @@ def test_compile_3d_and_regularized_mi():
     torch.testing.assert_close(got, loss_fn(p1, p2))
     got.backward()
     assert p1.grad is not None and torch.isfinite(p1.grad).all()
+
+
+def test_compiled_functional_loss_with_a_float_setting_that_changes():
+    """A float setting that changes between calls becomes a symbolic float when Dynamo
+    recompiles; the settings' checks must still trace (math.isfinite does not)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(bimi_kernels.functional.bimi_loss, fullgraph=True, backend="aot_eager")
+    p1, p2 = random_maps((1, 3, 6, 7), dtype=torch.float32)
+    image = random_image(p1.shape, dtype=torch.float32)
+    for weight in (1.0, 0.5, 0.25):
+        expected = bimi_kernels.functional.bimi_loss(p1, p2, image, boundary_weight=weight)
+        torch.testing.assert_close(compiled(p1, p2, image, boundary_weight=weight), expected)
