@@ -197,16 +197,18 @@ def edge_map(
         return _edge(image, size, accumulation_dtype(image.dtype), config.gamma, config.backend)
 
 
-def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5, backend: str = "auto") -> torch.Tensor:
+def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5, backend: str = "auto",
+                validate: Optional[bool] = None) -> torch.Tensor:
     """CC(U(p), edge) of docs/contract.md §5 for one cluster map and a precomputed edge map
-    (B, 1, *S)."""
+    (B, 1, *S). `validate` as for the loss: by default a sampled check of p on CPU tensors."""
     checks.check_map(p, "p")
-    config = LossConfig(window=window, backend=backend)
+    config = LossConfig(window=window, backend=backend, validate=validate)
     checks.check_tensor("edge", edge)
     if tuple(edge.shape) != (p.shape[0], 1) + tuple(p.shape[2:]):
         raise ValueError(f"edge: expected shape {(p.shape[0], 1) + tuple(p.shape[2:])}, got {tuple(edge.shape)}")
     if edge.device != p.device:
         raise ValueError(f"edge: on device {edge.device}, but p is on {p.device}")
+    _check_values(config, {"p": p})
     edge = edge.detach().to(accumulation_dtype(p.dtype)).contiguous()
     with ops.autocast_off(p.device.type):
         return ops.apply_boundary_cc(p, edge, int(config.window), backend)[0]

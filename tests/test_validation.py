@@ -237,7 +237,11 @@ def test_logits_on_cpu_are_caught_by_default(good, monkeypatch):
         bimi_kernels.RegularizedMILoss()(logits, p2)
     with pytest.raises(ValueError, match=r"p1: .*negative"):
         BF.joint_counts(logits, p2)
-    loss(logits, p2, image, validate=False)  # asked not to check: no error
+    edge = BF.edge_map(image)
+    with pytest.raises(ValueError, match=r"p: .*negative"):
+        BF.boundary_cc(logits, edge)
+    BF.boundary_cc(logits, edge, validate=False)  # asked not to check: no error
+    loss(logits, p2, image, validate=False)
     masked = p1.clone()
     masked[:, :, :3] = 0  # pixels zeroed by multiplying with a mask are accepted
     loss(masked, p2, image)
