@@ -128,7 +128,8 @@ def boundary_cc_loss_from_config(p1, p2, image, config: LossConfig) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------
-# the public functions
+# the public functions (each builds its LossConfig from its arguments by name: torch.compile traces
+# that on every supported torch, where `LossConfig.of(locals())` does not trace before torch 2.13)
 # ------------------------------------------------------------------------------------------------
 def joint_counts(
     p1: torch.Tensor,
@@ -145,7 +146,7 @@ def joint_counts(
     `mask`: (B, 1, *S) or (B, *S), weights in [0, 1] (1: valid); a pair counts with the product
     of its two weights.
     """
-    config = LossConfig.of(locals())
+    config = LossConfig(offsets=offsets, dilation=dilation, backend=backend, validate=validate)
     flat_offsets, flat_mask = _check_pair(p1, p2, mask, config)
     return ops.apply_joint_counts(p1, p2, flat_offsets, flat_mask, backend)
 
@@ -174,7 +175,11 @@ def regularized_mi(
     `sync=True` all-reduces the joint counts over `process_group` (default: the default group)
     before normalising, so the MI is that of the global batch (see `bimi_kernels.distributed`).
     """
-    config = LossConfig.of(locals(), boundary_weight=0.0)
+    config = LossConfig(
+        offsets=offsets, dilation=dilation, alpha=alpha, lamda=lamda, boundary_weight=0.0,
+        symmetric=symmetric, backend=backend, validate=validate, sync=sync,
+        process_group=process_group, pool_offsets=pool_offsets, eps_convention=eps_convention,
+    )
     checks.check_number("eps", eps, above=0.0)
     return regularized_mi_from_config(p1, p2, mask, config, eps)
 
@@ -224,7 +229,7 @@ def boundary_cc_loss(
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """L_CC = (CC(U(p1), E) + CC(U(p2), E)) / 2 with E = edge_map(image) (docs/contract.md §5)."""
-    config = LossConfig.of(locals())
+    config = LossConfig(mi_weight=0.0, window=window, gamma=gamma, backend=backend, validate=validate)
     return boundary_cc_loss_from_config(p1, p2, image, config)
 
 
@@ -251,5 +256,10 @@ def bimi_loss(
 ) -> torch.Tensor:
     """L = mi_weight * L_MI + boundary_weight * L_CC (docs/contract.md §6), a 0-dim float32
     tensor (float64 for float64 maps). `image` (B, C, *S') is required when boundary_weight > 0."""
-    config = LossConfig.of(locals())
+    config = LossConfig(
+        offsets=offsets, dilation=dilation, alpha=alpha, lamda=lamda, mi_weight=mi_weight,
+        boundary_weight=boundary_weight, window=window, gamma=gamma, symmetric=symmetric,
+        backend=backend, validate=validate, sync=sync, process_group=process_group,
+        pool_offsets=pool_offsets, eps_convention=eps_convention,
+    )
     return bimi_loss_from_config(p1, p2, image, mask, config)
