@@ -27,6 +27,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import backends, reference
 from .numerics import accumulation_dtype
@@ -296,9 +297,22 @@ class _BoundaryCCFunction(torch.autograd.Function):
             grad_cc, *ctx.saved_tensors)
 
 
+def _refuse_forward_mode(*maps: Tensor) -> None:
+    """The kernels have no forward-mode derivative: a map carrying a tangent
+    (torch.autograd.forward_ad) would lose it without a word, so refuse. Costs one attribute read
+    when no dual level is active."""
+    if getattr(forward_ad, "_current_level", -1) >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in maps):
+        raise RuntimeError(
+            "bimi: forward-mode AD (a map with a tangent) is not supported: the kernels have no "
+            "forward derivative; use reverse mode (loss.backward() or torch.autograd.grad)"
+        )
+
+
 def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor],
                        backend: str) -> Tensor:
     """`joint_counts`, by the eager route where it may (see the module's docstring)."""
+    _refuse_forward_mode(p1, p2)
     if not eager(p1, p2, mask):
         return joint_counts(p1, p2, list(offsets), mask, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (p1, p2, mask)):
@@ -309,6 +323,7 @@ def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optiona
 
 def apply_boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tuple[Tensor, Tensor]:
     """`boundary_cc`, by the eager route where it may."""
+    _refuse_forward_mode(p)
     if not eager(p, edge):
         return boundary_cc(p, edge, window, backend)
     if torch.is_grad_enabled() and (p.requires_grad or edge.requires_grad):

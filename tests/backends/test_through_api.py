@@ -207,6 +207,21 @@ def test_second_derivative_is_refused(backend, monkeypatch, term, how):
                 torch.autograd.grad(grad.square().sum() + p1.square().sum(), p1)
 
 
+def test_forward_mode_ad_is_refused(backend, monkeypatch):
+    """The kernels have no forward-mode derivative: a map with a tangent raises on both routes
+    (it used to come back without a tangent, silently)."""
+    shape = (1, 3, 6, 7)
+    image = random_image(shape, dtype=F64, device=backend.device)
+    p1, p2 = random_maps(shape, dtype=F64, device=backend.device)
+    for eager_route in (True, False):
+        monkeypatch.setattr(ops, "EAGER_ROUTE", eager_route)
+        for weights in ({"boundary_weight": 0.0}, {"mi_weight": 0.0}):
+            with torch.autograd.forward_ad.dual_level():
+                dual = torch.autograd.forward_ad.make_dual(p1, torch.ones_like(p1))
+                with pytest.raises(RuntimeError, match="forward-mode AD"):
+                    functional.bimi_loss(dual, p2, image, offsets=1, backend=backend.name, **weights)
+
+
 def test_a_mask_that_requires_grad_gets_no_gradient(backend, monkeypatch):
     """A mask that requires grad (made by a differentiable warp, say) is a weight without a
     gradient on both routes: the maps get theirs, the mask none, and no autograd warning."""
