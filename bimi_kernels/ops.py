@@ -96,10 +96,11 @@ def _joint_counts_setup_context(ctx, inputs, output):
     ctx.offsets, ctx.backend = offsets, backend
 
 
-def _joint_counts_grads(ctx, grad_j, backward):
+def _joint_counts_grads(ctx, grad_j, backward, saved=None):
     """The inputs' gradients from dL/dJ with `backward` (the backward op, or on the eager route
-    its implementation): one definition for both routes."""
-    p1, p2, mask = ctx.saved_tensors
+    its implementation): one definition for both routes. `saved`: ctx.saved_tensors if the
+    caller has read them already."""
+    p1, p2, mask = ctx.saved_tensors if saved is None else saved
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None
     grad_p1, grad_p2 = backward(grad_j, p1, p2, ctx.offsets, mask, ctx.backend)
@@ -168,8 +169,8 @@ def _boundary_cc_setup_context(ctx, inputs, output):
     ctx.window, ctx.backend = window, backend
 
 
-def _boundary_cc_grads(ctx, grad_cc, backward):
-    p, edge, u_range = ctx.saved_tensors
+def _boundary_cc_grads(ctx, grad_cc, backward, saved=None):
+    p, edge, u_range = ctx.saved_tensors if saved is None else saved
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
     return backward(grad_cc, p, edge, u_range, ctx.window, ctx.backend), None, None, None
@@ -275,9 +276,10 @@ class _JointCountsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_j):
+        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing allows one unpack
         return _gradients_without_a_derivative(
-            "joint_counts", lambda: _joint_counts_grads(ctx, grad_j, _joint_counts_backward_impl),
-            grad_j, *ctx.saved_tensors)
+            "joint_counts", lambda: _joint_counts_grads(ctx, grad_j, _joint_counts_backward_impl, saved),
+            grad_j, *saved)
 
 
 class _BoundaryCCFunction(torch.autograd.Function):
@@ -292,9 +294,10 @@ class _BoundaryCCFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_cc, _grad_u_range):
+        saved = ctx.saved_tensors  # read once, as above
         return _gradients_without_a_derivative(
-            "boundary_cc", lambda: _boundary_cc_grads(ctx, grad_cc, _boundary_cc_backward_impl),
-            grad_cc, *ctx.saved_tensors)
+            "boundary_cc", lambda: _boundary_cc_grads(ctx, grad_cc, _boundary_cc_backward_impl, saved),
+            grad_cc, *saved)
 
 
 def _refuse_forward_mode(*maps: Tensor) -> None:

@@ -207,6 +207,27 @@ def test_second_derivative_is_refused(backend, monkeypatch, term, how):
                 torch.autograd.grad(grad.square().sum() + p1.square().sum(), p1)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(backend, monkeypatch, use_reentrant):
+    """torch.utils.checkpoint around the loss on both routes: the same gradients as without it
+    (the non-reentrant kind, the default of activation-checkpointing wrappers, allows each saved
+    tensor to be read once)."""
+    shape = (1, 3, 6, 7)
+    image = random_image(shape, dtype=F64, device=backend.device)
+    logits = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(0)).to(backend.device)
+
+    def loss_of(x):
+        return functional.bimi_loss(x.softmax(1), x.flip(-1).softmax(1), image, offsets=1, backend=backend.name)
+
+    for eager_route in (True, False):
+        monkeypatch.setattr(ops, "EAGER_ROUTE", eager_route)
+        x = logits.clone().requires_grad_()
+        loss_of(x).backward()
+        plain, x.grad = x.grad, None
+        torch.utils.checkpoint.checkpoint(loss_of, x, use_reentrant=use_reentrant).backward()
+        assert torch.equal(x.grad, plain)
+
+
 def test_forward_mode_ad_is_refused(backend, monkeypatch):
     """The kernels have no forward-mode derivative: a map with a tangent raises on both routes
     (it used to come back without a tangent, silently)."""
