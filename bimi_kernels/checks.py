@@ -110,6 +110,10 @@ def check_number(name: str, value, minimum=None, maximum=None, above=None) -> No
     """A finite Python number (int or float; not a bool, not a tensor) in the given range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a Python number, got {_describe(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: expected a finite number, got an int too large for a float") from None
     # comparisons rather than math.isfinite, which torch.compile cannot trace once a float
     # setting that changed between calls has become a symbolic float
     if not -math.inf < value < math.inf:

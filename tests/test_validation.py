@@ -1,5 +1,7 @@
 """docs/contract.md §9: every bad input raises ValueError/TypeError naming the argument, before
 any kernel runs; value checks run sampled on CPU by default, fully when asked."""
+import fractions
+
 import pytest
 import torch
 
@@ -194,6 +196,8 @@ def test_gamma_not_positive(good):
         ("boundary_weight", float("nan"), ValueError, "boundary_weight: expected a finite number"),
         ("gamma", float("inf"), ValueError, "gamma: expected a finite number"),
         ("alpha", float("nan"), ValueError, "alpha: expected a finite number"),
+        ("mi_weight", 10**400, ValueError, "mi_weight: expected a finite number"),
+        ("alpha", fractions.Fraction(3, 2), ValueError, r"alpha: expected a number in \[0, 1\], got 1.5"),
         ("dilation", 1.5, TypeError, "dilation: expected a Python int"),
         ("window", 5.0, TypeError, "window: expected an odd int"),
         ("validate", "yes", TypeError, "validate: expected True or False"),
