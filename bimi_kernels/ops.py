@@ -96,11 +96,11 @@ def _joint_counts_setup_context(ctx, inputs, output):
     ctx.offsets, ctx.backend = offsets, backend
 
 
-def _joint_counts_grads(ctx, grad_j, backward, saved=None):
+def _joint_counts_grads(ctx, saved, grad_j, backward):
     """The inputs' gradients from dL/dJ with `backward` (the backward op, or on the eager route
-    its implementation): one definition for both routes. `saved`: ctx.saved_tensors if the
-    caller has read them already."""
-    p1, p2, mask = ctx.saved_tensors if saved is None else saved
+    its implementation): one definition for both routes. `saved` is ctx.saved_tensors, read once
+    by the caller (non-reentrant activation checkpointing allows one read)."""
+    p1, p2, mask = saved
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None
     grad_p1, grad_p2 = backward(grad_j, p1, p2, ctx.offsets, mask, ctx.backend)
@@ -114,7 +114,7 @@ def _joint_counts_grads(ctx, grad_j, backward, saved=None):
 
 
 def _joint_counts_autograd(ctx, grad_j):
-    return _joint_counts_grads(ctx, grad_j, joint_counts_backward)
+    return _joint_counts_grads(ctx, ctx.saved_tensors, grad_j, joint_counts_backward)
 
 
 joint_counts.register_autograd(_joint_counts_autograd, setup_context=_joint_counts_setup_context)
@@ -169,15 +169,15 @@ def _boundary_cc_setup_context(ctx, inputs, output):
     ctx.window, ctx.backend = window, backend
 
 
-def _boundary_cc_grads(ctx, grad_cc, backward, saved=None):
-    p, edge, u_range = ctx.saved_tensors if saved is None else saved
+def _boundary_cc_grads(ctx, saved, grad_cc, backward):
+    p, edge, u_range = saved
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
     return backward(grad_cc, p, edge, u_range, ctx.window, ctx.backend), None, None, None
 
 
 def _boundary_cc_autograd(ctx, grad_cc, _grad_u_range):
-    return _boundary_cc_grads(ctx, grad_cc, boundary_cc_backward)
+    return _boundary_cc_grads(ctx, ctx.saved_tensors, grad_cc, boundary_cc_backward)
 
 
 boundary_cc.register_autograd(_boundary_cc_autograd, setup_context=_boundary_cc_setup_context)
@@ -276,9 +276,9 @@ class _JointCountsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_j):
-        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing allows one unpack
+        saved = ctx.saved_tensors
         return _gradients_without_a_derivative(
-            "joint_counts", lambda: _joint_counts_grads(ctx, grad_j, _joint_counts_backward_impl, saved),
+            "joint_counts", lambda: _joint_counts_grads(ctx, saved, grad_j, _joint_counts_backward_impl),
             grad_j, *saved)
 
 
@@ -294,9 +294,9 @@ class _BoundaryCCFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_cc, _grad_u_range):
-        saved = ctx.saved_tensors  # read once, as above
+        saved = ctx.saved_tensors
         return _gradients_without_a_derivative(
-            "boundary_cc", lambda: _boundary_cc_grads(ctx, grad_cc, _boundary_cc_backward_impl, saved),
+            "boundary_cc", lambda: _boundary_cc_grads(ctx, saved, grad_cc, _boundary_cc_backward_impl),
             grad_cc, *saved)
 
 
