@@ -243,6 +243,20 @@ def _sample_index(shape) -> torch.Tensor:
     return (sample * channels)[:, None] * pixels + torch.arange(channels)[None, :] * pixels + pixel[:, None]
 
 
+def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`t`'s values as a plain tensor, for the value checks: under torch.func transforms, the
+    tensor beneath their wrappers, each vmapped dimension folded into the batch dimension (dim 0),
+    so that a check reads every value of every vmapped call (reading values is what a vmapped
+    tensor refuses)."""
+    functorch = torch._C._functorch
+    while t is not None and functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            t = functorch.get_unwrapped(t).movedim(functorch.maybe_get_bdim(t), 0).flatten(0, 1)
+        else:
+            t = functorch.get_unwrapped(t)
+    return t
+
+
 def check_probabilities_sampled(maps: dict) -> None:
     """The default value check (docs/contract.md §9): on CPU tensors, a fixed sample of pixels of
     each map must hold probability vectors. Skipped for other devices (it would need a sync)
@@ -250,7 +264,7 @@ def check_probabilities_sampled(maps: dict) -> None:
     case costs a few small ops for all maps together; the message is worked out only on failure."""
     if torch.compiler.is_compiling():
         return
-    maps = {name: p for name, p in maps.items() if p.device.type == "cpu" and not p.is_meta}
+    maps = {name: values_of(p) for name, p in maps.items() if p.device.type == "cpu" and not p.is_meta}
     if not maps:
         return
     with torch.no_grad():
@@ -272,6 +286,9 @@ def validate_values(maps: dict, others: Optional[dict] = None, mask=None) -> Non
     """Every value (a device sync on a GPU), naming the argument and what was found: the cluster
     maps `maps` (name -> tensor) must hold probability vectors (finite, >= 0, summing to 1 or
     to 0), the tensors in `others` must be finite, the mask weights must lie in [0, 1]."""
+    maps = {name: values_of(p) for name, p in maps.items()}
+    others = {name: values_of(t) for name, t in (others or {}).items()}
+    mask = values_of(mask)
     for name, p in maps.items():
         message = _not_probabilities(name, p.movedim(1, -1).reshape(-1, p.shape[1]), "")
         if message:

@@ -14,11 +14,13 @@ region the caller is in (§8), so its real output dtype is always its fake's.
 
 Two routes to the same kernels. The `apply_*` functions, which `functional` calls, take the
 custom op whenever something may trace the call (torch.compile, torch.jit.trace, export, fake
-or other tensor subclasses, a dispatch or function mode, a torch.func transform), and otherwise
-a plain torch.autograd.Function (or, without a gradient, the implementation itself): in
-eager mode torch.library's custom-op machinery costs ~50 us of Python per op and again per
-backward op, more than the whole host cost the Function adds. Both routes call the one
-implementation of each op below (`_joint_counts_impl`, ...) and give bitwise the same results.
+or other tensor subclasses, a dispatch or function mode), and otherwise a plain
+torch.autograd.Function (or, without a gradient, the implementation itself): in eager mode
+torch.library's custom-op machinery costs ~50 us of Python per op and again per backward op,
+more than the whole host cost the Function adds. Under torch.func transforms the Functions are
+taken too (custom ops have no torch.func support; the Functions have setup_context and a vmap
+rule). Both routes call the one implementation of each op below (`_joint_counts_impl`, ...) and
+give bitwise the same results.
 """
 from __future__ import annotations
 
@@ -166,6 +168,7 @@ def _boundary_cc_backward_fake(grad_cc, p, edge, u_range, window, backend):
 def _boundary_cc_setup_context(ctx, inputs, output):
     p, edge, window, backend = inputs
     ctx.save_for_backward(p, edge, output[1])
+    ctx.mark_non_differentiable(output[1])  # u_range: the backward's input, not a result
     ctx.window, ctx.backend = window, backend
 
 
@@ -217,8 +220,9 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def _modes_active() -> bool:
     """Whether a torch dispatch or function mode (make_fx, FakeTensorMode, `with
-    torch.device(...)`, ...) or a torch.func transform is active: then the custom op must be
-    called. True when this torch cannot tell."""
+    torch.device(...)`, ...) or a torch.func transform is active: then the plain eager route
+    must not be taken (`_transform_route` chooses between the Functions and the custom op). True
+    when this torch cannot tell."""
     try:
         return (torch._C._len_torch_dispatch_stack() > 0 or torch._C._len_torch_function_stack() > 0
                 or torch._C._functorch.peek_interpreter_stack() is not None)
@@ -233,6 +237,21 @@ def eager(*tensors: Optional[Tensor]) -> bool:
     if not EAGER_ROUTE or torch.compiler.is_compiling() or torch.jit.is_tracing() or _modes_active():
         return False
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
+def _no_second_derivative(op_name: str) -> RuntimeError:
+    return RuntimeError(
+        f"bimi::{op_name}: no second derivative (its backward kernels have no derivative of "
+        "their own); differentiate the loss once, without create_graph=True"
+    )
+
+
+def _no_forward_derivative() -> RuntimeError:
+    return RuntimeError(
+        "bimi: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, jacfwd, hessian) is not "
+        "supported: the kernels have no forward derivative; use reverse mode (loss.backward(), "
+        "torch.autograd.grad, torch.func.grad, vjp, jacrev)"
+    )
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -250,10 +269,7 @@ class _NoSecondDerivative(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(
-            f"bimi::{ctx.op_name}: no second derivative (its backward kernels have no derivative of "
-            "their own); differentiate the loss once, without create_graph=True"
-        )
+        raise _no_second_derivative(ctx.op_name)
 
 
 def _gradients_without_a_derivative(op_name, compute, *tensors):
@@ -266,7 +282,9 @@ def _gradients_without_a_derivative(op_name, compute, *tensors):
 
 class _JointCountsFunction(torch.autograd.Function):
     """The eager route of `joint_counts`: what is saved and how the gradients are formed are the
-    custom op's (`_joint_counts_setup_context`, `_joint_counts_grads`)."""
+    custom op's (`_joint_counts_setup_context`, `_joint_counts_grads`). (The old style, forward
+    with ctx: a Function with setup_context costs an inspect.signature per call, ~20% of a
+    small loss call's host time.)"""
 
     @staticmethod
     def forward(ctx, p1, p2, offsets, mask, backend):
@@ -289,7 +307,6 @@ class _BoundaryCCFunction(torch.autograd.Function):
     def forward(ctx, p, edge, window, backend):
         output = _boundary_cc_impl(p, edge, window, backend)
         _boundary_cc_setup_context(ctx, (p, edge, window, backend), output)
-        ctx.mark_non_differentiable(output[1])
         return output
 
     @staticmethod
@@ -300,16 +317,142 @@ class _BoundaryCCFunction(torch.autograd.Function):
             grad_cc, *saved)
 
 
+# ------------------------------------------------------------------------------------------------
+# the torch.func route
+# ------------------------------------------------------------------------------------------------
+# torch.library's custom ops have no torch.func support (their generated Function has no
+# setup_context), so under a transform the ops go through the Functions below: setup_context
+# style, a vmap rule (the op slice by slice: the kernels have no batched form), and the backward
+# kernels behind Functions of their own, since a transform's wrapped tensors reach a kernel only
+# through a Function (which runs its forward on the unwrapped tensors).
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, jacrev, ...) is active."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - private API gone in some later torch
+        return False
+
+
+def _transform_route() -> bool:
+    """Whether a call takes the torch.func route: a transform is active and nothing else traces
+    (torch.compile, torch.jit.trace, a dispatch or function mode take the custom ops)."""
+    return (_functorch_active() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and torch._C._len_torch_dispatch_stack() == 0 and torch._C._len_torch_function_stack() == 0)
+
+
+def _alive(t: Optional[Tensor]) -> Optional[Tensor]:
+    """`t` without the wrappers of torch.func transforms that have ended: the function torch.func.vjp
+    returns runs the backward after its transform has exited, on its tensors' dead wrappers,
+    which a kernel cannot read."""
+    return t if t is None else torch._C._functorch.unwrap_if_dead(t)
+
+
+def _each_slice(apply, info, in_dims, *args):
+    """The vmap rule of every op here: the op on each slice of the vmapped dimension, stacked (a
+    slice is one whole call, maps of shape (B, K, *S))."""
+    results = [
+        apply(*[arg.select(dim, i) if isinstance(arg, Tensor) and dim is not None else arg
+                for arg, dim in zip(args, in_dims)])
+        for i in range(info.batch_size)
+    ]
+    if isinstance(results[0], tuple):
+        stacked = tuple(torch.stack(parts) for parts in zip(*results))
+        return stacked, (0,) * len(stacked)
+    return torch.stack(results), 0
+
+
+def _refuse_jvp(ctx, *tangents):
+    raise _no_forward_derivative()
+
+
+def _functions_for_torch_func(op_name, impl, setup_context, grads, backward_impl):
+    """The Function of op `op_name` under torch.func transforms: forward `impl`, saved tensors
+    and gradients as the custom op's (`setup_context`, `grads`), whose backward kernels
+    (`backward_impl`) run in a second Function without a derivative."""
+
+    class Backward(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return backward_impl(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads_of_grads):
+            raise _no_second_derivative(op_name)
+
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            return _each_slice(Backward.apply, info, in_dims, *args)
+
+        jvp = staticmethod(_refuse_jvp)
+
+    class Forward(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return impl(*args)
+
+        @staticmethod
+        def backward(ctx, grad, *_grads_of_nondifferentiable_outputs):
+            saved = tuple(map(_alive, ctx.saved_tensors))
+            return grads(ctx, saved, _alive(grad), Backward.apply)
+
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            return _each_slice(Forward.apply, info, in_dims, *args)
+
+        jvp = staticmethod(_refuse_jvp)
+
+    Forward.setup_context = staticmethod(setup_context)
+    Backward.__name__ = Backward.__qualname__ = f"_{op_name}_backward_for_torch_func"
+    Forward.__name__ = Forward.__qualname__ = f"_{op_name}_for_torch_func"
+    return Forward
+
+
+_JointCountsForTorchFunc = _functions_for_torch_func(
+    "joint_counts", _joint_counts_impl, _joint_counts_setup_context, _joint_counts_grads,
+    _joint_counts_backward_impl)
+_BoundaryCCForTorchFunc = _functions_for_torch_func(
+    "boundary_cc", _boundary_cc_impl, _boundary_cc_setup_context, _boundary_cc_grads,
+    _boundary_cc_backward_impl)
+
+
+class _EdgeMapForTorchFunc(torch.autograd.Function):
+    """`edge_map` under torch.func transforms (vmap over images); no gradient, as everywhere."""
+
+    @staticmethod
+    def forward(image, gamma, backend):
+        return _edge_map_impl(image, gamma, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def backward(ctx, grad_edge):
+        return None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _each_slice(_EdgeMapForTorchFunc.apply, info, in_dims, *args)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the entry points
+# ------------------------------------------------------------------------------------------------
 def _refuse_forward_mode(*maps: Tensor) -> None:
     """The kernels have no forward-mode derivative: a map carrying a tangent
     (torch.autograd.forward_ad) would lose it without a word, so refuse. Costs one attribute read
     when no dual level is active."""
     if getattr(forward_ad, "_current_level", -1) >= 0 and any(
             forward_ad.unpack_dual(t).tangent is not None for t in maps):
-        raise RuntimeError(
-            "bimi: forward-mode AD (a map with a tangent) is not supported: the kernels have no "
-            "forward derivative; use reverse mode (loss.backward() or torch.autograd.grad)"
-        )
+        raise _no_forward_derivative()
 
 
 def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optional[Tensor],
@@ -317,6 +460,8 @@ def apply_joint_counts(p1: Tensor, p2: Tensor, offsets: List[int], mask: Optiona
     """`joint_counts`, by the eager route where it may (see the module's docstring)."""
     _refuse_forward_mode(p1, p2)
     if not eager(p1, p2, mask):
+        if _transform_route():
+            return _JointCountsForTorchFunc.apply(p1, p2, offsets, mask, backend)
         return joint_counts(p1, p2, list(offsets), mask, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (p1, p2, mask)):
         return _JointCountsFunction.apply(p1, p2, offsets, mask, backend)
@@ -328,6 +473,8 @@ def apply_boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tup
     """`boundary_cc`, by the eager route where it may."""
     _refuse_forward_mode(p)
     if not eager(p, edge):
+        if _transform_route():
+            return _BoundaryCCForTorchFunc.apply(p, edge, window, backend)
         return boundary_cc(p, edge, window, backend)
     if torch.is_grad_enabled() and (p.requires_grad or edge.requires_grad):
         return _BoundaryCCFunction.apply(p, edge, window, backend)
@@ -338,6 +485,8 @@ def apply_boundary_cc(p: Tensor, edge: Tensor, window: int, backend: str) -> Tup
 def apply_edge_map(image: Tensor, gamma: float, backend: str) -> Tensor:
     """`edge_map`, by the eager route where it may (no gradient either way)."""
     if not eager(image):
+        if _transform_route():
+            return _EdgeMapForTorchFunc.apply(image, gamma, backend)
         return edge_map(image, gamma, backend)
     with torch.no_grad():
         return _edge_map_impl(image, gamma, backend)

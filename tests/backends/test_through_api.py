@@ -326,3 +326,85 @@ def loss_and_grads_of(fn, p1, p2, image):
     loss = fn(a, b, image)
     loss.backward()
     return loss.detach().clone(), a.grad.clone(), b.grad.clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.func transforms (docs/contract.md §7)
+# ------------------------------------------------------------------------------------------------
+FUNC_SHAPE = (2, 3, 6, 7)
+
+
+def test_torch_func_grad_and_vjp_equal_backward(backend):
+    """torch.func.grad and vjp (functional training loops) give loss.backward()'s gradients."""
+    image = random_image(FUNC_SHAPE, device=backend.device)
+    mask = random_mask(FUNC_SHAPE, device=backend.device)
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, window=3, backend=backend.name)
+    p1, p2 = random_maps(FUNC_SHAPE, device=backend.device, requires_grad=True)
+    loss_fn(p1, p2, image, mask).backward()
+    a, b = p1.detach(), p2.detach()
+    grads = torch.func.grad(lambda x, y: loss_fn(x, y, image, mask), argnums=(0, 1))(a, b)
+    loss, vjp_fn = torch.func.vjp(lambda x: loss_fn(x, b, image, mask), a)
+    (vjp_grad,) = vjp_fn(torch.ones_like(loss))  # runs after vjp's transform has exited
+    for what, ours, expected in (("grad dL/dp1", grads[0], p1.grad), ("grad dL/dp2", grads[1], p2.grad),
+                                 ("vjp dL/dp1", vjp_grad, p1.grad)):
+        assert_close(ours, expected, what, F64)
+
+
+def test_torch_func_vmap_equals_a_loop(backend):
+    """vmap over a stack of whole calls (maps, images and masks) gives each call's loss, and
+    vmap(grad) each call's gradient (per-call gradients); jacrev of the joint counts gives the
+    rows of their Jacobian that backward gives."""
+    calls = 2
+    maps = [random_maps(FUNC_SHAPE, seed=seed, device=backend.device) for seed in range(calls)]
+    images = [random_image(FUNC_SHAPE, seed=seed, device=backend.device) for seed in range(calls)]
+    masks = [random_mask(FUNC_SHAPE, seed=seed, device=backend.device) for seed in range(calls)]
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, window=3, backend=backend.name)
+    stack = [torch.stack(t) for t in ([m[0] for m in maps], [m[1] for m in maps], images, masks)]
+    # the stacked dimension anywhere (in_dims=1): slices are whole calls
+    moved = [t.movedim(0, 1) for t in stack]
+    losses = torch.func.vmap(loss_fn, in_dims=1)(*moved)
+    per_call_grads = torch.func.vmap(torch.func.grad(loss_fn))(*stack)
+    for i in range(calls):
+        p1 = maps[i][0].clone().requires_grad_()
+        loss = loss_fn(p1, maps[i][1], images[i], masks[i])
+        loss.backward()
+        assert_close(losses[i], loss.detach(), f"vmapped loss {i}", F64)
+        assert_close(per_call_grads[i], p1.grad, f"vmap(grad) dL/dp1 {i}", F64)
+
+    p1, p2 = maps[0]
+    jacobian = torch.func.jacrev(lambda x: functional.joint_counts(x, p2, offsets=1, backend=backend.name)[2, 1])(p1)
+    x = p1.clone().requires_grad_()
+    functional.joint_counts(x, p2, offsets=1, backend=backend.name)[2, 1].sum().backward()
+    assert jacobian.shape == (FUNC_SHAPE[1],) + FUNC_SHAPE
+    assert_close(jacobian.sum(0), x.grad, "jacrev rows of J[2, 1, :]", F64)
+
+
+@pytest.mark.parametrize("validate", [None, True], ids=["sampled", "full"])
+def test_value_checks_read_vmapped_maps(backend, validate):
+    """The value checks read values, which a vmapped tensor refuses: they read the values beneath
+    (every vmapped call's), so logits in any one call are still caught by name."""
+    p1, p2 = random_maps(FUNC_SHAPE, device=backend.device)
+    image = random_image(FUNC_SHAPE, device=backend.device)
+    logits = torch.stack([p1, torch.randn_like(p1)])
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, window=3, backend=backend.name, validate=validate)
+    with pytest.raises(ValueError, match="p1: .*logits"):
+        torch.func.vmap(loss_fn, in_dims=(0, None, None))(logits, p2, image)
+
+
+def test_torch_func_second_and_forward_derivatives_are_refused(backend):
+    """As on the other routes: no second derivative (grad of grad), no forward mode (jvp,
+    hessian = jacfwd(jacrev)); each raises instead of returning a wrong derivative."""
+    p1, p2 = random_maps(FUNC_SHAPE, device=backend.device)
+    image = random_image(FUNC_SHAPE, device=backend.device)
+    for weights in ({"boundary_weight": 0.0}, {"mi_weight": 0.0}):
+        loss_fn = bimi_kernels.BIMILoss(offsets=1, window=3, backend=backend.name, **weights)
+
+        def loss_of(x):
+            return loss_fn(x, p2, image)
+
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.func.grad(lambda x: torch.func.grad(loss_of)(x).square().sum())(p1)
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            torch.func.jvp(loss_of, (p1,), (torch.ones_like(p1),))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            torch.func.hessian(loss_of)(p1)
