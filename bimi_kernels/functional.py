@@ -106,6 +106,11 @@ def bimi_loss_from_config(p1, p2, image, mask, config: LossConfig) -> torch.Tens
             loss = loss + config.mi_weight * _mi_term(p1, p2, flat_offsets, flat_mask, config)
         if need_image:
             loss = loss + config.boundary_weight * _boundary_term(p1, p2, image, config)
+        elif config.mi_weight == 0:
+            # both terms off: an exact 0 that still joins the maps' graph, so that backward()
+            # works and gives zero gradients (where(), not 0 * sum: a nan in a map stays out)
+            joined = (p1.sum() + p2.sum()).to(loss.dtype)
+            loss = torch.where(torch.zeros((), dtype=torch.bool, device=loss.device), joined, loss)
     return loss
 
 

@@ -107,6 +107,19 @@ def test_boundary_weight_zero_needs_no_image():
     torch.testing.assert_close(loss, bimi_kernels.RegularizedMILoss()(p1, p2))
 
 
+def test_both_weights_zero_gives_a_zero_that_backward_accepts():
+    """Both terms off (an ablation): an exact 0 in the graph of the maps, so that loss.backward()
+    works and gives zero gradients, even where a map holds a nan."""
+    p1, p2 = random_maps((1, 3, 6, 6), requires_grad=True)
+    loss = bimi_kernels.BIMILoss(mi_weight=0.0, boundary_weight=0.0, validate=False)(p1, p2)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(p1.grad, torch.zeros_like(p1)) and torch.equal(p2.grad, torch.zeros_like(p2))
+    with torch.no_grad():
+        p1[0, 0, 0, 0] = float("nan")
+    assert bimi_kernels.BIMILoss(mi_weight=0.0, boundary_weight=0.0, validate=False)(p1, p2).item() == 0.0
+
+
 def test_image_is_resized_to_the_maps():
     p1, p2 = random_maps((1, 3, 8, 8))
     big = random_image((1, 3, 16, 16), channels=1)
