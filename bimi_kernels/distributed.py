@@ -95,5 +95,10 @@ def sync_joint_counts(j: torch.Tensor, process_group=None) -> torch.Tensor:
     world_size = _check_ready(process_group)
     if world_size == 1:
         return j
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            "bimi: sync=True under a torch.func transform is not supported (the all-reduce of the "
+            "joint counts has no torch.func rule); sync the loss outside the transform"
+        )
     return _AllReduceSum.apply(j, process_group)
 

@@ -155,6 +155,12 @@ def _rank_scenarios(rank, inputs):
         out["not_member_error"] = None
     except RuntimeError as exc:
         out["not_member_error"] = str(exc)
+    # under a torch.func transform the all-reduce refuses (before any collective: no hang)
+    try:
+        torch.func.grad(lambda a: BF.regularized_mi(a, p2, OFFSETS, mask=mask, sync=True))(p1)
+        out["torch_func_error"] = None
+    except RuntimeError as exc:
+        out["torch_func_error"] = str(exc)
     return out
 
 
@@ -335,6 +341,11 @@ def test_process_group_argument(ranks):
         assert result["group_self_is_identity"]
         _assert_close(result["group_self"][0], result["reference", "mi_local"][0])
         assert "not a member" in result["not_member_error"]
+
+
+def test_sync_under_torch_func_raises(ranks):
+    for result in ranks:
+        assert "sync=True under a torch.func transform" in (result["torch_func_error"] or "")
 
 
 def test_sync_without_process_group_raises():
