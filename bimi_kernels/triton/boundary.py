@@ -84,14 +84,27 @@ def normalise(u, lo, denominator):
     return (u - lo) / denominator
 
 
+# Running minima and maxima in which a NaN sticks, as in torch's amin/amax (the reference): the
+# GPU's min/max instructions skip a NaN, which would give a finite loss for a NaN input
+# (docs/contract.md §8).
+@triton.jit
+def lower_of(bound, value):
+    return tl.where((value < bound) | (value != value), value, bound)
+
+
+@triton.jit
+def higher_of(bound, value):
+    return tl.where((value > bound) | (value != value), value, bound)
+
+
 @triton.jit
 def sample_range(range_ptr, b, n_range, R_PAD: tl.constexpr):
     """Sample b's [min, max] of U from its programs' running minima and maxima."""
     r = tl.arange(0, R_PAD)
     ok = r < n_range
     base = range_ptr + b.to(tl.int64) * n_range * 2
-    lo = tl.min(tl.load(base + 2 * r, mask=ok, other=float("inf")), axis=0)
-    hi = tl.max(tl.load(base + 2 * r + 1, mask=ok, other=float("-inf")), axis=0)
+    lo = tl.reduce(tl.load(base + 2 * r, mask=ok, other=float("inf")), 0, lower_of)
+    hi = tl.reduce(tl.load(base + 2 * r + 1, mask=ok, other=float("-inf")), 0, higher_of)
     return lo, hi
 
 
@@ -200,12 +213,12 @@ def _uncertainty_kernel(
             u = normalise(u, lo, denominator)
         tl.store(u_base + s, u, mask=inside)
         if WRITE_RANGE:
-            low = tl.minimum(low, tl.where(inside, u, float("inf")))
-            high = tl.maximum(high, tl.where(inside, u, float("-inf")))
+            low = lower_of(low, tl.where(inside, u, float("inf")))
+            high = higher_of(high, tl.where(inside, u, float("-inf")))
     if WRITE_RANGE:
         out = range_ptr + (b.to(tl.int64) * n_range + r) * 2
-        tl.store(out, tl.min(low, axis=0))
-        tl.store(out + 1, tl.max(high, axis=0))
+        tl.store(out, tl.reduce(low, 0, lower_of))
+        tl.store(out + 1, tl.reduce(high, 0, higher_of))
 
 
 @triton.jit
@@ -383,11 +396,11 @@ def _edge_magnitude_kernel(
             total += tl.sqrt(squares)
         magnitude = total / C
         tl.store(out_base + s, magnitude, mask=inside)
-        low = tl.minimum(low, tl.where(inside, magnitude, float("inf")))
-        high = tl.maximum(high, tl.where(inside, magnitude, float("-inf")))
+        low = lower_of(low, tl.where(inside, magnitude, float("inf")))
+        high = higher_of(high, tl.where(inside, magnitude, float("-inf")))
     out = range_ptr + (tl.cast(b, tl.int64) * n_range + r) * 2
-    tl.store(out, tl.min(low, axis=0))
-    tl.store(out + 1, tl.max(high, axis=0))
+    tl.store(out, tl.reduce(low, 0, lower_of))
+    tl.store(out + 1, tl.reduce(high, 0, higher_of))
 
 
 @triton.jit
@@ -408,9 +421,10 @@ def _edge_normalise_kernel(
             s = run * BLOCK + tl.arange(0, BLOCK)
         inside = s < N
         v = normalise(tl.load(out_base + s, mask=inside, other=0.0), lo, denominator)
-        # v ** gamma as exp(gamma log v), v >= 0; 0 ** gamma (0, or 1 for gamma = 0) apart
+        # v ** gamma as exp(gamma log v), v >= 0; 0 ** gamma (0, or 1 for gamma = 0) apart, and
+        # a NaN stays NaN
         powered = tl.exp(gamma * tl.log(tl.where(v > 0, v, 1.0)))
-        tl.store(out_base + s, tl.where(v > 0, powered, zero_power), mask=inside)
+        tl.store(out_base + s, tl.where(v > 0, powered, tl.where(v == v, zero_power, v)), mask=inside)
 
 
 # ------------------------------------------------------------------------------------------------

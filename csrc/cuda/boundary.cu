@@ -45,8 +45,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t index = base + range_part_begin(v, parts, part) + threadIdx.x; index < end; index += blockDim.x) {
     const acc_t value = uncertainty_at<scalar_t, acc_t>(p, v, index);
     u[index] = value;
-    lo = value < lo ? value : lo;
-    hi = value > hi ? value : hi;
+    lo = lower_of(lo, value);
+    hi = higher_of(hi, value);
   }
   if (part_lo == nullptr) return;  // the same for every thread of the block
   __shared__ acc_t scratch_lo[kThreads], scratch_hi[kThreads];
@@ -65,9 +65,8 @@ __global__ void range_kernel(const acc_t* __restrict__ part_lo, const acc_t* __r
   if (b >= batch) return;
   acc_t lo = part_lo[b * parts], hi = part_hi[b * parts];
   for (int64_t part = 1; part < parts; ++part) {
-    const acc_t l = part_lo[b * parts + part], h = part_hi[b * parts + part];
-    lo = l < lo ? l : lo;
-    hi = h > hi ? h : hi;
+    lo = lower_of(lo, part_lo[b * parts + part]);
+    hi = higher_of(hi, part_hi[b * parts + part]);
   }
   u_range[2 * b] = lo;
   u_range[2 * b + 1] = hi;

@@ -43,8 +43,21 @@ __device__ __forceinline__ acc_t warp_sum(acc_t value) {
   return value;
 }
 
+// The smaller (larger) of a running bound and a value, NaN once either is NaN, as torch's
+// amin/amax (the reference): fmin-style comparisons would skip a NaN and give a finite loss for
+// a NaN input (docs/contract.md §8).
+template <typename acc_t>
+__device__ __forceinline__ acc_t lower_of(acc_t bound, acc_t value) {
+  return (value < bound || value != value) ? value : bound;
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t higher_of(acc_t bound, acc_t value) {
+  return (value > bound || value != value) ? value : bound;
+}
+
 // The min and max of one value pair per thread over a block of kThreads threads (a tree in
-// shared memory); valid in scratch_lo[0] and scratch_hi[0] for every thread afterwards.
+// shared memory, NaN-sticky as lower_of); valid in scratch_lo[0] and scratch_hi[0] for every
+// thread afterwards.
 template <typename acc_t>
 __device__ void block_min_max(acc_t lo, acc_t hi, acc_t* scratch_lo, acc_t* scratch_hi) {
   scratch_lo[threadIdx.x] = lo;
@@ -52,9 +65,8 @@ __device__ void block_min_max(acc_t lo, acc_t hi, acc_t* scratch_lo, acc_t* scra
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) {
-      const acc_t l = scratch_lo[threadIdx.x + stride], h = scratch_hi[threadIdx.x + stride];
-      if (l < scratch_lo[threadIdx.x]) scratch_lo[threadIdx.x] = l;
-      if (h > scratch_hi[threadIdx.x]) scratch_hi[threadIdx.x] = h;
+      scratch_lo[threadIdx.x] = lower_of(scratch_lo[threadIdx.x], scratch_lo[threadIdx.x + stride]);
+      scratch_hi[threadIdx.x] = higher_of(scratch_hi[threadIdx.x], scratch_hi[threadIdx.x + stride]);
     }
     __syncthreads();
   }

@@ -75,3 +75,30 @@ def test_edge_map_matches_reference(backend, name):
     rtol = EDGE_RTOL[accumulation_dtype(case.dtype)]
     error = relative_error(got, expected)
     assert error <= rtol, f"edge map: relative error {error:.3g} > {rtol:g}"
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+def test_a_nan_propagates_as_in_the_reference(backend, dtype):
+    """A NaN in the image makes its sample's edge map NaN, and a NaN in a map its sample's
+    uncertainty range, as torch's amin/amax do in the reference (min/max instructions that skip
+    a NaN used to give a finite, wrong loss); the loss is NaN on every backend."""
+    shape = (2, 3, 10, 12)
+    generator = torch.Generator().manual_seed(0)
+    p = torch.randn(shape, generator=generator, dtype=dtype).softmax(1).to(backend.device)
+    image = torch.rand((2, 1) + shape[2:], generator=generator, dtype=dtype)
+    image[0, 0, 3, 4] = float("nan")
+    image = image.to(backend.device)
+    edge = torch.ops.bimi.edge_map(image, 0.75, backend.name)
+    expected = reference.edge_map(image.cpu(), 0.75)
+    assert torch.equal(torch.isnan(edge).cpu(), torch.isnan(expected))
+    assert torch.isnan(edge[0]).all() and not torch.isnan(edge[1]).any()
+
+    clean_edge = torch.ops.bimi.edge_map(image.nan_to_num(0.5), 0.75, backend.name)
+    for nan_map in (False, True):
+        q = p.clone()
+        if nan_map:
+            q[1, 0, 5, 6] = float("nan")
+        cc, u_range = torch.ops.bimi.boundary_cc(q, edge if not nan_map else clean_edge, 5, backend.name)
+        assert torch.isnan(cc), f"nan {'map' if nan_map else 'image'}: a finite CC"
+        if nan_map:
+            assert torch.isnan(u_range[1]).all() and not torch.isnan(u_range[0]).any()

@@ -77,7 +77,7 @@ void normalized_power_row(const acc_t* m, int64_t n, acc_t lo, acc_t denominator
     for (int64_t x = 0; x < n; x += L) {
       const V v = (load_part(m, x, n) - lo) / denominator;
       const V power = vector_exp(gamma * log_lanes<float>(v));
-      store_part(out, x, n, v > 0.0f ? power : broadcast<float>(0.0f));  // 0^gamma = 0
+      store_part(out, x, n, v > 0.0f ? power : v * 0.0f);  // 0^gamma = 0; a NaN stays NaN
     }
   } else {
     for (int64_t x = 0; x < n; ++x) out[x] = std::pow((m[x] - lo) / denominator, gamma);

@@ -133,7 +133,9 @@ inline bool all_lanes(const I& m) {
 }
 #endif
 
-// Min and max over vectors of values, then over single values (a row's tail).
+// Min and max over vectors of values, then over single values (a row's tail). A NaN sticks: once
+// one is seen the bound is NaN, as with torch's amin/amax (the reference); `v < low ? v : low`
+// alone would skip it and give a finite loss for a NaN input (docs/contract.md §8).
 template <typename acc_t>
 struct RunningRange {
   using V = typename Vec<acc_t>::type;
@@ -148,12 +150,12 @@ struct RunningRange {
         hi(-std::numeric_limits<acc_t>::infinity()) {}
 
   void add(const V& v) {
-    low = v < low ? v : low;
-    high = v > high ? v : high;
+    low = ((v < low) | (v != v)) ? v : low;
+    high = ((v > high) | (v != v)) ? v : high;
   }
   void add(acc_t value) {
-    lo = value < lo ? value : lo;
-    hi = value > hi ? value : hi;
+    lo = (value < lo || value != value) ? value : lo;
+    hi = (value > hi || value != value) ? value : hi;
   }
   void result(acc_t* out_lo, acc_t* out_hi) const {
     constexpr int64_t L = vector_lanes<acc_t>();
@@ -163,8 +165,9 @@ struct RunningRange {
     *out_lo = lo;
     *out_hi = hi;
     for (int64_t l = 0; l < L; ++l) {
-      *out_lo = low_lanes[l] < *out_lo ? low_lanes[l] : *out_lo;
-      *out_hi = high_lanes[l] > *out_hi ? high_lanes[l] : *out_hi;
+      const acc_t l_lo = low_lanes[l], l_hi = high_lanes[l];
+      *out_lo = (l_lo < *out_lo || l_lo != l_lo) ? l_lo : *out_lo;
+      *out_hi = (l_hi > *out_hi || l_hi != l_hi) ? l_hi : *out_hi;
     }
   }
 };
