@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 from . import checks
 from .offsets import OffsetSpec, canonical_offset_spec
 
@@ -65,6 +67,16 @@ class LossConfig:
             checks.check_bool("validate", self.validate)
         if self.eps_convention not in EPS_CONVENTIONS:
             raise ValueError(f"eps_convention: expected one of {EPS_CONVENTIONS}, got {self.eps_convention!r}")
+        # other number types (Fraction, numpy scalars) as Python numbers: a Fraction cannot
+        # multiply a tensor; symbolic numbers (torch.compile) stay as they are
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if type(value) not in (float, int) and not isinstance(value, torch.SymFloat):
+                object.__setattr__(self, name, float(value))
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int and not isinstance(value, torch.SymInt):
+                object.__setattr__(self, name, int(value))
 
     @classmethod
     def of(cls, namespace: dict, **overrides) -> "LossConfig":
@@ -81,3 +93,5 @@ class LossConfig:
 
 
 FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(LossConfig))
+_FLOAT_FIELDS = ("alpha", "lamda", "mi_weight", "boundary_weight", "gamma")
+_INT_FIELDS = ("dilation", "window")

@@ -25,19 +25,29 @@ class _ConfiguredLoss(nn.Module):
         object.__setattr__(self, "config", config)
 
     def __getattr__(self, name):
-        if name in FIELD_NAMES:
+        if name in self.SETTINGS:
             return getattr(self.__dict__["config"], name)
+        if name in FIELD_NAMES:
+            raise self._not_a_setting(name)
         return super().__getattr__(name)
 
     def __setattr__(self, name, value):
-        if name in FIELD_NAMES:
+        if name in self.SETTINGS:
             object.__setattr__(self, "config", self.config.replace(**{name: value}))
+        elif name in FIELD_NAMES:
+            raise self._not_a_setting(name)
         elif name == "config":
             if not isinstance(value, LossConfig):
                 raise TypeError(f"config: expected a LossConfig, got {type(value).__name__}")
             object.__setattr__(self, "config", value)
         else:
             super().__setattr__(name, value)
+
+    def _not_a_setting(self, name: str) -> AttributeError:
+        # a loss setting this module does not take: setting it would change nothing
+        return AttributeError(
+            f"{type(self).__name__} has no setting {name!r} (its settings: {', '.join(self.SETTINGS)})"
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={getattr(self.config, name)!r}" for name in self.SETTINGS if name != "process_group")

@@ -2,6 +2,7 @@
 any kernel runs; value checks run sampled on CPU by default, fully when asked."""
 import fractions
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,6 +226,33 @@ def test_module_settings_are_attributes_and_checked_when_set(good):
     with pytest.raises(TypeError, match="symmetric"):
         loss_fn.symmetric = "no"
     assert "alpha=0.75" in repr(loss_fn)
+
+
+def test_other_number_types_are_stored_as_python_numbers(good):
+    """A Fraction or a numpy scalar passes the checks and is kept as a float (an int for the int
+    settings): a Fraction used to fail inside forward (Fraction * Tensor)."""
+    p1, p2, image = good
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, mi_weight=fractions.Fraction(1, 3), lamda=fractions.Fraction(3, 2),
+                                    alpha=np.float32(0.25), window=np.int64(3))
+    config = loss_fn.config
+    assert (type(config.mi_weight), type(config.lamda), type(config.alpha), type(config.window)) == (float, float, float, int)
+    assert "alpha=0.25" in repr(loss_fn)
+    expected = loss(p1, p2, image, offsets=1, mi_weight=1 / 3, lamda=1.5, alpha=0.25, window=3)
+    torch.testing.assert_close(loss_fn(p1, p2, image), expected)
+
+
+@pytest.mark.parametrize("module,setting", [(bimi_kernels.BoundaryCCLoss, "boundary_weight"),
+                                            (bimi_kernels.BoundaryCCLoss, "alpha"),
+                                            (bimi_kernels.RegularizedMILoss, "window"),
+                                            (bimi_kernels.RegularizedMILoss, "mi_weight")])
+def test_a_setting_the_module_does_not_take_is_refused(module, setting):
+    """Reading or writing a loss setting the module does not take raises instead of being
+    silently ignored (it would change nothing)."""
+    loss_fn = module()
+    with pytest.raises(AttributeError, match=f"has no setting '{setting}'"):
+        setattr(loss_fn, setting, 0.0)
+    with pytest.raises(AttributeError, match=f"has no setting '{setting}'"):
+        getattr(loss_fn, setting)
 
 
 # ----------------------------------------------------------------------------------- value checks
