@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -149,8 +150,10 @@ def resolve(requested: str, device_type: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _resolve(requested: str, device_type: str, environment: str) -> str:
-    if requested == "auto":
-        requested = environment.strip() or "auto"
+    source = ""
+    if requested == "auto" and environment.strip():
+        requested = environment.strip()
+        source = " (from the environment variable BIMI_BACKEND, which overrides backend='auto')"
     if requested == "auto":
         order = _AUTO_ORDER.get(device_type, ("reference",))
         for name in order:
@@ -161,13 +164,13 @@ def _resolve(requested: str, device_type: str, environment: str) -> str:
         return "reference"
     if requested not in _LOADERS:
         raise ValueError(
-            f"backend: unknown backend {requested!r}; expected 'auto' or one of {BACKEND_NAMES}"
+            f"backend: unknown backend {requested!r}{source}; expected 'auto' or one of {BACKEND_NAMES}"
         )
     reason = unavailable_reason(requested, device_type)
     if reason is not None:
         raise RuntimeError(
-            f"backend {requested!r} was requested for {device_type} tensors but is not available: "
-            f"{reason}. See bimi_kernels.available_backends()."
+            f"backend {requested!r}{source} was requested for {device_type} tensors but is not "
+            f"available: {reason}. See bimi_kernels.available_backends()."
         )
     return requested
 
@@ -182,8 +185,18 @@ def _warn_slow_fallback(device_type: str, native: tuple) -> None:
         f"your torch with `pip install --no-build-isolation .` (see the README's Install section), "
         f"or pass backend='reference' to choose it knowingly.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=_stacklevel_of_caller(),
     )
+
+
+def _stacklevel_of_caller() -> int:
+    """The stacklevel that attributes a warning raised by our caller to the first frame outside
+    this package and torch (the user's line that called the loss), whichever route led here."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def reset_cache() -> None:

@@ -264,7 +264,10 @@ def check_probabilities_sampled(maps: dict) -> None:
     case costs a few small ops for all maps together; the message is worked out only on failure."""
     if torch.compiler.is_compiling():
         return
-    maps = {name: values_of(p) for name, p in maps.items() if p.device.type == "cpu" and not p.is_meta}
+    maps = {name: values_of(p) for name, p in maps.items()}
+    # values only a plain CPU tensor gives without a sync (not fake, meta or another subclass)
+    maps = {name: p for name, p in maps.items()
+            if type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu" and not p.is_meta}
     if not maps:
         return
     with torch.no_grad():

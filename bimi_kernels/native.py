@@ -20,8 +20,12 @@ _REBUILD = "rebuild with `pip install --no-build-isolation --no-deps -e .`"
 def _import_error(module: str) -> Optional[str]:
     try:
         importlib.import_module(module)
-    except Exception as exc:  # ImportError, or an undefined symbol from a mismatched torch
-        return f"{module} was not built: {type(exc).__name__}: {exc}; {_REBUILD}"
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return f"{module} was not built; {_REBUILD}"
+        return f"{module} could not be imported: {type(exc).__name__}: {exc}; {_REBUILD}"
+    except Exception as exc:  # an undefined symbol: built against another torch
+        return f"{module} was built but does not load: {type(exc).__name__}: {exc}; {_REBUILD}"
     return None
 
 

@@ -41,7 +41,7 @@ def _kernels(backend: str, device_type: str) -> backends.Backend:
 
 def autocast_off(device_type: str):
     """A context without autocast for `device_type` (the kernels' own dtype rules apply)."""
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: no autocast
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -232,11 +232,11 @@ def _modes_active() -> bool:
 
 def eager(*tensors: Optional[Tensor]) -> bool:
     """Whether a call on `tensors` may skip the custom op: nothing traces it (torch.compile,
-    torch.jit.trace, a mode or transform) and every tensor is a plain tensor (not fake,
+    torch.jit.trace, a mode or transform) and every tensor is a plain tensor (not fake, meta,
     functional or another subclass)."""
     if not EAGER_ROUTE or torch.compiler.is_compiling() or torch.jit.is_tracing() or _modes_active():
         return False
-    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta) for t in tensors)
 
 
 def _no_second_derivative(op_name: str) -> RuntimeError:

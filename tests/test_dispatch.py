@@ -56,8 +56,10 @@ def test_auto_falling_back_to_reference_warns_once_with_reason_and_fix(fresh_dis
     monkeypatch.setitem(backends._LOADERS, "cpp", broken)
     p1, p2 = random_maps((2, 3, 6, 7), dtype=torch.float32)
     image = random_image(p1.shape, dtype=torch.float32)
-    with pytest.warns(RuntimeWarning, match=r"runs the slow 'reference'.*cpp: could not be loaded.*_C was not built.*no-build-isolation"):
+    with pytest.warns(RuntimeWarning, match=r"runs the slow 'reference'.*cpp: could not be loaded.*_C was not built.*no-build-isolation") as caught:
         bimi_kernels.BIMILoss()(p1, p2, image)
+    # attributed to the caller's line (this file), not to a line inside the package
+    assert [w.filename for w in caught] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bimi_kernels.BIMILoss()(p1, p2, image)  # once only
@@ -79,7 +81,8 @@ def test_loaders_are_plain_functions_returning_backends():
 
 def test_eager_route_only_where_nothing_traces():
     """ops.eager: the custom ops are skipped only for plain tensors with no tracing, mode or
-    transform active, so torch.compile, export, fake tensors and torch.func see the custom ops."""
+    transform active, so torch.compile, export, fake and meta tensors see the custom ops (and
+    torch.func its own Functions)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bimi_kernels import ops
@@ -87,6 +90,7 @@ def test_eager_route_only_where_nothing_traces():
     p = torch.rand(1, 2, 3, 3)
     assert ops.eager(p, None)
     assert ops.eager(torch.nn.Parameter(p))
+    assert not ops.eager(p.to("meta"))
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(p)
         assert not ops.eager(fake)
@@ -104,3 +108,53 @@ def test_eager_route_only_where_nothing_traces():
     torch._dynamo.reset()
     traced = torch.compile(lambda x: x * 2 if ops.eager(x) else x * 3, fullgraph=True, backend="eager")
     assert torch.equal(traced(p), p * 3)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_the_loss_on_fake_and_meta_tensors_gives_shapes_and_dtypes(requires_grad):
+    """Under FakeTensorMode and on meta tensors (shape propagation, memory planning) the loss
+    runs through the ops' fakes with the default checks on: the sampled value check skips what
+    has no values (it used to raise DataDependentOutputException, and meta tensors an autocast
+    error)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run(p1, p2, image):
+        loss = bimi_kernels.BIMILoss(offsets=1)(p1.requires_grad_(requires_grad), p2, image)
+        assert loss.shape == () and loss.dtype == torch.float32 and loss.device == p1.device
+        if requires_grad:
+            loss.backward()
+            assert p1.grad.shape == p1.shape
+
+    shape = (2, 3, 8, 9)
+    with FakeTensorMode():
+        run(torch.rand(shape), torch.rand(shape), torch.rand(2, 1, 8, 9))
+    run(torch.rand(shape, device="meta"), torch.rand(shape, device="meta"), torch.rand(2, 1, 8, 9, device="meta"))
+
+
+@pytest.mark.parametrize("value,error,message", [
+    ("bogus", ValueError, r"unknown backend 'bogus' \(from the environment variable BIMI_BACKEND"),
+    ("cuda", RuntimeError, r"backend 'cuda' \(from the environment variable BIMI_BACKEND.*not available"),
+])
+def test_errors_name_bimi_backend_when_it_chose(fresh_dispatch, monkeypatch, value, error, message):
+    """A backend chosen by BIMI_BACKEND (not by the caller) says so when it cannot serve."""
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("cuda is available here")
+    monkeypatch.setenv("BIMI_BACKEND", value)
+    p1, p2 = random_maps((1, 3, 6, 7), dtype=torch.float32)
+    with pytest.raises(error, match=message):
+        bimi_kernels.BIMILoss(boundary_weight=0.0)(p1, p2)
+
+
+def test_a_missing_extension_and_one_that_does_not_load_are_told_apart(monkeypatch):
+    """Not built (no module file) and built against another torch (an undefined symbol when
+    loading) are different fixes for the user to see."""
+    from bimi_kernels import native
+
+    assert native._import_error("bimi_kernels._no_such_extension").startswith("bimi_kernels._no_such_extension was not built;")
+
+    def undefined_symbol(name):
+        raise ImportError(f"{name}.so: undefined symbol: _ZN2at4_ops")
+
+    monkeypatch.setattr(native.importlib, "import_module", undefined_symbol)
+    reason = native._import_error("bimi_kernels._C")
+    assert reason.startswith("bimi_kernels._C was built but does not load: ImportError") and "undefined symbol" in reason
