@@ -106,6 +106,9 @@ def train(rank: int, world_size: int, port: int, steps: int, backend: str) -> No
         in_sync = all(torch.equal(gathered[0], other) for other in gathered[1:])
         print(f"{world_size} ranks x {PER_RANK_BATCH} images, {steps} steps in "
               f"{time.perf_counter() - start:.1f} s; replicas identical: {in_sync}")
+    # every rank done before any tears gloo down (an early teardown can abort a rank still in
+    # its last collective: "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -177,6 +177,7 @@ def _worker(rank, port, device, inputs_path, out_dir):
             torch.cuda.set_device(0)
         results = _rank_scenarios(rank, torch.load(inputs_path, map_location=device))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (else one may abort)
     finally:
         dist.destroy_process_group()
 
