@@ -134,7 +134,10 @@ def available_backends(device=None) -> dict:
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = torch.device(device).type
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
     return {name: unavailable_reason(name, device_type) for name in BACKEND_NAMES}
 
 

@@ -137,6 +137,27 @@ def _describe(value) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def check_size(size, ndim: int) -> tuple:
+    """A spatial size: `ndim` ints >= 1 (e.g. (H, W)); returned as a tuple."""
+    if isinstance(size, (str, bytes)) or not isinstance(size, (tuple, list, torch.Size)):
+        raise TypeError(f"size: expected a sequence of {ndim} ints (e.g. (H, W)), got {_describe(size)}")
+    if len(size) != ndim or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in size):
+        raise ValueError(f"size: expected {ndim} ints >= 1 (one per spatial dim), got {tuple(size)}")
+    return tuple(int(s) for s in size)
+
+
+def check_process_group(group) -> None:
+    """None (the default group) or a torch.distributed process group."""
+    if group is None:
+        return
+    distributed = torch.distributed
+    if not (distributed.is_available() and isinstance(group, distributed.ProcessGroup)):
+        raise TypeError(
+            f"process_group: expected None or a torch.distributed process group (dist.new_group(...)), "
+            f"got {_describe(group)}"
+        )
+
+
 def check_window(window) -> None:
     if isinstance(window, bool) or not isinstance(window, numbers.Integral):
         raise TypeError(f"window: expected an odd int >= 1, got {_describe(window)}")

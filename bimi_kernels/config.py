@@ -31,7 +31,8 @@ class LossConfig:
     window, gamma        the boundary term's box window and edge-map exponent (§5)
     backend              "auto" or a backend name (§7)
     sync, process_group  all-reduce the counts over a process group (§4)
-    validate             value checks: None (default: sampled on CPU), True (all), False (none) (§9)
+    validate             value checks: None (default: BIMI_VALIDATE if set, else a sample of
+                         pixels of CPU tensors), True (every value), False (none) (§9)
     """
 
     offsets: OffsetSpec = 0
@@ -63,6 +64,7 @@ class LossConfig:
         for name in ("symmetric", "sync", "pool_offsets"):
             checks.check_bool(name, getattr(self, name))
         checks.check_backend_name(self.backend)
+        checks.check_process_group(self.process_group)
         if self.validate is not None:
             checks.check_bool("validate", self.validate)
         if self.eps_convention not in EPS_CONVENTIONS:

@@ -22,14 +22,24 @@ import torch
 
 from . import checks, ops, reference
 from .config import LossConfig
-from .numerics import EPS_MI, accumulation_dtype
+from .numerics import EPS_CC, EPS_MI, accumulation_dtype
 from .offsets import OffsetSpec, flat_offsets_for
 
 # The building blocks without a kernel of their own are the reference's, re-exported here so
 # there is one definition of each piece of math.
 joint_distributions = reference.joint_distributions
 uncertainty_map = reference.uncertainty_map
-local_cross_correlation = reference.local_cross_correlation
+
+
+def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, eps: float = EPS_CC) -> torch.Tensor:
+    """`reference.local_cross_correlation` (docs/contract.md §5) of two (B, 1, *S) maps, with the
+    window checked (an even window has no centre)."""
+    checks.check_window(window)
+    for name, t in (("u", u), ("e", e)):
+        checks.check_tensor(name, t)
+    if u.shape != e.shape or u.dim() not in (4, 5):
+        raise ValueError(f"u, e: expected two maps of one shape (B, 1, *S), got {tuple(u.shape)} and {tuple(e.shape)}")
+    return reference.local_cross_correlation(u, e, window, eps)
 
 __all__ = [
     "joint_counts", "joint_distributions", "regularized_mi", "edge_map", "uncertainty_map",
@@ -202,6 +212,8 @@ def edge_map(
         raise TypeError(f"image: expected a floating dtype, got {image.dtype}")
     if image.dim() not in (4, 5) or image.numel() == 0:
         raise ValueError(f"image: expected shape (B, C, H, W) or (B, C, D, H, W), got {tuple(image.shape)}")
+    if size is not None:
+        size = checks.check_size(size, image.dim() - 2)
     config = LossConfig(gamma=gamma, backend=backend)
     with ops.autocast_off(image.device.type):
         return _edge(image, size, accumulation_dtype(image.dtype), config.gamma, config.backend)

@@ -255,6 +255,22 @@ def test_a_setting_the_module_does_not_take_is_refused(module, setting):
         getattr(loss_fn, setting)
 
 
+@pytest.mark.parametrize("call,error,message", [
+    (lambda img: BF.edge_map(img, size=8), TypeError, r"size: expected a sequence of 2 ints"),
+    (lambda img: BF.edge_map(img, size=(0, 0)), ValueError, r"size: expected 2 ints >= 1"),
+    (lambda img: BF.edge_map(img, size=(4, 4, 4)), ValueError, r"size: expected 2 ints >= 1"),
+    (lambda img: BF.local_cross_correlation(img, img, 4), ValueError, r"window: expected an odd int"),
+    (lambda img: BF.local_cross_correlation(img, img[..., 1:], 3), ValueError, r"u, e: expected two maps of one shape"),
+    (lambda img: bimi_kernels.BIMILoss(process_group="gloo"), TypeError, r"process_group: expected None or a torch.distributed"),
+    (lambda img: bimi_kernels.available_backends("tpu"), ValueError, r"device: 'tpu' is not a torch device"),
+])
+def test_helper_arguments_are_checked_by_name(call, error, message):
+    """The functional helpers and the settings outside the loss's tensors name a bad argument
+    (they used to fail inside torch, or accept an even window)."""
+    with pytest.raises(error, match=message):
+        call(torch.rand(1, 1, 8, 8))
+
+
 # ----------------------------------------------------------------------------------- value checks
 def test_logits_on_cpu_are_caught_by_default(good, monkeypatch):
     """The common mistake (logits for probabilities) is caught on CPU tensors without asking."""
