@@ -8,6 +8,7 @@ derived from them with the current roofline model and peaks.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -530,11 +531,14 @@ def render(folder) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m benchmarks.report DIR  (with DIR/results.csv)", file=sys.stderr)
-        return 2
-    render(argv[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description="Re-render DIR/summary.md and DIR/plots/ from DIR/results.csv (a benchmark run's folder).")
+    parser.add_argument("folder", metavar="DIR", help="a folder written by python -m benchmarks.run")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not (Path(args.folder) / "results.csv").is_file():
+        parser.error(f"{args.folder}: no results.csv there (a folder written by python -m benchmarks.run)")
+    render(args.folder)
     return 0
 
 

@@ -379,8 +379,8 @@ def default_out(device_type: str, suite: str) -> Path:
     return RESULTS_DIR / (folder if suite == "full" else f"{folder}-{suite}")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+def parse_args(argv=None, prog="python -m benchmarks.run"):
+    parser = argparse.ArgumentParser(prog=prog, description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="the quick suite (= --suite quick)")
     parser.add_argument("--suite", choices=("full", "quick", "smoke"), default="full")
     parser.add_argument("--op", nargs="+", choices=OPS, help="only these ops (default: each config's)")
@@ -403,10 +403,10 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog="python -m benchmarks.run") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    args.command = " ".join(["python -m benchmarks.run"] + argv)
+    args = parse_args(argv, prog)
+    args.command = " ".join([prog] + argv)
     suite = "quick" if args.quick else args.suite
     args.out = args.out or str(default_out(args.device, suite))
     rows = run(args)

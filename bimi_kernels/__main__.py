@@ -70,7 +70,7 @@ def bench(argv) -> int:
         sys.path.insert(0, str(checkout))
     from benchmarks.run import main as bench_main
 
-    return bench_main(argv) or 0
+    return bench_main(argv, prog="bimi bench") or 0
 
 
 def main(argv=None) -> int:

@@ -237,6 +237,8 @@ BAD_ARGUMENTS = [
     (["--seeds", "0"], "--seeds"),
     (["--finetune-steps", "0"], "--finetune-steps"),
     (["--lr", "0"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--finetune-lr", "nan"], "--finetune-lr"),
     (["--finetune-lr", "-1"], "--finetune-lr"),
     (["--batch-size", "0"], "--batch-size"),
     (["--eval-every", "0"], "--eval-every"),
