@@ -97,6 +97,10 @@ if [ "$REQUIREMENTS" = ok ]; then
   say "requirements-cpu.txt: already satisfied"
 else
   say "installing requirements-cpu.txt"
+  if ! "$VENV_PYTHON" -c "import torch" 2>/dev/null && [ -z "${PIP_EXTRA_INDEX_URL:-}${PIP_INDEX_URL:-}${PIP_FIND_LINKS:-}" ]; then
+    say "  torch comes from pip's default index: on most machines PyPI's CUDA build (several GB);"
+    say "  for the CPU build: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup_cpu.sh"
+  fi
   "$VENV_PYTHON" -m pip install --progress-bar off -r requirements-cpu.txt
 fi
 
