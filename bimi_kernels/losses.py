@@ -57,7 +57,9 @@ class RegularizedMILoss(_ConfiguredLoss):
     """The regularised mutual information L_MI of docs/contract.md §4.
 
     forward(p1, p2, mask=None): p1, p2 (B, K, H, W) or (B, K, D, H, W) cluster probabilities of
-    two aligned views; mask (B, 1, *S) or (B, *S). Returns a 0-dim tensor.
+    two aligned views; mask (B, 1, *S) or (B, *S). Returns a 0-dim tensor. The third argument is
+    the mask, where BIMILoss takes the image: pass `mask=` by name when switching between them.
+    Settings: the constructor's keywords, also attributes; `help(bimi_kernels.LossConfig)`.
 
     Example::
 
@@ -93,6 +95,7 @@ class BoundaryCCLoss(_ConfiguredLoss):
 
     forward(p1, p2, image): cluster maps (B, K, *S) and the image (B, C, *S') in the maps' frame
     (resized to S if needed). Returns a 0-dim tensor (negative: better when lower).
+    Settings: the constructor's keywords, also attributes; `help(bimi_kernels.LossConfig)`.
 
     Example::
 
@@ -119,6 +122,9 @@ class BIMILoss(_ConfiguredLoss):
       image:  (B, C, *S') the transformed image, required when boundary_weight > 0;
       mask:   (B, 1, *S) or (B, *S), 1 where both views have a valid pixel.
     Returns a 0-dim float32 tensor (float64 for float64 maps).
+
+    Settings: the constructor's keywords, each also an attribute (`loss_fn.alpha = 0.3` is
+    checked); `help(bimi_kernels.LossConfig)` says what each one does.
 
     Example::
 
