@@ -195,7 +195,7 @@ def _warn_slow_fallback(device_type: str, native: tuple) -> None:
 def _stacklevel_of_caller() -> int:
     """The stacklevel that attributes a warning raised by our caller to the first frame outside
     this package and torch (the user's line that called the loss), whichever route led here."""
-    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    inside = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (sys.modules[__name__], torch))
     frame, level = sys._getframe(2), 2
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1

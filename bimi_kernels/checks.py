@@ -13,9 +13,10 @@ import functools
 import math
 import numbers
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .numerics import FLOAT_DTYPES
 
@@ -134,7 +135,9 @@ def check_bool(name: str, value) -> None:
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a torch.Tensor of shape {tuple(value.shape)} (pass a Python number, e.g. t.item())"
-    return f"{value!r} ({type(value).__name__})"
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{value!r} ({name})"
 
 
 def check_size(size, ndim: int) -> tuple:
@@ -252,30 +255,39 @@ def _not_probabilities(name: str, values: torch.Tensor, what: str) -> Optional[s
 
 
 @functools.lru_cache(maxsize=32)
-def _sample_index(shape) -> torch.Tensor:
-    """(n, K) flat indices (as torch.take reads them) of SAMPLED_PIXELS pixels spread evenly
-    over (B, *S), every channel of each."""
+def _sample_index(shape, calls: int = 1) -> torch.Tensor:
+    """(n, K) flat indices (as torch.take reads them) of SAMPLED_PIXELS pixels per call spread
+    evenly over (B, *S), every channel of each (`calls`: the vmapped calls folded into B)."""
     batch, channels, spatial = shape[0], shape[1], tuple(shape[2:])
     pixels = math.prod(spatial)
     count = batch * pixels
-    picks = sorted({(i * (count - 1)) // max(1, SAMPLED_PIXELS - 1) for i in range(min(count, SAMPLED_PIXELS))})
+    wanted = SAMPLED_PIXELS * calls
+    picks = sorted({(i * (count - 1)) // max(1, wanted - 1) for i in range(min(count, wanted))})
     picks = torch.tensor(picks, dtype=torch.long)
     sample, pixel = picks // pixels, picks % pixels
     return (sample * channels)[:, None] * pixels + torch.arange(channels)[None, :] * pixels + pixel[:, None]
 
 
-def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """`t`'s values as a plain tensor, for the value checks: under torch.func transforms, the
-    tensor beneath their wrappers, each vmapped dimension folded into the batch dimension (dim 0),
-    so that a check reads every value of every vmapped call (reading values is what a vmapped
-    tensor refuses)."""
+def values_and_calls(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """`t`'s values as a plain tensor, for the value checks, and the number of calls they hold:
+    under torch.func transforms, the tensor beneath their wrappers, each vmapped dimension folded
+    into the batch dimension (dim 0), so that a check reads the values of every vmapped call
+    (reading values is what a vmapped tensor refuses)."""
     functorch = torch._C._functorch
-    while t is not None and functorch.is_functorch_wrapped_tensor(t):
+    calls = 1
+    while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
-            t = functorch.get_unwrapped(t).movedim(functorch.maybe_get_bdim(t), 0).flatten(0, 1)
+            unwrapped = functorch.get_unwrapped(t).movedim(functorch.maybe_get_bdim(t), 0)
+            calls *= unwrapped.shape[0]
+            t = unwrapped.flatten(0, 1)
         else:
             t = functorch.get_unwrapped(t)
-    return t
+    return t, calls
+
+
+def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`t`'s values beneath torch.func's wrappers (`values_and_calls`)."""
+    return t if t is None else values_and_calls(t)[0]
 
 
 def check_probabilities_sampled(maps: dict) -> None:
@@ -285,14 +297,15 @@ def check_probabilities_sampled(maps: dict) -> None:
     case costs a few small ops for all maps together; the message is worked out only on failure."""
     if torch.compiler.is_compiling():
         return
-    maps = {name: values_of(p) for name, p in maps.items()}
-    # values only a plain CPU tensor gives without a sync (not fake, meta or another subclass)
-    maps = {name: p for name, p in maps.items()
-            if type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu" and not p.is_meta}
-    if not maps:
+    unwrapped = {name: values_and_calls(p) for name, p in maps.items()}
+    # values a CPU tensor gives without a sync (fake and meta tensors have none)
+    unwrapped = {name: (p, calls) for name, (p, calls) in unwrapped.items()
+                 if p.device.type == "cpu" and not p.is_meta and not is_fake(p)}
+    if not unwrapped:
         return
+    maps = {name: p for name, (p, _) in unwrapped.items()}
     with torch.no_grad():
-        samples = [torch.take(p.detach(), _sample_index(tuple(p.shape))) for p in maps.values()]
+        samples = [torch.take(p.detach(), _sample_index(tuple(p.shape), calls)) for p, calls in unwrapped.values()]
         tolerance = min(_sum_tolerance(p.dtype) for p in maps.values())
         lowest = min(sample.amin().item() for sample in samples)
         sums = torch.cat([sample.sum(dim=-1, dtype=torch.float64) for sample in samples])

@@ -32,13 +32,13 @@ uncertainty_map = reference.uncertainty_map
 
 
 def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, eps: float = EPS_CC) -> torch.Tensor:
-    """`reference.local_cross_correlation` (docs/contract.md §5) of two (B, 1, *S) maps, with the
-    window checked (an even window has no centre)."""
+    """`reference.local_cross_correlation` (docs/contract.md §5) of two maps of one shape
+    (B, C, *S), usually (B, 1, *S), with the window checked (an even window has no centre)."""
     checks.check_window(window)
     for name, t in (("u", u), ("e", e)):
         checks.check_tensor(name, t)
     if u.shape != e.shape or u.dim() not in (4, 5):
-        raise ValueError(f"u, e: expected two maps of one shape (B, 1, *S), got {tuple(u.shape)} and {tuple(e.shape)}")
+        raise ValueError(f"u, e: expected two tensors of one shape (B, C, *S), got {tuple(u.shape)} and {tuple(e.shape)}")
     return reference.local_cross_correlation(u, e, window, eps)
 
 __all__ = [

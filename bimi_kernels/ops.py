@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
+from torch.utils._device import DeviceContext
 
 from . import backends, reference
 from .numerics import accumulation_dtype
@@ -218,14 +219,25 @@ EAGER_ROUTE = True
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _modes_active() -> bool:
-    """Whether a torch dispatch or function mode (make_fx, FakeTensorMode, `with
-    torch.device(...)`, ...) or a torch.func transform is active: then the plain eager route
-    must not be taken (`_transform_route` chooses between the Functions and the custom op). True
-    when this torch cannot tell."""
+def _tracing_modes_active() -> bool:
+    """Whether a torch dispatch mode (make_fx, FakeTensorMode, ...) or a function mode other than
+    a default device (`with torch.device(...)`, torch.set_default_device: it only places new
+    tensors, which the kernels create on their inputs' device) is active: then the custom op
+    must be called. True when this torch cannot tell."""
     try:
-        return (torch._C._len_torch_dispatch_stack() > 0 or torch._C._len_torch_function_stack() > 0
-                or torch._C._functorch.peek_interpreter_stack() is not None)
+        return torch._C._len_torch_dispatch_stack() > 0 or (
+            torch._C._len_torch_function_stack() > 0
+            and not all(isinstance(mode, DeviceContext) for mode in torch.overrides._get_current_function_mode_stack()))
+    except AttributeError:  # pragma: no cover - private API gone in some later torch
+        return True
+
+
+def _modes_active() -> bool:
+    """Whether a tracing mode (`_tracing_modes_active`) or a torch.func transform is active: then
+    the plain eager route must not be taken (`_transform_route` chooses between the Functions
+    and the custom op)."""
+    try:
+        return _tracing_modes_active() or torch._C._functorch.peek_interpreter_stack() is not None
     except AttributeError:  # pragma: no cover - private API gone in some later torch
         return True
 
@@ -325,19 +337,18 @@ class _BoundaryCCFunction(torch.autograd.Function):
 # style, a vmap rule (the op slice by slice: the kernels have no batched form), and the backward
 # kernels behind Functions of their own, since a transform's wrapped tensors reach a kernel only
 # through a Function (which runs its forward on the unwrapped tensors).
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, vmap, jacrev, ...) is active."""
-    try:
-        return torch._C._functorch.peek_interpreter_stack() is not None
-    except AttributeError:  # pragma: no cover - private API gone in some later torch
-        return False
-
-
 def _transform_route() -> bool:
-    """Whether a call takes the torch.func route: a transform is active and nothing else traces
-    (torch.compile, torch.jit.trace, a dispatch or function mode take the custom ops)."""
-    return (_functorch_active() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and torch._C._len_torch_dispatch_stack() == 0 and torch._C._len_torch_function_stack() == 0)
+    """Whether a call takes the torch.func route: a grad, vjp, vmap or jvp transform is on top
+    and nothing else traces (torch.compile, torch.jit.trace, a tracing mode and
+    torch.func.functionalize take the custom ops)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _tracing_modes_active():
+        return False
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    return interpreter is not None and interpreter.key() in _FUNCTION_TRANSFORMS
+
+
+_FUNCTION_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Vmap,
+                        torch._C._functorch.TransformType.Jvp)
 
 
 def _alive(t: Optional[Tensor]) -> Optional[Tensor]:

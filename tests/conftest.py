@@ -27,6 +27,25 @@ settings.register_profile("dev", max_examples=100, deadline=None, suppress_healt
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def _interpret_min_max_as_a_gpu() -> None:
+    """Triton's tl.minimum/tl.maximum (and tl.min/tl.max) without propagate_nan return the
+    operand that is not NaN on a GPU, but the interpreter computes them with np.minimum/np.maximum,
+    which return the NaN: make the interpreter behave like the GPU, so that the tests see the
+    NaN handling the compiled kernels have."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:  # no triton: nothing to interpret
+        return
+    InterpreterBuilder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
+    InterpreterBuilder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
+
+
+_interpret_min_max_as_a_gpu()
+
+
 from helpers import random_maps  # noqa: E402
 
 

@@ -95,7 +95,14 @@ def test_eager_route_only_where_nothing_traces():
         fake = mode.from_tensor(p)
         assert not ops.eager(fake)
     assert not ops.eager(fake)  # a fake tensor outside its mode
-    with torch.device("cpu"):  # a function mode
+    with torch.device("cpu"):  # a default device only places new tensors: still eager
+        assert ops.eager(p)
+
+    class Logging(torch.overrides.TorchFunctionMode):  # any other function mode may trace
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Logging():
         assert not ops.eager(p)
     seen = []
     torch.func.grad(lambda x: (seen.append(ops.eager(x)), x.sum())[1])(p)

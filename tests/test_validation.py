@@ -260,7 +260,7 @@ def test_a_setting_the_module_does_not_take_is_refused(module, setting):
     (lambda img: BF.edge_map(img, size=(0, 0)), ValueError, r"size: expected 2 ints >= 1"),
     (lambda img: BF.edge_map(img, size=(4, 4, 4)), ValueError, r"size: expected 2 ints >= 1"),
     (lambda img: BF.local_cross_correlation(img, img, 4), ValueError, r"window: expected an odd int"),
-    (lambda img: BF.local_cross_correlation(img, img[..., 1:], 3), ValueError, r"u, e: expected two maps of one shape"),
+    (lambda img: BF.local_cross_correlation(img, img[..., 1:], 3), ValueError, r"u, e: expected two tensors of one shape"),
     (lambda img: bimi_kernels.BIMILoss(process_group="gloo"), TypeError, r"process_group: expected None or a torch.distributed"),
     (lambda img: bimi_kernels.available_backends("tpu"), ValueError, r"device: 'tpu' is not a torch device"),
 ])
@@ -272,6 +272,33 @@ def test_helper_arguments_are_checked_by_name(call, error, message):
 
 
 # ----------------------------------------------------------------------------------- value checks
+def test_sampled_check_reads_every_vmapped_call():
+    """Under vmap the default check samples each call as it would alone: logits in one call of
+    two hundred are caught (a fixed sample spread over the whole stack missed them)."""
+    calls = 200
+    p1, p2 = random_maps((calls, 3, 8, 8))
+    p1[1] = torch.randn(3, 8, 8)
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, boundary_weight=0.0)
+    with pytest.raises(ValueError, match="p1: .*logits"):
+        loss_fn(p1[1:2], p2[1:2])
+    with pytest.raises(ValueError, match="p1: .*logits"):
+        torch.func.vmap(loss_fn)(p1[:, None], p2[:, None])
+
+
+def test_sampled_check_reads_tensor_subclasses():
+    """A tensor subclass (MONAI's MetaTensor, say) holding logits is caught as a plain tensor is;
+    only fake and meta tensors, which have no values, are skipped."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    p1, p2 = random_maps((2, 3, 8, 8))
+    logits = torch.randn(2, 3, 8, 8, dtype=p2.dtype).as_subclass(Tagged)
+    with pytest.raises(ValueError, match="p1: .*logits"):
+        bimi_kernels.BIMILoss(offsets=1, boundary_weight=0.0)(logits, p2)
+
+
+
 def test_logits_on_cpu_are_caught_by_default(good, monkeypatch):
     """The common mistake (logits for probabilities) is caught on CPU tensors without asking."""
     monkeypatch.delenv("BIMI_VALIDATE", raising=False)

@@ -162,15 +162,16 @@ def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, 
 @triton.jit
 def ncc_terms(s_u, s_uu, s_ue, s_e, s_ee, count, EPS: tl.constexpr):
     """The reference's window statistics, in its order: means, the raw cross term and
-    variances, and their clamps at eps."""
+    variances, and their clamps at eps (as torch's clamp: a NaN stays NaN, where tl.maximum
+    would return eps on a GPU)."""
     mu_u = s_u / count
     mu_e = s_e / count
     cross_raw = s_ue - mu_e * s_u - mu_u * s_e + mu_u * mu_e * count
     var_u_raw = s_uu - 2 * mu_u * s_u + mu_u * mu_u * count
     var_e_raw = s_ee - 2 * mu_e * s_e + mu_e * mu_e * count
-    cross = tl.maximum(cross_raw, EPS)
-    var_u = tl.maximum(var_u_raw, EPS)
-    var_e = tl.maximum(var_e_raw, EPS)
+    cross = tl.where(cross_raw < EPS, EPS, cross_raw)
+    var_u = tl.where(var_u_raw < EPS, EPS, var_u_raw)
+    var_e = tl.where(var_e_raw < EPS, EPS, var_e_raw)
     return mu_u, mu_e, cross_raw, var_u_raw, cross, var_u, var_e
 
 

@@ -408,3 +408,21 @@ def test_torch_func_second_and_forward_derivatives_are_refused(backend):
             torch.func.jvp(loss_of, (p1,), (torch.ones_like(p1),))
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             torch.func.hessian(loss_of)(p1)
+
+
+def test_torch_func_under_a_default_device_and_functionalize(backend):
+    """A default device (`with torch.device(...)`, torch.set_default_device) does not stop
+    torch.func.grad, and torch.func.functionalize takes the custom ops: both give the eager
+    results."""
+    p1, p2 = random_maps(FUNC_SHAPE, device=backend.device)
+    image = random_image(FUNC_SHAPE, device=backend.device)
+    loss_fn = bimi_kernels.BIMILoss(offsets=1, window=3, backend=backend.name)
+    x = p1.clone().requires_grad_()
+    loss = loss_fn(x, p2, image)
+    loss.backward()
+    with torch.device(backend.device):
+        grad = torch.func.grad(lambda a: loss_fn(a, p2, image))(p1)
+        eager_loss = loss_fn(p1, p2, image)
+    assert_close(grad, x.grad, "grad under a default device", F64)
+    assert torch.equal(eager_loss, loss.detach())
+    assert torch.equal(torch.func.functionalize(loss_fn)(p1, p2, image), loss.detach())
