@@ -285,6 +285,11 @@ def values_and_calls(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return t, calls
 
 
+def _has_values(t: Optional[torch.Tensor]) -> bool:
+    """Whether `t` holds values a check can read (fake and meta tensors hold none)."""
+    return t is not None and not t.is_meta and not is_fake(t)
+
+
 def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """`t`'s values beneath torch.func's wrappers (`values_and_calls`)."""
     return t if t is None else values_and_calls(t)[0]
@@ -300,7 +305,7 @@ def check_probabilities_sampled(maps: dict) -> None:
     unwrapped = {name: values_and_calls(p) for name, p in maps.items()}
     # values a CPU tensor gives without a sync (fake and meta tensors have none)
     unwrapped = {name: (p, calls) for name, (p, calls) in unwrapped.items()
-                 if p.device.type == "cpu" and not p.is_meta and not is_fake(p)}
+                 if p.device.type == "cpu" and _has_values(p)}
     if not unwrapped:
         return
     maps = {name: p for name, (p, _) in unwrapped.items()}
@@ -323,9 +328,10 @@ def validate_values(maps: dict, others: Optional[dict] = None, mask=None) -> Non
     """Every value (a device sync on a GPU), naming the argument and what was found: the cluster
     maps `maps` (name -> tensor) must hold probability vectors (finite, >= 0, summing to 1 or
     to 0), the tensors in `others` must be finite, the mask weights must lie in [0, 1]."""
-    maps = {name: values_of(p) for name, p in maps.items()}
-    others = {name: values_of(t) for name, t in (others or {}).items()}
+    maps = {name: p for name, p in ((name, values_of(p)) for name, p in maps.items()) if _has_values(p)}
+    others = {name: t for name, t in ((name, values_of(t)) for name, t in (others or {}).items()) if _has_values(t)}
     mask = values_of(mask)
+    mask = mask if _has_values(mask) else None
     for name, p in maps.items():
         message = _not_probabilities(name, p.movedim(1, -1).reshape(-1, p.shape[1]), "")
         if message:

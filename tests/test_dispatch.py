@@ -136,6 +136,11 @@ def test_the_loss_on_fake_and_meta_tensors_gives_shapes_and_dtypes(requires_grad
     with FakeTensorMode():
         run(torch.rand(shape), torch.rand(shape), torch.rand(2, 1, 8, 9))
     run(torch.rand(shape, device="meta"), torch.rand(shape, device="meta"), torch.rand(2, 1, 8, 9, device="meta"))
+    # validate=True has no values to read either: nothing to check, no error
+    meta = torch.rand(shape, device="meta")
+    loss = bimi_kernels.BIMILoss(offsets=1, validate=True)(meta, meta, torch.rand(2, 1, 8, 9, device="meta"),
+                                                           torch.ones(2, 1, 8, 9, device="meta"))
+    assert loss.device.type == "meta"
 
 
 @pytest.mark.parametrize("value,error,message", [
