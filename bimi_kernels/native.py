@@ -14,7 +14,8 @@ import torch
 
 from .backends import Backend
 
-_REBUILD = "rebuild with `pip install --no-build-isolation --no-deps -e .`"
+_REBUILD = ("rebuild it against this torch from the source folder: `pip install --no-build-isolation .` "
+            "(`--no-deps -e .` for a development install)")
 
 
 def _import_error(module: str) -> Optional[str]:
