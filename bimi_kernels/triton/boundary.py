@@ -86,7 +86,8 @@ def normalise(u, lo, denominator):
 
 # Running minima and maxima in which a NaN sticks, as in torch's amin/amax (the reference): the
 # GPU's min/max instructions skip a NaN, which would give a finite loss for a NaN input
-# (docs/contract.md §8).
+# (docs/contract.md §8). The reductions are tl.min/tl.max plus a NaN test (a tl.reduce with a
+# custom combine runs element by element in the interpreter).
 @triton.jit
 def lower_of(bound, value):
     return tl.where((value < bound) | (value != value), value, bound)
@@ -98,13 +99,25 @@ def higher_of(bound, value):
 
 
 @triton.jit
+def nan_sticky_min(x):
+    """min over axis 0, NaN if any element is NaN."""
+    return tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), tl.min(x, axis=0))
+
+
+@triton.jit
+def nan_sticky_max(x):
+    """max over axis 0, NaN if any element is NaN."""
+    return tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), tl.max(x, axis=0))
+
+
+@triton.jit
 def sample_range(range_ptr, b, n_range, R_PAD: tl.constexpr):
     """Sample b's [min, max] of U from its programs' running minima and maxima."""
     r = tl.arange(0, R_PAD)
     ok = r < n_range
     base = range_ptr + b.to(tl.int64) * n_range * 2
-    lo = tl.reduce(tl.load(base + 2 * r, mask=ok, other=float("inf")), 0, lower_of)
-    hi = tl.reduce(tl.load(base + 2 * r + 1, mask=ok, other=float("-inf")), 0, higher_of)
+    lo = nan_sticky_min(tl.load(base + 2 * r, mask=ok, other=float("inf")))
+    hi = nan_sticky_max(tl.load(base + 2 * r + 1, mask=ok, other=float("-inf")))
     return lo, hi
 
 
@@ -218,8 +231,8 @@ def _uncertainty_kernel(
             high = higher_of(high, tl.where(inside, u, float("-inf")))
     if WRITE_RANGE:
         out = range_ptr + (b.to(tl.int64) * n_range + r) * 2
-        tl.store(out, tl.reduce(low, 0, lower_of))
-        tl.store(out + 1, tl.reduce(high, 0, higher_of))
+        tl.store(out, nan_sticky_min(low))
+        tl.store(out + 1, nan_sticky_max(high))
 
 
 @triton.jit
@@ -400,8 +413,8 @@ def _edge_magnitude_kernel(
         low = lower_of(low, tl.where(inside, magnitude, float("inf")))
         high = higher_of(high, tl.where(inside, magnitude, float("-inf")))
     out = range_ptr + (tl.cast(b, tl.int64) * n_range + r) * 2
-    tl.store(out, tl.reduce(low, 0, lower_of))
-    tl.store(out + 1, tl.reduce(high, 0, higher_of))
+    tl.store(out, nan_sticky_min(low))
+    tl.store(out + 1, nan_sticky_max(high))
 
 
 @triton.jit
