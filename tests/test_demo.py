@@ -4,20 +4,22 @@ written), the up-front dependency check, no silent overwrite, atomic checkpoints
 end-to-end run (a few steps at 32x32; the real runs' numbers live in results/demo/)."""
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bimi_kernels.demo import cli
 from bimi_kernels.demo import data as demo_data
-from bimi_kernels.demo import lobes
+from bimi_kernels.demo import lobes, packages
 from bimi_kernels.demo.finetune import FinetuneConfig, evaluation_steps, finetune_and_evaluate, validation_choice
 from bimi_kernels.demo.pretrain import ModelConfig
 from bimi_kernels.demo.training import atomic_save, warmup_cosine
 from bimi_kernels.demo.unet import ClusterHeads, Segmenter, UNet
 
-have_extras = all(importlib.util.find_spec(name) is not None for name in ("nibabel", "nilearn", "matplotlib", "tqdm"))
-needs_extras = pytest.mark.skipif(not have_extras, reason="needs the demo extras (pip install 'bimi_kernels[demo]')")
+have_extras = not packages.missing_packages()
+needs_extras = pytest.mark.skipif(not have_extras, reason=f"needs the demo extras ({packages.INSTALL_HINT})")
 have_mricron = all((lobes.DEFAULT_FOLDER / name).is_file() for name in lobes.FILES)
 needs_mricron = pytest.mark.skipif(not (have_mricron and have_extras),
                                    reason=f"needs mricron-data ({lobes.INSTALL_COMMAND}) and nibabel")
@@ -296,7 +298,21 @@ def test_missing_dependencies_are_named_at_once_before_any_work(monkeypatch, tmp
     out = tmp_path / "out"
     assert cli.main(["--no-progress", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "matplotlib, tqdm" in err and "pip install 'bimi_kernels[demo]'" in err
+    assert "matplotlib, tqdm" in err and packages.INSTALL_HINT in err
+    assert not out.exists()
+
+
+def test_missing_numpy_is_named_too_not_a_traceback(tmp_path):
+    # numpy is a demo extra (the kernels never import it): `bimi demo` must check for it before
+    # importing the modules that need it. A fresh interpreter with numpy unimportable.
+    out = tmp_path / "out"
+    script = ("import sys; sys.modules['numpy'] = None\n"
+              "from bimi_kernels.demo import cli\n"
+              f"sys.exit(cli.main(['--no-progress', '--out', {str(out)!r}]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "the demo needs numpy" in result.stderr and "pip install numpy" in result.stderr
     assert not out.exists()
 
 

@@ -465,10 +465,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = resolve_options(parser.parse_args(argv))
     device = check_arguments(parser, args)
 
-    from .data import MissingDemoData, check_packages, load_task
+    from .packages import MissingDemoData, check_packages
 
     try:
         check_packages()
+        from .data import load_task  # imports numpy: only after the check
+
         data = load_task(args.task, args.resolution)
     except MissingDemoData as exc:
         print(f"bimi demo: {exc}", file=sys.stderr)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .packages import INSTALL_HINT, MissingDemoData, check_packages  # noqa: F401 (re-exported)
+
 TISSUE_CLASSES = ("background", "grey matter", "white matter", "other in-brain")
 CLASS_NAMES = TISSUE_CLASSES  # the old name, kept for callers of earlier versions
 TEMPLATE_FILES = {
@@ -35,12 +37,7 @@ TEMPLATE_FILES = {
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
-INSTALL_HINT = "pip install 'bimi_kernels[demo]'   (the demo extras: nibabel nilearn matplotlib tqdm)"
 TASKS = ("tissue", "lobes")
-
-
-class MissingDemoData(RuntimeError):
-    """A package or data file the demo needs is not installed; the message says how to get it."""
 
 
 @dataclass
@@ -112,16 +109,6 @@ class TaskData:
             f"{self.source} at {self.resolution}x{self.resolution}: pre-train {self.pretrain.span(unit)}, "
             f"fine-tune {self.finetune.span(unit)}, validation {self.validation.span(unit)}, "
             f"test {self.test.span(unit)}"
-        )
-
-
-def check_packages(names: Sequence[str] = ("nibabel", "nilearn", "matplotlib", "tqdm")) -> None:
-    """Raise MissingDemoData naming every missing package at once, with the install command."""
-    missing = [name for name in names if importlib.util.find_spec(name) is None]
-    if missing:
-        raise MissingDemoData(
-            f"the demo needs {', '.join(missing)} ({'is' if len(missing) == 1 else 'are'} not installed). "
-            f"Install the demo extras:\n    {INSTALL_HINT}"
         )
 
 
