@@ -42,7 +42,7 @@ class DevicePeaks:
 
 
 # Dense rates (no sparsity). The H200's bandwidth is the device-to-device copy rate measured on
-# the lent H200 machines (about 4.3 TB/s, reads + writes; 4.8 TB/s on the datasheet), its BF16
+# the H200 machines we ran on (about 4.3 TB/s, reads + writes; 4.8 TB/s on the datasheet), its BF16
 # rate the measured 8192^3 product on random data (788 TFLOP/s; 989 on the datasheet); FP32 and
 # TF32 are the datasheet's (67 and 989/2 TFLOP/s). The H100 rows are datasheet figures.
 GPU_PEAKS = (

@@ -56,7 +56,7 @@ def device_name(device_type: str) -> str:
 
 def git_commit() -> str:
     """HEAD, with '+dirty' when the package's own sources differ from it. Where the tree has no
-    git metadata (a copy on a lent GPU machine), BIMI_BENCH_COMMIT names the commit."""
+    git metadata (a copied tree on a remote GPU machine), BIMI_BENCH_COMMIT names the commit."""
     if os.environ.get("BIMI_BENCH_COMMIT"):
         return os.environ["BIMI_BENCH_COMMIT"]
     try:

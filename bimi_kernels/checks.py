@@ -168,20 +168,6 @@ def check_window(window) -> None:
         raise ValueError(f"window: expected an odd int >= 1, got {window}")
 
 
-def check_mi_weights(alpha, lamda) -> None:
-    check_number("alpha", alpha, minimum=0.0, maximum=1.0)
-    check_number("lamda", lamda, above=0.0)
-
-
-def check_gamma(gamma) -> None:
-    check_number("gamma", gamma, above=0.0)
-
-
-def check_loss_weights(mi_weight, boundary_weight) -> None:
-    check_number("mi_weight", mi_weight, minimum=0.0)
-    check_number("boundary_weight", boundary_weight, minimum=0.0)
-
-
 def check_backend_name(backend) -> None:
     from .backends import BACKEND_NAMES
 
@@ -211,11 +197,6 @@ def validation_mode(validate: Optional[bool]) -> str:
             f"BIMI_VALIDATE: expected one of 1/true/yes/on or 0/false/no/off, got {raw!r}"
         )
     return "full" if validate else "off"
-
-
-def should_validate(validate: Optional[bool]) -> bool:
-    """True when every value is to be checked (validate=True or BIMI_VALIDATE on)."""
-    return validation_mode(validate) == "full"
 
 
 # Pixels read by the default (sampled) check of each map: cheap, and a map of logits has

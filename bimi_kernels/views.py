@@ -1,6 +1,6 @@
 """Two aligned views of a batch of 2-D images, from a known, seeded random transform.
 
-The BIMI loss compares the cluster maps of two views pixel to pixel (docs/contract.md §2, §7), so the
+The BIMI loss compares the cluster maps of two views pixel to pixel (docs/contract.md §2), so the
 caller must bring them into one frame. The convention of this package:
 
 - view 1 is the untransformed image (intensity jitter only); the network's output for it

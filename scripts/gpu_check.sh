@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# One prepared GPU session (about 8 minutes on an H200): build in place (the CUDA extension too),
-# run the GPU tests of every GPU backend, profile the Triton joint-count and boundary kernels
-# against the roofline, run the GPU benchmark, time a sweep of the Triton launch settings, and
-# take an ncu profile of the kernels, time the host overhead, and run compute-sanitizer on the
-# CUDA kernels, in that order of priority.
+# One prepared GPU session (about 8 minutes on an H200), in this order, which is also the order of
+# priority: build in place (the CUDA extension too), run the GPU tests of every GPU backend,
+# profile the Triton joint-count and boundary kernels against the roofline, run the GPU benchmark
+# (the targets, the authors' setting and the U-Net training step), time the host overhead, time a
+# sweep of the Triton launch settings, take an ncu profile of the kernels, and run
+# compute-sanitizer on the CUDA kernels.
 #
 #   bash scripts/gpu_check.sh [OUTDIR]          # from the repository root, on the GPU machine
 #
 # Every step has its own time limit and log under OUTDIR; a failing step does not stop the
-# others (its exit status is recorded in OUTDIR/steps.tsv: 124 = hit its time limit). Adjust
-# with the environment: BENCH_ARGS (the benchmark's arguments), STEP_SKIP (names of steps to
-# skip, e.g. "ncu sweep"), the *_LIMIT variables below (seconds), GPU_CHECK_TAR (a .tgz to pack
-# OUTDIR into). With the device tool:
-#   GPU_CHECK_TAR=$OUT/gpu_check.tgz bash scripts/gpu_check.sh /tmp/gpu_check
+# others (its exit status is recorded in OUTDIR/steps.tsv: 124 = hit its time limit). The whole
+# script keeps to TOTAL_LIMIT seconds: a step gets at most what is left of it (less a reserve
+# for packing the results), and steps that would start with under 20 s left are recorded as
+# "no-time" and skipped, so an outer time limit never cuts the run before its results are packed.
+# Adjust with the environment: BENCH_ARGS (the benchmark's arguments), STEP_SKIP (names of steps
+# to skip, e.g. "ncu sweep"), the *_LIMIT variables below (seconds), GPU_CHECK_TAR (a .tgz to
+# pack OUTDIR into, for a remote machine that returns single files):
+#   GPU_CHECK_TAR=/somewhere/gpu_check.tgz TOTAL_LIMIT=500 bash scripts/gpu_check.sh /tmp/gpu_check
 set -uo pipefail
 OUT="${1:-gpu_results}"
 mkdir -p "$OUT"
@@ -23,10 +27,12 @@ PYTHON="${PYTHON:-python3}"
 BUILD_LIMIT="${BUILD_LIMIT:-120}"
 TEST_LIMIT="${TEST_LIMIT:-150}"
 PROFILE_LIMIT="${PROFILE_LIMIT:-60}"
-BENCH_LIMIT="${BENCH_LIMIT:-90}"
 SWEEP_LIMIT="${SWEEP_LIMIT:-40}"
 NCU_LIMIT="${NCU_LIMIT:-40}"
-BENCH_ARGS="${BENCH_ARGS:---suite quick --group target authors}"
+BENCH_LIMIT="${BENCH_LIMIT:-120}"
+BENCH_ARGS="${BENCH_ARGS:---suite quick --group target authors training}"
+TOTAL_LIMIT="${TOTAL_LIMIT:-500}"
+RESERVE=20  # seconds kept for a killed step (--kill-after), the summary and the packing
 STEP_SKIP="${STEP_SKIP:-}"
 
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -43,8 +49,15 @@ step() {
   local name="$1" limit="$2"
   shift 2
   case " $STEP_SKIP " in *" $name "*) printf '%s\tskipped\t0\n' "$name" >> "$STEPS"; return 0;; esac
-  local t0 rc
+  local t0 rc left
   t0=$(date +%s)
+  left=$(( TOTAL_LIMIT - RESERVE - (t0 - T_START) ))
+  if [ "$left" -lt 20 ]; then
+    printf '%s\tno-time\t0\n' "$name" >> "$STEPS"
+    echo "[$name] skipped: $left s left of TOTAL_LIMIT=$TOTAL_LIMIT"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STEPS"
@@ -82,8 +95,8 @@ step host "${HOST_LIMIT:-30}" "$PYTHON" -m benchmarks.host_overhead --device cud
 # launch settings: the data to choose the GPU defaults from
 step sweep "$SWEEP_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUT/profile" --sweep
 
-# hardware counters of each kernel at B=16 K=10 256x256 r=1 and r=3 (ncu reads them on the
-# Firecracker machines; it leaves the clocks alone)
+# hardware counters of each kernel at B=16 K=10 256x256 r=1 and r=3 (--clock-control none: the
+# clocks as the benchmark saw them; on virtual machines where ncu cannot lock them, it still reads)
 if command -v ncu > /dev/null; then
   step ncu "$NCU_LIMIT" ncu --clock-control none --target-processes all \
     --kernel-name "regex:joint|ncc|uncertainty|boundary|sum_partials|finish" --launch-count 14 \
@@ -105,7 +118,7 @@ fi
 echo "total $(( $(date +%s) - T_START )) s; steps:"
 column -t "$STEPS" 2>/dev/null || cat "$STEPS"
 [ -f "$OUT/profile/profile.md" ] && cat "$OUT/profile/profile.md"
-# the device tool brings back at most 8 files: pack everything into one
+# one file to carry back from a remote machine
 if [ -n "${GPU_CHECK_TAR:-}" ]; then
   tar czf "$GPU_CHECK_TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed into $GPU_CHECK_TAR"
 fi

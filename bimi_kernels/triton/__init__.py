@@ -19,7 +19,7 @@ from .tiles import next_power_of_2
 # Decided once, at import, the same way triton.jit decides it for the kernels defined below us.
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
-# Bound on the joint-counts forward's per-program partial sums (docs/contract.md §3: little
+# Bound on the joint-counts forward's per-program partial sums (docs/contract.md §1: little
 # extra memory).
 PARTIAL_BYTES_BUDGET = 16 << 20
 

@@ -22,13 +22,17 @@ of p2 (offsets d) and of p1 (offsets -d) and accumulate
     dL/dp1[s, i] += rows_p2(s)^T @ G1[rows, i],   G1[(o, j), i] = G_o[i, j]
     dL/dp2[t, j] += rows_p1(t)^T @ G2[rows, j],   G2[(o, i), j] = G_o[i, j]
 in registers ((TILE, K_PAD) each), then write each gradient element once. The partner rows come
-from the tile's neighbourhood, so each map is read from memory about once plus its halo.
+from the tile's neighbourhood, so each map is read from memory about once plus its halo. Where
+two (TILE, K_PAD) accumulators do not fit in registers (K_PAD >= 32, and float64 at any K: the
+`split_backward` column of the launch tables), the same kernel runs twice, one gradient each, and
+each pass reads both maps again.
 
 Products: tl.dot everywhere. float32 maps use 3xTF32 on the GPU (error about float32's; plain
 TF32 truncates and is not), or FMAs where few partner rows make the product memory-bound
-(`product_precision`: offset 0 alone, for one); float16/bfloat16 maps use their native
-tensor-core product with float32 accumulation in the forward (the products of two
-half-precision numbers are exact in float32), and are widened to float32 (exact) against dL/dJ
+(`product_precision`: offset 0 alone, for one); float16/bfloat16 maps without a mask use their
+native tensor-core product with float32 accumulation in the forward (the products of two
+half-precision numbers are exact in float32; with a mask they are widened first, `native_dot`),
+and are widened to float32 (exact) against dL/dJ
 in the backward; float64 uses the float64 tensor-core product (DMMA). The interpreter computes
 every dot exactly in the accumulation dtype.
 
