@@ -90,7 +90,9 @@ def normalize_mask(mask, p) -> Optional[torch.Tensor]:
     if mask.is_complex():
         raise TypeError(f"mask: expected a bool, integer or float dtype, got {mask.dtype}")
     batch, spatial = p.shape[0], tuple(p.shape[2:])
-    if tuple(mask.shape) not in ((batch, 1) + spatial, (batch,) + spatial):
+    shape = tuple(mask.shape)
+    # two == tests, not `in`: torch.compile evaluates `in` wrongly on symbolic sizes
+    if not (shape == (batch, 1) + spatial or shape == (batch,) + spatial):
         raise ValueError(
             f"mask: expected shape {(batch, 1) + spatial} or {(batch,) + spatial}, got {tuple(mask.shape)}"
         )
@@ -204,6 +206,41 @@ def validation_mode(validate: Optional[bool]) -> str:
 SAMPLED_PIXELS = 64
 
 
+def graph_traced() -> bool:
+    """Whether torch.compile, make_fx or a FakeTensorMode is tracing this call: then a Python branch
+    on a tensor's value would break the graph or read a placeholder. (Other dispatch modes, a
+    FlopCounterMode say, run on real values and keep the eager checks.)"""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        keys = torch._C._TorchDispatchModeKey
+        return any(torch._C._get_dispatch_mode(key) is not None for key in (keys.PROXY, keys.FAKE))
+    except AttributeError:  # pragma: no cover - private API gone in some later torch
+        return torch._C._len_torch_dispatch_stack() > 0
+
+
+def _assert_values_in_graph(maps: dict, others: dict, mask) -> None:
+    """`validate_values` inside a traced graph: each check a `torch._assert_async` that the graph
+    keeps (a RuntimeError with this message when it fails on CPU tensors; on a GPU a device-side
+    assert, as torch's own kernels raise)."""
+    for name, p in maps.items():
+        values = p.detach()
+        torch._assert_async(torch.isfinite(values).all(), f"{name}: contains non-finite value(s) (nan or inf)")
+        torch._assert_async((values >= 0).all(), f"{name}: contains negative probability value(s); "
+                            "expected probabilities (a softmax over dim 1), not logits")
+        sums = values.sum(dim=1, dtype=torch.float64)
+        torch._assert_async((((sums - 1).abs() <= _sum_tolerance(p.dtype)) | (sums == 0)).all(),
+                            f"{name}: holds vectors that do not sum to 1 over the K clusters; expected "
+                            "probabilities (a softmax over dim 1), not logits or scores")
+    for name, t in others.items():
+        if t is not None and t.is_floating_point():
+            torch._assert_async(torch.isfinite(t.detach()).all(), f"{name}: contains non-finite value(s) (nan or inf)")
+    if mask is not None and mask.dtype != torch.bool:
+        values = mask.detach()
+        torch._assert_async(((values >= 0) & (values <= 1)).all(),
+                            "mask: contains value(s) outside [0, 1]; expected weights in [0, 1] (1: valid)")
+
+
 def _sum_tolerance(dtype: torch.dtype) -> float:
     """How far a probability vector's sum may be from 1: softmax in `dtype`, summed exactly, is
     off by about one rounding of the largest entry; 1e-2 leaves room for any sane K."""
@@ -244,9 +281,11 @@ def _sample_index(shape, calls: int = 1) -> torch.Tensor:
     count = batch * pixels
     wanted = SAMPLED_PIXELS * calls
     picks = sorted({(i * (count - 1)) // max(1, wanted - 1) for i in range(min(count, wanted))})
-    picks = torch.tensor(picks, dtype=torch.long)
+    # on the CPU whatever the default device (torch.set_default_device): the maps checked are CPU maps
+    picks = torch.tensor(picks, dtype=torch.long, device="cpu")
     sample, pixel = picks // pixels, picks % pixels
-    return (sample * channels)[:, None] * pixels + torch.arange(channels)[None, :] * pixels + pixel[:, None]
+    channel = torch.arange(channels, device="cpu")
+    return (sample * channels)[:, None] * pixels + channel[None, :] * pixels + pixel[:, None]
 
 
 def values_and_calls(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
@@ -281,7 +320,7 @@ def check_probabilities_sampled(maps: dict) -> None:
     each map must hold probability vectors. Skipped for other devices (it would need a sync)
     and while torch.compile traces (a data-dependent branch would break the graph). The good
     case costs a few small ops for all maps together; the message is worked out only on failure."""
-    if torch.compiler.is_compiling():
+    if graph_traced():
         return
     unwrapped = {name: values_and_calls(p) for name, p in maps.items()}
     # values a CPU tensor gives without a sync (fake and meta tensors have none)
@@ -308,7 +347,11 @@ def check_probabilities_sampled(maps: dict) -> None:
 def validate_values(maps: dict, others: Optional[dict] = None, mask=None) -> None:
     """Every value (a device sync on a GPU), naming the argument and what was found: the cluster
     maps `maps` (name -> tensor) must hold probability vectors (finite, >= 0, summing to 1 or
-    to 0), the tensors in `others` must be finite, the mask weights must lie in [0, 1]."""
+    to 0), the tensors in `others` must be finite, the mask weights must lie in [0, 1]. While a
+    graph is traced, the same checks become asserts in the graph (`_assert_values_in_graph`)."""
+    if graph_traced():
+        _assert_values_in_graph(maps, others or {}, mask)
+        return
     maps = {name: p for name, p in ((name, values_of(p)) for name, p in maps.items()) if _has_values(p)}
     others = {name: t for name, t in ((name, values_of(t)) for name, t in (others or {}).items()) if _has_values(t)}
     mask = values_of(mask)

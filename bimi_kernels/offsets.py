@@ -69,8 +69,8 @@ def flat_offsets_for(spec: OffsetSpec, dilation: int, spatial: Tuple[int, ...]) 
     """The checked, flat offset list of a canonical spec (see `canonical_offset_spec`) for maps of
     spatial size `spatial`: made and checked once per (spec, dilation, size), since a training
     loop asks for the same one every step. (torch.compile traces the plain function: it runs
-    once per compiled graph anyway.)"""
-    if torch.compiler.is_compiling():
+    once per compiled graph anyway; so do symbolic sizes, which cannot key a cache.)"""
+    if torch.compiler.is_compiling() or not all(type(s) is int for s in spatial):
         return _flat_offsets(spec, dilation, spatial)
     return _cached_flat_offsets(spec, dilation, spatial)
 

@@ -90,7 +90,7 @@ class AffineParams:
 
 
 def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64, device="cpu")
 
 
 def affine_theta(
@@ -116,13 +116,13 @@ def affine_theta(
     # sampling at R(-r) p / s; the mirror, applied to the content first, is applied last here.
     cos, sin = torch.cos(rotation), torch.sin(rotation)
     inverse_rotation = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
-    mirror = torch.ones(batch, 2, dtype=torch.float64)
+    mirror = torch.ones(batch, 2, dtype=torch.float64, device="cpu")
     mirror[:, 0] = torch.where(flip, -1.0, 1.0)
     if flip_vertical is not None:
         mirror[:, 1] = torch.where(flip_vertical.cpu().bool(), -1.0, 1.0)
     a_pixels = mirror[:, :, None] * inverse_rotation / scale[:, None, None]
     # Normalised coordinates are pixels / (W/2, H/2): A_norm = D^-1 A_pix D with D = diag(W, H).
-    half = torch.tensor([width / 2, height / 2], dtype=torch.float64)
+    half = torch.tensor([width / 2, height / 2], dtype=torch.float64, device="cpu")
     a_normalised = a_pixels * half[None, None, :] / half[None, :, None]
     # A content shift of +t (fraction of the size; the normalised span is 2) samples at -2t.
     shift = -2 * torch.einsum("bij,bj->bi", a_normalised, translation)
@@ -177,12 +177,12 @@ def random_affine_params(
     translation = torch.stack(
         [_uniform(batch, -max_translation, max_translation, generator) for _ in range(2)], dim=1
     )
-    flip = torch.rand(batch, generator=generator, dtype=torch.float64) < flip_prob
+    flip = torch.rand(batch, generator=generator, dtype=torch.float64, device="cpu") < flip_prob
     flip_vertical = None
     if vertical_flip_prob > 0 or mirror_prob > 0:
-        flip_vertical = torch.rand(batch, generator=generator, dtype=torch.float64) < vertical_flip_prob
-        mirrored = torch.rand(batch, generator=generator, dtype=torch.float64) < mirror_prob
-        on_vertical = torch.rand(batch, generator=generator, dtype=torch.float64) < 0.5
+        flip_vertical = torch.rand(batch, generator=generator, dtype=torch.float64, device="cpu") < vertical_flip_prob
+        mirrored = torch.rand(batch, generator=generator, dtype=torch.float64, device="cpu") < mirror_prob
+        on_vertical = torch.rand(batch, generator=generator, dtype=torch.float64, device="cpu") < 0.5
         flip = flip ^ (mirrored & ~on_vertical)
         flip_vertical = flip_vertical ^ (mirrored & on_vertical)
 
@@ -247,7 +247,7 @@ def intensity_jitter(
     b = _uniform(batch, -brightness, brightness, generator)
     flat = image.detach().flatten(1)
     spread = (flat.max(dim=1).values - flat.min(dim=1).values).to(torch.float64).cpu()
-    noise = torch.randn(image.shape, generator=generator, dtype=torch.float64) * noise_std
+    noise = torch.randn(image.shape, generator=generator, dtype=torch.float64, device="cpu") * noise_std
     as_image = dict(device=image.device, dtype=image.dtype)
     return (
         image * c.reshape(shape).to(**as_image)

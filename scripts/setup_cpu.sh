@@ -76,10 +76,13 @@ def native_ok():
 
 
 def editable_ok():
-    """An editable install of this folder, at the version in bimi_kernels/_version.py."""
-    try:
-        installed = metadata.distribution("bimi_kernels")
-    except metadata.PackageNotFoundError:
+    """An editable install of this folder, at the version in bimi_kernels/_version.py. Looked up
+    in .venv's site-packages only: a bimi_kernels.egg-info that `pip install .`, `pip wheel` or
+    `python -m build` left in this folder (the current directory is on sys.path here) is not
+    an install."""
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = next(iter(metadata.distributions(name="bimi_kernels", path=site)), None)
+    if installed is None:
         return False
     direct_url = json.loads(installed.read_text("direct_url.json") or "{}")
     with open(os.path.join("bimi_kernels", "_version.py")) as source:
@@ -110,7 +113,7 @@ else
   if compgen -G "build/temp.*/build.ninja" > /dev/null; then
     say "compiling the C++ extension with $MAX_JOBS job(s): only the files that changed"
   else
-    say "compiling the C++ extension with $MAX_JOBS job(s): every file (a few minutes on 2 cores)"
+    say "compiling the C++ extension with $MAX_JOBS job(s): every file (one to two minutes on 2 cores)"
   fi
   # ninja prints one long compiler command per finished file: show the file instead; pass
   # everything else (warnings, errors) through unchanged.

@@ -345,6 +345,21 @@ def test_sampled_check_is_not_traced_by_compile(good, monkeypatch):
     compiled(p1, p2, image)  # no graph break from the data-dependent check
 
 
+def test_sampled_check_under_a_default_device(good, monkeypatch):
+    """The sampled check's index lives on the CPU whatever the default device: with a meta default
+    device it read garbage and refused good maps (and the bad index stayed cached)."""
+    monkeypatch.delenv("BIMI_VALIDATE", raising=False)
+    p1, p2, image = good
+    p1, p2 = p1[:, :, :5], p2[:, :, :5]  # a shape no other test uses: a fresh cache entry
+    image = image[:, :, :5]
+    expected = loss(p1, p2, image, validate=False)
+    with torch.device("meta"):
+        torch.testing.assert_close(loss(p1, p2, image), expected)
+        with pytest.raises(ValueError, match=r"p1: .*negative"):
+            loss(p1 - 1, p2, image)
+    torch.testing.assert_close(loss(p1, p2, image), expected)
+
+
 def test_value_checks_only_when_asked(good, monkeypatch):
     p1, p2, image = good
     bad = p1.clone()

@@ -190,6 +190,16 @@ def test_authors_setting_is_seeded_and_has_its_ranges():
         TwoViewTransform.named("strong")
 
 
+def test_views_under_a_default_device():
+    """The parameters are drawn on the CPU (from a CPU generator) whatever the default device."""
+    images = torch.rand(2, 1, 8, 8)
+    expected = TwoViewTransform()(images, generator=torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        got = TwoViewTransform()(images, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got.transformed, expected.transformed, rtol=0, atol=0)
+    torch.testing.assert_close(got.params.theta, expected.params.theta, rtol=0, atol=0)
+
+
 def test_mild_setting_is_the_default():
     images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     a = TwoViewTransform()(images, generator=torch.Generator().manual_seed(3))
