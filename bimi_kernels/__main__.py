@@ -62,9 +62,13 @@ def benchmarks_checkout() -> Optional[Path]:
 def bench(argv) -> int:
     checkout = benchmarks_checkout()
     if checkout is None:
-        print("bimi bench: the benchmarks are not part of the installed package; they live in the "
-              "source checkout's benchmarks/ folder. From the repository root run "
-              "`python -m benchmarks.run --help`.", file=sys.stderr)
+        message = ("bimi bench: the benchmarks are not part of the installed package; they live in the "
+                   "source checkout's benchmarks/ folder. From the repository root run "
+                   "`python -m benchmarks.run --help`.")
+        if any(arg in ("-h", "--help") for arg in argv):  # asked for help: this is the help
+            print(message)
+            return 0
+        print(message, file=sys.stderr)
         return 2
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))

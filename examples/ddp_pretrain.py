@@ -118,12 +118,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world-size", type=int, default=2, help="number of CPU processes (ranks)")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--world-size", type=positive_int, default=2, help="number of CPU processes (ranks)")
+    parser.add_argument("--steps", type=positive_int, default=40)
     parser.add_argument("--backend", default="auto", help="kernel backend: auto, reference, cpp, ...")
     args = parser.parse_args()
+    # a backend the CPU ranks cannot use is a usage error here, not a traceback from every rank
+    reasons = bimi_kernels.available_backends("cpu")
+    if args.backend != "auto" and args.backend not in reasons:
+        parser.error(f"argument --backend: expected auto or one of {sorted(reasons)}, got {args.backend!r}")
+    if args.backend != "auto" and reasons[args.backend] is not None:
+        parser.error(f"argument --backend: {args.backend!r} cannot run on the CPU: {reasons[args.backend]}")
     mp.spawn(train, args=(args.world_size, free_port(), args.steps, args.backend), nprocs=args.world_size)
 
 

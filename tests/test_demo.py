@@ -250,6 +250,7 @@ BAD_ARGUMENTS = [
     (["--task", "organs"], "--task"),
     (["--views", "strong"], "--views"),
     (["--resume", "--overwrite"], "--overwrite"),
+    (["--resolution", "1024"], "--resolution"),
 ]
 
 
@@ -269,6 +270,20 @@ def test_bad_argument_is_a_usage_error(argv, named, tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint-dir"])
+def test_an_output_folder_that_cannot_be_made_is_a_usage_error(flag, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for folder, why in ((a_file, "is not a folder"), (a_file / "below", "is not a folder")):
+        argv = [flag, str(folder)] if flag == "--out" else [flag, str(folder), "--out", str(tmp_path / "out")]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}" in err and why in err
+    assert a_file.read_text() == "not a folder" and not (tmp_path / "out").exists()
+
+
 def test_cuda_device_on_a_cpu_only_torch_is_a_usage_error(tmp_path, capsys):
     err = _usage_error(["--device", "cuda"], tmp_path, capsys)
     assert "--device" in err and "use --device cpu" in err
@@ -357,7 +372,7 @@ def test_command_line_has_no_trailing_space():
 
 
 @needs_extras
-def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path):
+def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path, capsys):
     out = tmp_path / "demo"
     threads_before = torch.get_num_threads()
     assert cli.main(TINY + ["--out", str(out)]) == 0
@@ -384,3 +399,14 @@ def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again["pretrain"]["bimi"]["resumed_from_epoch"] == 1
     assert again["pretrain"]["bimi"]["epoch_loss"] == summary["pretrain"]["bimi"]["epoch_loss"]
+    # --resume with other settings: a usage error before any work, the run left as it was
+    before = (out / "results.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(TINY + ["--out", str(out), "--resume", "--epochs", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --resume" in err and "pretrain_bimi.pt was made with" in err
+    assert (out / "results.json").read_text() == before
+    # one seed: no "± 0.000" spread, and the criterion says why it is not evaluated
+    markdown = (out / "results.md").read_text()
+    assert "± 0.000" not in markdown and "one seed" in markdown and "1 epoch of" in markdown

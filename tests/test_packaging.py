@@ -47,13 +47,14 @@ def _run_setup(source, *args, block_torch=False):
 
 
 def test_sdist_carries_every_file_the_build_needs(source_copy, tmp_path):
-    # csrc/cpu/*.cpp include ../common/*.h; the CUDA sources are compiled where a toolkit exists
+    # csrc/cpu/*.cpp include ../common/*.h; the CUDA sources are compiled where a toolkit exists;
+    # docs/ and examples/ are what the README links to
     done = _run_setup(source_copy, "-q", "sdist", "-d", str(tmp_path), block_torch=True)
     assert done.returncode == 0, done.stderr
     (sdist,) = tmp_path.glob("bimi_kernels-*.tar.gz")
     with tarfile.open(sdist) as archive:
         members = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    needed = set(_tracked_files("csrc", "bimi_kernels")) | {
+    needed = set(_tracked_files("csrc", "bimi_kernels", "docs", "examples")) | {
         "setup.py", "pyproject.toml", "MANIFEST.in", "LICENSE", "README.md", "requirements-cpu.txt"}
     assert any(name.endswith(".h") for name in needed) and any(name.endswith(".cu") for name in needed)
     assert sorted(needed - members) == []
@@ -133,6 +134,8 @@ def test_bench_without_a_checkout_says_where_the_benchmarks_are(monkeypatch, cap
     monkeypatch.setattr("bimi_kernels.__main__.benchmarks_checkout", lambda: None)
     assert cli_main(["bench"]) == 2
     assert "python -m benchmarks.run" in capsys.readouterr().err
+    assert cli_main(["bench", "--help"]) == 0  # asking for help is not an error
+    assert "python -m benchmarks.run" in capsys.readouterr().out
 
 
 def test_pytest_ignores_only_third_party_warnings():

@@ -103,6 +103,19 @@ def checkpoint_path(checkpoint_dir: Path, setting: str) -> Path:
     return Path(checkpoint_dir) / f"pretrain_{setting}.pt"
 
 
+def resume_mismatch(path: Path, model_config: ModelConfig, config: PretrainConfig,
+                    batches_per_epoch: int, state: Optional[dict] = None) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be continued with these settings, or None."""
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    made_with = (state["model_config"], state["pretrain_config"], state["batches_per_epoch"])
+    asked_for = (asdict(model_config), asdict(config), batches_per_epoch)
+    if made_with == asked_for:
+        return None
+    return (f"checkpoint {path} was made with (model, pre-training, batches per epoch) {made_with}, "
+            f"not {asked_for}; use the same settings, another --checkpoint-dir, or --overwrite")
+
+
 def pretrain(
     setting: str,
     images: torch.Tensor,
@@ -144,13 +157,9 @@ def pretrain(
     path = checkpoint_path(checkpoint_dir, setting)
     if resume and path.is_file():
         state = torch.load(path, map_location=device, weights_only=False)
-        made_with = (state["model_config"], state["pretrain_config"], state["batches_per_epoch"])
-        asked_for = (asdict(model_config), asdict(config), batches_per_epoch)
-        if made_with != asked_for:
-            raise ValueError(
-                f"--resume: checkpoint {path} was made with (model, pre-training, batches per epoch) {made_with}, "
-                f"not {asked_for}; use another --checkpoint-dir or --overwrite"
-            )
+        problem = resume_mismatch(path, model_config, config, batches_per_epoch, state)
+        if problem:
+            raise ValueError(f"--resume: {problem}")
         unet.load_state_dict(state["unet"])
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
