@@ -365,8 +365,9 @@ def _write(rows, out_dir, partial=False):
     report.add_derived(rows)
     write_csv(rows, out / "results.csv")
     if not partial:
-        report.write_markdown(rows, out / "summary.md")
-        report.write_plots(rows, out / "plots")
+        # the tables from the CSV as written (6 significant digits), so that
+        # `python -m benchmarks.report DIR` re-renders them to the last digit
+        report.render(out)
 
 
 def default_out(device_type: str, suite: str) -> Path:
