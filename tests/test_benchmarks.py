@@ -419,3 +419,13 @@ def test_host_overhead_writes_a_table(tmp_path):
     table = (tmp_path / "host_overhead.md").read_text()
     assert "| cpp | 1 |" in table and "torch" in table
     assert (tmp_path / "host_overhead.csv").read_text().startswith("backend,offsets,eager_us")
+
+
+def test_kernels_alone_writes_a_table(tmp_path):
+    from benchmarks import kernels_alone
+
+    out = tmp_path / "kernels_alone.md"
+    assert kernels_alone.main(["--rounds", "1", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| joint counts r=1, backward (op) |" in table and "| torch.mm 1024^3" in table
+    assert kernels_alone.radius_offsets(1)[:4] == [-1, -1, -1, 0]
