@@ -1,16 +1,20 @@
 """The scripts in examples/ run as their docstrings say (and refuse bad arguments as usage errors)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 def _run(*args, timeout=180):
+    # the package as the tests see it (pytest puts the tree on sys.path; a script gets its own folder)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, str(EXAMPLES / "ddp_pretrain.py"), *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_ddp_example_keeps_the_replicas_identical():
