@@ -318,7 +318,7 @@ def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def check_probabilities_sampled(maps: dict) -> None:
     """The default value check (docs/contract.md §9): on CPU tensors, a fixed sample of pixels of
     each map must hold probability vectors. Skipped for other devices (it would need a sync)
-    and while torch.compile traces (a data-dependent branch would break the graph). The good
+    and while torch.compile or make_fx traces (a data-dependent branch would break the graph). The good
     case costs a few small ops for all maps together; the message is worked out only on failure."""
     if graph_traced():
         return
