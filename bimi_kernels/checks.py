@@ -219,55 +219,65 @@ def graph_traced() -> bool:
         return torch._C._len_torch_dispatch_stack() > 0
 
 
-def _assert_values_in_graph(maps: dict, others: dict, mask) -> None:
-    """`validate_values` inside a traced graph: each check a `torch._assert_async` that the graph
-    keeps (a RuntimeError with this message when it fails on CPU tensors; on a GPU a device-side
-    assert, as torch's own kernels raise)."""
-    for name, p in maps.items():
-        values = p.detach()
-        torch._assert_async(torch.isfinite(values).all(), f"{name}: contains non-finite value(s) (nan or inf)")
-        torch._assert_async((values >= 0).all(), f"{name}: contains negative probability value(s); "
-                            "expected probabilities (a softmax over dim 1), not logits")
-        sums = values.sum(dim=1, dtype=torch.float64)
-        torch._assert_async((((sums - 1).abs() <= _sum_tolerance(p.dtype)) | (sums == 0)).all(),
-                            f"{name}: holds vectors that do not sum to 1 over the K clusters; expected "
-                            "probabilities (a softmax over dim 1), not logits or scores")
-    for name, t in others.items():
-        if t is not None and t.is_floating_point():
-            torch._assert_async(torch.isfinite(t.detach()).all(), f"{name}: contains non-finite value(s) (nan or inf)")
-    if mask is not None and mask.dtype != torch.bool:
-        values = mask.detach()
-        torch._assert_async(((values >= 0) & (values <= 1)).all(),
-                            "mask: contains value(s) outside [0, 1]; expected weights in [0, 1] (1: valid)")
-
-
 def _sum_tolerance(dtype: torch.dtype) -> float:
     """How far a probability vector's sum may be from 1: softmax in `dtype`, summed exactly, is
     off by about one rounding of the largest entry; 1e-2 leaves room for any sane K."""
     return 1e-2 + 4 * torch.finfo(dtype).eps
 
 
-def _not_probabilities(name: str, values: torch.Tensor, what: str) -> Optional[str]:
-    """Why `values` (n, K), read from map `name`, are not probability vectors, or None."""
+# What makes values wrong, defined once for the eager checks (which count the faults and name
+# them) and the traced ones (which assert there are none).
+def _probability_faults(values: torch.Tensor, dim: int):
+    """(non-finite entries, negative entries, vectors along `dim` whose sum is neither 1 nor 0)
+    of `values` as boolean tensors, and the vectors' sums (float64)."""
     tolerance = _sum_tolerance(values.dtype)
     values = values.detach().double()
-    bad = (~torch.isfinite(values)).sum().item()
+    sums = values.sum(dim=dim)
+    return ~torch.isfinite(values), values < 0, ((sums - 1).abs() > tolerance) & (sums != 0), sums
+
+
+def _mask_faults(mask: torch.Tensor) -> torch.Tensor:
+    """The mask weights outside [0, 1] (nan included)."""
+    values = mask.detach().double()
+    return (values < 0) | (values > 1) | ~torch.isfinite(values)
+
+
+_NOT_LOGITS = "expected probabilities (a softmax over dim 1), not logits"
+_MASK_RANGE = "expected weights in [0, 1] (1: valid)"
+
+
+def _assert_values_in_graph(maps: dict, others: dict, mask) -> None:
+    """`validate_values` inside a traced graph: each check a `torch._assert_async` that the graph
+    keeps (a RuntimeError with this message when it fails on CPU tensors; on a GPU a device-side
+    assert, as torch's own kernels raise)."""
+    for name, p in maps.items():
+        non_finite, negative, off, _ = _probability_faults(p, dim=1)
+        torch._assert_async(~non_finite.any(), f"{name}: contains non-finite value(s) (nan or inf)")
+        torch._assert_async(~negative.any(), f"{name}: contains negative probability value(s); {_NOT_LOGITS}")
+        torch._assert_async(~off.any(), f"{name}: holds vectors that do not sum to 1 over the K clusters; "
+                            f"{_NOT_LOGITS} or scores")
+    for name, t in others.items():
+        if t is not None and t.is_floating_point():
+            torch._assert_async(torch.isfinite(t.detach()).all(), f"{name}: contains non-finite value(s) (nan or inf)")
+    if mask is not None and mask.dtype != torch.bool:
+        torch._assert_async(~_mask_faults(mask).any(), f"mask: contains value(s) outside [0, 1]; {_MASK_RANGE}")
+
+
+def _not_probabilities(name: str, values: torch.Tensor, what: str) -> Optional[str]:
+    """Why `values` (n, K), read from map `name`, are not probability vectors, or None."""
+    non_finite, negative, off, sums = _probability_faults(values, dim=-1)
+    bad = non_finite.sum().item()
     if bad:
         return f"{name}: contains {bad} non-finite value(s) (nan or inf){what}"
-    negative = (values < 0).sum().item()
-    if negative:
-        return (
-            f"{name}: contains {negative} negative probability value(s){what} (min {values.min().item():.3g}); "
-            f"expected probabilities (a softmax over dim 1), not logits"
-        )
-    sums = values.sum(dim=-1)
-    off = ((sums - 1).abs() > tolerance) & (sums != 0)
+    count = negative.sum().item()
+    if count:
+        lowest = values.detach().min().item()
+        return f"{name}: contains {count} negative probability value(s){what} (min {lowest:.3g}); {_NOT_LOGITS}"
     count = off.sum().item()
     if count:
-        worst = sums[off][0].item()
         return (
             f"{name}: {count} pixel(s){what} hold vectors that do not sum to 1 over the K clusters "
-            f"(e.g. {worst:.4g}); expected probabilities (a softmax over dim 1), not logits or scores"
+            f"(e.g. {sums[off][0].item():.4g}); {_NOT_LOGITS} or scores"
         )
     return None
 
@@ -318,8 +328,9 @@ def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def check_probabilities_sampled(maps: dict) -> None:
     """The default value check (docs/contract.md §9): on CPU tensors, a fixed sample of pixels of
     each map must hold probability vectors. Skipped for other devices (it would need a sync)
-    and while torch.compile or make_fx traces (a data-dependent branch would break the graph). The good
-    case costs a few small ops for all maps together; the message is worked out only on failure."""
+    and while torch.compile or make_fx traces (a data-dependent branch would break the graph).
+    The good case costs a few small ops for all maps together; the message is worked out only on
+    failure."""
     if graph_traced():
         return
     unwrapped = {name: values_and_calls(p) for name, p in maps.items()}
@@ -367,7 +378,6 @@ def validate_values(maps: dict, others: Optional[dict] = None, mask=None) -> Non
         if bad:
             raise ValueError(f"{name}: contains {bad} non-finite value(s) (nan or inf)")
     if mask is not None and not mask.dtype == torch.bool:
-        values = mask.detach()
-        outside = int(((values < 0) | (values > 1) | ~torch.isfinite(values.double())).sum())
+        outside = int(_mask_faults(mask).sum())
         if outside:
-            raise ValueError(f"mask: contains {outside} value(s) outside [0, 1]; expected weights in [0, 1] (1: valid)")
+            raise ValueError(f"mask: contains {outside} value(s) outside [0, 1]; {_MASK_RANGE}")

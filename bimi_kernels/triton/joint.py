@@ -32,9 +32,8 @@ TF32 truncates and is not), or FMAs where few partner rows make the product memo
 (`product_precision`: offset 0 alone, for one); float16/bfloat16 maps without a mask use their
 native tensor-core product with float32 accumulation in the forward (the products of two
 half-precision numbers are exact in float32; with a mask they are widened first, `native_dot`),
-and are widened to float32 (exact) against dL/dJ
-in the backward; float64 uses the float64 tensor-core product (DMMA). The interpreter computes
-every dot exactly in the accumulation dtype.
+and are widened to float32 (exact) against dL/dJ in the backward; float64 uses the float64
+tensor-core product (DMMA). The interpreter computes every dot exactly in the accumulation dtype.
 
 Roofline, H200 (4.3 TB/s copy, 67 TFLOP/s FP32 FMA, ~495 TFLOP/s dense TF32, so ~165 with
 3xTF32), float32 maps, forward + backward. Bytes: read p1, p2 (forward), read both and write both
