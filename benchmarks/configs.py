@@ -113,8 +113,9 @@ JOINT = ("joint_counts",)
 JOINT_BOUNDARY = ("joint_counts", "boundary")
 # The loss's share of a U-Net training step: the 3-head loss alone and the whole step, each
 # provider through the same seeded model (benchmarks/workloads.py, `train_step`). No
-# `iic-conv2d` at offset 0: its whole-image filter took 7 s per call on an H200 at B=16 (cuDNN),
-# and the authors' own zero-offset form is `gemm`; it is timed on the target configs.
+# `iic-conv2d` at offset 0: there its filter is the whole image, a convolution orders of
+# magnitude slower than every other provider even on a GPU, and the authors' own zero-offset form
+# is `gemm`; it is timed on the target configs.
 TRAINING_OPS = ("bimi", "train_step")
 TRAINING_PROVIDERS = ("reference", "reference-autograd", "cpp", "triton", "cuda", "unfold", "gemm",
                       "unet-only")

@@ -11,8 +11,8 @@ The providers of one (config, op, mode) are timed interleaved, one call of each 
 the end: a provider leaves the rounds when its own repeats are enough (`min_repeats` calls and
 `min_seconds` of measured time, or `max_seconds` after 3 calls, or `max_repeats`), and the rounds
 stop as soon as fewer than two providers are left. So every timed call comes right after another
-provider's call; none is timed back to back with itself on a warm cache (12-25 % faster on CPU
-than a call right after another provider's) while the others have stopped. The median and the
+provider's call; none is timed back to back with itself on a warm cache (on a CPU measurably
+faster than a call right after another provider's) while the others have stopped. The median and the
 20th / 80th percentiles are reported, and the 1-minute load average before and after the rounds,
 so that each ratio can be read with the load it was made in.
 

@@ -80,7 +80,11 @@ def native_build() -> str:
     for path in sorted(glob.glob(os.path.join(folder, "_C*.so"))):
         built = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
         builds.append(f"{os.path.basename(path).split('.')[0]} built {built.isoformat(timespec='seconds')}")
-    return "; ".join(builds) or "no compiled extension"
+    if not builds:
+        return "no compiled extension"
+    from bimi_kernels.native import cpu_isa
+
+    return "; ".join(builds) + f"; C++ CPU loops: {cpu_isa() or 'not loaded'} build"
 
 
 def tf32_flags(device_type: str) -> str:

@@ -30,6 +30,10 @@ def info() -> int:
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"triton       {triton_version}")
     print(f"threads      {torch.get_num_threads()}")
+    from .native import cpu_isa
+
+    isa = cpu_isa()
+    print(f"cpu loops    {f'{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic: the baseline)' if isa else 'not built'}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")

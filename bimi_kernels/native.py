@@ -54,6 +54,15 @@ def _cuda_reason(device_type: str) -> Optional[str]:
     return None
 
 
+def cpu_isa() -> Optional[str]:
+    """Which build of the C++ CPU inner loops runs: "avx2" (AVX2+FMA, where the processor has
+    both) or "generic" (baseline x86-64, other processors, or BIMI_CPU_ISA=generic); None without
+    the extension. csrc/README.md, "The per-ISA build of the CPU loops"."""
+    if _CPU_ERROR is not None:
+        return None
+    return torch.ops.bimi_C.cpu_isa()
+
+
 def joint_counts(p1, p2, offsets, mask):
     return torch.ops.bimi_C.joint_counts(p1, p2, list(offsets), mask)
 

@@ -16,10 +16,10 @@ Two routes to the same kernels. The `apply_*` functions, which `functional` call
 custom op whenever something may trace the call (torch.compile, torch.jit.trace, export, fake
 or other tensor subclasses, a dispatch or function mode), and otherwise a plain
 torch.autograd.Function (or, without a gradient, the implementation itself): in eager mode
-torch.library's custom-op machinery costs ~50 us of Python per op and again per backward op,
-more than the whole host cost the Function adds. Under torch.func transforms the Functions are
-taken too (custom ops have no torch.func support; the Functions have setup_context and a vmap
-rule). Both routes call the one implementation of each op below (`_joint_counts_impl`, ...) and
+torch.library's custom-op machinery costs more Python per op, and again per backward op, than
+the whole host cost the Function adds (docs/architecture.md, "The layers"). Under torch.func
+transforms the Functions are taken too (custom ops have no torch.func support; the Functions have
+setup_context and a vmap rule). Both routes call the one implementation of each op below (`_joint_counts_impl`, ...) and
 give bitwise the same results.
 """
 from __future__ import annotations
@@ -295,8 +295,8 @@ def _gradients_without_a_derivative(op_name, compute, *tensors):
 class _JointCountsFunction(torch.autograd.Function):
     """The eager route of `joint_counts`: what is saved and how the gradients are formed are the
     custom op's (`_joint_counts_setup_context`, `_joint_counts_grads`). (The old style, forward
-    with ctx: a Function with setup_context costs an inspect.signature per call, ~20% of a
-    small loss call's host time.)"""
+    with ctx: a Function with setup_context costs an inspect.signature per call, a visible share
+    of a small loss call's host time.)"""
 
     @staticmethod
     def forward(ctx, p1, p2, offsets, mask, backend):

@@ -5,6 +5,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/kernels.h"
+
 extern "C" {
 // An empty module: importing it loads this library, whose static initialisers register the ops.
 PyObject* PyInit__C(void) {
@@ -12,6 +16,10 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+namespace {
+std::string cpu_isa_name() { return bimi::cpu::selected_isa_name(); }
+}  // namespace
 
 TORCH_LIBRARY(bimi_C, m) {
   // J (|O|, K, K) in the accumulation dtype; offsets flat, n = p1.dim() - 2 ints per offset.
@@ -32,4 +40,7 @@ TORCH_LIBRARY(bimi_C, m) {
   // The edge map E (B, 1, *S) of an image (B, C, *S) in the accumulation dtype
   // (docs/contract.md §5).
   m.def("edge_map(Tensor image, float gamma) -> Tensor");
+  // Which build of the CPU inner loops runs here, "avx2" or "generic" (cpu/isa_dispatch.cpp).
+  // It takes no tensor, so its one kernel is a catch-all, given with the schema.
+  m.def("cpu_isa() -> str", &cpu_isa_name);
 }

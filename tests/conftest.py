@@ -5,7 +5,7 @@ import os
 if not os.path.exists("/dev/nvidiactl"):  # no GPU: run Triton kernels in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The test tensors are tiny: a second OpenMP thread only adds barriers, which stall badly on a
-# shared 2-core machine (measured 6x slower). Tests of thread-count independence set it explicitly.
+# shared 2-core machine (several times slower). Tests of thread-count independence set it explicitly.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import sys  # noqa: E402

@@ -144,3 +144,14 @@ def test_the_generic_request_selects_the_baseline_build(monkeypatch):
     p1, p2, flat, mask, grad_j = joint_inputs(*JOINT_CASES[0], F32)
     fast, baseline = both_builds(monkeypatch, lambda: (ops.joint_counts(p1, p2, flat, mask),))
     assert not torch.equal(fast[0], baseline[0])
+
+
+def test_the_build_in_use_is_named(monkeypatch):
+    """native.cpu_isa() (shown by `bimi info`, recorded by the benchmarks) names the build that
+    runs: the baseline when asked for, AVX2 on this processor otherwise."""
+    from bimi_kernels.native import cpu_isa
+
+    monkeypatch.delenv("BIMI_CPU_ISA", raising=False)
+    assert cpu_isa() == "avx2"
+    monkeypatch.setenv("BIMI_CPU_ISA", "generic")
+    assert cpu_isa() == "generic"

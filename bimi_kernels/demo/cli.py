@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 # What a run cuts from the authors' protocol is written in results.md (AUTHORS_PROTOCOL and the options).
 PRESETS = {
     # quick: one CPU thread, because this small model gains little from a second one and on a
-    # shared machine OpenMP threads that wait on each other made a 2-thread run 6x slower
+    # shared machine OpenMP threads that wait on each other made a 2-thread run several times slower
     "quick": dict(resolution=64, width=16, depth=3, clusters=16, heads=3, epochs=40, batches_per_epoch=9,
                   batch_size=8, lr=2e-3, finetune_steps=300, finetune_lr=3e-3, eval_every=25, seeds=3,
                   labels=[1, 4], threads=1),

@@ -29,7 +29,10 @@ CpuKernels<acc_t> selected_kernels() {
   return generic::isa_kernels<acc_t>();
 }
 
+const char* selected_isa_name() { return use_avx2() ? "avx2" : "generic"; }
+
 template CpuKernels<float> selected_kernels<float>();
 template CpuKernels<double> selected_kernels<double>();
 
 }  // namespace bimi::cpu
+

@@ -143,7 +143,7 @@ int64_t tile_count(const Volume& v) {
 // Zero-initialised work space for tile rows of whole vector pairs (the first map's copy, the
 // gradient before conversion), starting on a cache line: then no vector load or store of a row
 // straddles two lines. With malloc's 16-byte alignment half of them could, in some runs and not
-// in others: the forward with a copied first map was 10-14 % slower in those runs.
+// in others, and the forward with a copied first map was measurably slower in those runs.
 template <typename T>
 class TileRowsBuffer {
  public:

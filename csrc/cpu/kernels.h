@@ -126,6 +126,10 @@ struct CpuKernels {
 template <typename acc_t>
 CpuKernels<acc_t> selected_kernels();
 
+// The name of that build, "avx2" or "generic" (the op bimi_C::cpu_isa, shown by `bimi info` and
+// recorded by the benchmarks).
+const char* selected_isa_name();
+
 // Each build's table (simd/isa_kernels.h, compiled by kernels_generic.cpp and kernels_avx2.cpp).
 namespace generic {
 template <typename acc_t>

@@ -27,7 +27,7 @@ inline typename Vec<acc_t>::type add_plogp(const typename Vec<acc_t>::type& q,
 
 // u[x] = sum_k q[k][x] log(q[k][x] + 1e-16) (the negated U), channel by channel over the whole
 // run of pixels (each channel row read front to back, u kept in cache: reading all channels per
-// vector of pixels instead touches K pages per vector and runs 2.4x slower); with
+// vector of pixels instead touches K pages per vector and runs much slower); with
 // WITH_DERIVATIVE, d[k * d_stride + x] = dU/dq too.
 template <typename acc_t, bool WITH_DERIVATIVE>
 void add_channel_plogp(const acc_t* q, int64_t stride, int64_t channels, int64_t n, acc_t* u,
