@@ -251,6 +251,8 @@ BAD_ARGUMENTS = [
     (["--views", "strong"], "--views"),
     (["--resume", "--overwrite"], "--overwrite"),
     (["--resolution", "1024"], "--resolution"),
+    (["--offsets", "64"], "--offsets"),  # no pixel pair left in a 64x64 slice
+    (["--resolution", "32", "--offsets", "40"], "--offsets"),
 ]
 
 
@@ -303,6 +305,13 @@ def test_more_labels_than_fine_tune_slices_is_a_usage_error(tmp_path, capsys):
 @needs_extras
 def test_full_preset_on_a_cpu_asks_for_a_flag(tmp_path, capsys):
     err = _usage_error(["--preset", "full", "--device", "cpu"], tmp_path, capsys)
+    assert "hours" in err and "--allow-long-cpu-run" in err
+
+
+@needs_extras
+def test_a_wide_offset_window_on_a_cpu_asks_for_a_flag(tmp_path, capsys):
+    """The joint counts grow with the offsets: radius 40 is 6,561 offsets per head, hours on a CPU."""
+    err = _usage_error(["--offsets", "40", "--device", "cpu"], tmp_path, capsys)
     assert "hours" in err and "--allow-long-cpu-run" in err
 
 

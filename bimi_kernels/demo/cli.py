@@ -3,8 +3,8 @@ MRI slices without labels, draw its clusters, then fine-tune it with 1, 2 or 4 l
 and compare the pre-training settings (random init, IIC, regularised MI, full BIMI) by Dice on a
 held-out test block, the fine-tuning checkpoint chosen on a separate validation block.
 
-Tasks: `tissue` (default; grey / white matter / CSF on the MNI template bundled with nilearn)
-and `lobes` (AAL lobes on the Colin27 brain from the Debian package mricron-data; sagittal
+Tasks: `tissue` (default; grey matter / white matter / other in-brain, mostly CSF, on the MNI
+template bundled with nilearn) and `lobes` (AAL lobes on the Colin27 brain from the Debian package mricron-data; sagittal
 slices, left hemisphere for training, right for test).
 
 The quick preset (default) takes about 10 minutes on a 2-core CPU; `--preset full` is the long
@@ -44,6 +44,10 @@ PICTURE_SLICES = 4
 # only to say how long a CPU run would take, scaled by batch x pixels x width^2 x depth.
 CPU_PRETRAIN_STEP_SECONDS = 0.2
 CPU_FINETUNE_SLICE_SECONDS = 0.015
+# What each offset beyond the first adds to a pre-training step, per head (the loss's joint counts,
+# forward and backward, with the C++ backend at batch 8, K = 16, 64x64); scaled by batch x pixels
+# x K^2.
+CPU_LOSS_OFFSET_SECONDS = 0.55e-3
 LONG_CPU_RUN_SECONDS = 3600
 # The source volumes are under 256 voxels across (MNI ICBM152: 197 x 233 x 189; Colin27: 181 x 217
 # x 181): a larger slice side only interpolates, and loading the slices at 1024 takes a minute.
@@ -170,7 +174,11 @@ def estimated_seconds(args: argparse.Namespace, pretrain_images: int) -> float:
     model = (args.resolution / 64) ** 2 * (args.width / 16) ** 2 * (args.depth / 3)
     batches = args.batches_per_epoch or -(-pretrain_images // args.batch_size)
     pretrained = sum(1 for s in args.settings if s != "random")
-    pretrain = pretrained * args.epochs * batches * CPU_PRETRAIN_STEP_SECONDS * (args.batch_size / 8) * model
+    extra_offsets = (2 * args.offsets + 1) ** 2 - 1
+    loss = (extra_offsets * args.heads * CPU_LOSS_OFFSET_SECONDS * (args.resolution / 64) ** 2
+            * (args.clusters / 16) ** 2)
+    pretrain = (pretrained * args.epochs * batches * (args.batch_size / 8)
+                * (CPU_PRETRAIN_STEP_SECONDS * model + loss))
     finetune = (len(args.settings) * args.seeds * args.finetune_steps * sum(args.labels)
                 * CPU_FINETUNE_SLICE_SECONDS * model)
     return pretrain + finetune
@@ -184,6 +192,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(f"argument --resolution: expected a multiple of {factor} (2^(depth-1) for depth {args.depth}) "
                      f"from 16 to {MAX_RESOLUTION} (the source volumes are under 256 voxels across), "
                      f"got {args.resolution}")
+    if args.offsets >= args.resolution:  # the loss's own check, before any work
+        parser.error(f"argument --offsets: a window radius below the slice size {args.resolution} is needed "
+                     f"(an offset of {args.offsets} pixels leaves no pixel pair), got {args.offsets}")
     for flag, folder in (("--out", args.out), ("--checkpoint-dir", args.checkpoint_dir)):
         problem = folder_problem(folder)
         if problem:
