@@ -25,10 +25,26 @@ from .config import LossConfig
 from .numerics import EPS_CC, EPS_MI, accumulation_dtype
 from .offsets import OffsetSpec, flat_offsets_for
 
-# The building blocks without a kernel of their own are the reference's, re-exported here so
-# there is one definition of each piece of math.
-joint_distributions = reference.joint_distributions
-uncertainty_map = reference.uncertainty_map
+# The building blocks without a kernel of their own are the reference's, called here with the
+# arguments checked, so there is one definition of each piece of math.
+def joint_distributions(j: torch.Tensor, symmetric: bool = True):
+    """`reference.joint_distributions` (docs/contract.md §4): joint counts J (|O|, K, K) -> (P,
+    valid), each offset's counts normalised (and symmetrised if asked); valid (|O|,) is False
+    where an offset had no pair."""
+    checks.check_tensor("j", j)
+    checks.check_bool("symmetric", symmetric)
+    if not j.is_floating_point():
+        raise TypeError(f"j: expected a floating dtype, got {j.dtype}")
+    if j.dim() != 3 or j.shape[1] != j.shape[2] or j.numel() == 0:
+        raise ValueError(f"j: expected joint counts of shape (|O|, K, K), got {tuple(j.shape)}")
+    return reference.joint_distributions(j, symmetric)
+
+
+def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
+    """`reference.uncertainty_map` (docs/contract.md §5): U = -sum_k p_k log(p_k + 1e-16),
+    (B, K, *S) -> (B, 1, *S) in the accumulation dtype, for a cluster map checked like the loss's."""
+    checks.check_map(p, "p")
+    return reference.uncertainty_map(p)
 
 
 def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, eps: float = EPS_CC) -> torch.Tensor:
@@ -110,6 +126,8 @@ def bimi_loss_from_config(p1, p2, image, mask, config: LossConfig) -> torch.Tens
     if need_image and image is None:
         raise ValueError("image: required when boundary_weight > 0 (pass boundary_weight=0 to omit the boundary term)")
     flat_offsets, flat_mask = _check_pair(p1, p2, mask, config, image if need_image else None)
+    if image is not None and not need_image:
+        checks.check_image(image, p1)  # unused, but a wrong tensor is still a mistake to report
     with ops.autocast_off(p1.device.type):
         loss = p1.new_zeros((), dtype=accumulation_dtype(p1.dtype))
         if config.mi_weight > 0:

@@ -157,6 +157,17 @@ def test_image_missing_when_boundary_weight_positive(good):
         bimi_kernels.BIMILoss()(p1, p2)
 
 
+def test_an_unused_image_is_still_checked(good):
+    """With boundary_weight=0 the image is not needed, but a wrong one passed anyway is reported,
+    not ignored."""
+    p1, p2, image = good
+    with pytest.raises(ValueError, match="image: batch size 1 does not match"):
+        loss(p1, p2, image[:1], boundary_weight=0)
+    with pytest.raises(TypeError, match="image: expected a torch.Tensor"):
+        bimi_kernels.BIMILoss(boundary_weight=0)(p1, p2, "not an image")
+    assert torch.isfinite(loss(p1, p2, image, boundary_weight=0))
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 6), (2, 2, 6, 7), (1, 1, 6, 7), (2, 6, 7, 1)])
 def test_mask_wrong_shape(good, shape):
     p1, p2, image = good
@@ -263,6 +274,12 @@ def test_a_setting_the_module_does_not_take_is_refused(module, setting):
     (lambda img: BF.local_cross_correlation(img, img[..., 1:], 3), ValueError, r"u, e: expected two tensors of one shape"),
     (lambda img: bimi_kernels.BIMILoss(process_group="gloo"), TypeError, r"process_group: expected None or a torch.distributed"),
     (lambda img: bimi_kernels.available_backends("tpu"), ValueError, r"device: 'tpu' is not a torch device"),
+    (lambda img: BF.uncertainty_map(img[0, 0, 0]), ValueError, r"p: expected shape \(B, K, H, W\)"),
+    (lambda img: BF.uncertainty_map(img[0]), ValueError, r"p: expected shape \(B, K, H, W\)"),
+    (lambda img: BF.uncertainty_map(img.long()), TypeError, r"p: expected a float dtype"),
+    (lambda img: BF.joint_distributions(img[0, 0]), ValueError, r"j: expected joint counts of shape"),
+    (lambda img: BF.joint_distributions(img[0, :, :2]), ValueError, r"j: expected joint counts of shape"),
+    (lambda img: BF.joint_distributions(img[0, :, :1, :1], symmetric=1), TypeError, r"symmetric: expected True"),
 ])
 def test_helper_arguments_are_checked_by_name(call, error, message):
     """The functional helpers and the settings outside the loss's tensors name a bad argument
