@@ -32,6 +32,10 @@ def info() -> int:
     print(f"threads      {torch.get_num_threads()}")
     from .native import cpu_isa
 
+    for module in ("bimi_kernels._C", "bimi_kernels._C_cuda"):
+        loaded = sys.modules.get(module)
+        if loaded is not None:  # where it came from: another checkout's build can be picked up
+            print(f"{module.split('.')[-1]:<12} {loaded.__file__}")
     isa = cpu_isa()
     print(f"cpu loops    {f'{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic: the baseline)' if isa else 'not built'}")
     devices = ["cpu"]

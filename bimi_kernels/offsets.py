@@ -107,6 +107,8 @@ def unflatten(flat: Sequence[int], ndim: int) -> Offsets:
 def overlap_slices(d: Sequence[int], spatial: Sequence[int]):
     """Slices (first, second) over the spatial dims such that first-pixel s and second-pixel s+d
     are both inside: first = s-range, second = (s+d)-range. Used by the reference."""
+    if len(d) != len(spatial):  # zip would drop (or never reach) a component
+        raise ValueError(f"offsets: offset {tuple(d)!r} has {len(d)} components for {len(spatial)} spatial dims")
     first, second = [], []
     for dk, size in zip(d, spatial):
         first.append(slice(max(0, -dk), size - max(0, dk)))

@@ -262,3 +262,12 @@ def test_boundary_backward_formula_matches_autograd_3d():
     R.boundary_cc(p, edge, 3).backward()
     got = R.boundary_cc_backward(torch.tensor(1.0, dtype=torch.float64), p.detach(), edge, 3)
     torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("offsets", [((1, 0),), ((0, 1, 0),)])
+def test_an_offset_needs_one_component_per_spatial_dim(offsets):
+    """The reference takes explicit offsets: one of the wrong length is refused, not silently
+    truncated or padded by zip (a 2-component offset on a volume once counted as (1, 0, 0))."""
+    p = torch.rand(1, 3, 4, 5, 6).softmax(1) if len(offsets[0]) == 2 else torch.rand(1, 3, 5, 6).softmax(1)
+    with pytest.raises(ValueError, match="components for"):
+        R.joint_counts(p, p, offsets)
