@@ -115,6 +115,20 @@ def test_cli_version(capsys):
     assert capsys.readouterr().out.strip() == f"bimi_kernels {_version.__version__}"
 
 
+def test_info_names_the_extension_file_and_the_cpu_build(capsys):
+    """`bimi info` says which compiled file was loaded (another checkout's build can be picked
+    up through an editable install) and which build of the CPU loops runs."""
+    import bimi_kernels.native as native
+
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    if native.cpu_isa() is None:
+        assert "cpu loops    not built" in out
+    else:
+        assert f"_C           {sys.modules['bimi_kernels._C'].__file__}" in out
+        assert f"cpu loops    {native.cpu_isa()} build" in out
+
+
 def test_bench_runs_the_checkout_benchmarks_without_the_checkout_on_sys_path(tmp_path):
     # as the `bimi` console script runs: the package importable, the repository root not on
     # sys.path, the current directory elsewhere
