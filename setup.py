@@ -8,7 +8,8 @@
 - `bimi_kernels._C_cuda` (CUDA kernels, the `cuda` backend) is built only with a CUDA build of
   torch and a CUDA toolkit (CUDA_HOME or nvcc on PATH). BIMI_BUILD_CUDA=1 insists on it (and fails
   loudly when it cannot be built), BIMI_BUILD_CUDA=0 skips it. TORCH_CUDA_ARCH_LIST picks the GPU
-  architectures; without it and without a visible GPU it defaults to "8.0;9.0".
+  architectures; without it and without a visible GPU it defaults to the ones torch was built for,
+  the newest also as PTX (e.g. "7.5;8.0;8.6;9.0;10.0;12.0+PTX" for a cu130 torch).
 
 Re-builds are incremental: ninja keeps its objects in build/ (also for editable installs, whose
 build folder pip would otherwise make new each time), so only changed sources are recompiled.
@@ -45,7 +46,21 @@ def _sources(*patterns):
 # Headers are not compiled on their own. With ninja (the usual case) its dependency files track
 # them; listed as `depends`, they also make a build without ninja redo a library that is older.
 CPU_DEPENDS = _sources("common/*.h", "cpu/*.h", "cpu/simd/*.h") + ["setup.py"]
-CUDA_DEPENDS = CPU_DEPENDS + _sources("cuda/*.cuh")
+CUDA_DEPENDS = CPU_DEPENDS + _sources("cuda/*.cuh", "cuda/*.h")
+
+
+def _default_cuda_arch_list(torch) -> str:
+    """Without a visible GPU (a CI job, an image build): the architectures torch itself runs on,
+    the newest also as PTX for GPUs newer than torch; else sm_80 and sm_90 + PTX. (torch's own
+    default is the visible GPUs' architectures only.)"""
+    try:
+        flags = torch._C._cuda_getArchFlags().split()
+    except Exception:  # a private function: gone or failing in some torch
+        flags = []
+    archs = sorted({divmod(int(flag[3:]), 10) for flag in flags if flag.startswith("sm_") and flag[3:].isdigit()})
+    names = [f"{major}.{minor}" for major, minor in archs] or ["8.0", "9.0"]
+    names[-1] += "+PTX"
+    return ";".join(names)
 
 
 class MissingTorchBuildExt(setuptools_build_ext):
@@ -137,7 +152,7 @@ def _extensions():
     build_cuda, reason = _want_cuda(torch, cpp_extension)
     if build_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_cuda_arch_list(torch)
         extensions.append(
             cpp_extension.CUDAExtension(
                 name="bimi_kernels._C_cuda",

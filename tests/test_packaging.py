@@ -159,3 +159,23 @@ def test_pytest_ignores_only_third_party_warnings():
         assert action == "ignore" and module, entry  # always narrowed to a module
         assert module.split("\\")[0] not in ("bimi_kernels", "tests", "benchmarks", ""), entry
 
+
+
+def test_default_cuda_architectures_are_torchs_own():
+    """Without TORCH_CUDA_ARCH_LIST and a visible GPU, setup.py builds for what torch itself runs
+    on, the newest also as PTX (sm_80/sm_90 alone left T4 and Blackwell GPUs without a kernel)."""
+    import types
+
+    source = (ROOT / "setup.py").read_text()
+    start, end = source.index("def _default_cuda_arch_list"), source.index("class MissingTorchBuildExt")
+    namespace: dict = {}
+    exec(source[start:end], namespace)
+    default_for = namespace["_default_cuda_arch_list"]
+
+    def torch_with(flags):
+        return types.SimpleNamespace(_C=types.SimpleNamespace(_cuda_getArchFlags=lambda: flags))
+
+    assert default_for(torch_with("sm_75 sm_80 sm_86 sm_90 sm_100 sm_120")) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
+    assert default_for(torch_with("sm_90a sm_80")) == "8.0+PTX"  # arch-specific variants are not portable
+    assert default_for(torch_with("")) == "8.0;9.0+PTX"
+    assert default_for(types.SimpleNamespace(_C=types.SimpleNamespace())) == "8.0;9.0+PTX"
