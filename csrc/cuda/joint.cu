@@ -120,6 +120,11 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
   raised.insert(key);
 }
 
+// The current device's shared memory per block (with the opt-in above 48 KB).
+int64_t device_shared_bytes() {
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
 const at::Tensor& checked_cuda_first_map(const at::Tensor& p1, const at::Tensor& p2,
                                          const std::optional<at::Tensor>& mask) {
   check_joint_inputs(p1, p2, mask);
@@ -162,7 +167,8 @@ at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.p1.scalar_type(), "bimi_joint_counts_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     using Config = JointConfig<acc_t>;
-    std::vector<JointLaunch> launches = plan_joint_launches(call.offsets, +1);
+    std::vector<JointLaunch> launches = plan_joint_launches(
+        call.offsets, +1, forward_window_cap(call.k, Config::kGroupBlocks, sizeof(acc_t), device_shared_bytes()));
     const ForwardShape shape = forward_shape(launches, call.k, Config::kRun, Config::kGroupBlocks);
     const int64_t largest = set_forward_blocks(launches, shape, Config::kRun);
     TORCH_CHECK(largest <= std::numeric_limits<int32_t>::max(), "bimi_C (cuda): K = ", call.k,
@@ -211,7 +217,8 @@ void joint_backward_role(const at::Tensor& second, const at::Tensor& mask, const
                          const std::vector<Offset3>& offsets, int sign, const at::Tensor& g,
                          at::Tensor& out, cudaStream_t stream) {
   using Config = JointConfig<acc_t>;
-  const std::vector<JointLaunch> launches = plan_joint_launches(offsets, sign);
+  const std::vector<JointLaunch> launches = plan_joint_launches(
+      offsets, sign, backward_window_cap(v.channels, Config::kWindowChannels, sizeof(acc_t), device_shared_bytes()));
   const int32_t warps = backward_warps(v.channels);
   const int64_t i_groups = backward_i_groups(v.channels);
   const int64_t tiles = tile_count(v);

@@ -1,5 +1,5 @@
 // Host-side plan of the CUDA joint-count launches (docs/contract.md §3): the offsets sorted and
-// cut into clusters whose window fits kMaxWindow voxels per channel, the clusters packed into
+// cut into clusters whose window fits the shared memory (at most kMaxWindow voxels per channel), the clusters packed into
 // OffsetTables of at most kTableOffsets offsets (one launch each), and the forward block shape.
 // Plain C++ (no torch, no CUDA) so that tests/emulate_joint.cpp can use it on a CPU.
 #pragma once
@@ -34,8 +34,30 @@ struct ShiftBox {
   int64_t voxels() const { return planes() * rows() * cols(); }
 };
 
-// `sign` = -1 plans the negated offsets (the p2 gradient reads p1 at t - d).
-inline std::vector<JointLaunch> plan_joint_launches(const std::vector<Offset3>& offsets, int sign) {
+// The forward block's channel blocks of kMicro per side (ib = jb): all of K's, up to group_blocks.
+inline int32_t forward_channel_blocks(int64_t k, int32_t group_blocks) {
+  return static_cast<int32_t>(std::min<int64_t>(ceil_div(k, kMicro), group_blocks));
+}
+
+// The largest cluster window (voxels per channel) whose block fits `shared_bytes`, the device's
+// per-block shared memory: kMaxWindow on every GPU from sm_80 on, less on sm_75 (64 KB). Never
+// below one offset's window: a cluster of one offset is always formed (and would be refused at
+// launch if even that did not fit). The cut changes no sum's order, so not the result.
+inline int64_t forward_window_cap(int64_t k, int32_t group_blocks, int64_t acc_bytes, int64_t shared_bytes) {
+  const int64_t blocks = forward_channel_blocks(k, group_blocks);
+  const int64_t window_elements = shared_bytes / acc_bytes - blocks * kMicro * kTileRows * kTileWidth;
+  return std::clamp<int64_t>(window_elements / (blocks * kMicro), kTileRows * kTileWidth, kMaxWindow);
+}
+
+inline int64_t backward_window_cap(int64_t k, int64_t window_channels, int64_t acc_bytes, int64_t shared_bytes) {
+  return std::clamp<int64_t>(shared_bytes / acc_bytes / std::min(k, window_channels), kTileRows * kTileWidth,
+                             kMaxWindow);
+}
+
+// `sign` = -1 plans the negated offsets (the p2 gradient reads p1 at t - d); `max_window` caps a
+// cluster's window (forward_window_cap, backward_window_cap).
+inline std::vector<JointLaunch> plan_joint_launches(const std::vector<Offset3>& offsets, int sign,
+                                                    int64_t max_window) {
   struct Item {
     int64_t dz, dy, dx;
     int32_t index;
@@ -60,7 +82,7 @@ inline std::vector<JointLaunch> plan_joint_launches(const std::vector<Offset3>& 
     Cluster current{0, 1, ShiftBox::of(items[0].dz, items[0].dy, items[0].dx)};
     for (size_t e = 1; e < items.size(); ++e) {
       const ShiftBox grown = current.box.grown(items[e].dz, items[e].dy, items[e].dx);
-      if (grown.voxels() <= kMaxWindow && current.end - current.begin < static_cast<size_t>(kTableOffsets)) {
+      if (grown.voxels() <= max_window && current.end - current.begin < static_cast<size_t>(kTableOffsets)) {
         current.box = grown;
         current.end = e + 1;
       } else {
@@ -113,7 +135,7 @@ inline ForwardShape forward_shape(const std::vector<JointLaunch>& launches, int6
                                   int32_t group_blocks) {
   const int64_t channel_blocks = ceil_div(k, kMicro);
   ForwardShape shape;
-  shape.ib_per_block = static_cast<int32_t>(std::min<int64_t>(channel_blocks, group_blocks));
+  shape.ib_per_block = forward_channel_blocks(k, group_blocks);
   shape.jb_per_block = shape.ib_per_block;
   shape.i_groups = static_cast<int32_t>(ceil_div(channel_blocks, shape.ib_per_block));
   shape.j_groups = shape.i_groups;

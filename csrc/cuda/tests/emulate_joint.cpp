@@ -16,6 +16,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -48,6 +49,10 @@ bool all_finite(const std::vector<acc_t>& v, int64_t count) {
 
 int failures = 0;
 
+// Shared memory per block (the opt-in maximum) of the smallest and the largest supported GPUs:
+// sm_75 (T4) and sm_90 (H100, H200).
+constexpr int64_t kDeviceSharedBytes[] = {64 * 1024, 227 * 1024};
+
 void expect(bool ok, const std::string& what) {
   if (!ok) {
     ++failures;
@@ -59,11 +64,12 @@ void expect(bool ok, const std::string& what) {
 template <typename acc_t>
 std::vector<acc_t> emulate_forward(const std::vector<acc_t>& p1, const std::vector<acc_t>& p2,
                                    const std::vector<acc_t>* mask, const Volume& v,
-                                   const std::vector<Offset3>& offsets, std::string* notes) {
+                                   const std::vector<Offset3>& offsets, int64_t shared_bytes, std::string* notes) {
   using Config = JointConfig<acc_t>;
   constexpr int kRun = Config::kRun;
   const int64_t k = v.channels, num_offsets = static_cast<int64_t>(offsets.size());
-  std::vector<JointLaunch> launches = plan_joint_launches(offsets, +1);
+  std::vector<JointLaunch> launches = plan_joint_launches(
+      offsets, +1, forward_window_cap(k, Config::kGroupBlocks, sizeof(acc_t), shared_bytes));
   const ForwardShape shape = forward_shape(launches, k, kRun, Config::kGroupBlocks);
   const int64_t largest = set_forward_blocks(launches, shape, kRun);
   const int64_t tiles = tile_count(v);
@@ -88,13 +94,16 @@ std::vector<acc_t> emulate_forward(const std::vector<acc_t>& p1, const std::vect
   args.out = partials.data();
   const int warps = shape.warps();
   expect(warps >= 1 && warps <= kMaxWarps, "forward warps per block within 1..kMaxWarps");
-  *notes += " launches=" + std::to_string(launches.size()) + " warps=" + std::to_string(warps) +
+  int32_t clusters = 0;
+  for (const JointLaunch& launch : launches) clusters += launch.table.clusters;
+  *notes += " launches=" + std::to_string(launches.size()) + " clusters=" + std::to_string(clusters) +
+            " warps=" + std::to_string(warps) +
             " chunks=" + std::to_string(chunks);
 
   for (const JointLaunch& launch : launches) {
     const OffsetTable& table = launch.table;
     const int64_t shared_size = forward_shared_elements(shape, launch);
-    expect(shared_size * static_cast<int64_t>(sizeof(acc_t)) <= 96 * 1024, "forward shared memory <= 96 KB");
+    expect(shared_size * static_cast<int64_t>(sizeof(acc_t)) <= shared_bytes, "forward shared memory fits the device");
     const int64_t tasks = table.block_begin[table.clusters];
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       for (int64_t task = 0; task < tasks; ++task) {
@@ -159,10 +168,11 @@ std::vector<acc_t> emulate_forward(const std::vector<acc_t>& p1, const std::vect
 template <typename acc_t>
 std::vector<acc_t> emulate_backward_role(const std::vector<acc_t>& second, const std::vector<acc_t>* mask,
                                          const Volume& v, const std::vector<Offset3>& offsets, int sign,
-                                         const std::vector<acc_t>& g, std::string* notes) {
+                                         const std::vector<acc_t>& g, int64_t shared_bytes, std::string* notes) {
   using Config = JointConfig<acc_t>;
   const int64_t k = v.channels;
-  const std::vector<JointLaunch> launches = plan_joint_launches(offsets, sign);
+  const std::vector<JointLaunch> launches = plan_joint_launches(
+      offsets, sign, backward_window_cap(k, Config::kWindowChannels, sizeof(acc_t), shared_bytes));
   const int warps = backward_warps(k);
   const int64_t i_groups = backward_i_groups(k);
   const int64_t tiles = tile_count(v);
@@ -185,7 +195,7 @@ std::vector<acc_t> emulate_backward_role(const std::vector<acc_t>& second, const
     args.carry_in = l > 0 ? carry.data() : nullptr;
     args.carry_out = l + 1 < launches.size() ? carry.data() : nullptr;
     const int64_t shared_size = backward_shared_elements(k, Config::kWindowChannels, launches[l]);
-    expect(shared_size * static_cast<int64_t>(sizeof(acc_t)) <= 96 * 1024, "backward shared memory <= 96 KB");
+    expect(shared_size * static_cast<int64_t>(sizeof(acc_t)) <= shared_bytes, "backward shared memory fits the device");
     for (int64_t tile = 0; tile < tiles; ++tile)
       for (int64_t ig = 0; ig < i_groups; ++ig) {
         std::vector<BackwardWarp> w;
@@ -275,10 +285,6 @@ double run_case(const Case& c, std::mt19937_64& rng) {
           }
   }
 
-  std::string notes;
-  const std::vector<acc_t> got_joint = emulate_forward(p1, p2, m, v, c.offsets, &notes);
-  const std::vector<acc_t> got1 = emulate_backward_role(p2, m, v, c.offsets, +1, g, &notes);
-  const std::vector<acc_t> got2 = emulate_backward_role(p1, m, v, c.offsets, -1, g, &notes);
   auto error = [](const std::vector<acc_t>& got, const std::vector<double>& want) {
     if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
     double diff = 0, scale = 1e-30;
@@ -289,7 +295,28 @@ double run_case(const Case& c, std::mt19937_64& rng) {
     }
     return diff / scale;
   };
-  const double worst = std::max({error(got_joint, joint), error(got1, grad1), error(got2, grad2)});
+  // Every device's shared memory per block: the clusters are cut to fit it, which must change
+  // no result (every sum keeps its order).
+  std::string notes;
+  double worst = 0;
+  std::vector<std::vector<acc_t>> first;
+  for (const int64_t shared_bytes : kDeviceSharedBytes) {
+    notes += " | " + std::to_string(shared_bytes / 1024) + " KB:";
+    const std::vector<std::vector<acc_t>> got = {
+        emulate_forward(p1, p2, m, v, c.offsets, shared_bytes, &notes),
+        emulate_backward_role(p2, m, v, c.offsets, +1, g, shared_bytes, &notes),
+        emulate_backward_role(p1, m, v, c.offsets, -1, g, shared_bytes, &notes)};
+    worst = std::max({worst, error(got[0], joint), error(got[1], grad1), error(got[2], grad2)});
+    if (first.empty()) {
+      first = got;
+    } else {
+      bool same = true;  // bitwise: memcmp, so that two NaN outputs do not compare equal
+      for (size_t o = 0; o < got.size(); ++o)
+        same = same && got[o].size() == first[o].size() &&
+               std::memcmp(got[o].data(), first[o].data(), got[o].size() * sizeof(acc_t)) == 0;
+      expect(same, c.name + ": the same bits at every shared-memory size");
+    }
+  }
   std::printf("%-8s %-44s rel.err %.2e%s\n", sizeof(acc_t) == 8 ? "float64" : "float32", c.name.c_str(),
               worst, notes.c_str());
   return worst;
@@ -317,6 +344,9 @@ int main() {
       {"3d K=10 4x9x10 explicit", 1, 10, 4, 9, 10, {{0, 0, 0}, {1, -2, 3}, {-3, 0, -1}}, false},
       {"3d K=2 6x11x9 r=1 dilation 2 masked", 1, 2, 6, 11, 9, window(1, 3, 2), true},
       {"3d K=3 5x9x9 r=2 (125 offsets)", 1, 3, 5, 9, 9, window(2, 3), false},
+      // windows past 64 KB of shared memory at K >= 13: cut into more clusters on sm_75 only
+      {"3d K=16 3x9x33 r=1 masked (cut on 64 KB)", 1, 16, 3, 9, 33, window(1, 3), true},
+      {"2d K=14 17x40 r=1 dilation 6 (cut on 64 KB)", 1, 14, 1, 17, 40, window(1, 2, 6), false},
   };
   for (const Case& c : cases) {
     const double e64 = run_case<double>(c, rng);
