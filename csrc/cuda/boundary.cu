@@ -27,11 +27,6 @@ namespace bimi {
 namespace cuda {
 namespace {
 
-// Voxels per thread of one part of a sample in the uncertainty pass (parts of kThreads * this).
-constexpr int64_t kRangeVoxelsPerThread = 8;
-
-int64_t range_parts(const Volume& v) { return ceil_div(v.voxels(), kThreads * kRangeVoxelsPerThread); }
-
 // Block (sample b, part): U of the part's voxels into u; with part_lo/part_hi, the part's min and
 // max of U (min and max are exact, so the tree order does not matter for the result).
 template <typename scalar_t, typename acc_t>

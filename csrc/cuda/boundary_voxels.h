@@ -11,6 +11,7 @@
 
 #include "../common/boundary_math.h"
 #include "../common/geometry.h"
+#include "reductions.h"
 
 namespace bimi {
 namespace cuda {
@@ -45,6 +46,12 @@ BIMI_HD acc_t uncertainty_at(const scalar_t* p, const Volume& v, int64_t index) 
   for (int64_t k = 0; k < v.channels; ++k) total += plogp(static_cast<acc_t>(p[(b * v.channels + k) * voxels + s]));
   return -total;
 }
+
+// Voxels per thread of one part of a sample in the uncertainty pass: each sample is cut into
+// range_parts(v) parts of about kThreads * this voxels, one block each.
+constexpr int64_t kRangeVoxelsPerThread = 8;
+
+inline int64_t range_parts(const Volume& v) { return ceil_div(v.voxels(), kThreads * kRangeVoxelsPerThread); }
 
 // The per-sample range reduction: part `part` of `parts` of sample b covers these voxels.
 BIMI_HD int64_t range_part_begin(const Volume& v, int64_t parts, int64_t part) {

@@ -9,11 +9,11 @@
 
 #include "../common/geometry.h"
 #include "../common/numerics.h"
+#include "reductions.h"  // kThreads, lower_of, higher_of
 
 namespace bimi {
 namespace cuda {
 
-constexpr int kThreads = 256;
 
 using bimi::acc_type_t;  // the one definition: common/numerics.h
 
@@ -41,18 +41,6 @@ __device__ __forceinline__ acc_t warp_sum(acc_t value) {
 #pragma unroll
   for (int mask = 16; mask >= 1; mask /= 2) value += __shfl_xor_sync(0xffffffffu, value, mask);
   return value;
-}
-
-// The smaller (larger) of a running bound and a value, NaN once either is NaN, as torch's
-// amin/amax (the reference): fmin-style comparisons would skip a NaN and give a finite loss for
-// a NaN input (docs/contract.md §8).
-template <typename acc_t>
-__device__ __forceinline__ acc_t lower_of(acc_t bound, acc_t value) {
-  return (value < bound || value != value) ? value : bound;
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t higher_of(acc_t bound, acc_t value) {
-  return (value > bound || value != value) ? value : bound;
 }
 
 // The min and max of one value pair per thread over a block of kThreads threads (a tree in

@@ -3,8 +3,9 @@
 // Runs the kernels' per-voxel steps (boundary_voxels.h) over the same launch geometry, with the
 // block reductions in the kernels' tree order, and compares CC, the per-sample range of U and
 // dCC/dp with a direct double-precision evaluation of docs/contract.md §5 (box sums over the
-// zero-padded window, clamps at eps, gradient through the detached min-max). Outputs and
-// temporaries are poisoned with NaN first, so a voxel no thread writes fails the comparison.
+// zero-padded window, clamps at eps, gradient through the detached min-max), and that a NaN in a
+// map reaches its sample's range and CC. Outputs and temporaries are poisoned with NaN first, so a
+// voxel no thread writes fails the comparison.
 //
 // Build and run (tests/test_cuda.py does this):
 //   g++ -std=c++17 -O1 -g -fsanitize=address,undefined -I csrc csrc/cuda/tests/emulate_boundary.cpp -o emulate_boundary
@@ -23,9 +24,6 @@ using namespace bimi;
 using namespace bimi::cuda;
 
 namespace {
-
-constexpr int kThreads = 256;                // common.cuh
-constexpr int64_t kRangeVoxelsPerThread = 8;  // boundary.cu
 
 // common.cuh's block_sum: a tree over kThreads values, stride 128 down to 1.
 template <typename acc_t>
@@ -53,7 +51,7 @@ Result emulate(const std::vector<acc_t>& p, const std::vector<acc_t>& edge, cons
                acc_t grad_cc) {
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const int64_t voxels = v.voxels(), total = v.batch * voxels;
-  const int64_t parts = ceil_div(voxels, kThreads * kRangeVoxelsPerThread);
+  const int64_t parts = range_parts(v);
   std::vector<acc_t> u(total, nan), part_lo(v.batch * parts, nan), part_hi(v.batch * parts, nan);
   // uncertainty_kernel: block (b, part), thread t takes voxels begin + t, begin + t + kThreads, ...
   for (int64_t block = 0; block < v.batch * parts; ++block) {
@@ -65,18 +63,18 @@ Result emulate(const std::vector<acc_t>& p, const std::vector<acc_t>& edge, cons
       for (int64_t index = base + range_part_begin(v, parts, part) + t; index < end; index += kThreads) {
         const acc_t value = uncertainty_at<acc_t, acc_t>(p.data(), v, index);
         u[index] = value;
-        lo = std::min(lo, value);
-        hi = std::max(hi, value);
+        lo = lower_of(lo, value);
+        hi = higher_of(hi, value);
       }
-    part_lo[block] = lo;  // min and max are exact: any tree gives these
+    part_lo[block] = lo;  // min and max are exact and NaN-sticky: any tree gives these
     part_hi[block] = hi;
   }
   std::vector<acc_t> u_range(2 * v.batch, nan);
   for (int64_t b = 0; b < v.batch; ++b) {  // range_kernel
     acc_t lo = part_lo[b * parts], hi = part_hi[b * parts];
     for (int64_t part = 1; part < parts; ++part) {
-      lo = std::min(lo, part_lo[b * parts + part]);
-      hi = std::max(hi, part_hi[b * parts + part]);
+      lo = lower_of(lo, part_lo[b * parts + part]);
+      hi = higher_of(hi, part_hi[b * parts + part]);
     }
     u_range[2 * b] = lo;
     u_range[2 * b + 1] = hi;
@@ -221,6 +219,32 @@ double run_case(const char* name, bool is_3d, int64_t b, int64_t k, int64_t d, i
   return error;
 }
 
+// docs/contract.md §8: a NaN in one sample's map makes that sample's range NaN (the device's
+// min and max keep it, as torch's amin/amax do) and so CC; the other samples keep their range.
+template <typename acc_t>
+void check_nan_propagates(std::mt19937_64& rng) {
+  const Volume v{2, 3, 1, 40, 70};  // several range parts per sample
+  BoxWindow w;
+  w.r = 2;
+  w.rz = 0;
+  w.count = 25;
+  std::uniform_real_distribution<double> uniform(0.05, 1.0);
+  std::vector<acc_t> p(v.batch * v.channels * v.voxels()), e(v.batch * v.voxels());
+  for (auto& x : p) x = static_cast<acc_t>(uniform(rng) / 3);
+  for (auto& x : e) x = static_cast<acc_t>(uniform(rng));
+  const Result clean = emulate<acc_t>(p, e, v, w, acc_t(0.5));
+  for (const int64_t at : {int64_t(0), v.voxels() / 2, v.voxels() - 1}) {  // first, middle, last part
+    std::vector<acc_t> bad = p;
+    bad[1 * v.voxels() + at] = std::numeric_limits<acc_t>::quiet_NaN();  // sample 0, channel 1
+    const Result got = emulate<acc_t>(bad, e, v, w, acc_t(0.5));
+    const bool ok = std::isnan(got.u_range[0]) && std::isnan(got.u_range[1]) && std::isnan(got.cc) &&
+                    got.u_range[2] == clean.u_range[2] && got.u_range[3] == clean.u_range[3];
+    std::printf("%-8s NaN at voxel %-24lld range %g %g | %g %g, cc %g\n", sizeof(acc_t) == 8 ? "float64" : "float32",
+                static_cast<long long>(at), got.u_range[0], got.u_range[1], got.u_range[2], got.u_range[3], got.cc);
+    expect(ok, "a NaN in sample 0 at voxel " + std::to_string(at) + " makes its range and CC NaN, not sample 1's");
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -247,6 +271,8 @@ int main() {
     // the reference's own float32 error
     expect(run_case<float>(c.name, c.is_3d, c.b, c.k, c.d, c.h, c.w, c.window, rng) <= 1e-4, std::string(c.name) + " float32");
   }
+  check_nan_propagates<double>(rng);
+  check_nan_propagates<float>(rng);
   if (failures != 0) {
     std::printf("emulate_boundary: %d FAILED\n", failures);
     return 1;
