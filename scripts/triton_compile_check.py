@@ -29,6 +29,8 @@ if ROOT not in sys.path:
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 FULL_K = (2, 10, 16, 40, 64, 128)
+# the kernels' unannotated arguments that the launchers pass as Python floats (the rest are ints)
+FLOAT_ARGUMENTS = {"zero_power"}
 
 
 def _ptxas_report(ptx: str, arch: int) -> Dict[str, Optional[int]]:
@@ -83,6 +85,10 @@ def compile_variant(fn, pointer_types: Dict[str, str], constexprs: Dict, num_war
             signature[p.name] = "constexpr"
         elif p.name in pointer_types:
             signature[p.name] = pointer_types[p.name]
+        elif p.annotation_type:  # an annotated scalar (gamma: tl.float64) is launched as annotated
+            signature[p.name] = p.annotation_type
+        elif p.name in FLOAT_ARGUMENTS:  # a Python float: the launcher passes float32
+            signature[p.name] = "fp32"
         else:
             signature[p.name] = "i64" if p.name in wide_ints else "i32"
     row = {"kernel": fn.__name__, "settings": {k: v for k, v in constexprs.items()},

@@ -382,6 +382,34 @@ def test_edge_map_runs_and_programs(shape, gamma, monkeypatch):
     assert_close_rel(got, expected, RTOL[F64], "edge")
 
 
+def test_the_batch_is_on_grid_axis_0(monkeypatch):
+    """CUDA allows at most 65535 programs on grid axes 1 and 2, 2^31 - 1 on axis 0: the boundary
+    and edge-map kernels put the batch on axis 0 and their programs per sample (a few hundred at
+    most) on axis 1, so a batch of any size launches."""
+    launched = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append((self.name, tuple(grid)))
+            return self.kernel[grid]
+
+    names = ("_uncertainty_kernel", "_ncc_kernel", "_boundary_grad_kernel", "_edge_magnitude_kernel",
+             "_edge_normalise_kernel")
+    for name in names:
+        monkeypatch.setattr(boundary, name, Recorder(name, getattr(boundary, name)))
+    batch = 5
+    p, edge = boundary_inputs((batch, 3, 6, 7), F32)
+    cc, u_range = BACKEND.boundary_cc(p, edge, 3)
+    BACKEND.boundary_cc_backward(torch.ones_like(cc), p, edge, u_range, 3)
+    BACKEND.edge_map(random_image((batch, 2, 6, 7), channels=2, device=DEVICE), 0.75)
+    assert sorted({name for name, _ in launched}) == sorted(names)
+    for name, grid in launched:
+        assert grid[0] == batch and len(grid) == 2 and grid[1] < batch * 6 * 7, (name, grid)
+
+
 # ------------------------------------------------------------------------------------------------
 # host side: no synchronisation, cheap
 # ------------------------------------------------------------------------------------------------
@@ -464,5 +492,10 @@ def test_index_arithmetic_past_2_31(huge_buffer, where, address_guard):
     assert torch.equal(boundary.boundary_cc_backward(grad_cc, p1, edge, u_range, 3, tile=tile),
                        boundary.boundary_cc_backward(grad_cc, dense[0], edge, u_range, 3,
                                                      tile=tile))
+
+    # the edge map's image, channels (or samples) as far apart as the maps'
+    image = huge_buffer.as_strided(shape, (stride_b, stride_k, shape[3], 1), 4096)
+    image.copy_(random_image(shape, channels=shape[1], seed=4).to(F16))
+    assert torch.equal(boundary.edge_map(image, 0.75), boundary.edge_map(image.contiguous(), 0.75))
     if INTERPRETED:
         assert sum(address_guard) > 0  # the guard saw the kernels' accesses

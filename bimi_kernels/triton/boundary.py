@@ -3,10 +3,10 @@ and backward.
 
 Forward, two passes over the data (the per-sample min-max of U sits between them) and a tiny
 reduction:
-  1. `_uncertainty_kernel`, grid (R, B): program (r, b) walks runs of sample b's pixels,
+  1. `_uncertainty_kernel`, grid (B, R): program (b, r) walks runs of sample b's pixels,
      writes U = -sum_k p_k log(p_k + 1e-16) (a (B, *S) map) and the running min and max of U
      over its pixels (R per sample).
-  2. `_ncc_kernel`, grid (R, B): program (r, b) reduces sample b's R minima and maxima (program
+  2. `_ncc_kernel`, grid (B, R): program (b, r) reduces sample b's R minima and maxima (program
      0 writes them to u_range), then walks b's spatial tiles: per centre pixel the five box sums
      of Un, Un^2, Un E, E, E^2 (zero padding; Un = (U - min) / (max - min + 1e-6) on the fly),
      the clamped NCC term, summed in registers; one partial sum per program.
@@ -200,9 +200,9 @@ def _uncertainty_kernel(
 ):
     # WRITE_RANGE: also the running [min, max] of U of this program (forward).
     # NORMALISED: write Un with the saved per-sample range instead of U (backward).
-    r = tl.program_id(0)
-    b = tl.program_id(1)
-    n_range = tl.num_programs(0)
+    b = tl.program_id(0)  # the batch on axis 0: axis 1 allows at most 65535 programs
+    r = tl.program_id(1)
+    n_range = tl.num_programs(1)
     acc_dtype = u_ptr.dtype.element_ty
     k = tl.arange(0, K_PAD)
     k_ok = k < K
@@ -265,9 +265,9 @@ def _ncc_kernel(
 ):
     # Forward: the box sums of Un (normalised on the fly) and E and the summed NCC term.
     # BACKWARD: u_ptr holds Un already; writes the three coefficient maps instead.
-    r = tl.program_id(0)
-    b = tl.program_id(1)
-    n_programs = tl.num_programs(0)
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    n_programs = tl.num_programs(1)
     acc_dtype = u_ptr.dtype.element_ty
     count = tl.cast(window_count, acc_dtype)  # n = window^ndim, an exact integer
     plane = plane_size(H, W, WIDE)
@@ -328,9 +328,9 @@ def _boundary_grad_kernel(
     RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    b = tl.program_id(1)
-    n_programs = tl.num_programs(0)
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    n_programs = tl.num_programs(1)
     acc_dtype = coef_u_ptr.dtype.element_ty
     k = tl.arange(0, K_PAD)
     k_ok = k < K
@@ -374,9 +374,9 @@ def _edge_magnitude_kernel(
 ):
     # The edge map's first pass: per pixel the mean over channels of the magnitude of the
     # wrap-around backward differences, and this program's running min and max of it.
-    r = tl.program_id(0)
-    b = tl.program_id(1)
-    n_range = tl.num_programs(0)
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    n_range = tl.num_programs(1)
     acc_dtype = out_ptr.dtype.element_ty
     out_base = sample_pointer(out_ptr, b, N)
     low = tl.full((BLOCK,), float("inf"), acc_dtype)
@@ -397,7 +397,8 @@ def _edge_magnitude_kernel(
             before_z = tl.where(s < plane, s + (D - 1) * plane, s - plane)
         total = tl.zeros((BLOCK,), dtype=acc_dtype)
         for c in range(0, C):
-            base = sample_pointer(image_ptr, b, image_stride_b) + c * image_stride_c
+            # 64-bit: the stride is int32 when it fits, and C * stride need not
+            base = sample_pointer(image_ptr, b, image_stride_b) + tl.cast(c, tl.int64) * image_stride_c
             value = tl.load(base + s, mask=inside, other=0.0).to(acc_dtype)
             squares = tl.zeros((BLOCK,), dtype=acc_dtype)
             if IS_3D:
@@ -419,16 +420,19 @@ def _edge_magnitude_kernel(
 
 @triton.jit
 def _edge_normalise_kernel(
-    out_ptr, range_ptr, N, runs_per_sample, n_range, gamma, zero_power,
+    out_ptr, range_ptr, N, runs_per_sample, n_range, gamma: tl.float64, zero_power,
     WIDE: tl.constexpr, EPS_NORM: tl.constexpr, R_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # The second pass, in place: ((m - min) / (max - min + 1e-6)) ** gamma.
-    r = tl.program_id(0)
-    b = tl.program_id(1)
+    # The second pass, in place: ((m - min) / (max - min + 1e-6)) ** gamma. gamma is passed as
+    # float64 (a plain Python float argument would be float32, rounding gamma = 0.7 by 1e-8 for
+    # float64 maps) and brought to the accumulation dtype here.
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    exponent = tl.full((BLOCK,), gamma, out_ptr.dtype.element_ty)
     lo, hi = sample_range(range_ptr, b, n_range, R_PAD)
     denominator = hi - lo + EPS_NORM
     out_base = sample_pointer(out_ptr, b, N)
-    for run in range(r, runs_per_sample, tl.num_programs(0)):
+    for run in range(r, runs_per_sample, tl.num_programs(1)):
         if WIDE:
             s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)
         else:
@@ -437,7 +441,7 @@ def _edge_normalise_kernel(
         v = normalise(tl.load(out_base + s, mask=inside, other=0.0), lo, denominator)
         # v ** gamma as exp(gamma log v), v >= 0; 0 ** gamma (0, or 1 for gamma = 0) apart, and
         # a NaN stays NaN
-        powered = tl.exp(gamma * tl.log(tl.where(v > 0, v, 1.0)))
+        powered = tl.exp(exponent * tl.log(tl.where(v > 0, v, 1.0)))
         tl.store(out_base + s, tl.where(v > 0, powered, tl.where(v == v, zero_power, v)), mask=inside)
 
 
@@ -592,11 +596,11 @@ def boundary_cc(p, edge, window, *, config: Optional[BoundaryConfig] = None,
     partial = torch.empty((plan.batch, plan.n_box), dtype=acc, device=p.device)
     cc = torch.empty((), dtype=acc, device=p.device)
     d, h, w = plan.dims
-    _uncertainty_kernel[(plan.n_range, plan.batch)](
+    _uncertainty_kernel[(plan.batch, plan.n_range)](
         p, u, ranges, u_range, p.stride(0), p.stride(1), plan.k, plan.n, plan.runs_per_sample,
         **settings[0][1],
     )
-    _ncc_kernel[(plan.n_box, plan.batch)](
+    _ncc_kernel[(plan.batch, plan.n_box)](
         u, ranges, u_range, edge, partial, cc, u, u, u,
         edge.stride(0), d, h, w, plan.n, plan.batch * plan.n, plan.n_range, plan.window_count,
         plan.tile.tiles_z, plan.tile.tiles_y, plan.tile.tiles_x,
@@ -625,18 +629,18 @@ def boundary_cc_backward(grad_cc, p, edge, u_range, window, *,
     un = torch.empty((plan.batch, plan.n), dtype=acc, device=p.device)
     coef = torch.empty((3, plan.batch, plan.n), dtype=acc, device=p.device)
     d, h, w = plan.dims
-    _uncertainty_kernel[(plan.n_range, plan.batch)](
+    _uncertainty_kernel[(plan.batch, plan.n_range)](
         p, un, un, u_range, p.stride(0), p.stride(1), plan.k, plan.n, plan.runs_per_sample,
         **settings[3][1],
     )
-    _ncc_kernel[(plan.n_box, plan.batch)](
+    _ncc_kernel[(plan.batch, plan.n_box)](
         un, un, u_range, edge, un, grad_cc, coef[0], coef[1], coef[2],
         edge.stride(0), d, h, w, plan.n, plan.batch * plan.n, plan.n_range, plan.window_count,
         plan.tile.tiles_z, plan.tile.tiles_y, plan.tile.tiles_x,
         **settings[4][1],
     )
     del un
-    _boundary_grad_kernel[(plan.n_grad, plan.batch)](
+    _boundary_grad_kernel[(plan.batch, plan.n_grad)](
         p, u_range, edge, coef[0], coef[1], coef[2], grad_p,
         p.stride(0), p.stride(1), edge.stride(0), grad_p.stride(0), grad_p.stride(1),
         plan.k, d, h, w, plan.n, plan.grad_tile.tiles_z, plan.grad_tile.tiles_y,
@@ -665,13 +669,13 @@ def edge_map(image, gamma):
     n_range = _programs_per_sample(batch, runs, image.device)
     ranges = torch.empty((batch, n_range, 2), dtype=acc, device=image.device)
     wide = needs_wide_index(map_extent(channels, image.stride(1), n))
-    _edge_magnitude_kernel[(n_range, batch)](
+    _edge_magnitude_kernel[(batch, n_range)](
         image, out, ranges, image.stride(0), image.stride(1), channels, d, h, w, n, runs,
         IS_3D=image.dim() == 5, WIDE=wide, BLOCK=block, num_warps=4,
     )
     gamma = float(gamma)
     zero_power = 1.0 if gamma == 0 else (0.0 if gamma > 0 else float("inf"))
-    _edge_normalise_kernel[(n_range, batch)](
+    _edge_normalise_kernel[(batch, n_range)](
         out, ranges, n, runs, n_range, gamma, zero_power,
         WIDE=wide, EPS_NORM=EPS_MINMAX, R_PAD=next_power_of_2(n_range), BLOCK=block,
         num_warps=4,
