@@ -90,6 +90,9 @@ def device_ceilings():
     return bandwidth, rates
 
 
+FLOAT32_RTOL = 1e-5  # docs/contract.md §8, relative to the largest magnitude
+
+
 def relative_error(ours, truth):
     ours, truth = ours.double(), truth.double()
     return ((ours - truth).abs().max() / truth.abs().max().clamp_min(1e-300)).item()
@@ -344,10 +347,19 @@ def main(argv=None) -> int:
             f"{row['achieved_GBps']} | {row['achieved_TFLOPs']} | "
             f"{'' if error is None else f'{error:.2e}'} | {peak} |")
     text = "\n".join(lines) + "\n"
+    # the joint counts' float32 tolerance of docs/contract.md §8, held at these realistic sizes
+    # too: the GPU tests use small maps, where a biased tensor-core accumulation over long sums
+    # would not show. (The boundary term's float32 error is bounded by the reference's own, in
+    # the conformance tests; its box sums cancel, so no fixed bound applies here.)
+    too_far = [row for row in rows if row["provider"] in ("triton", "cuda") and row["op"].startswith("joint")
+               and row["rel_error_vs_fp64"] is not None and row["rel_error_vs_fp64"] > FLOAT32_RTOL]
+    for row in too_far:
+        text += (f"ACCURACY: {row['case']} {row['op']} {row['provider']}: relative error "
+                 f"{row['rel_error_vs_fp64']:.2e} > {FLOAT32_RTOL:g}\n")
     with open(os.path.join(args.out, "profile.md"), "w") as handle:
         handle.write(text)
     print(text)
-    return 0
+    return 1 if too_far else 0
 
 
 if __name__ == "__main__":

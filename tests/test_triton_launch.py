@@ -243,6 +243,14 @@ def test_joint_counts_fixed_order_reduction_is_bitwise_repeatable():
     assert torch.equal(first, again)
 
 
+def test_an_explicit_tile_with_depth_is_refused_for_a_2d_map():
+    """The kernels test no z bound on a 2-D map: a tile deeper than 1 would load and store past
+    the sample, so the tests' and tuners' tile shapes are checked."""
+    p1, p2, _ = make_inputs((1, 3, 6, 9), F32, False)
+    with pytest.raises(ValueError, match="tile depth: expected 1 for a 2-D map"):
+        joint.joint_counts(p1, p2, flatten(make_offsets(1, 2)), None, tile=(2, 2, 8))
+
+
 def test_joint_counts_take_batch_and_channel_strides():
     """Maps that are channel slices of a larger map and every other sample of a batch run in
     place (no copy): the kernels take the batch and channel strides."""
