@@ -174,7 +174,7 @@ at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
     TORCH_CHECK(largest <= std::numeric_limits<int32_t>::max(), "bimi_C (cuda): K = ", call.k,
                 " is too large for the joint-count forward");
     const int64_t tiles = tile_count(call.v);
-    const int64_t chunks = forward_chunks(tiles, largest, call.num_offsets, call.k);
+    const int64_t chunks = forward_chunks_for(call.offsets, call.k, Config::kRun, Config::kGroupBlocks, tiles);
     at::Tensor partials = chunks == 1 ? joint : at::empty({chunks, call.num_offsets, call.k, call.k}, acc_options);
 
     JointForwardArgs<scalar_t, acc_t> args;

@@ -187,8 +187,8 @@ inline int64_t backward_shared_elements(int64_t k, int64_t window_channels, cons
 }
 
 // Chunks of tiles (the second grid dimension of the forward): enough blocks to fill a large GPU,
-// a fixed number (not the device's multiprocessor count) so that the sums, and so the result,
-// are the same on every device; at most kMaxChunks, and partial J under kPartialBudget elements.
+// a fixed number (not the device's multiprocessor count; see forward_chunks_for) so that the
+// sums, and so the result, are the same on every device; at most kMaxChunks, and partial J under kPartialBudget elements.
 constexpr int64_t kTargetBlocks = 1024;
 constexpr int64_t kMaxChunks = 1024;
 constexpr int64_t kPartialBudget = int64_t(1) << 24;
@@ -197,6 +197,17 @@ inline int64_t forward_chunks(int64_t tiles, int64_t blocks_per_chunk, int64_t n
   const int64_t wanted = ceil_div(kTargetBlocks, std::max<int64_t>(blocks_per_chunk, 1));
   const int64_t affordable = kPartialBudget / std::max<int64_t>(num_offsets * k * k, 1);
   return std::max<int64_t>(1, std::min({wanted, tiles, kMaxChunks, affordable}));
+}
+
+// The forward's chunk count for these offsets, from the plan of a GPU with room for kMaxWindow
+// windows (every GPU from sm_80 on) whatever the device: the chunks group J's sums, so they must
+// not follow the device's cut into clusters (which changes no sum's order by itself).
+inline int64_t forward_chunks_for(const std::vector<Offset3>& offsets, int64_t k, int32_t run,
+                                  int32_t group_blocks, int64_t tiles) {
+  std::vector<JointLaunch> launches = plan_joint_launches(offsets, +1, kMaxWindow);
+  const ForwardShape shape = forward_shape(launches, k, run, group_blocks);
+  const int64_t blocks = set_forward_blocks(launches, shape, run);
+  return forward_chunks(tiles, blocks, static_cast<int64_t>(offsets.size()), k);
 }
 
 }  // namespace cuda

@@ -72,8 +72,9 @@ std::vector<acc_t> emulate_forward(const std::vector<acc_t>& p1, const std::vect
       offsets, +1, forward_window_cap(k, Config::kGroupBlocks, sizeof(acc_t), shared_bytes));
   const ForwardShape shape = forward_shape(launches, k, kRun, Config::kGroupBlocks);
   const int64_t largest = set_forward_blocks(launches, shape, kRun);
+  expect(largest <= std::numeric_limits<int32_t>::max(), "forward blocks of a launch fit int32");
   const int64_t tiles = tile_count(v);
-  const int64_t chunks = forward_chunks(tiles, largest, num_offsets, k);
+  const int64_t chunks = forward_chunks_for(offsets, k, kRun, Config::kGroupBlocks, tiles);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   std::vector<acc_t> partials(chunks * num_offsets * k * k, nan);
   std::vector<int> writes(partials.size(), 0);
