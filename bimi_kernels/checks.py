@@ -330,8 +330,9 @@ def check_probabilities_sampled(maps: dict) -> None:
     each map must hold probability vectors. Skipped for other devices (it would need a sync)
     and while torch.compile or make_fx traces (a data-dependent branch would break the graph).
     The good case costs a few small ops for all maps together; the message is worked out only on
-    failure."""
-    if graph_traced():
+    failure. Under torch.jit.trace it is skipped too: a traced check would be frozen into the
+    trace as constants (with a TracerWarning per value read) and never run again."""
+    if graph_traced() or torch.jit.is_tracing():
         return
     unwrapped = {name: values_and_calls(p) for name, p in maps.items()}
     # values a CPU tensor gives without a sync (fake and meta tensors have none)

@@ -362,6 +362,26 @@ def test_sampled_check_is_not_traced_by_compile(good, monkeypatch):
     compiled(p1, p2, image)  # no graph break from the data-dependent check
 
 
+# the shape checks still warn: shapes are constants of a trace, which is what jit.trace means
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_sampled_check_is_not_frozen_into_a_jit_trace(good, monkeypatch):
+    """torch.jit.trace would record the sampled check's values as constants: it is skipped while
+    tracing, and the traced loss gives the eager one."""
+    from bimi_kernels import checks
+
+    monkeypatch.delenv("BIMI_VALIDATE", raising=False)
+    p1, p2, image = good
+    loss_fn = bimi_kernels.BIMILoss(offsets=1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the sampled check ran while torch.jit.trace traced")
+
+    monkeypatch.setattr(checks, "_sample_index", refuse)
+    traced = torch.jit.trace(loss_fn, (p1, p2, image), check_trace=False)
+    monkeypatch.undo()
+    torch.testing.assert_close(traced(p1, p2, image), loss_fn(p1, p2, image))
+
+
 def test_sampled_check_under_a_default_device(good, monkeypatch):
     """The sampled check's index lives on the CPU whatever the default device: with a meta default
     device it read garbage and refused good maps (and the bad index stayed cached)."""
