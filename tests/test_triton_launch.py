@@ -421,6 +421,16 @@ def test_the_batch_is_on_grid_axis_0(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # host side: no synchronisation, cheap
 # ------------------------------------------------------------------------------------------------
+def test_a_table_first_needed_inside_a_graph_capture_is_a_clear_error(monkeypatch):
+    """The partner table is copied to the device on its first use; inside a CUDA graph capture
+    that copy is not allowed, and the error says to warm up first (the check runs before any
+    device work, so it is tested here on a CUDA device descriptor)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    geo = joint.geometry(flatten(make_offsets(1, 2)), 2, (1, 5, 7))
+    with pytest.raises(RuntimeError, match="run the loss once before capturing"):
+        joint.partner_table(geo, 3, 35, False, 32, torch.device("cuda"))
+
+
 def test_launchers_never_read_tensor_values_on_the_host(monkeypatch):
     """No .item(), bool() or tolist() on a tensor inside the four kernels: they can be
     captured by CUDA graphs and never wait for the device."""

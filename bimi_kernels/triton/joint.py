@@ -354,6 +354,11 @@ def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad:
     table = _partner_tables.get(key)
     if table is not None:
         return table
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "bimi_kernels (triton): the first call with these shapes and offsets copies a table "
+            "to the GPU, which a CUDA graph capture does not allow; run the loss once before "
+            "capturing (torch.compile(mode=\"reduce-overhead\") does: it warms up first)")
     depth, height, width = geo.dims
     sign = -1 if reverse else 1
     columns = [[0] * rows_pad for _ in range(TABLE_COLUMNS)]
