@@ -37,7 +37,8 @@ def info() -> int:
         if loaded is not None:  # where it came from: another checkout's build can be picked up
             print(f"{module.split('.')[-1]:<12} {loaded.__file__}")
     isa = cpu_isa()
-    print(f"cpu loops    {f'{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic: the baseline)' if isa else 'not built'}")
+    loops = f"{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic: the baseline)" if isa else "not built"
+    print(f"cpu loops    {loops}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")

@@ -4,8 +4,8 @@ and compare the pre-training settings (random init, IIC, regularised MI, full BI
 held-out test block, the fine-tuning checkpoint chosen on a separate validation block.
 
 Tasks: `tissue` (default; grey matter / white matter / other in-brain, mostly CSF, on the MNI
-template bundled with nilearn) and `lobes` (AAL lobes on the Colin27 brain from the Debian package mricron-data; sagittal
-slices, left hemisphere for training, right for test).
+template bundled with nilearn) and `lobes` (AAL lobes on the Colin27 brain from the Debian
+package mricron-data; sagittal slices, left hemisphere for training, right for test).
 
 The quick preset (default) takes about 10 minutes on a 2-core CPU; `--preset full` is the long
 run for a GPU (`--device cuda`). Every option below overrides the preset's value.
@@ -28,7 +28,8 @@ from typing import Dict, List, Optional
 # What a run cuts from the authors' protocol is written in results.md (AUTHORS_PROTOCOL and the options).
 PRESETS = {
     # quick: one CPU thread, because this small model gains little from a second one and on a
-    # shared machine OpenMP threads that wait on each other made a 2-thread run several times slower
+    # shared machine OpenMP threads that wait on each other made a 2-thread run several times
+    # slower
     "quick": dict(resolution=64, width=16, depth=3, clusters=16, heads=3, epochs=40, batches_per_epoch=9,
                   batch_size=8, lr=2e-3, finetune_steps=300, finetune_lr=3e-3, eval_every=25, seeds=3,
                   labels=[1, 4], threads=1),
