@@ -164,7 +164,7 @@ def pretrain(
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())  # map_location moved it to the device
         history = state["history"]
         start_epoch = state["epoch"]
 
