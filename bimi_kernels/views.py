@@ -8,7 +8,8 @@ caller must bring them into one frame. The convention of this package:
   nearest-neighbour, so no feature or probability is blended: that warped map gives `p1`;
 - view 2 is the transformed image (bilinear warp, then intensity jitter); the network's output
   for it gives `p2` directly, already in the transformed frame;
-- the loss gets `image = view 2` and `mask` = the pixels the warp did not pad.
+- the loss gets `image = view 2` and `mask` = the pixels the warp between the views did not pad
+  (a shared transform's padding is in both views alike and is not masked).
 
 Typical use::
 
@@ -198,6 +199,13 @@ def random_affine_params(
     )
 
 
+def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the transforms and sampling grids for images of `dtype`: float64 for
+    float64, float32 otherwise (float16 and bfloat16 cannot place a pixel: bfloat16 has 8
+    significant bits)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Resample `x` (B, C, H, W) with the affine `theta` (B, 2, 3); zero padding outside.
 
@@ -211,10 +219,10 @@ def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.
         raise ValueError(f"theta: expected shape ({x.shape[0]}, 2, 3), got {tuple(theta.shape)}")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode: expected 'bilinear' or 'nearest', got {mode!r}")
-    work_dtype = x.dtype if x.is_floating_point() else torch.float32
+    work_dtype = geometry_dtype(x.dtype)  # a bfloat16 grid is off by up to half a pixel
     grid = F.affine_grid(theta.to(device=x.device, dtype=work_dtype), list(x.shape), align_corners=False)
     out = F.grid_sample(x.to(work_dtype), grid, mode=mode, padding_mode="zeros", align_corners=False)
-    return out if x.is_floating_point() else out.round().to(x.dtype)
+    return out.to(x.dtype) if x.is_floating_point() else out.round().to(x.dtype)
 
 
 def validity_mask(theta: torch.Tensor, size: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
@@ -295,7 +303,8 @@ class TwoViews:
     transformed : (B, C, H, W) view 2: the image after the shared transform (if any), view 2's
                   intensity changes, and the warp (bilinear)
     params      : the AffineParams of the warp (view 1 frame -> view 2 frame)
-    mask        : (B, 1, H, W) 1.0 where view 2 is not padding
+    mask        : (B, 1, H, W) 1.0 where the warp between the views read inside its input (the
+                  shared transform's padding is in both views alike and counts as valid)
     shared      : the AffineParams of the transform applied to both views first (data
                   augmentation; it needs no alignment), or None
     """
@@ -440,7 +449,7 @@ class TwoViewTransform:
             flip_prob=self.flip_prob,
             generator=generator,
             device=image.device,
-            dtype=image.dtype if image.is_floating_point() else torch.float32,
+            dtype=geometry_dtype(image.dtype),
             mirror_prob=self.mirror_prob,
         )
 
@@ -450,7 +459,7 @@ class TwoViewTransform:
             image.shape[0], image.shape[2:], max_rotation=self.shared_rotation, scale_range=(1.0, 1.0),
             max_translation=self.shared_translation, flip_prob=self.shared_flip_prob,
             vertical_flip_prob=self.shared_flip_prob, generator=generator, device=image.device,
-            dtype=image.dtype if image.is_floating_point() else torch.float32,
+            dtype=geometry_dtype(image.dtype),
         )
 
     def jitter(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -469,6 +478,9 @@ class TwoViewTransform:
     def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> TwoViews:
         if image.dim() != 4:
             raise ValueError(f"image: expected a (B, C, H, W) tensor, got shape {tuple(image.shape)}")
+        if not image.is_floating_point():  # the intensity changes need real values
+            raise TypeError(f"image: expected a floating-point image, got {image.dtype} (convert it, e.g. "
+                            "image.float() / 255)")
         params = self.sample(image, generator)
         shared = None
         if self.has_shared:

@@ -146,6 +146,22 @@ def test_bad_input_is_named():
         TwoViewTransform()(torch.rand(1, 4, 4))
     with pytest.raises(ValueError, match="flip_prob"):
         random_affine_params(1, (4, 4), flip_prob=2.0)
+    with pytest.raises(TypeError, match="image: expected a floating-point image"):
+        TwoViewTransform()(torch.randint(0, 255, (2, 1, 8, 8), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_images_are_placed_as_float32_ones(dtype):
+    """The transforms and grids of bfloat16/float16 images are float32 (bfloat16's 8 bits cannot
+    place a pixel on a 128-pixel image): the views are the float32 views, rounded to the dtype."""
+    ramp = torch.arange(128.0).repeat(128, 1)[None, None] / 128  # x coordinate, exact in both dtypes
+    ramp = torch.cat([ramp, ramp.transpose(-1, -2)], dim=1).repeat(2, 1, 1, 1)
+    transform = TwoViewTransform(brightness=0, contrast=0, noise_std=0, max_rotation=30)
+    exact = transform(ramp, generator=torch.Generator().manual_seed(3))
+    low = transform(ramp.to(dtype), generator=torch.Generator().manual_seed(3))
+    assert low.params.theta.dtype == torch.float32 and low.transformed.dtype == dtype
+    assert torch.equal(low.mask, exact.mask.to(dtype))
+    assert torch.equal(low.transformed, exact.transformed.to(dtype))
 
 
 # The authors' setting (VIEW_SETTINGS["authors"]): shared transform, mirror, gamma, colour jitter.
