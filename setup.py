@@ -8,14 +8,16 @@
 - `bimi_kernels._C_cuda` (CUDA kernels, the `cuda` backend) is built only with a CUDA build of
   torch and a CUDA toolkit (CUDA_HOME or nvcc on PATH). BIMI_BUILD_CUDA=1 insists on it (and fails
   loudly when it cannot be built), BIMI_BUILD_CUDA=0 skips it. TORCH_CUDA_ARCH_LIST picks the GPU
-  architectures; without it and without a visible GPU it defaults to the ones torch was built for,
-  the newest also as PTX (e.g. "7.5;8.0;8.6;9.0;10.0;12.0+PTX" for a cu130 torch).
+  architectures; without it and without a visible GPU it defaults to the ones torch was built for
+  from sm_75 on that nvcc knows, the newest also as PTX ("7.5;8.0;8.6;9.0;10.0;12.0+PTX" for a
+  cu130 torch).
 
 Re-builds are incremental: ninja keeps its objects in build/ (also for editable installs, whose
 build folder pip would otherwise make new each time), so only changed sources are recompiled.
 """
 import glob
 import os
+import subprocess
 import sys
 
 from setuptools import Extension, setup
@@ -49,15 +51,32 @@ CPU_DEPENDS = _sources("common/*.h", "cpu/*.h", "cpu/simd/*.h") + ["setup.py"]
 CUDA_DEPENDS = CPU_DEPENDS + _sources("cuda/*.cuh", "cuda/*.h")
 
 
-def _default_cuda_arch_list(torch) -> str:
+# The oldest GPU the CUDA kernels support: sm_75 (T4); __grid_constant__ needs sm_70 at least.
+MIN_CUDA_ARCH = (7, 5)
+
+
+def _nvcc_archs(cuda_home):
+    """The (major, minor) architectures the toolkit's nvcc can compile for, or None if unknown."""
+    try:
+        listed = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                                capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError, TypeError):
+        return None
+    archs = {divmod(int(name[8:]), 10) for name in listed if name.startswith("compute_") and name[8:].isdigit()}
+    return archs or None
+
+
+def _default_cuda_arch_list(torch, nvcc_archs=None) -> str:
     """Without a visible GPU (a CI job, an image build): the architectures torch itself runs on,
-    the newest also as PTX for GPUs newer than torch; else sm_80 and sm_90 + PTX. (torch's own
-    default is the visible GPUs' architectures only.)"""
+    from sm_75 on and those the local nvcc knows (`nvcc_archs`, None: not known), the newest also
+    as PTX for GPUs newer than torch; else sm_80 and sm_90 + PTX. (torch's own default is the
+    visible GPUs' architectures only.)"""
     try:
         flags = torch._C._cuda_getArchFlags().split()
     except Exception:  # a private function: gone or failing in some torch
         flags = []
     archs = sorted({divmod(int(flag[3:]), 10) for flag in flags if flag.startswith("sm_") and flag[3:].isdigit()})
+    archs = [a for a in archs if a >= MIN_CUDA_ARCH and (nvcc_archs is None or a in nvcc_archs)]
     names = [f"{major}.{minor}" for major, minor in archs] or ["8.0", "9.0"]
     names[-1] += "+PTX"
     return ";".join(names)
@@ -152,7 +171,8 @@ def _extensions():
     build_cuda, reason = _want_cuda(torch, cpp_extension)
     if build_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_cuda_arch_list(torch)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_cuda_arch_list(
+                torch, _nvcc_archs(cpp_extension.CUDA_HOME))
         extensions.append(
             cpp_extension.CUDAExtension(
                 name="bimi_kernels._C_cuda",

@@ -295,7 +295,7 @@ def bimi_loss(
     p2: torch.Tensor,
     image: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
-    offsets: Offsets = ((0, 0),),
+    offsets: Optional[Offsets] = None,
     alpha: float = 0.5,
     lamda: float = 1.0,
     mi_weight: float = 1.0,
@@ -307,7 +307,9 @@ def bimi_loss(
     eps_convention: str = "add",
 ) -> torch.Tensor:
     """L = mi_weight * L_MI + boundary_weight * L_CC (docs/contract.md §6). `offsets` is an
-    explicit tuple of tuples (see `bimi_kernels.offsets.make_offsets`)."""
+    explicit tuple of tuples (see `bimi_kernels.offsets.make_offsets`); None: offset 0 alone."""
+    if offsets is None:
+        offsets = ((0,) * (p1.dim() - 2),)
     mi = regularized_mi(p1, p2, offsets, mask, alpha, lamda, symmetric, EPS_MI, pool_offsets, eps_convention)
     loss = mi_weight * mi
     if boundary_weight:

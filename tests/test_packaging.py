@@ -3,6 +3,7 @@ The slow install checks (sdist -> wheel -> fresh venv -> import from elsewhere; 
 with build isolation) are .ci/check_install.sh."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -167,15 +168,22 @@ def test_default_cuda_architectures_are_torchs_own():
     import types
 
     source = (ROOT / "setup.py").read_text()
-    start, end = source.index("def _default_cuda_arch_list"), source.index("class MissingTorchBuildExt")
-    namespace: dict = {}
+    start, end = source.index("MIN_CUDA_ARCH = "), source.index("class MissingTorchBuildExt")
+    namespace: dict = {"os": os, "subprocess": subprocess}
     exec(source[start:end], namespace)
-    default_for = namespace["_default_cuda_arch_list"]
+    default_for, nvcc_archs = namespace["_default_cuda_arch_list"], namespace["_nvcc_archs"]
 
     def torch_with(flags):
         return types.SimpleNamespace(_C=types.SimpleNamespace(_cuda_getArchFlags=lambda: flags))
 
-    assert default_for(torch_with("sm_75 sm_80 sm_86 sm_90 sm_100 sm_120")) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
+    cu130 = torch_with("sm_75 sm_80 sm_86 sm_90 sm_100 sm_120")
+    assert default_for(cu130) == "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
+    # older GPUs than the kernels support (__grid_constant__), and those the local nvcc lacks, left out
+    assert default_for(torch_with("sm_50 sm_60 sm_70 sm_75 sm_80 sm_90")) == "7.5;8.0;9.0+PTX"
+    assert default_for(cu130, {(7, 5), (8, 0), (8, 6), (9, 0)}) == "7.5;8.0;8.6;9.0+PTX"
     assert default_for(torch_with("sm_90a sm_80")) == "8.0+PTX"  # arch-specific variants are not portable
     assert default_for(torch_with("")) == "8.0;9.0+PTX"
     assert default_for(types.SimpleNamespace(_C=types.SimpleNamespace())) == "8.0;9.0+PTX"
+    assert nvcc_archs("/no/such/toolkit") is None
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        assert (9, 0) in nvcc_archs("/usr/local/cuda")

@@ -271,3 +271,11 @@ def test_an_offset_needs_one_component_per_spatial_dim(offsets):
     p = torch.rand(1, 3, 4, 5, 6).softmax(1) if len(offsets[0]) == 2 else torch.rand(1, 3, 5, 6).softmax(1)
     with pytest.raises(ValueError, match="components for"):
         R.joint_counts(p, p, offsets)
+
+
+def test_the_default_offset_fits_2d_and_3d_maps():
+    """bimi_loss's default is offset 0 with one component per spatial dim of the maps."""
+    for shape in ((1, 3, 5, 6), (1, 3, 4, 5, 6)):
+        p1, p2 = random_maps(shape, dtype=torch.float64)
+        zero = ((0,) * (len(shape) - 2),)
+        assert R.bimi_loss(p1, p2, boundary_weight=0) == R.bimi_loss(p1, p2, offsets=zero, boundary_weight=0)
