@@ -60,7 +60,10 @@ def cpu_isa() -> Optional[str]:
     the extension. csrc/README.md, "The per-ISA build of the CPU loops"."""
     if _CPU_ERROR is not None:
         return None
-    return torch.ops.bimi_C.cpu_isa()
+    try:
+        return torch.ops.bimi_C.cpu_isa()
+    except (AttributeError, RuntimeError):  # a build from before the op: stale, rebuild it
+        return "unknown (an older build without bimi_C::cpu_isa)"
 
 
 def joint_counts(p1, p2, offsets, mask):

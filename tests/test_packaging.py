@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 import bimi_kernels
 from bimi_kernels import _version
@@ -160,6 +161,17 @@ def test_pytest_ignores_only_third_party_warnings():
         assert action == "ignore" and module, entry  # always narrowed to a module
         assert module.split("\\")[0] not in ("bimi_kernels", "tests", "benchmarks", ""), entry
 
+
+
+def test_an_older_build_without_the_isa_op_is_reported_not_a_crash(monkeypatch):
+    import types
+
+    import bimi_kernels.native as native
+
+    if native.cpu_isa() is None:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(torch.ops, "bimi_C", types.SimpleNamespace())  # an old _C: no cpu_isa op
+    assert native.cpu_isa().startswith("unknown (an older build")
 
 
 def test_default_cuda_architectures_are_torchs_own():

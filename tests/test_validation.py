@@ -365,7 +365,7 @@ def test_sampled_check_is_not_traced_by_compile(good, monkeypatch):
 # the shape checks still warn (shapes are constants of a trace, which is what jit.trace means),
 # and torch 2.13 deprecates torch.jit.trace itself
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.trace.*is deprecated:DeprecationWarning")
 def test_sampled_check_is_not_frozen_into_a_jit_trace(good, monkeypatch):
     """torch.jit.trace would record the sampled check's values as constants: it is skipped while
     tracing, and the traced loss gives the eager one."""

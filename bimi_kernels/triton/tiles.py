@@ -73,8 +73,8 @@ def with_tile_shape(dims: Tuple[int, int, int], shape: Sequence[int]) -> Tile:
         if value < 1 or value & (value - 1):
             raise ValueError(f"tile {name}: expected a power of two, got {value}")
     depth, height, width = dims
-    if depth == 1 and tile_d != 1:  # a 2-D map: the kernels test no z bound, so no z overhang
-        raise ValueError(f"tile depth: expected 1 for a 2-D map, got {tile_d}")
+    if depth == 1 and tile_d != 1:  # a 2-D map (depth 1): the kernels test no z bound there
+        raise ValueError(f"tile depth: expected 1 for a 2-D map (or a volume of depth 1), got {tile_d}")
     return Tile(tile_d, tile_h, tile_w,
                 triton.cdiv(depth, tile_d), triton.cdiv(height, tile_h), triton.cdiv(width, tile_w))
 

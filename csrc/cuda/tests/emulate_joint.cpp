@@ -345,9 +345,12 @@ int main() {
       {"3d K=10 4x9x10 explicit", 1, 10, 4, 9, 10, {{0, 0, 0}, {1, -2, 3}, {-3, 0, -1}}, false},
       {"3d K=2 6x11x9 r=1 dilation 2 masked", 1, 2, 6, 11, 9, window(1, 3, 2), true},
       {"3d K=3 5x9x9 r=2 (125 offsets)", 1, 3, 5, 9, 9, window(2, 3), false},
-      // windows past 64 KB of shared memory at K >= 13: cut into more clusters on sm_75 only
+      // windows past 64 KB of shared memory (float32 K >= 13, float64 K >= 5): cut into more
+      // clusters on sm_75 only
       {"3d K=16 3x9x33 r=1 masked (cut on 64 KB)", 1, 16, 3, 9, 33, window(1, 3), true},
       {"2d K=14 17x40 r=1 dilation 6 (cut on 64 KB)", 1, 14, 1, 17, 40, window(1, 2, 6), false},
+      // 32 tiles: the 64 KB plan alone would give 26 chunks, the full-window plan 29
+      {"2d K=17 32x256 r=2 dilation 5 (chunks of every device)", 1, 17, 1, 32, 256, window(2, 2, 5), true},
   };
   for (const Case& c : cases) {
     const double e64 = run_case<double>(c, rng);
