@@ -19,8 +19,8 @@ torch.autograd.Function (or, without a gradient, the implementation itself): in 
 torch.library's custom-op machinery costs more Python per op, and again per backward op, than
 the whole host cost the Function adds (docs/architecture.md, "The layers"). Under torch.func
 transforms the Functions are taken too (custom ops have no torch.func support; the Functions have
-setup_context and a vmap rule). Both routes call the one implementation of each op below (`_joint_counts_impl`, ...) and
-give bitwise the same results.
+setup_context and a vmap rule). Both routes call the one implementation of each op below
+(`_joint_counts_impl`, ...) and give bitwise the same results.
 """
 from __future__ import annotations
 

@@ -35,4 +35,3 @@ template CpuKernels<float> selected_kernels<float>();
 template CpuKernels<double> selected_kernels<double>();
 
 }  // namespace bimi::cpu
-

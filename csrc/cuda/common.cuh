@@ -14,7 +14,6 @@
 namespace bimi {
 namespace cuda {
 
-
 using bimi::acc_type_t;  // the one definition: common/numerics.h
 
 inline int64_t blocks_for(int64_t items, int64_t threads = kThreads) {

@@ -1,6 +1,7 @@
 // Host-side plan of the CUDA joint-count launches (docs/contract.md §3): the offsets sorted and
-// cut into clusters whose window fits the shared memory (at most kMaxWindow voxels per channel), the clusters packed into
-// OffsetTables of at most kTableOffsets offsets (one launch each), and the forward block shape.
+// cut into clusters whose window fits the shared memory (at most kMaxWindow voxels per channel),
+// the clusters packed into OffsetTables of at most kTableOffsets offsets (one launch each), and
+// the forward block shape.
 // Plain C++ (no torch, no CUDA) so that tests/emulate_joint.cpp can use it on a CPU.
 #pragma once
 
@@ -188,7 +189,8 @@ inline int64_t backward_shared_elements(int64_t k, int64_t window_channels, cons
 
 // Chunks of tiles (the second grid dimension of the forward): enough blocks to fill a large GPU,
 // a fixed number (not the device's multiprocessor count; see forward_chunks_for) so that the
-// sums, and so the result, are the same on every device; at most kMaxChunks, and partial J under kPartialBudget elements.
+// sums, and so the result, are the same on every device; at most kMaxChunks, and partial J
+// under kPartialBudget elements.
 constexpr int64_t kTargetBlocks = 1024;
 constexpr int64_t kMaxChunks = 1024;
 constexpr int64_t kPartialBudget = int64_t(1) << 24;
