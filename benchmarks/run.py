@@ -374,14 +374,18 @@ def _write(rows, out_dir, partial=False):
         report.render(out)
 
 
-def default_out(device_type: str, suite: str) -> Path:
-    """results/benchmarks/cpu, results/benchmarks/cuda-h200, ... with -<suite> unless full."""
+def default_out(device_type: str, suite: str, filtered: bool = False) -> Path:
+    """results/benchmarks/cpu, results/benchmarks/cuda-h200, ... with -<suite> unless full, and
+    -partial for a run limited by --op/--mode/--providers/--group (so that it never replaces a
+    whole suite's committed results with a subset)."""
     if device_type == "cpu":
         folder = "cpu"
     else:
         slug = "".join(c if c.isalnum() else "-" for c in device_name(device_type).lower())
         folder = "cuda-" + "-".join(part for part in slug.split("-") if part and part != "nvidia")
-    return RESULTS_DIR / (folder if suite == "full" else f"{folder}-{suite}")
+    if suite != "full":
+        folder += f"-{suite}"
+    return RESULTS_DIR / (folder + "-partial" if filtered else folder)
 
 
 def parse_args(argv=None, prog="python -m benchmarks.run"):
@@ -392,7 +396,8 @@ def parse_args(argv=None, prog="python -m benchmarks.run"):
     parser.add_argument("--mode", nargs="+", choices=MODES, help="only these modes (default: each config's)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="output folder (default results/benchmarks/<device>[-<suite>])")
+    parser.add_argument("--out", help="output folder (default results/benchmarks/<device>[-<suite>], "
+                        "with -partial added when --op/--mode/--providers/--group limit the run)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDER_ORDER, help="only these providers")
     parser.add_argument("--group", nargs="+", help="only these config groups (target, authors, "
                         "training, sparse, size, clusters, radius, batch, volume)")
@@ -413,7 +418,8 @@ def main(argv=None, prog="python -m benchmarks.run") -> int:
     args = parse_args(argv, prog)
     args.command = " ".join([prog] + argv)
     suite = "quick" if args.quick else args.suite
-    args.out = args.out or str(default_out(args.device, suite))
+    filtered = any((args.op, args.mode, args.providers, args.group))
+    args.out = args.out or str(default_out(args.device, suite, filtered))
     rows = run(args)
     _write(rows, args.out)
     measured = sum(1 for r in rows if r.measured)

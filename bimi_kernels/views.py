@@ -230,11 +230,15 @@ def validity_mask(theta: torch.Tensor, size: Sequence[int], device=None, dtype=t
     padded (any padded neighbour of a bilinear read counts as padded, so the mask is valid for
     both bilinear and nearest warps)."""
     height, width = int(size[0]), int(size[1])
+    work_dtype = geometry_dtype(theta.dtype)  # the grid `warp` computes for the same theta
     grid = F.affine_grid(
-        theta.to(device=device, dtype=torch.float32), [theta.shape[0], 1, height, width], align_corners=False
+        theta.to(device=device, dtype=work_dtype), [theta.shape[0], 1, height, width], align_corners=False
     )
     # Pixel centres lie in [-1 + 1/W, 1 - 1/W]; a bilinear read there touches only inside pixels.
-    limit = torch.tensor([1 - 1 / width, 1 - 1 / height], device=grid.device) + 1e-6
+    # The slack (about 8 ulp of 1) admits a centre that rounding put just outside; beyond it a
+    # read would take a padded neighbour with a weight above the grid dtype's precision.
+    slack = 1e-6 if work_dtype == torch.float32 else 8 * torch.finfo(work_dtype).eps
+    limit = torch.tensor([1 - 1 / width, 1 - 1 / height], device=grid.device, dtype=work_dtype) + slack
     inside = (grid.abs() <= limit).all(dim=-1)
     return inside[:, None].to(dtype)
 
@@ -321,10 +325,10 @@ class TwoViews:
         return warp(maps, self.params.theta, mode="nearest")
 
     def mask_like(self, maps: torch.Tensor) -> torch.Tensor:
-        """The validity mask (B, 1, H', W') at the resolution of `maps`."""
+        """The validity mask (B, 1, H', W') at the resolution of `maps`, in the dtype of `mask`."""
         if tuple(maps.shape[2:]) == tuple(self.mask.shape[2:]):
             return self.mask.to(maps.device)
-        return validity_mask(self.params.theta, maps.shape[2:], device=maps.device)
+        return validity_mask(self.params.theta, maps.shape[2:], device=maps.device, dtype=self.mask.dtype)
 
     def labels_in_view2(self, labels: torch.Tensor) -> torch.Tensor:
         """A label map (B, H, W) of the untransformed images, carried into view 2's frame

@@ -238,6 +238,13 @@ def test_cpu_runs_default_to_one_thread():
         run.parse_args(["--threads", "0"])
 
 
+def test_a_limited_run_never_writes_over_a_whole_suites_results():
+    assert run.default_out("cpu", "full") == run.RESULTS_DIR / "cpu"
+    assert run.default_out("cpu", "quick") == run.RESULTS_DIR / "cpu-quick"
+    assert run.default_out("cpu", "full", filtered=True) == run.RESULTS_DIR / "cpu-partial"
+    assert run.default_out("cpu", "smoke", filtered=True) == run.RESULTS_DIR / "cpu-smoke-partial"
+
+
 # ------------------------------------------------------------------------------------------------
 # the roofline
 # ------------------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ def test_align_brings_view_one_maps_into_view_two_frame():
     half = torch.nn.functional.avg_pool2d(one_hot, 2)
     assert views.align(half).shape == (3, 4, 20, 20)
     assert views.mask_like(half).shape == (3, 1, 20, 20)
+    assert views.mask_like(half).dtype == views.mask.dtype == image.dtype
 
 
 def test_mask_marks_the_padding():
@@ -122,6 +123,16 @@ def test_mask_marks_the_padding():
     assert torch.allclose(bilinear[mask > 0], torch.ones(())), "a valid pixel read only inside pixels"
     assert (mask[nearest == 0] == 0).all(), "every padded pixel is marked"
     assert 0 < mask.mean() < 1
+
+
+def test_float64_mask_admits_no_padded_read():
+    # seeds 5 and 10 each put one pixel between the float32 grid's limit (+1e-6) and float64's
+    for seed in (5, 10):
+        params = random_affine_params(8, (64, 64), max_rotation=45, max_translation=0.2, scale_range=(0.7, 1.3),
+                                      generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        mask = validity_mask(params.theta, (64, 64), dtype=torch.float64)
+        ones = warp(torch.ones(8, 1, 64, 64, dtype=torch.float64), params.theta)
+        assert (ones[mask > 0] > 1 - 1e-12).all()
 
 
 def test_intensity_jitter_touches_the_image_only():
