@@ -8,9 +8,11 @@ TRITON_INTERPRET unset (the kernels must not be interpreted).
     python scripts/triton_compile_check.py                 # the full set: K x dtype x layout
     python scripts/triton_compile_check.py --quick         # a representative set (the CI test)
     python scripts/triton_compile_check.py --k 10 40 --dtype fp32 --json out.json
+    python scripts/triton_compile_check.py --wide          # the 64-bit index variants
 
 Prints one line per variant (kernel, settings, registers, spilled bytes, shared memory, the
-matrix instruction in the PTX) and exits 1 when a variant fails to compile or spills.
+matrix instruction in the PTX) and exits 1 when a variant fails to compile or spills (more than
+--max-spill bytes).
 """
 from __future__ import annotations
 
@@ -186,7 +188,17 @@ def _window(radius: int, ndim: int):
     return list(itertools.product(steps, repeat=ndim))
 
 
-def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool) -> List[Dict]:
+def _wide_copies(variants):
+    """Each variant that has a WIDE setting again with WIDE=True and its strides as 64-bit ints,
+    as the launchers compile them for a sample of 2^31 elements or more."""
+    for fn, pointers, settings, warps, label, _ in variants:
+        if "WIDE" in settings:
+            strides = [p.name for p in fn.params if "stride" in p.name and not p.is_constexpr]
+            yield fn, pointers, dict(settings, WIDE=True), warps, dict(label, wide=True), strides
+
+
+def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool,
+        wide: bool = False) -> List[Dict]:
     if "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     if quick:
@@ -196,14 +208,18 @@ def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool) -> List[D
                    ((32, 32, 32), 1, True)]
     rows = []
     seen = set()
-    for fn, pointers, settings, warps, label in list(joint_variants(dtype_names, ks, layouts)) + \
-            list(boundary_variants(dtype_names, ks if not quick else ks[:1])):
+    variants = list(joint_variants(dtype_names, ks, layouts)) + \
+        list(boundary_variants(dtype_names, ks if not quick else ks[:1]))
+    variants = [v + ([],) for v in variants]
+    if wide:
+        variants = list(_wide_copies(variants))
+    for fn, pointers, settings, warps, label, wide_ints in variants:
         key = (fn.__name__, tuple(sorted(settings.items())), tuple(sorted(pointers.items())),
                warps)
         if key in seen:  # layouts that give the same compile-time settings compile once
             continue
         seen.add(key)
-        row = compile_variant(fn, pointers, settings, warps, arch)
+        row = compile_variant(fn, pointers, settings, warps, arch, wide_ints)
         row["case"] = label
         rows.append(row)
         print(_format(row), flush=True)
@@ -230,17 +246,23 @@ def main(argv=None) -> int:
     parser.add_argument("--k", nargs="+", type=int, default=list(FULL_K))
     parser.add_argument("--quick", action="store_true",
                         help="two layouts instead of four, boundary kernels for the first K only")
+    parser.add_argument("--wide", action="store_true",
+                        help="the 64-bit index variants (WIDE=True) instead, as launched for a "
+                        "sample of 2^31 elements or more")
+    parser.add_argument("--max-spill", type=int, default=0, metavar="BYTES",
+                        help="spill stores a variant may have before the check fails (default 0)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    rows = run(args.arch, args.dtype, args.k, args.quick)
+    rows = run(args.arch, args.dtype, args.k, args.quick, args.wide)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1, default=str)
     failed = [r for r in rows if "error" in r]
     spilled = [r for r in rows if r.get("spill_store_bytes")]
+    over = [r for r in spilled if r["spill_store_bytes"] > args.max_spill]
     print(f"{len(rows)} variants compiled for sm_{args.arch}: {len(failed)} failed, "
-          f"{len(spilled)} spill")
-    return 1 if failed or spilled else 0
+          f"{len(spilled)} spill ({len(over)} over {args.max_spill} bytes)")
+    return 1 if failed or over else 0
 
 
 if __name__ == "__main__":
