@@ -43,7 +43,10 @@ inline int32_t forward_channel_blocks(int64_t k, int32_t group_blocks) {
 // The largest cluster window (voxels per channel) whose block fits `shared_bytes`, the device's
 // per-block shared memory: kMaxWindow on every GPU from sm_80 on, less on sm_75 (64 KB). Never
 // below one offset's window: a cluster of one offset is always formed (and would be refused at
-// launch if even that did not fit). The cut changes no sum's order, so not the result.
+// launch if even that did not fit). The forward's cut changes no sum's order, so not the result.
+// The backward's cap is kMaxWindow from 64 KB on, so on every supported GPU (sm_75 on); below
+// that it would cut, and for K above kWindowChannels a cut reorders the backward's sums
+// (cluster, channel block, offset): the same values to rounding, not the same bits.
 inline int64_t forward_window_cap(int64_t k, int32_t group_blocks, int64_t acc_bytes, int64_t shared_bytes) {
   const int64_t blocks = forward_channel_blocks(k, group_blocks);
   const int64_t window_elements = shared_bytes / acc_bytes - blocks * kMicro * kTileRows * kTileWidth;

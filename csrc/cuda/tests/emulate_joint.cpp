@@ -48,10 +48,14 @@ bool all_finite(const std::vector<acc_t>& v, int64_t count) {
 }
 
 int failures = 0;
+int backward_cuts = 0;  // backward plans cut below the full window (only under 64 KB)
 
 // Shared memory per block (the opt-in maximum) of the smallest and the largest supported GPUs:
-// sm_75 (T4) and sm_90 (H100, H200).
+// sm_75 (T4) and sm_90 (H100, H200), which must give the same bits; and 32 KB, below every
+// supported GPU, where the backward's clusters are cut too (right values, not the same bits:
+// joint_plan.h).
 constexpr int64_t kDeviceSharedBytes[] = {64 * 1024, 227 * 1024};
+constexpr int64_t kBelowSupportedSharedBytes = 32 * 1024;
 
 void expect(bool ok, const std::string& what) {
   if (!ok) {
@@ -181,7 +185,12 @@ std::vector<acc_t> emulate_backward_role(const std::vector<acc_t>& second, const
   std::vector<acc_t> out(second.size(), nan);
   std::vector<acc_t> carry;
   if (launches.size() > 1) carry.assign(second.size(), nan);
-  if (sign > 0) *notes += " backward_launches=" + std::to_string(launches.size());
+  int64_t clusters = 0, uncut = 0;
+  for (const JointLaunch& launch : launches) clusters += launch.table.clusters;
+  for (const JointLaunch& launch : plan_joint_launches(offsets, sign, kMaxWindow)) uncut += launch.table.clusters;
+  if (clusters > uncut) ++backward_cuts;
+  if (sign > 0)
+    *notes += " backward_launches=" + std::to_string(launches.size()) + " backward_clusters=" + std::to_string(clusters);
 
   JointBackwardArgs<acc_t, acc_t> args;
   args.second = second.data();
@@ -318,6 +327,13 @@ double run_case(const Case& c, std::mt19937_64& rng) {
       expect(same, c.name + ": the same bits at every shared-memory size");
     }
   }
+  {  // below every supported GPU: the backward's cut path, checked for its values
+    notes += " | " + std::to_string(kBelowSupportedSharedBytes / 1024) + " KB:";
+    const int64_t small = kBelowSupportedSharedBytes;
+    worst = std::max({worst, error(emulate_forward(p1, p2, m, v, c.offsets, small, &notes), joint),
+                      error(emulate_backward_role(p2, m, v, c.offsets, +1, g, small, &notes), grad1),
+                      error(emulate_backward_role(p1, m, v, c.offsets, -1, g, small, &notes), grad2)});
+  }
   std::printf("%-8s %-44s rel.err %.2e%s\n", sizeof(acc_t) == 8 ? "float64" : "float32", c.name.c_str(),
               worst, notes.c_str());
   return worst;
@@ -358,6 +374,7 @@ int main() {
     const double e32 = run_case<float>(c, rng);
     expect(e32 <= 2e-5, c.name + " float32 within 2e-5");
   }
+  expect(backward_cuts > 0, "some case cuts the backward's clusters at 32 KB (the path is run)");
   if (failures != 0) {
     std::printf("emulate_joint: %d FAILED\n", failures);
     return 1;
