@@ -21,11 +21,12 @@ from typing import Optional, Tuple, Union
 from .workloads import ALL_MODES, FWD_BWD, MAP_OPS
 
 Offsets = Union[int, Tuple[Tuple[int, ...], ...]]
+GROUPS = ("target", "authors", "training", "sparse", "size", "clusters", "radius", "batch", "volume")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    group: str  # target | authors | training | sparse | size | clusters | radius | batch | volume
+    group: str  # one of GROUPS
     batch: int
     clusters: int
     spatial: Tuple[int, ...]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import measure, report
-from .configs import ALWAYS_MEASURED, TIMING, BenchConfig, TimingPolicy, configs_for
+from .configs import ALWAYS_MEASURED, GROUPS, TIMING, BenchConfig, TimingPolicy, configs_for
 from .providers import PACKAGE_PROVIDERS, PROVIDER_ORDER, PROVIDERS
 from .roofline import offset_set
 from .schema import RunInfo, new_row, write_csv
@@ -272,6 +272,10 @@ def run(args) -> list:
     device_type = args.device
     suite = "quick" if args.quick else args.suite
     policy = TIMING[(device_type, suite)]
+    configs = [c for c in configs_for(suite, device_type) if not args.group or c.group in args.group]
+    if not configs:  # nothing to measure: stop before writing an empty report
+        raise SystemExit(f"benchmarks: the {suite} suite on {device_type} has no config in the "
+                         f"groups {' '.join(args.group)}")
     if args.max_call_seconds is not None:
         policy = TimingPolicy(**{**policy.__dict__, "max_call_seconds": args.max_call_seconds})
     threads = resolve_threads(args.threads, device_type)
@@ -283,7 +287,6 @@ def run(args) -> list:
                    native_build=native_build(), tf32=tf32_flags(device_type))
     unavailable = {name: PROVIDERS[name].unavailable(device_type) for name in PROVIDER_ORDER}
     providers = [p for p in PROVIDER_ORDER if p in (args.providers or PROVIDER_ORDER)]
-    configs = [c for c in configs_for(suite, device_type) if not args.group or c.group in args.group]
     print(f"benchmarks: {suite} suite on {info.device_name} ({threads} threads), {len(configs)} "
           f"configs, providers {providers}", flush=True)
     for name in providers:
@@ -399,13 +402,14 @@ def parse_args(argv=None, prog="python -m benchmarks.run"):
     parser.add_argument("--out", help="output folder (default results/benchmarks/<device>[-<suite>], "
                         "with -partial added when --op/--mode/--providers/--group limit the run)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDER_ORDER, help="only these providers")
-    parser.add_argument("--group", nargs="+", help="only these config groups (target, authors, "
-                        "training, sparse, size, clusters, radius, batch, volume)")
+    parser.add_argument("--group", nargs="+", choices=GROUPS, help="only these config groups")
     parser.add_argument("--threads", help="torch.set_num_threads: a number or 'all' (default 1 on "
                         "CPU, so that ratios do not depend on what else the machine runs)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--max-call-seconds", type=float, help="override the per-call time budget")
     args = parser.parse_args(argv)
+    if args.max_call_seconds is not None and not args.max_call_seconds > 0:
+        parser.error(f"--max-call-seconds: expected a positive number, got {args.max_call_seconds}")
     if args.threads is not None and args.threads != "all" and not (args.threads.isdigit() and int(args.threads) > 0):
         parser.error(f"--threads: expected a positive number or 'all', got {args.threads!r}")
     if args.device == "cuda" and not torch.cuda.is_available():

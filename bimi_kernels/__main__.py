@@ -36,8 +36,11 @@ def info() -> int:
         loaded = sys.modules.get(module)
         if loaded is not None:  # where it came from: another checkout's build can be picked up
             print(f"{module.split('.')[-1]:<12} {loaded.__file__}")
-    isa = cpu_isa()
-    loops = f"{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic: the baseline)" if isa else "not built"
+    try:
+        isa = cpu_isa()
+        loops = f"{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic: the baseline)" if isa else "not built"
+    except ValueError as exc:  # a BIMI_CPU_ISA the loops do not know: every cpp call refuses it
+        loops = f"error: {exc}"
     print(f"cpu loops    {loops}")
     devices = ["cpu"]
     if torch.cuda.is_available():

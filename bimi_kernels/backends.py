@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from .checks import stacklevel_outside_package
 
 BACKEND_NAMES = ("reference", "cpp", "triton", "cuda")
 
@@ -188,18 +189,8 @@ def _warn_slow_fallback(device_type: str, native: tuple) -> None:
         f"your torch with `pip install --no-build-isolation .` (see the README's Install section), "
         f"or pass backend='reference' to choose it knowingly.",
         RuntimeWarning,
-        stacklevel=_stacklevel_of_caller(),
+        stacklevel=stacklevel_outside_package(),
     )
-
-
-def _stacklevel_of_caller() -> int:
-    """The stacklevel that attributes a warning raised by our caller to the first frame outside
-    this package and torch (the user's line that called the loss), whichever route led here."""
-    inside = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (sys.modules[__name__], torch))
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def reset_cache() -> None:

@@ -2,23 +2,37 @@
 argument, before any kernel runs.
 
 Shape, dtype, device and setting checks cost nothing and always run. Checks that read values run
-by default only for the maps, on a sample of pixels of CPU tensors, where reading costs no device
-sync (logits passed for probabilities, negative or non-finite values); every value of the maps,
-the image and the mask weights is checked only when asked (`validate=True`, or BIMI_VALIDATE on
-when `validate` is None).
+by default only for the maps and the mask, on a sample of pixels of CPU tensors, where reading
+costs no device sync (logits passed for probabilities, negative or non-finite values, mask weights
+outside [0, 1]); every value of the maps, the image and the mask weights is checked only when
+asked (`validate=True`, or BIMI_VALIDATE on when `validate` is None).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .numerics import FLOAT_DTYPES
+
+
+def stacklevel_outside_package() -> int:
+    """The `warnings.warn` stacklevel, for a warning raised by our caller, that points at the
+    first frame outside this package, torch and the dataclass machinery (`dataclasses.replace`,
+    a generated __init__): the user's line, whichever route led here."""
+    inside = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                   for module in (sys.modules[__name__], torch)) + (dataclasses.__file__, "<")
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_tensor(name: str, t) -> None:
@@ -325,15 +339,27 @@ def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None else values_and_calls(t)[0]
 
 
-def check_probabilities_sampled(maps: dict) -> None:
+@functools.lru_cache(maxsize=32)
+def _mask_sample_index(numel: int, calls: int = 1) -> torch.Tensor:
+    """Flat indices (as torch.take reads them, any strides) of SAMPLED_PIXELS weights per call
+    spread evenly over a mask of `numel` elements."""
+    wanted = SAMPLED_PIXELS * calls
+    picks = sorted({(i * (numel - 1)) // max(1, wanted - 1) for i in range(min(numel, wanted))})
+    return torch.tensor(picks, dtype=torch.long, device="cpu")
+
+
+def check_probabilities_sampled(maps: dict, mask: Optional[torch.Tensor] = None) -> None:
     """The default value check (docs/contract.md §9): on CPU tensors, a fixed sample of pixels of
-    each map must hold probability vectors. Skipped for other devices (it would need a sync)
+    each map must hold probability vectors, and a fixed sample of the mask's weights must lie in
+    [0, 1]. Skipped for other devices (it would need a sync)
     and while torch.compile or make_fx traces (a data-dependent branch would break the graph).
     The good case costs a few small ops for all maps together; the message is worked out only on
     failure. Under torch.jit.trace it is skipped too: a traced check would be frozen into the
     trace as constants (with a TracerWarning per value read) and never run again."""
     if graph_traced() or torch.jit.is_tracing():
         return
+    if mask is not None and mask.dtype != torch.bool:
+        _check_mask_sampled(mask)
     unwrapped = {name: values_and_calls(p) for name, p in maps.items()}
     # values a CPU tensor gives without a sync (fake and meta tensors have none)
     unwrapped = {name: (p, calls) for name, (p, calls) in unwrapped.items()
@@ -354,6 +380,21 @@ def check_probabilities_sampled(maps: dict) -> None:
         message = _not_probabilities(name, sample, " (in a sample of pixels)")
         if message:
             raise ValueError(message + "; validate=False turns this check off")
+
+
+def _check_mask_sampled(mask: torch.Tensor) -> None:
+    values, calls = values_and_calls(mask)
+    if values.device.type != "cpu" or not _has_values(values) or values.numel() == 0:
+        return
+    with torch.no_grad():
+        sample = torch.take(values.detach(), _mask_sample_index(values.numel(), calls))
+        lowest, highest = sample.amin().item(), sample.amax().item()
+    if lowest >= 0 and highest <= 1:  # written so that a nan fails the test
+        return
+    outside = int(_mask_faults(sample).sum())
+    raise ValueError(f"mask: contains {outside} value(s) outside [0, 1] (in a sample of pixels; "
+                     f"min {lowest:.3g}, max {highest:.3g}); {_MASK_RANGE}; validate=False turns "
+                     "this check off")
 
 
 def validate_values(maps: dict, others: Optional[dict] = None, mask=None) -> None:

@@ -7,6 +7,7 @@ in the public signatures that take it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -60,6 +61,12 @@ class LossConfig:
         checks.check_number("mi_weight", self.mi_weight, minimum=0.0)
         checks.check_number("boundary_weight", self.boundary_weight, minimum=0.0)
         checks.check_window(self.window)
+        if self.window == 1 and self.boundary_weight != 0:
+            warnings.warn(
+                "window=1: a box of one pixel has no variance, so every window's correlation is "
+                "clamped and the boundary term is the constant -1 with no gradient "
+                "(docs/contract.md §5); use window >= 3, or boundary_weight=0", UserWarning,
+                stacklevel=checks.stacklevel_outside_package())
         checks.check_number("gamma", self.gamma, above=0.0)
         for name in ("symmetric", "sync", "pool_offsets"):
             checks.check_bool(name, getattr(self, name))

@@ -84,7 +84,7 @@ def _check_values(config: LossConfig, maps: dict, image=None, mask=None) -> None
     if mode == "full":
         checks.validate_values(maps, {"image": image}, mask)
     elif mode == "sampled":
-        checks.check_probabilities_sampled(maps)
+        checks.check_probabilities_sampled(maps, mask)
 
 
 # ------------------------------------------------------------------------------------------------

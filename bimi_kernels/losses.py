@@ -86,7 +86,9 @@ class RegularizedMILoss(_ConfiguredLoss):
     ):
         super().__init__(LossConfig.of(locals(), boundary_weight=0.0))
 
-    def forward(self, p1: torch.Tensor, p2: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, p1: torch.Tensor, p2: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # mask by keyword only: BIMILoss's third argument is the image, and an image taken for
+        # a mask here would weight the loss without an error
         return functional.regularized_mi_from_config(p1, p2, mask, self.config)
 
 

@@ -57,7 +57,8 @@ def _cuda_reason(device_type: str) -> Optional[str]:
 def cpu_isa() -> Optional[str]:
     """Which build of the C++ CPU inner loops runs: "avx2" (AVX2+FMA, where the processor has
     both) or "generic" (baseline x86-64, other processors, or BIMI_CPU_ISA=generic); None without
-    the extension. csrc/README.md, "The per-ISA build of the CPU loops"."""
+    the extension; a ValueError for any other BIMI_CPU_ISA, as every cpp op raises then.
+    csrc/README.md, "The per-ISA build of the CPU loops"."""
     if _CPU_ERROR is not None:
         return None
     try:

@@ -9,13 +9,13 @@ Accumulation follows docs/contract.md §8: float64 inputs are computed in float6
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from .numerics import EPS_CC, EPS_IIC_CLAMP, EPS_LOG_U, EPS_MI, EPS_MINMAX, accumulation_dtype  # noqa: F401
-from .offsets import Offsets, overlap_slices
+from .offsets import Offsets, make_offsets, overlap_slices
 
 
 def _apply_mask(p: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -29,12 +29,15 @@ def _apply_mask(p: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
 # §3 joint counts (docs/contract.md)
 # ------------------------------------------------------------------------------------------------
 def joint_counts(
-    p1: torch.Tensor, p2: torch.Tensor, offsets: Offsets, mask: Optional[torch.Tensor] = None
+    p1: torch.Tensor, p2: torch.Tensor, offsets: Union[Offsets, int], mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """J[o, i, j] = sum over b and s with s+d_o inside (both pixels valid) of p1[b,i,s] p2[b,j,s+d_o].
 
-    Returns (|O|, K, K) in the accumulation dtype.
+    `offsets`: explicit n-tuples, or an int radius r for the window {-r..r}^n
+    (`bimi_kernels.offsets.make_offsets`). Returns (|O|, K, K) in the accumulation dtype.
     """
+    if isinstance(offsets, int) and not isinstance(offsets, bool):
+        offsets = make_offsets(offsets, p1.dim() - 2)
     acc = accumulation_dtype(p1.dtype)
     a = _apply_mask(p1.to(acc), mask)
     b = _apply_mask(p2.to(acc), mask)
@@ -142,7 +145,7 @@ def regularized_mi_from_counts(
 def regularized_mi(
     p1: torch.Tensor,
     p2: torch.Tensor,
-    offsets: Offsets,
+    offsets: Union[Offsets, int],
     mask: Optional[torch.Tensor] = None,
     alpha: float = 0.5,
     lamda: float = 1.0,
@@ -295,7 +298,7 @@ def bimi_loss(
     p2: torch.Tensor,
     image: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
-    offsets: Optional[Offsets] = None,
+    offsets: Union[Offsets, int, None] = None,
     alpha: float = 0.5,
     lamda: float = 1.0,
     mi_weight: float = 1.0,
@@ -307,7 +310,8 @@ def bimi_loss(
     eps_convention: str = "add",
 ) -> torch.Tensor:
     """L = mi_weight * L_MI + boundary_weight * L_CC (docs/contract.md §6). `offsets` is an
-    explicit tuple of tuples (see `bimi_kernels.offsets.make_offsets`); None: offset 0 alone."""
+    explicit tuple of tuples or an int radius (`bimi_kernels.offsets.make_offsets`); None:
+    offset 0 alone."""
     if offsets is None:
         offsets = ((0,) * (p1.dim() - 2),)
     mi = regularized_mi(p1, p2, offsets, mask, alpha, lamda, symmetric, EPS_MI, pool_offsets, eps_convention)

@@ -36,7 +36,8 @@ Two named settings (`VIEW_SETTINGS`, `TwoViewTransform.named(name)`):
   [0.5, 2] and the warp between the views: rotation up to 45 degrees, zoom 0.8-1.3, shift up
   to 0.1 of the image, and with probability 0.9 a mirror along one axis picked at random.
   Intensity changes come before the warp, as in their code. Their images are [0, 1]
-  intensities; the colour jitter clamps to that range so the gamma is defined.
+  intensities; the colour jitter clamps to that range so the gamma is defined, and an image
+  outside it (raw scanner units, z-scores) is refused with a ValueError rather than cut.
 
 Shapes: images and maps are (B, C, H, W); `theta` is (B, 2, 3); masks are (B, 1, H, W), 1.0 on
 valid pixels and 0.0 on the padding. The transform is the same for every channel of a sample
@@ -287,6 +288,19 @@ def colour_jitter(
     return (mean + c * (out - mean)).clamp(0, 1)
 
 
+def _check_unit_range(image: torch.Tensor) -> None:
+    """The colour jitter and the gamma are defined on intensities in [0, 1] (they clamp to it):
+    an image in other units (raw scanner values, z-scores) would be cut in silence. One read of
+    the image's range (a device sync on a GPU, once per batch)."""
+    low, high = (float(v) for v in torch.aminmax(image.detach()))
+    slack = 1e-3  # interpolation and normalisation leave values a rounding outside [0, 1]
+    if not (low >= -slack and high <= 1 + slack):
+        raise ValueError(
+            f"image: the colour jitter and gamma of this view setting expect intensities in [0, 1] "
+            f"(they clamp to it), got values in [{low:.4g}, {high:.4g}]; rescale each image first, "
+            "e.g. (x - x.min()) / (x.max() - x.min()), or use a setting without them (\"mild\")")
+
+
 def gamma_correction(
     image: torch.Tensor, gamma_range: Tuple[float, float] = (0.5, 2.0), generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
@@ -485,6 +499,8 @@ class TwoViewTransform:
         if not image.is_floating_point():  # the intensity changes need real values
             raise TypeError(f"image: expected a floating-point image, got {image.dtype} (convert it, e.g. "
                             "image.float() / 255)")
+        if self.brightness_factor or self.contrast_factor or self.gamma_range:
+            _check_unit_range(image)
         params = self.sample(image, generator)
         shared = None
         if self.has_shared:

@@ -238,6 +238,18 @@ def test_cpu_runs_default_to_one_thread():
         run.parse_args(["--threads", "0"])
 
 
+def test_bad_selections_are_usage_errors_before_anything_runs():
+    for argv in (["--group", "tagret"], ["--max-call-seconds", "-1"], ["--max-call-seconds", "nan"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(argv)
+    assert set(run.parse_args(["--group"] + list(configs.GROUPS)).group) == set(configs.GROUPS)
+    # every config's group is one of GROUPS (the --group choices)
+    assert {c.group for s in ("full", "quick", "smoke") for c in configs.configs_for(s, "cpu")} <= set(configs.GROUPS)
+    # a valid group that the suite lacks: an error, not an empty report over the committed one
+    with pytest.raises(SystemExit, match="has no config in the groups clusters"):
+        run.run(run.parse_args(["--suite", "quick", "--group", "clusters", "--no-memory"]))
+
+
 def test_a_limited_run_never_writes_over_a_whole_suites_results():
     assert run.default_out("cpu", "full") == run.RESULTS_DIR / "cpu"
     assert run.default_out("cpu", "quick") == run.RESULTS_DIR / "cpu-quick"

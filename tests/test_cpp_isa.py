@@ -155,3 +155,21 @@ def test_the_build_in_use_is_named(monkeypatch):
     assert cpu_isa() == "avx2"
     monkeypatch.setenv("BIMI_CPU_ISA", "generic")
     assert cpu_isa() == "generic"
+
+
+def test_an_unknown_isa_request_is_an_error(monkeypatch):
+    """A typo (BIMI_CPU_ISA=avx512, =genric) must not measure the default build in silence;
+    'generic' is accepted in any case, and an empty value means unset."""
+    from bimi_kernels.native import cpu_isa
+
+    p1, p2, flat, mask, _ = joint_inputs(*JOINT_CASES[0], F32)
+    for value in ("avx512", "genric"):
+        monkeypatch.setenv("BIMI_CPU_ISA", value)
+        with pytest.raises(ValueError, match=f"BIMI_CPU_ISA: expected 'generic' .*got '{value}'"):
+            ops.joint_counts(p1, p2, flat, mask)
+        with pytest.raises(ValueError, match="BIMI_CPU_ISA"):
+            cpu_isa()
+    monkeypatch.setenv("BIMI_CPU_ISA", "GENERIC")
+    assert cpu_isa() == "generic"
+    monkeypatch.setenv("BIMI_CPU_ISA", "")
+    assert cpu_isa() == "avx2"

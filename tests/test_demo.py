@@ -4,6 +4,7 @@ written), the up-front dependency check, no silent overwrite, atomic checkpoints
 end-to-end run (a few steps at 32x32; the real runs' numbers live in results/demo/)."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -283,6 +284,14 @@ def test_an_output_folder_that_cannot_be_made_is_a_usage_error(flag, tmp_path, c
         err = capsys.readouterr().err
         assert f"argument {flag}" in err and why in err
     assert a_file.read_text() == "not a folder" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc to try")
+def test_a_folder_whose_permission_bits_allow_writing_is_tried(tmp_path, capsys):
+    """/proc says writable to root, but nothing can be made there: the demo tries, up front."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--out", "/proc/bimi_demo_out"])
+    assert exit_info.value.code == 2 and "/proc is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

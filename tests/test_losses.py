@@ -1,5 +1,7 @@
 """The custom ops, functional API and modules (reference backend): agreement with the
 reference's autograd, gradcheck in float64, low precision, no in-place changes, dispatch."""
+import warnings
+
 import pytest
 import torch
 
@@ -99,6 +101,30 @@ def test_three_modules_compose():
     full = bimi_kernels.BIMILoss(offsets=1)(p1, p2, image)
     torch.testing.assert_close(full, mi + cc)
     assert cc.item() < 0
+
+
+def test_regularized_mi_takes_its_mask_by_keyword_only():
+    """BIMILoss's third argument is the image: the MI module refuses a third positional argument
+    rather than take an image for a mask."""
+    p1, p2 = random_maps((2, 3, 6, 6))
+    image = random_image(p1.shape)
+    mask = torch.ones(2, 6, 6, dtype=p1.dtype)
+    with pytest.raises(TypeError):
+        bimi_kernels.RegularizedMILoss()(p1, p2, image)
+    torch.testing.assert_close(bimi_kernels.RegularizedMILoss()(p1, p2, mask=mask),
+                               bimi_kernels.BIMILoss(boundary_weight=0.0)(p1, p2, mask=mask))
+
+
+def test_a_one_pixel_window_warns_that_the_boundary_term_is_constant():
+    p1, p2 = random_maps((1, 3, 6, 6))
+    image = random_image(p1.shape)
+    with pytest.warns(UserWarning, match="window=1: .*constant -1") as record:
+        loss = bimi_kernels.BoundaryCCLoss(window=1)
+    assert record[0].filename == __file__  # the user's line, not ours
+    assert loss(p1, p2, image).item() == -1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bimi_kernels.BIMILoss(window=1, boundary_weight=0.0)  # the term is off: nothing to say
 
 
 def test_boundary_weight_zero_needs_no_image():

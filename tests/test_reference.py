@@ -279,3 +279,12 @@ def test_the_default_offset_fits_2d_and_3d_maps():
         p1, p2 = random_maps(shape, dtype=torch.float64)
         zero = ((0,) * (len(shape) - 2),)
         assert R.bimi_loss(p1, p2, boundary_weight=0) == R.bimi_loss(p1, p2, offsets=zero, boundary_weight=0)
+
+
+def test_an_int_radius_is_the_window_of_offsets():
+    """As in BIMILoss(offsets=1): an int is the radius of the window {-r..r}^n, in 2-D and 3-D."""
+    for shape in ((1, 3, 5, 6), (1, 3, 4, 5, 6)):
+        p1, p2 = random_maps(shape, dtype=torch.float64)
+        window = make_offsets(1, len(shape) - 2)
+        assert torch.equal(R.joint_counts(p1, p2, 1), R.joint_counts(p1, p2, window))
+        assert R.bimi_loss(p1, p2, offsets=1, boundary_weight=0) == R.bimi_loss(p1, p2, offsets=window, boundary_weight=0)

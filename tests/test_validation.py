@@ -354,6 +354,23 @@ def test_sampled_check_reads_any_layout_and_catches_nan(good, monkeypatch):
     loss(p1.contiguous(memory_format=torch.channels_last), p2, image)  # good values in any layout
 
 
+def test_mask_weights_on_cpu_are_sampled_by_default(good, monkeypatch):
+    """A float mask of intensities, or of -1/2 weights, is caught without asking (the full check
+    counts every weight only with validate=True); bool masks have no range to check."""
+    monkeypatch.delenv("BIMI_VALIDATE", raising=False)
+    p1, p2, image = good
+    mask = torch.ones(p1.shape[0], *p1.shape[2:])
+    for bad in (mask * 2, -mask, mask * float("nan"), image[:, 0] * 300):
+        with pytest.raises(ValueError, match=r"mask: contains .*outside \[0, 1\] \(in a sample"):
+            loss(p1, p2, image, bad)
+        with pytest.raises(ValueError, match=r"mask: contains .*outside \[0, 1\] \(in a sample"):
+            bimi_kernels.RegularizedMILoss()(p1, p2, mask=bad)
+        loss(p1, p2, image, bad, validate=False)  # asked not to check
+    wide = mask.clone()[:, None].expand(-1, 1, -1, -1).contiguous(memory_format=torch.channels_last)
+    loss(p1, p2, image, wide * 0.5)  # fractional weights, (B, 1, *S), any layout
+    loss(p1, p2, image, mask > 0)
+
+
 def test_sampled_check_is_not_traced_by_compile(good, monkeypatch):
     monkeypatch.delenv("BIMI_VALIDATE", raising=False)
     p1, p2, image = good

@@ -252,7 +252,7 @@ def test_authors_views_align_maps_and_labels():
     carried = views.labels_in_view2(labels)
     assert (carried == view2.round().long())[valid & interior].float().mean() > 0.97
     # the intensity changes of the full setting touch the images only: same geometry, same mask
-    full = TwoViewTransform.named("authors")(image, generator=torch.Generator().manual_seed(12))
+    full = TwoViewTransform.named("authors")(image / 3, generator=torch.Generator().manual_seed(12))  # in [0, 1]
     assert torch.equal(full.params.theta, views.params.theta) and torch.equal(full.mask, views.mask)
 
 
@@ -266,3 +266,16 @@ def test_colour_jitter_and_gamma_stay_in_range_and_keep_order():
     for original, new in zip(images.flatten(1), corrected.flatten(1)):
         assert torch.equal(torch.argsort(original), torch.argsort(new))
     assert torch.equal(gamma_correction(images, (1.0, 1.0)), images)
+
+
+def test_authors_setting_refuses_images_outside_the_unit_range():
+    """Its colour jitter and gamma clamp to [0, 1]: raw or z-scored intensities would be cut in
+    silence (44 % of a 0..3000 image set to 1), so they are refused; the mild setting, additive
+    only, takes any range."""
+    generator = torch.Generator().manual_seed(0)
+    authors = TwoViewTransform.named("authors")
+    for image in (torch.rand(2, 1, 16, 16) * 3000, torch.randn(2, 1, 16, 16)):
+        with pytest.raises(ValueError, match=r"intensities in \[0, 1\]"):
+            authors(image, generator=generator)
+        TwoViewTransform.named("mild")(image, generator=generator)
+    authors(torch.rand(2, 1, 16, 16), generator=generator)

@@ -20,6 +20,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -228,15 +229,25 @@ def folder_problem(folder: Path) -> Optional[str]:
     if folder.exists():
         if not folder.is_dir():
             return f"{folder} exists and is not a folder"
-        return None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} is not writable"
+        return None if _can_write_in(folder) else f"{folder} is not writable"
     parent = folder.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         return f"cannot create {folder}: {parent} is not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _can_write_in(parent):
         return f"cannot create {folder}: {parent} is not writable"
     return None
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, tried (permission bits say yes for root on
+    read-only mounts and on /proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def run_configs(args: argparse.Namespace, pretrain_images: int):
