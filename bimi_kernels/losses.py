@@ -56,9 +56,9 @@ class _ConfiguredLoss(nn.Module):
 class RegularizedMILoss(_ConfiguredLoss):
     """The regularised mutual information L_MI of docs/contract.md §4.
 
-    forward(p1, p2, mask=None): p1, p2 (B, K, H, W) or (B, K, D, H, W) cluster probabilities of
-    two aligned views; mask (B, 1, *S) or (B, *S). Returns a 0-dim tensor. The third argument is
-    the mask, where BIMILoss takes the image: pass `mask=` by name when switching between them.
+    forward(p1, p2, *, mask=None): p1, p2 (B, K, H, W) or (B, K, D, H, W) cluster probabilities
+    of two aligned views; mask (B, 1, *S) or (B, *S), by keyword only: BIMILoss's third argument
+    is the image, so a third positional argument is a TypeError rather than a mask.
     Settings: the constructor's keywords, also attributes; `help(bimi_kernels.LossConfig)`.
 
     Example::
@@ -87,8 +87,6 @@ class RegularizedMILoss(_ConfiguredLoss):
         super().__init__(LossConfig.of(locals(), boundary_weight=0.0))
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # mask by keyword only: BIMILoss's third argument is the image, and an image taken for
-        # a mask here would weight the loss without an error
         return functional.regularized_mi_from_config(p1, p2, mask, self.config)
 
 

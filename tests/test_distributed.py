@@ -126,7 +126,7 @@ def _rank_scenarios(rank, inputs):
         )
         out[backend, "mi_module"] = bimi_kernels.RegularizedMILoss(
             offsets=OFFSETS, backend=backend, sync=True
-        )(p1, p2, mask).detach()
+        )(p1, p2, mask=mask).detach()
         full_loss = lambda a, b: BF.bimi_loss(a, b, image, mask, OFFSETS, backend=backend, sync=True)
         out[backend, "bimi_sync"] = _loss_and_grads(full_loss, p1, p2)
         out[backend, "boundary_local"] = BF.boundary_cc_loss(p1, p2, image, backend=backend).detach()

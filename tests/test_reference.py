@@ -288,3 +288,17 @@ def test_an_int_radius_is_the_window_of_offsets():
         window = make_offsets(1, len(shape) - 2)
         assert torch.equal(R.joint_counts(p1, p2, 1), R.joint_counts(p1, p2, window))
         assert R.bimi_loss(p1, p2, offsets=1, boundary_weight=0) == R.bimi_loss(p1, p2, offsets=window, boundary_weight=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN's TF32 default)")
+def test_float32_box_sums_on_a_gpu_ignore_the_tf32_default(monkeypatch):
+    """cuDNN convolutions default to TF32 (10 bits); the box sums must stay float32 sums, or the
+    variances' cancellation turns the rounding into 1e-3 errors of the boundary term."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    p = torch.rand(2, 6, 64, 64, generator=torch.Generator().manual_seed(0)).softmax(1)
+    image = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    exact = R.boundary_cc(p.double(), R.edge_map(image.double()), 5)
+    on_gpu = R.boundary_cc(p.cuda(), R.edge_map(image.cuda()), 5).cpu().double()
+    torch.testing.assert_close(on_gpu, exact, rtol=1e-5, atol=0)
+    x = torch.rand(2, 1, 33, 47, dtype=torch.float64)
+    torch.testing.assert_close(R.box_sum(x.float().cuda(), 5).cpu().double(), R.box_sum(x, 5), rtol=1e-6, atol=1e-6)
