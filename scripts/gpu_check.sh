@@ -9,24 +9,37 @@
 #   bash scripts/gpu_check.sh [OUTDIR]          # from the repository root, on the GPU machine
 #
 # Every step has its own time limit and log under OUTDIR; a failing step does not stop the
-# others (its exit status is recorded in OUTDIR/steps.tsv: 124 = hit its time limit). The whole
+# others (its exit status is recorded in OUTDIR/steps.tsv: 124 = hit its time limit; the tests,
+# profile and benchmark steps are stopped with SIGINT, so pytest still writes its summary and
+# XML, and the profile and the benchmark keep the rows measured so far, written as they go). The whole
 # script keeps to TOTAL_LIMIT seconds: a step gets at most what is left of it (less a reserve
 # for packing the results), and steps that would start with under 20 s left are recorded as
 # "no-time" and skipped, so an outer time limit never cuts the run before its results are packed.
 # Adjust with the environment: BENCH_ARGS (the benchmark's arguments), STEP_SKIP (names of steps
 # to skip, e.g. "ncu sweep"), the *_LIMIT variables below (seconds), GPU_CHECK_TAR (a .tgz to
-# pack OUTDIR into, for a remote machine that returns single files):
+# pack OUTDIR into, for a remote machine that returns single files; by default $OUT/gpu_check.tgz
+# when the environment has an $OUT folder, as the device tool gives, which returns a few files
+# from shallow folders only):
 #   GPU_CHECK_TAR=/somewhere/gpu_check.tgz TOTAL_LIMIT=500 bash scripts/gpu_check.sh /tmp/gpu_check
+# On a copied tree without .git, BIMI_BENCH_COMMIT=<sha> names the commit in the results.
 set -uo pipefail
-OUT="${1:-gpu_results}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
+OUTDIR="${1:-gpu_results}"
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
 cd "$(dirname "$0")/.."
+if [ -z "${GPU_CHECK_TAR:-}" ] && [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+  GPU_CHECK_TAR="$(cd "$OUT" && pwd)/gpu_check.tgz"
+fi
+if [ -n "${GPU_CHECK_TAR:-}" ]; then
+  case "$(cd "$(dirname "$GPU_CHECK_TAR")" 2>/dev/null && pwd)/" in
+    "$OUTDIR"/*) echo "gpu_check: GPU_CHECK_TAR ($GPU_CHECK_TAR) lies inside OUTDIR ($OUTDIR): tar would pack itself" >&2; exit 2;;
+  esac
+fi
 
 PYTHON="${PYTHON:-python3}"
-BUILD_LIMIT="${BUILD_LIMIT:-120}"
+BUILD_LIMIT="${BUILD_LIMIT:-180}"
 TEST_LIMIT="${TEST_LIMIT:-150}"
-PROFILE_LIMIT="${PROFILE_LIMIT:-60}"
+PROFILE_LIMIT="${PROFILE_LIMIT:-75}"
 SWEEP_LIMIT="${SWEEP_LIMIT:-40}"
 NCU_LIMIT="${NCU_LIMIT:-40}"
 BENCH_LIMIT="${BENCH_LIMIT:-120}"
@@ -40,11 +53,13 @@ export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1 BIMI_BUILD_CUDA="${BIMI_BUI
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/bimi_triton_cache}"
 unset TRITON_INTERPRET
 
-STEPS="$OUT/steps.tsv"
+STEPS="$OUTDIR/steps.tsv"
 printf 'step\trc\tseconds\n' > "$STEPS"
 T_START=$(date +%s)
 
-# step NAME LIMIT COMMAND...: run with a time limit, log to OUT/NAME.log, record the status
+# step NAME LIMIT COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record the status;
+# STEP_SIGNAL (default TERM) is the signal that ends it at the limit
+STEP_SIGNAL=TERM
 step() {
   local name="$1" limit="$2"
   shift 2
@@ -58,42 +73,49 @@ step() {
     return 0
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -s "$STEP_SIGNAL" --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STEPS"
   echo "[$name] rc=$rc in $(( $(date +%s) - t0 )) s (total $(( $(date +%s) - T_START )) s)"
-  tail -n 3 "$OUT/$name.log"
+  tail -n 3 "$OUTDIR/$name.log"
   return 0
 }
 
 step device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv;
   nvcc --version | tail -n 2; $PYTHON -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())';
-  git log -1 --format='commit %H %s' 2>/dev/null || true"
+  git log -1 --format='commit %H %s' 2>/dev/null || echo \"commit \${BIMI_BENCH_COMMIT:-unknown} (no .git here)\""
 
 # the C++ and CUDA extensions, in place (the tree's own copy of the package is imported)
 step build "$BUILD_LIMIT" "$PYTHON" setup.py build_ext --inplace
 step info 30 "$PYTHON" -m bimi_kernels info
+# a CUDA extension that did not build would only skip its tests: fail loudly here instead
+step cuda-extension 30 "$PYTHON" -c "import bimi_kernels._C, bimi_kernels._C_cuda; print('both extensions load')"
 
 # GPU tests of every GPU backend (compiled Triton kernels, the CUDA extension, the
-# conformance suite when present); -n spreads the Triton compilations over the CPU cores
+# conformance suite for cuda tensors only: BIMI_TEST_DEVICES); -n spreads the Triton
+# compilations over the CPU cores; what CPU-only CI runs already (the compile checks, the host
+# emulations of the CUDA kernels) is left out
 TESTS="tests/test_triton.py tests/test_triton_launch.py tests/test_cuda.py"
 [ -d tests/backends ] && TESTS="$TESTS tests/backends"
 XDIST=""
 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-step tests "$TEST_LIMIT" "$PYTHON" -m pytest -q -rs -p no:cacheprovider $XDIST \
-  -k "not compile_for_h100" --junitxml="$OUT/tests.xml" $TESTS
+STEP_SIGNAL=INT
+BIMI_TEST_DEVICES=cuda step tests "$TEST_LIMIT" "$PYTHON" -m pytest -q -rfEs --durations=25 \
+  -p no:cacheprovider $XDIST -k "not compile_for_h100 and not host_emulation" \
+  --junitxml="$OUTDIR/tests.xml" $TESTS
 
 # our kernels against the roofline: timings, errors, peak memory, per-kernel table
-step profile "$PROFILE_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUT/profile"
+step profile "$PROFILE_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUTDIR/profile"
 
 # the benchmark suite (its CLI: python -m benchmarks.run --help)
-step bench "$BENCH_LIMIT" "$PYTHON" -m benchmarks.run --device cuda $BENCH_ARGS --out "$OUT/bench"
+step bench "$BENCH_LIMIT" "$PYTHON" -m benchmarks.run --device cuda $BENCH_ARGS --out "$OUTDIR/bench"
+STEP_SIGNAL=TERM
 
 # the host's share of one BIMILoss call, eager and replayed from a CUDA graph
-step host "${HOST_LIMIT:-30}" "$PYTHON" -m benchmarks.host_overhead --device cuda --calls 50 --out "$OUT/host"
+step host "${HOST_LIMIT:-30}" "$PYTHON" -m benchmarks.host_overhead --device cuda --calls 50 --out "$OUTDIR/host"
 
 # launch settings: the data to choose the GPU defaults from
-step sweep "$SWEEP_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUT/profile" --sweep
+step sweep "$SWEEP_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUTDIR/profile" --sweep
 
 # hardware counters of each kernel at B=16 K=10 256x256 r=1 and r=3 (--clock-control none: the
 # clocks as the benchmark saw them; on virtual machines where ncu cannot lock them, it still reads)
@@ -109,17 +131,21 @@ fi
 
 # races and out-of-bounds accesses in the CUDA C++ kernels (lowest priority: slow under the tool)
 if command -v compute-sanitizer > /dev/null; then
-  step racecheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 \
+  # only our kernels (namespace bimi::cuda) instrumented, where the tool can filter: torch's own
+  # kernels under the tool would take most of the step's time
+  FILTER=()
+  compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=bimi)
+  step racecheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 "${FILTER[@]}" \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
-  step memcheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  step memcheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 "${FILTER[@]}" \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
 fi
 
 echo "total $(( $(date +%s) - T_START )) s; steps:"
 column -t "$STEPS" 2>/dev/null || cat "$STEPS"
-[ -f "$OUT/profile/profile.md" ] && cat "$OUT/profile/profile.md"
+[ -f "$OUTDIR/profile/profile.md" ] && cat "$OUTDIR/profile/profile.md"
 # one file to carry back from a remote machine
 if [ -n "${GPU_CHECK_TAR:-}" ]; then
-  tar czf "$GPU_CHECK_TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed into $GPU_CHECK_TAR"
+  tar czf "$GPU_CHECK_TAR" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" && echo "packed into $GPU_CHECK_TAR"
 fi
 exit 0

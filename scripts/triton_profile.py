@@ -269,10 +269,10 @@ def sweep(out):
                             "split_backward": config.split_backward,
                             "fwd_ms": round(fwd, 4), "bwd_ms": round(bwd, 4)})
             print(results[-1], flush=True)
-    with open(os.path.join(out, "sweep.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
+            with open(os.path.join(out, "sweep.csv"), "w", newline="") as handle:  # every row
+                writer = csv.DictWriter(handle, fieldnames=list(results[0]))
+                writer.writeheader()
+                writer.writerows(results)
 
 
 def ncu_target():
@@ -324,14 +324,26 @@ def main(argv=None) -> int:
         if radius == 1 and k == 10:
             boundary_case(name, batch, k, size, ceilings, rows, sets)
         del sets
+        write_profile(rows, args.out, ceilings)  # after every case: a time limit keeps what was measured
         print(f"{name} done ({time.time() - start:.0f} s)", flush=True)
+    kernel_table([case for case in cases if case[2] == 10], args.out)
+    text, too_far = write_profile(rows, args.out, ceilings)
+    print(text)
+    return 1 if too_far else 0
+
+
+def write_profile(rows, out, ceilings):
+    """profile.csv and profile.md of the rows so far; (the markdown, the rows whose joint counts
+    miss the float32 tolerance)."""
+    bandwidth, rates = ceilings
+    if not rows:
+        return "", []
     fields = sorted({key for row in rows for key in row}, key=lambda f: list(rows[0]).index(f)
                     if f in rows[0] else 100)
-    with open(os.path.join(args.out, "profile.csv"), "w", newline="") as handle:
+    with open(os.path.join(out, "profile.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    kernel_table([case for case in cases if case[2] == 10], args.out)
     header = ("| case | op | provider | ms | floor ms | roofline | GB/s | TFLOP/s | err vs fp64 "
               "| peak extra (ratio to reference) |")
     lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy "
@@ -356,10 +368,9 @@ def main(argv=None) -> int:
     for row in too_far:
         text += (f"ACCURACY: {row['case']} {row['op']} {row['provider']}: relative error "
                  f"{row['rel_error_vs_fp64']:.2e} > {FLOAT32_RTOL:g}\n")
-    with open(os.path.join(args.out, "profile.md"), "w") as handle:
+    with open(os.path.join(out, "profile.md"), "w") as handle:
         handle.write(text)
-    print(text)
-    return 1 if too_far else 0
+    return text, too_far
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ with the backend's own reason where it cannot. A new backend registered in
 `bimi_kernels.backends` gets the whole suite."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -33,7 +34,18 @@ class BackendUnderTest:
         return f"{self.name}-{self.device}"
 
 
-DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+def _devices() -> tuple:
+    """cpu, and cuda where a device is visible; BIMI_TEST_DEVICES=cuda (a comma-separated list)
+    keeps only those, so that a short GPU session does not repeat what CPU-only CI covers."""
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    wanted = [d.strip() for d in os.environ.get("BIMI_TEST_DEVICES", "").split(",") if d.strip()]
+    unknown = sorted(set(wanted) - {"cpu", "cuda"})
+    if unknown:
+        raise pytest.UsageError(f"BIMI_TEST_DEVICES: expected cpu and/or cuda, got {unknown}")
+    return tuple(d for d in devices if d in wanted) if wanted else devices
+
+
+DEVICES = _devices()
 PAIRS = [BackendUnderTest(name, device) for name in backends.BACKEND_NAMES for device in DEVICES]
 
 
