@@ -2,7 +2,7 @@
 
 docs/contract.md §3-§6. Everything here is differentiable by autograd and works for 2-D maps
 (B, K, H, W) and 3-D maps (B, K, D, H, W). It is not fast: each offset slices the two maps and
-contracts them, and the box sums are average pools times the window's count. Memory stays at a few
+contracts them, and the box sums are convolutions with a window of ones. Memory stays at a few
 copies of the inputs.
 
 Accumulation follows docs/contract.md §8: float64 inputs are computed in float64, everything else in float32.
@@ -212,10 +212,20 @@ def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
 def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     """Sum over a window^n box around each pixel, zero padding window // 2. x is (B, 1, *S).
 
-    An average pool (padding counted) times the count, not a convolution with ones: cuDNN runs
-    float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), 10 significant
-    bits, which the variances' cancellation would turn into errors of 1e-3; pooling sums in
-    float32 whatever the flags. (Padded first: a pool refuses a map smaller than its window.)"""
+    A convolution with ones on the CPU; elsewhere `pooled_box_sum`, the same sums, because cuDNN
+    runs float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32: 10
+    significant bits, which the variances' cancellation turns into errors of 1e-3)."""
+    if x.device.type != "cpu":
+        return pooled_box_sum(x, window)
+    ndim = x.dim() - 2
+    ones = torch.ones((1, 1) + (window,) * ndim, dtype=x.dtype, device=x.device)
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    return conv(x, ones, padding=window // 2)
+
+
+def pooled_box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """`box_sum` as an average pool times the count: float32 sums whatever the TF32 flags.
+    (Padded first: a pool refuses a map smaller than its window.)"""
     ndim = x.dim() - 2
     pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
     padded = F.pad(x, [window // 2] * (2 * ndim))

@@ -302,3 +302,11 @@ def test_float32_box_sums_on_a_gpu_ignore_the_tf32_default(monkeypatch):
     torch.testing.assert_close(on_gpu, exact, rtol=1e-5, atol=0)
     x = torch.rand(2, 1, 33, 47, dtype=torch.float64)
     torch.testing.assert_close(R.box_sum(x.float().cuda(), 5).cpu().double(), R.box_sum(x, 5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,window", [((2, 1, 9, 11), 5), ((1, 1, 4, 5, 6), 5), ((2, 1, 7, 8), 3), ((1, 1, 3, 3), 7)])
+def test_pooled_box_sums_equal_the_convolution(shape, window):
+    """The box sums off the CPU (average pools, immune to TF32) are the CPU's convolution with
+    ones, maps smaller than the window included."""
+    x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(R.pooled_box_sum(x, window), R.box_sum(x, window), rtol=1e-14, atol=1e-14)
