@@ -2,8 +2,8 @@
 
 docs/contract.md §3-§6. Everything here is differentiable by autograd and works for 2-D maps
 (B, K, H, W) and 3-D maps (B, K, D, H, W). It is not fast: each offset slices the two maps and
-contracts them, and the box sums are convolutions with a window of ones. Memory stays at a few
-copies of the inputs.
+contracts them, and the box sums are convolutions with a window of ones (average pools off the
+CPU, immune to TF32). Memory stays at a few copies of the inputs.
 
 Accumulation follows docs/contract.md §8: float64 inputs are computed in float64, everything else in float32.
 """

@@ -27,8 +27,8 @@ Two named settings (`VIEW_SETTINGS`, `TwoViewTransform.named(name)`):
 - ``"mild"`` (the default of `TwoViewTransform()`): view 2 rotated by up to 15 degrees, zoomed
   by 0.9-1.1, shifted by up to 0.1 of the image, mirrored left-right with probability 0.5;
   both views get a small additive brightness / contrast jitter and pixel noise.
-- ``"authors"``: the augmentation of the BIMI authors' training code (Contrast-You,
-  `semi_seg/augment.py` and `semi_seg/epochers/epocher.py`): one random geometric transform
+- ``"authors"``: the augmentation of the BIMI authors' training code (their Contrast-You
+  repository's augmentation and training loop): one random geometric transform
   shared by both views (rotation up to 45 degrees, a mirror on each axis with probability
   0.5, a shift of up to 0.05 of the image: their loader's rotate / flip / crop), a
   brightness and a contrast factor drawn in [0.5, 1.5] for each view separately (their

@@ -289,7 +289,7 @@ def test_roofline_arithmetic_by_hand():
     assert roofline.device_peaks("cuda", "NVIDIA H100 PCIe").bandwidth == 2.0e12
 
 
-def test_roofline_of_the_gpu_target_matches_the_issue_figures():
+def test_roofline_of_the_gpu_target_config_by_hand():
     """B=16 K=10 256x256 r=1 fwd+bwd: ~250 MB of traffic and ~5.7 GFLOP."""
     config = configs.target("cuda", 1)
     nbytes, flops = _bounds("joint_counts", config, "forward+backward")

@@ -142,7 +142,7 @@ def random_grad_j(n_offsets: int, k: int, dtype: torch.dtype, device: str, seed:
     return torch.randn((n_offsets, k, k), generator=g, dtype=F64).to(device, dtype)
 
 
-# the check, for any object with the backend contract's kernels (docs/architecture.md)
+# the check, for any object with the backend contract's kernels (bimi_kernels/backends.py)
 def cpu(t):
     return None if t is None else t.cpu()
 
