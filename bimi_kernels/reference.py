@@ -210,17 +210,18 @@ def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
 
 
 def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Sum over a window^n box around each pixel, zero padding window // 2. x is (B, 1, *S).
+    """Sum over a window^n box around each pixel, zero padding window // 2. x is (B, C, *S),
+    each channel summed on its own.
 
     A convolution with ones on the CPU; elsewhere `pooled_box_sum`, the same sums, because cuDNN
     runs float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32: 10
     significant bits, which the variances' cancellation turns into errors of 1e-3)."""
     if x.device.type != "cpu":
         return pooled_box_sum(x, window)
-    ndim = x.dim() - 2
-    ones = torch.ones((1, 1) + (window,) * ndim, dtype=x.dtype, device=x.device)
+    ndim, channels = x.dim() - 2, x.shape[1]
+    ones = torch.ones((channels, 1) + (window,) * ndim, dtype=x.dtype, device=x.device)
     conv = F.conv2d if ndim == 2 else F.conv3d
-    return conv(x, ones, padding=window // 2)
+    return conv(x, ones, padding=window // 2, groups=channels)
 
 
 def pooled_box_sum(x: torch.Tensor, window: int) -> torch.Tensor:

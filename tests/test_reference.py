@@ -310,3 +310,13 @@ def test_pooled_box_sums_equal_the_convolution(shape, window):
     ones, maps smaller than the window included."""
     x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(R.pooled_box_sum(x, window), R.box_sum(x, window), rtol=1e-14, atol=1e-14)
+
+
+def test_local_cross_correlation_of_several_channels_is_the_mean_of_each():
+    """(B, C, *S) maps, as documented: each channel's windows on their own, the mean over all."""
+    u = torch.rand(2, 3, 9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    e = torch.rand(2, 3, 9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    each = [R.local_cross_correlation(u[:, c:c + 1], e[:, c:c + 1], 3) for c in range(3)]
+    torch.testing.assert_close(BF.local_cross_correlation(u, e, 3), sum(each) / 3)
+    x = torch.rand(2, 3, 5, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(R.box_sum(x, 3), R.pooled_box_sum(x, 3), rtol=1e-14, atol=1e-14)
