@@ -28,9 +28,17 @@ def stacklevel_outside_package() -> int:
     first frame outside this package, torch and the dataclass machinery (`dataclasses.replace`,
     a generated __init__): the user's line, whichever route led here."""
     inside = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
-                   for module in (sys.modules[__name__], torch)) + (dataclasses.__file__, "<")
+                   for module in (sys.modules[__name__], torch)) + (dataclasses.__file__,)
+    package = __name__.split(".")[0]
+
+    def ours(frame) -> bool:
+        filename = frame.f_code.co_filename
+        if filename.startswith("<"):  # generated code: ours (a dataclass __init__), or the user's REPL
+            return str(frame.f_globals.get("__name__", "")).split(".")[0] in (package, "dataclasses")
+        return filename.startswith(inside)
+
     frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
+    while frame is not None and ours(frame):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -303,8 +311,8 @@ def _sample_index(shape, calls: int = 1) -> torch.Tensor:
     batch, channels, spatial = shape[0], shape[1], tuple(shape[2:])
     pixels = math.prod(spatial)
     count = batch * pixels
-    wanted = SAMPLED_PIXELS * calls
-    picks = sorted({(i * (count - 1)) // max(1, wanted - 1) for i in range(min(count, wanted))})
+    n = min(count, SAMPLED_PIXELS * calls)  # every pixel of a small map
+    picks = sorted({(i * (count - 1)) // max(1, n - 1) for i in range(n)})
     # on the CPU whatever the default device (torch.set_default_device): the maps checked are CPU maps
     picks = torch.tensor(picks, dtype=torch.long, device="cpu")
     sample, pixel = picks // pixels, picks % pixels
@@ -343,8 +351,8 @@ def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _mask_sample_index(numel: int, calls: int = 1) -> torch.Tensor:
     """Flat indices (as torch.take reads them, any strides) of SAMPLED_PIXELS weights per call
     spread evenly over a mask of `numel` elements."""
-    wanted = SAMPLED_PIXELS * calls
-    picks = sorted({(i * (numel - 1)) // max(1, wanted - 1) for i in range(min(numel, wanted))})
+    n = min(numel, SAMPLED_PIXELS * calls)  # every weight of a small mask
+    picks = sorted({(i * (numel - 1)) // max(1, n - 1) for i in range(n)})
     return torch.tensor(picks, dtype=torch.long, device="cpu")
 
 
@@ -386,8 +394,13 @@ def _check_mask_sampled(mask: torch.Tensor) -> None:
     values, calls = values_and_calls(mask)
     if values.device.type != "cpu" or not _has_values(values) or values.numel() == 0:
         return
+    index = _mask_sample_index(values.numel(), calls)
     with torch.no_grad():
-        sample = torch.take(values.detach(), _mask_sample_index(values.numel(), calls))
+        try:
+            sample = torch.take(values.detach(), index)
+        except (NotImplementedError, RuntimeError):  # no take for uint16-64 and float8 masks
+            sample = values.detach().reshape(-1)[index]
+        sample = sample.double()
         lowest, highest = sample.amin().item(), sample.amax().item()
     if lowest >= 0 and highest <= 1:  # written so that a nan fails the test
         return

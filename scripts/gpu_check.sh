@@ -29,6 +29,11 @@ OUTDIR="$(cd "$OUTDIR" && pwd)"
 cd "$(dirname "$0")/.."
 if [ -z "${GPU_CHECK_TAR:-}" ] && [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   GPU_CHECK_TAR="$(cd "$OUT" && pwd)/gpu_check.tgz"
+  case "$(cd "$OUT" && pwd)/" in
+    "$OUTDIR"/*) echo "gpu_check: OUTDIR ($OUTDIR) holds \$OUT, where the results are packed (gpu_check.tgz); the device" \
+                      "tool returns only a few shallow files from \$OUT, so give an OUTDIR outside it, e.g. /tmp/gpu_check" >&2
+                 exit 2;;
+  esac
 fi
 if [ -n "${GPU_CHECK_TAR:-}" ]; then
   case "$(cd "$(dirname "$GPU_CHECK_TAR")" 2>/dev/null && pwd)/" in
@@ -94,8 +99,8 @@ step cuda-extension 30 "$PYTHON" -c "import bimi_kernels._C, bimi_kernels._C_cud
 # GPU tests of every GPU backend (compiled Triton kernels, the CUDA extension, the
 # conformance suite for cuda tensors only: BIMI_TEST_DEVICES); -n spreads the Triton
 # compilations over the CPU cores; what CPU-only CI runs already (the compile checks, the host
-# emulations of the CUDA kernels) is left out
-TESTS="tests/test_triton.py tests/test_triton_launch.py tests/test_cuda.py"
+# emulations of the CUDA kernels) is left out; the reference's tests for its GPU box sums (TF32)
+TESTS="tests/test_triton.py tests/test_triton_launch.py tests/test_cuda.py tests/test_reference.py"
 [ -d tests/backends ] && TESTS="$TESTS tests/backends"
 XDIST=""
 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
@@ -133,11 +138,13 @@ fi
 if command -v compute-sanitizer > /dev/null; then
   # only our kernels (namespace bimi::cuda) instrumented, where the tool can filter: torch's own
   # kernels under the tool would take most of the step's time
+  # (the help read whole, not piped into grep -q: under pipefail its early exit fails the pipe)
   FILTER=()
-  compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=bimi)
-  step racecheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 "${FILTER[@]}" \
+  SANITIZER_HELP="$(compute-sanitizer --help 2>&1 || true)"
+  [[ "$SANITIZER_HELP" == *--kernel-name* ]] && FILTER=(--kernel-name kns=bimi)
+  step racecheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 ${FILTER[@]+"${FILTER[@]}"} \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
-  step memcheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 "${FILTER[@]}" \
+  step memcheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 ${FILTER[@]+"${FILTER[@]}"} \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
 fi
 

@@ -125,6 +125,17 @@ def test_a_one_pixel_window_warns_that_the_boundary_term_is_constant():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bimi_kernels.BIMILoss(window=1, boundary_weight=0.0)  # the term is off: nothing to say
+    # code typed at a prompt (a "<...>" file) is the user's line too
+    with pytest.warns(UserWarning, match="window=1") as record:
+        exec(compile("bimi_kernels.BoundaryCCLoss(window=1)", "<console>", "exec"),
+             {"bimi_kernels": bimi_kernels, "__name__": "__main__"})
+    assert record[0].filename == "<console>"
+    # and a compiled call traces: the warning is for eager code only
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, i: BF.bimi_loss(a, b, i, window=1), fullgraph=True, backend="eager")
+    with pytest.warns(UserWarning, match="window=1"):
+        expected = bimi_kernels.BIMILoss(window=1)(p1, p2, image)
+    assert compiled(p1, p2, image).item() == pytest.approx(expected.item())
 
 
 def test_boundary_weight_zero_needs_no_image():

@@ -371,6 +371,36 @@ def test_mask_weights_on_cpu_are_sampled_by_default(good, monkeypatch):
     loss(p1, p2, image, mask > 0)
 
 
+def test_sampled_checks_read_every_pixel_of_small_tensors(monkeypatch):
+    """Below SAMPLED_PIXELS elements every one is read, the last rows too, for each vmapped call."""
+    monkeypatch.delenv("BIMI_VALIDATE", raising=False)
+    p1, p2 = random_maps((1, 3, 6, 6), dtype=torch.float32)
+    mask = torch.ones(1, 6, 6)
+    mask[:, 4:] = 7
+    with pytest.raises(ValueError, match="mask: contains"):
+        loss(p1, p2, None, mask, boundary_weight=0.0)
+    tail = p1.clone()
+    tail[:, :, 4:] = -tail[:, :, 4:]
+    with pytest.raises(ValueError, match="p1: .*negative"):
+        loss(tail, p2, None, boundary_weight=0.0)
+    masks = torch.ones(4, 1, 6, 6)
+    masks[3] = 2  # the last vmapped call's mask
+    with pytest.raises(ValueError, match="mask: contains"):
+        torch.func.vmap(lambda m: loss(p1, p2, None, m, boundary_weight=0.0))(masks)
+
+
+def test_masks_of_every_integer_dtype_pass_the_sampled_check(good, monkeypatch):
+    """torch.take has no uint16/32/64 kernel on the CPU: the check reads such masks another way."""
+    monkeypatch.delenv("BIMI_VALIDATE", raising=False)
+    p1, p2, image = good
+    ones = torch.ones(p1.shape[0], *p1.shape[2:])
+    expected = loss(p1, p2, image, ones)
+    for dtype in (torch.uint8, torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.int64):
+        torch.testing.assert_close(loss(p1, p2, image, ones.to(dtype)), expected)
+    with pytest.raises(ValueError, match="mask: contains"):
+        loss(p1, p2, image, (2 * ones).to(torch.uint16))
+
+
 def test_sampled_check_is_not_traced_by_compile(good, monkeypatch):
     monkeypatch.delenv("BIMI_VALIDATE", raising=False)
     p1, p2, image = good

@@ -109,6 +109,9 @@ def test_align_brings_view_one_maps_into_view_two_frame():
     assert views.align(half).shape == (3, 4, 20, 20)
     assert views.mask_like(half).shape == (3, 1, 20, 20)
     assert views.mask_like(half).dtype == views.mask.dtype == image.dtype
+    # a float64 run keeps float64 masks at any resolution (the default dtype is float32)
+    views64 = transform(image.double(), generator=torch.Generator().manual_seed(11))
+    assert views64.mask_like(half.double()).dtype == views64.mask.dtype == torch.float64
 
 
 def test_mask_marks_the_padding():
