@@ -305,6 +305,13 @@ def test_backend_that_cannot_run_on_the_device_is_a_usage_error(tmp_path, capsys
     assert "--backend" in err and "cannot run on cpu" in err
 
 
+def test_an_unknown_cpu_isa_request_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """Before the data is prepared, not as a traceback at the first loss."""
+    monkeypatch.setenv("BIMI_CPU_ISA", "avx9")
+    err = _usage_error(["--device", "cpu"], tmp_path, capsys)
+    assert "BIMI_CPU_ISA" in err and "got 'avx9'" in err
+
+
 @needs_extras
 def test_more_labels_than_fine_tune_slices_is_a_usage_error(tmp_path, capsys):
     err = _usage_error(["--labels", "40"], tmp_path, capsys)

@@ -214,6 +214,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
             parser.error(f"argument --backend: expected auto or one of {sorted(reasons)}, got {args.backend!r}")
         if reasons[args.backend] is not None:
             parser.error(f"argument --backend: {args.backend!r} cannot run on {device.type}: {reasons[args.backend]}")
+    if device.type == "cpu":
+        from bimi_kernels.native import cpu_isa
+
+        try:
+            cpu_isa()  # a BIMI_CPU_ISA the C++ loops refuse would stop the run at its first loss
+        except ValueError as exc:
+            parser.error(str(exc))
     if not (args.resume or args.overwrite):  # an existing run is what those two are for
         existing = [p for p in [args.out / name for name in DEMO_FILES] + [args.out / "pictures"] if p.exists()]
         if args.checkpoint_dir.is_dir():
