@@ -414,6 +414,12 @@ def parse_args(argv=None, prog="python -m benchmarks.run"):
         parser.error(f"--threads: expected a positive number or 'all', got {args.threads!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
+    from bimi_kernels.native import cpu_isa
+
+    try:
+        cpu_isa()  # every cpp provider would raise on a BIMI_CPU_ISA its loops refuse
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 

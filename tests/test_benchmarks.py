@@ -242,6 +242,10 @@ def test_bad_selections_are_usage_errors_before_anything_runs():
     for argv in (["--group", "tagret"], ["--max-call-seconds", "-1"], ["--max-call-seconds", "nan"]):
         with pytest.raises(SystemExit):
             run.parse_args(argv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BIMI_CPU_ISA", "avx9")
+        with pytest.raises(SystemExit):
+            run.parse_args([])
     assert set(run.parse_args(["--group"] + list(configs.GROUPS)).group) == set(configs.GROUPS)
     # every config's group is one of GROUPS (the --group choices)
     assert {c.group for s in ("full", "quick", "smoke") for c in configs.configs_for(s, "cpu")} <= set(configs.GROUPS)
