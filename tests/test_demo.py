@@ -439,6 +439,16 @@ def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "argument --resume" in err and "pretrain_bimi.pt was made with" in err
     assert (out / "results.json").read_text() == before
+    # --resume on other pre-training images (another resolution here; another task alike): the
+    # same settings, so only the images' fingerprint tells
+    resolution = TINY[TINY.index("--resolution") + 1]
+    other = [v if v != resolution else str(int(resolution) * 2) for v in TINY]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(other + ["--out", str(out), "--resume"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --resume" in err and "other pre-training images" in err
+    assert (out / "results.json").read_text() == before
     # one seed: no "± 0.000" spread, and the criterion says why it is not evaluated
     markdown = (out / "results.md").read_text()
     assert "± 0.000" not in markdown and "one seed" in markdown and "1 epoch of" in markdown

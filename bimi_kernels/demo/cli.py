@@ -269,17 +269,18 @@ def run_configs(args: argparse.Namespace, pretrain_images: int):
     return model_config, pretrain_config, batches_per_epoch
 
 
-def check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace, pretrain_images: int) -> None:
-    """--resume: every checkpoint it would continue was made with this run's settings."""
+def check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace, pretrain_images: torch.Tensor) -> None:
+    """--resume: every checkpoint it would continue was made with this run's settings, on this
+    run's pre-training images."""
     if not args.resume:
         return
     from .pretrain import SETTINGS, checkpoint_path, resume_mismatch
 
-    model_config, pretrain_config, batches_per_epoch = run_configs(args, pretrain_images)
+    model_config, pretrain_config, batches_per_epoch = run_configs(args, len(pretrain_images))
     for setting in args.settings:
         path = checkpoint_path(args.checkpoint_dir, setting)
         if SETTINGS[setting] is not None and path.is_file():
-            problem = resume_mismatch(path, model_config, pretrain_config, batches_per_epoch)
+            problem = resume_mismatch(path, model_config, pretrain_config, batches_per_epoch, pretrain_images)
             if problem:
                 parser.error(f"argument --resume: {problem}")
 
@@ -569,7 +570,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"argument --labels: the {args.task} task's fine-tune block has {len(data.finetune)} slices, "
                      f"so at most {len(data.finetune)} can be labelled; got {max(args.labels)}")
     check_cpu_time(parser, args, device, len(data.pretrain))
-    check_resume(parser, args, len(data.pretrain))
+    check_resume(parser, args, data.pretrain.images)
     if args.overwrite:
         remove_previous_outputs(args)
 

@@ -11,8 +11,10 @@ in-brain voxels that AAL leaves unlabelled (mostly white matter):
 0 background, 1 unlabelled brain, 2 frontal, 3 parietal, 4 temporal, 5 occipital,
 6 insula / limbic, 7 deep grey, 8 cerebellum. The headline is the mean Dice of the 7 lobes.
 
-Split by hemisphere, so the test block shares no anatomy with anything trained on:
-sagittal slices at distance d mm from the midline (d >= 3, with at least a quarter of the
+Split by hemisphere, so no test voxel is trained on; but the right hemisphere mirrors the left,
+so a test slice at distance d looks like the left slice at d (label Dice about 0.8, image
+correlation about 0.95 between such twins): the test measures transfer to the mirrored
+hemisphere, close to a block of neighbours, not to an unseen subject. Sagittal slices at distance d mm from the midline (d >= 3, with at least a quarter of the
 largest slice's brain area); left hemisphere: validation at d = 0 mod 8, the fine-tune block
 (the slices that may be labelled) at d = 4 mod 8, pre-training on every left slice except the
 validation slices and their direct neighbours; test: the right hemisphere, every 2 mm.

@@ -10,6 +10,7 @@ atomically) makes the run resumable (`resume=True`).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,17 +104,32 @@ def checkpoint_path(checkpoint_dir: Path, setting: str) -> Path:
     return Path(checkpoint_dir) / f"pretrain_{setting}.pt"
 
 
+def images_fingerprint(images: torch.Tensor) -> str:
+    """A digest of the pre-training images (shape, dtype and values): a checkpoint continues only
+    on the data it was made on (another task or resolution has other images)."""
+    data = images.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tuple(data.shape)} {data.dtype}".encode())
+    digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def resume_mismatch(path: Path, model_config: ModelConfig, config: PretrainConfig,
-                    batches_per_epoch: int, state: Optional[dict] = None) -> Optional[str]:
-    """Why the checkpoint at `path` cannot be continued with these settings, or None."""
+                    batches_per_epoch: int, images: torch.Tensor,
+                    state: Optional[dict] = None) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be continued with these settings and these
+    pre-training images, or None."""
     if state is None:
         state = torch.load(path, map_location="cpu", weights_only=False)
     made_with = (state["model_config"], state["pretrain_config"], state["batches_per_epoch"])
     asked_for = (asdict(model_config), asdict(config), batches_per_epoch)
-    if made_with == asked_for:
-        return None
-    return (f"checkpoint {path} was made with (model, pre-training, batches per epoch) {made_with}, "
-            f"not {asked_for}; use the same settings, another --checkpoint-dir, or --overwrite")
+    if made_with != asked_for:
+        return (f"checkpoint {path} was made with (model, pre-training, batches per epoch) {made_with}, "
+                f"not {asked_for}; use the same settings, another --checkpoint-dir, or --overwrite")
+    made_on, asked_on = state.get("images"), images_fingerprint(images)
+    if made_on != asked_on:
+        return (f"checkpoint {path} was made on other pre-training images (another --task, --resolution "
+                f"or data: fingerprint {made_on}, not {asked_on}); use another --checkpoint-dir, or --overwrite")
+    return None
 
 
 def pretrain(
@@ -155,9 +171,10 @@ def pretrain(
     start_epoch = 0
 
     path = checkpoint_path(checkpoint_dir, setting)
+    fingerprint = images_fingerprint(images)
     if resume and path.is_file():
         state = torch.load(path, map_location=device, weights_only=False)
-        problem = resume_mismatch(path, model_config, config, batches_per_epoch, state)
+        problem = resume_mismatch(path, model_config, config, batches_per_epoch, images, state)
         if problem:
             raise ValueError(f"--resume: {problem}")
         unet.load_state_dict(state["unet"])
@@ -204,6 +221,7 @@ def pretrain(
                 "model_config": asdict(model_config),
                 "pretrain_config": asdict(config),
                 "batches_per_epoch": batches_per_epoch,
+                "images": fingerprint,
                 "unet": unet.state_dict(),
                 "heads": heads.state_dict(),
                 "optimizer": optimizer.state_dict(),
