@@ -14,8 +14,9 @@ in-brain voxels that AAL leaves unlabelled (mostly white matter):
 Split by hemisphere, so no test voxel is trained on; but the right hemisphere mirrors the left,
 so a test slice at distance d looks like the left slice at d (label Dice about 0.8, image
 correlation about 0.95 between such twins): the test measures transfer to the mirrored
-hemisphere, close to a block of neighbours, not to an unseen subject. Sagittal slices at distance d mm from the midline (d >= 3, with at least a quarter of the
-largest slice's brain area); left hemisphere: validation at d = 0 mod 8, the fine-tune block
+hemisphere, close to a block of neighbours, not to an unseen subject. Sagittal slices at
+distance d mm from the midline (d >= 3, with at least a quarter of the largest slice's brain
+area); left hemisphere: validation at d = 0 mod 8, the fine-tune block
 (the slices that may be labelled) at d = 4 mod 8, pre-training on every left slice except the
 validation slices and their direct neighbours; test: the right hemisphere, every 2 mm.
 The baseline "mirror" labels each test slice with the left hemisphere's atlas labels at the
