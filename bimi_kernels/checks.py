@@ -304,17 +304,22 @@ def _not_probabilities(name: str, values: torch.Tensor, what: str) -> Optional[s
     return None
 
 
+def _even_picks(count: int, calls: int = 1) -> torch.Tensor:
+    """SAMPLED_PIXELS indices per call spread evenly over range(count), first and last included;
+    all of them when there are fewer. On the CPU whatever the default device
+    (torch.set_default_device): the tensors checked are CPU tensors."""
+    n = min(count, SAMPLED_PIXELS * calls)
+    picks = sorted({(i * (count - 1)) // max(1, n - 1) for i in range(n)})
+    return torch.tensor(picks, dtype=torch.long, device="cpu")
+
+
 @functools.lru_cache(maxsize=32)
 def _sample_index(shape, calls: int = 1) -> torch.Tensor:
     """(n, K) flat indices (as torch.take reads them) of SAMPLED_PIXELS pixels per call spread
     evenly over (B, *S), every channel of each (`calls`: the vmapped calls folded into B)."""
     batch, channels, spatial = shape[0], shape[1], tuple(shape[2:])
     pixels = math.prod(spatial)
-    count = batch * pixels
-    n = min(count, SAMPLED_PIXELS * calls)  # every pixel of a small map
-    picks = sorted({(i * (count - 1)) // max(1, n - 1) for i in range(n)})
-    # on the CPU whatever the default device (torch.set_default_device): the maps checked are CPU maps
-    picks = torch.tensor(picks, dtype=torch.long, device="cpu")
+    picks = _even_picks(batch * pixels, calls)
     sample, pixel = picks // pixels, picks % pixels
     channel = torch.arange(channels, device="cpu")
     return (sample * channels)[:, None] * pixels + channel[None, :] * pixels + pixel[:, None]
@@ -349,11 +354,8 @@ def values_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 @functools.lru_cache(maxsize=32)
 def _mask_sample_index(numel: int, calls: int = 1) -> torch.Tensor:
-    """Flat indices (as torch.take reads them, any strides) of SAMPLED_PIXELS weights per call
-    spread evenly over a mask of `numel` elements."""
-    n = min(numel, SAMPLED_PIXELS * calls)  # every weight of a small mask
-    picks = sorted({(i * (numel - 1)) // max(1, n - 1) for i in range(n)})
-    return torch.tensor(picks, dtype=torch.long, device="cpu")
+    """Flat indices (as torch.take reads them, any strides) of the mask weights to check."""
+    return _even_picks(numel, calls)
 
 
 def check_probabilities_sampled(maps: dict, mask: Optional[torch.Tensor] = None) -> None:
