@@ -14,7 +14,8 @@ import torch
 from bimi_kernels.demo import cli
 from bimi_kernels.demo import data as demo_data
 from bimi_kernels.demo import lobes, packages
-from bimi_kernels.demo.finetune import FinetuneConfig, evaluation_steps, finetune_and_evaluate, validation_choice
+from bimi_kernels.demo.finetune import (FinetuneConfig, choose_labelled, evaluation_steps, finetune_and_evaluate,
+                                        validation_choice)
 from bimi_kernels.demo.pretrain import ModelConfig
 from bimi_kernels.demo.training import atomic_save, warmup_cosine
 from bimi_kernels.demo.unet import ClusterHeads, Segmenter, UNet
@@ -148,6 +149,23 @@ def test_validation_choice_is_the_best_earliest_step():
     assert evaluation_steps(90, 25) == [25, 50, 75, 90]
     assert validation_choice([25, 50, 75], [0.2, 0.5, 0.4]) == 1
     assert validation_choice([25, 50, 75], [0.5, 0.3, 0.5]) == 0
+
+
+@pytest.mark.parametrize("block,count,seeds", [(8, 1, 3), (8, 2, 4), (17, 4, 3), (17, 4, 5), (8, 4, 3), (8, 4, 5),
+                                               (8, 5, 5), (5, 5, 2)])
+def test_seeds_label_different_slices_while_the_block_has_room(block, count, seeds):
+    draws = [choose_labelled(block, count, seed) for seed in range(seeds)]
+    assert draws == [choose_labelled(block, count, seed) for seed in range(seeds)]  # from the arguments only
+    assert all(len(set(d)) == count and all(0 <= i < block for i in d) for d in draws)
+    uses = [sum(i in d for d in draws) for i in range(block)]
+    if seeds * count <= block:
+        assert max(uses) == 1  # disjoint
+    else:
+        assert min(uses) >= seeds * count // block and max(uses) <= -(-seeds * count // block)  # balanced
+        if count < block:
+            assert len({tuple(d) for d in draws}) == seeds  # and no two seeds label the same slices
+    with pytest.raises(ValueError):
+        choose_labelled(block, block + 1, 0)
 
 
 def _synthetic_task(classes=3, size=16):
@@ -423,6 +441,7 @@ def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path, capsys):
     markdown = (out / "results.md").read_text()
     assert "full BIMI" in markdown and "random init" in markdown and "intensity lookup" in markdown
     assert ", 1 thread\n" in markdown and "1 threads" not in markdown and "Criterion" in markdown
+    assert "- Slices labelled by each seed (positions in the fine-tune block): 1 labelled slice: [0]\n" in markdown
     cli.draw_dice_bars(tmp_path / "redrawn.png", summary)  # the chart can be redrawn from results.json
     assert (tmp_path / "redrawn.png").stat().st_size > 0
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 # What a run cuts from the authors' protocol is written in results.md (AUTHORS_PROTOCOL and the options).
 PRESETS = {
@@ -380,6 +380,18 @@ def evaluate_criterion(summary: Dict) -> List[str]:
     return lines
 
 
+def labelled_slices_line(runs: Sequence[Dict], counts: Sequence[int], seeds: int) -> str:
+    """'1 slice: [3], [5], [0]; 4 slices: [...]' from the runs (the same slices for every setting)."""
+    parts = []
+    for n in counts:
+        draws = []
+        for seed in range(seeds):
+            found = [r["labelled_slices"] for r in runs if r["labelled"] == n and r["seed"] == seed]
+            draws.append(str(found[0]) if found else "n/a")
+        parts.append(f"{count_label(n)}: {', '.join(draws)}")
+    return "; ".join(parts)
+
+
 def write_tables(out: Path, summary: Dict) -> str:
     """results.json (everything) and results.md (the tables); returns the markdown."""
     from .pretrain import SETTING_TITLES
@@ -414,6 +426,7 @@ def write_tables(out: Path, summary: Dict) -> str:
         f"{options['eval_every']} steps, the best step's checkpoint kept; {seeds} seed{'s' if seeds != 1 else ''} "
         "per cell (each seed: which slices are labelled, random init and head init, augmentation; the same "
         "for every setting)",
+        f"- Slices labelled by each seed (positions in the fine-tune block): {labelled_slices_line(runs, counts, seeds)}",
         f"- Cut to fit the time budget: this run has {summary['pretrain_steps']} pre-training steps at peak lr "
         f"{options['lr']:g} and {options['finetune_steps']} fine-tuning steps at peak lr {options['finetune_lr']:g}, "
         f"{options['resolution']}x{options['resolution']} slices, a U-Net of width {options['width']}, one template "

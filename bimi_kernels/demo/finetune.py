@@ -1,8 +1,9 @@
 """Few-label fine-tuning with the authors' recipe, the checkpoint chosen on the validation
 block, and the test block scored once at the end.
 
-For a seed and a label count n, n slices are drawn from the fine-tune block (the same slices for
-every setting, so settings are compared on equal terms). The U-Net (pre-trained or random) plus
+For a seed and a label count n, n slices of the fine-tune block are labelled (the same slices for
+every setting, so settings are compared on equal terms; different seeds label different slices
+while the block has room, `choose_labelled`). The U-Net (pre-trained or random) plus
 a fresh 1x1 segmentation head are trained end to end, nothing frozen, one learning rate for
 every layer, with cross-entropy on those n slices: RAdam, linear warm-up then cosine
 (`training.warmup_cosine`), weight decay 1e-5, each step a random rotation (up to 30 degrees)
@@ -42,9 +43,31 @@ class FinetuneConfig:
 
 
 def choose_labelled(block_size: int, count: int, seed: int) -> List[int]:
-    """`count` distinct slice indices of the fine-tune block, from the seed only."""
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    return sorted(torch.randperm(block_size, generator=generator)[:count].tolist())
+    """`count` distinct slice indices of the fine-tune block for one seed, as disjoint from the
+    other seeds' as the block allows.
+
+    The seeds deal in turn from a stream of fixed shuffles of the block (one shuffle, then another,
+    and so on): seed s takes the next `count` slices after seeds 0 .. s-1 took theirs. A slice
+    that is already in the hand being dealt is kept for the next hand. Seeds 0 .. S-1 therefore
+    label different slices while S * count <= block_size, and beyond that every slice is used
+    about equally often, by hands that differ. (Drawing each seed independently lets two seeds
+    label the same slice even when the block has room for both, which understates the spread over
+    the choice of slices.)"""
+    if not 1 <= count <= block_size:
+        raise ValueError(f"cannot label {count} of {block_size} slices")
+    kept: List[int] = []
+    rounds = 0
+    stream: List[int] = []
+    for _ in range(seed + 1):
+        hand, pending, kept = [], kept, []
+        while len(hand) < count:
+            if not pending and not stream:
+                generator = torch.Generator().manual_seed(10_000 + rounds)
+                stream, rounds = torch.randperm(block_size, generator=generator).tolist(), rounds + 1
+            item = pending.pop(0) if pending else stream.pop(0)
+            (kept if item in hand else hand).append(item)
+        kept = pending + kept
+    return sorted(hand)
 
 
 def dice_per_class(prediction: torch.Tensor, truth: torch.Tensor, classes: int) -> List[float]:
