@@ -14,7 +14,9 @@
 
 Every task gives a `TaskData`: the images to pre-train on (never their labels), the fine-tune
 block (the slices that may be labelled), a validation block (for choosing the fine-tuning
-checkpoint) and a test block (scored once, at the end), all disjoint.
+checkpoint) and a test block (scored once, at the end). The fine-tune, validation and test
+blocks are disjoint; the pre-training images include the fine-tune block (unlabelled, as the
+authors pre-train on all training scans) but never a validation or test slice.
 """
 from __future__ import annotations
 

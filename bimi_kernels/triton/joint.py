@@ -513,8 +513,8 @@ def native_dot(dtype: torch.dtype, has_mask: bool) -> bool:
     """Half-precision maps multiply on their own tensor-core path in the forward (exact
     products, float32 sums); the interpreter has no bfloat16 dot, so it widens those first.
     Not with a mask: the operands would be mask x probability rounded to the half dtype (a
-    relative error of 2^-11 per term for fractional weights, docs/contract.md §8), so masked maps
-    are widened and multiplied at the float32 precision."""
+    relative error of up to 2^-11 per term for fractional weights in float16, 2^-8 in bfloat16,
+    docs/contract.md §2), so masked maps are widened and multiplied at the float32 precision."""
     return not has_mask and (dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED))
 
 
