@@ -16,6 +16,7 @@ import argparse
 import csv
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def time_graph_replay(loss_fn, calls):
 
 
 def measure(device: str, calls: int):
-    rows = []
+    """Yields one row per backend and offset set, as each is measured."""
     for name, reason in bimi_kernels.available_backends(device).items():
         if reason is not None or (name == "triton" and device == "cpu"):
             continue  # Triton on CPU tensors is its interpreter: a test tool, not a runtime
@@ -116,8 +117,7 @@ def measure(device: str, calls: int):
                     row["graph_replay_us"] = round(time_graph_replay(loss_fn, calls), 1)
                 except Exception as exc:  # a backend that cannot be captured says so here
                     row["graph_replay_us"] = f"capture failed: {type(exc).__name__}: {exc}"[:200]
-            rows.append(row)
-    return rows
+            yield row
 
 
 def main(argv=None) -> int:
@@ -130,15 +130,27 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     out = args.out or RESULTS_DIR / ("cpu" if args.device == "cpu" else "cuda")
     out.mkdir(parents=True, exist_ok=True)
-    rows = measure(args.device, args.calls)
+    rows = []
+    for row in measure(args.device, args.calls):
+        rows.append(row)
+        markdown = write_tables(out, args.device, args.calls, rows)  # after every row: a stopped run keeps them
+    if not rows:
+        print(f"no backend to time on {args.device}", file=sys.stderr)
+        return 1
+    print(markdown)
+    return 0
+
+
+def write_tables(out: Path, device: str, calls: int, rows) -> str:
+    """host_overhead.csv and host_overhead.md in `out`; returns the markdown."""
     with open(out / "host_overhead.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     header = (f"# Host overhead of one BIMILoss call (forward + backward)\n\n"
-              f"Device {device_name(args.device)}; torch {torch.__version__}; commit {git_commit()}; "
-              f"maps {SHAPE} (the kernels' time is nil); median of 7 batches of {args.calls} calls; "
-              f"`python -m benchmarks.host_overhead --device {args.device}`.\n\n"
+              f"Device {device_name(device)}; torch {torch.__version__}; commit {git_commit()}; "
+              f"maps {SHAPE} (the kernels' time is nil); median of 7 batches of {calls} calls; "
+              f"`python -m benchmarks.host_overhead --device {device}`.\n\n"
               "'eager': what an eager call costs (the ops' eager route); 'through the custom ops': the "
               "same calls with `bimi_kernels.ops.EAGER_ROUTE = False`, their batches interleaved with "
               "the eager ones; the CUDA-graph replay is of the eager call.\n\n"
@@ -146,9 +158,9 @@ def main(argv=None) -> int:
               "| load (1 min) |\n|---|---|---|---|---|---|\n")
     lines = [f"| {r['backend']} | {r['offsets']} | {r['eager_us']} | {r['custom_ops_us']} | "
              f"{r['graph_replay_us'] or '—'} | {r['load_avg_1m']} |" for r in rows]
-    (out / "host_overhead.md").write_text(header + "\n".join(lines) + "\n")
-    print(header + "\n".join(lines))
-    return 0
+    markdown = header + "\n".join(lines) + "\n"
+    (out / "host_overhead.md").write_text(markdown)
+    return markdown
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@
 #   bash scripts/gpu_check.sh [OUTDIR]          # from the repository root, on the GPU machine
 #
 # Every step has its own time limit and log under OUTDIR; a failing step does not stop the
-# others (its exit status is recorded in OUTDIR/steps.tsv: 124 = hit its time limit; the tests,
+# others (its exit status is recorded in OUTDIR/steps.tsv: 124 = hit its time limit, 137 = did
+# not stop at its signal and was killed 10 s later; the tests,
 # profile and benchmark steps are stopped with SIGINT, so pytest still writes its summary and
 # XML, and the profile and the benchmark keep the rows measured so far, written as they go). The whole
 # script keeps to TOTAL_LIMIT seconds: a step gets at most what is left of it (less a reserve
-# for packing the results), and steps that would start with under 20 s left are recorded as
-# "no-time" and skipped, so an outer time limit never cuts the run before its results are packed.
+# for packing the results), and steps that would start with less than their useful minimum
+# left (20 s, more for the slow tools) are recorded as "no-time" and skipped, so an outer time
+# limit of TOTAL_LIMIT + 30 s never cuts the run before its results are packed. The results are
+# packed after every step too, and on exit, so even a run cut from outside keeps what it had.
+# A rerun into the same OUTDIR first removes the previous run's results.
 # Adjust with the environment: BENCH_ARGS (the benchmark's arguments), STEP_SKIP (names of steps
 # to skip, e.g. "ncu sweep"), the *_LIMIT variables below (seconds), GPU_CHECK_TAR (a .tgz to
 # pack OUTDIR into, for a remote machine that returns single files; by default $OUT/gpu_check.tgz
@@ -41,6 +45,18 @@ if [ -n "${GPU_CHECK_TAR:-}" ]; then
   esac
 fi
 
+# the previous run's results (a warm machine keeps OUTDIR): only the files this script writes
+rm -rf "$OUTDIR"/steps.tsv "$OUTDIR"/*.log "$OUTDIR"/tests.xml "$OUTDIR"/profile "$OUTDIR"/bench "$OUTDIR"/host
+
+# pack: OUTDIR into one file to carry back from a remote machine (after every step and on exit)
+pack() {
+  [ -n "${GPU_CHECK_TAR:-}" ] || return 0
+  tar czf "$GPU_CHECK_TAR.part" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" 2>/dev/null \
+    && mv -f "$GPU_CHECK_TAR.part" "$GPU_CHECK_TAR"
+}
+trap pack EXIT
+trap 'echo "gpu_check: stopped by a signal; packing what there is" >&2; exit 143' TERM INT HUP
+
 PYTHON="${PYTHON:-python3}"
 BUILD_LIMIT="${BUILD_LIMIT:-180}"
 TEST_LIMIT="${TEST_LIMIT:-150}"
@@ -53,7 +69,14 @@ TOTAL_LIMIT="${TOTAL_LIMIT:-500}"
 RESERVE=20  # seconds kept for a killed step (--kill-after), the summary and the packing
 STEP_SKIP="${STEP_SKIP:-}"
 
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+# the toolkit: CUDA_HOME, else /usr/local/cuda, else wherever nvcc is on the PATH
+if [ -z "${CUDA_HOME:-}" ]; then
+  CUDA_HOME=/usr/local/cuda
+  if [ ! -x "$CUDA_HOME/bin/nvcc" ] && command -v nvcc > /dev/null; then
+    CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc)")")"
+  fi
+fi
+export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1 BIMI_BUILD_CUDA="${BIMI_BUILD_CUDA:-1}"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/bimi_triton_cache}"
 unset TRITON_INTERPRET
@@ -63,7 +86,8 @@ printf 'step\trc\tseconds\n' > "$STEPS"
 T_START=$(date +%s)
 
 # step NAME LIMIT COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record the status;
-# STEP_SIGNAL (default TERM) is the signal that ends it at the limit
+# STEP_SIGNAL (default TERM) is the signal that ends it at the limit; STEP_MIN (default 20) the
+# fewest seconds worth starting it with
 STEP_SIGNAL=TERM
 step() {
   local name="$1" limit="$2"
@@ -72,7 +96,7 @@ step() {
   local t0 rc left
   t0=$(date +%s)
   left=$(( TOTAL_LIMIT - RESERVE - (t0 - T_START) ))
-  if [ "$left" -lt 20 ]; then
+  if [ "$left" -lt "${STEP_MIN:-20}" ]; then
     printf '%s\tno-time\t0\n' "$name" >> "$STEPS"
     echo "[$name] skipped: $left s left of TOTAL_LIMIT=$TOTAL_LIMIT"
     return 0
@@ -81,17 +105,32 @@ step() {
   timeout -s "$STEP_SIGNAL" --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STEPS"
-  echo "[$name] rc=$rc in $(( $(date +%s) - t0 )) s (total $(( $(date +%s) - T_START )) s)"
+  local how=""
+  case "$rc" in 124|137) how=" STOPPED AT ITS LIMIT ($limit s)";; esac
+  echo "[$name] rc=$rc$how in $(( $(date +%s) - t0 )) s (total $(( $(date +%s) - T_START )) s)"
   tail -n 3 "$OUTDIR/$name.log"
+  pack
   return 0
 }
 
 step device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv;
-  nvcc --version | tail -n 2; $PYTHON -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())';
+  echo CUDA_HOME=$CUDA_HOME; command -v nvcc; nvcc --version | tail -n 2;
+  $PYTHON -c 'import torch, triton, setuptools; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name(), \"setuptools\", setuptools.__version__)';
   git log -1 --format='commit %H %s' 2>/dev/null || echo \"commit \${BIMI_BENCH_COMMIT:-unknown} (no .git here)\""
 
-# the C++ and CUDA extensions, in place (the tree's own copy of the package is imported)
-step build "$BUILD_LIMIT" "$PYTHON" setup.py build_ext --inplace
+# the C++ and CUDA extensions, in place (the tree's own copy of the package is imported).
+# pyproject.toml's SPDX `license = "MIT"` needs setuptools >= 77; with an older one the build
+# reads a copy of pyproject.toml with the older table form (this tree is a throwaway copy).
+build_inplace() {
+  if ! "$PYTHON" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"; then
+    echo "setuptools < 77: building with license = {text = \"MIT\"} in pyproject.toml"
+    sed -i -e 's/^license = "MIT"$/license = {text = "MIT"}/' -e '/^license-files = /d' pyproject.toml
+  fi
+  "$PYTHON" setup.py build_ext --inplace
+}
+export -f build_inplace
+export PYTHON
+step build "$BUILD_LIMIT" bash -c build_inplace
 step info 30 "$PYTHON" -m bimi_kernels info
 # a CUDA extension that did not build would only skip its tests: fail loudly here instead
 step cuda-extension 30 "$PYTHON" -c "import bimi_kernels._C, bimi_kernels._C_cuda; print('both extensions load')"
@@ -103,7 +142,7 @@ step cuda-extension 30 "$PYTHON" -c "import bimi_kernels._C, bimi_kernels._C_cud
 TESTS="tests/test_triton.py tests/test_triton_launch.py tests/test_cuda.py tests/test_reference.py"
 [ -d tests/backends ] && TESTS="$TESTS tests/backends"
 XDIST=""
-"$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+timeout 20 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 STEP_SIGNAL=INT
 BIMI_TEST_DEVICES=cuda step tests "$TEST_LIMIT" "$PYTHON" -m pytest -q -rfEs --durations=25 \
   -p no:cacheprovider $XDIST -k "not compile_for_h100 and not host_emulation" \
@@ -117,7 +156,7 @@ step bench "$BENCH_LIMIT" "$PYTHON" -m benchmarks.run --device cuda $BENCH_ARGS 
 STEP_SIGNAL=TERM
 
 # the host's share of one BIMILoss call, eager and replayed from a CUDA graph
-step host "${HOST_LIMIT:-30}" "$PYTHON" -m benchmarks.host_overhead --device cuda --calls 50 --out "$OUTDIR/host"
+STEP_MIN=30 step host "${HOST_LIMIT:-45}" "$PYTHON" -m benchmarks.host_overhead --device cuda --calls 50 --out "$OUTDIR/host"
 
 # launch settings: the data to choose the GPU defaults from
 step sweep "$SWEEP_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUTDIR/profile" --sweep
@@ -125,7 +164,7 @@ step sweep "$SWEEP_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUTDIR/pro
 # hardware counters of each kernel at B=16 K=10 256x256 r=1 and r=3 (--clock-control none: the
 # clocks as the benchmark saw them; on virtual machines where ncu cannot lock them, it still reads)
 if command -v ncu > /dev/null; then
-  step ncu "$NCU_LIMIT" ncu --clock-control none --target-processes all \
+  STEP_MIN=30 step ncu "$NCU_LIMIT" ncu --clock-control none --target-processes all \
     --kernel-name "regex:joint|ncc|uncertainty|boundary|sum_partials|finish" --launch-count 14 \
     --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section MemoryWorkloadAnalysis --csv --page details \
@@ -140,19 +179,16 @@ if command -v compute-sanitizer > /dev/null; then
   # kernels under the tool would take most of the step's time
   # (the help read whole, not piped into grep -q: under pipefail its early exit fails the pipe)
   FILTER=()
-  SANITIZER_HELP="$(compute-sanitizer --help 2>&1 || true)"
+  SANITIZER_HELP="$(timeout 20 compute-sanitizer --help 2>&1 || true)"
   [[ "$SANITIZER_HELP" == *--kernel-name* ]] && FILTER=(--kernel-name kns=bimi)
-  step racecheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 ${FILTER[@]+"${FILTER[@]}"} \
+  STEP_MIN=35 step racecheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 ${FILTER[@]+"${FILTER[@]}"} \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
-  step memcheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 ${FILTER[@]+"${FILTER[@]}"} \
+  STEP_MIN=35 step memcheck "${SANITIZER_LIMIT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 ${FILTER[@]+"${FILTER[@]}"} \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "reruns and float32"
 fi
 
 echo "total $(( $(date +%s) - T_START )) s; steps:"
 column -t "$STEPS" 2>/dev/null || cat "$STEPS"
 [ -f "$OUTDIR/profile/profile.md" ] && cat "$OUTDIR/profile/profile.md"
-# one file to carry back from a remote machine
-if [ -n "${GPU_CHECK_TAR:-}" ]; then
-  tar czf "$GPU_CHECK_TAR" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" && echo "packed into $GPU_CHECK_TAR"
-fi
+pack && [ -n "${GPU_CHECK_TAR:-}" ] && echo "packed into $GPU_CHECK_TAR"
 exit 0
