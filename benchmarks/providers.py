@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from bimi_kernels import reference
+from bimi_kernels.backends import AUTO_ORDER, BACKEND_NAMES
 from bimi_kernels.numerics import EPS_CC
 
 from .workloads import MAP_OPS, OP_SPECS, Maps
@@ -228,13 +229,13 @@ PROVIDERS = {p.name: p for p in (
              ("boundary",), _voxelmorph_compute, copies=8),
     Provider("unet-only", "peer", "the U-Net step with a stand-in loss (mean p1 - mean p2): the step's floor",
              ("train_step",), _stand_in_loss, copies=0, checked=False),
-    _package("cpp"),
-    _package("triton"),
-    _package("cuda"),
+    *(_package(name) for name in BACKEND_NAMES if name != "reference"),
 )}
 # The order of the rows and of each round of the interleaved repeats: the reference first (the
 # correctness check compares with its outputs).
 PROVIDER_ORDER = tuple(PROVIDERS)
 PACKAGE_PROVIDERS = tuple(name for name, p in PROVIDERS.items() if p.kind == "package")
-NATIVE = ("cpp", "triton", "cuda")  # the compiled backends
-NATIVE_FOR_DEVICE = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
+NATIVE = tuple(name for name in BACKEND_NAMES if name != "reference")  # the compiled backends
+# per device type, the compiled backends in `auto`'s order of preference
+NATIVE_FOR_DEVICE = {device: tuple(name for name in order if name != "reference")
+                     for device, order in AUTO_ORDER.items()}

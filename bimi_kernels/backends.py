@@ -42,9 +42,6 @@ import torch
 
 from .checks import stacklevel_outside_package
 
-BACKEND_NAMES = ("reference", "cpp", "triton", "cuda")
-
-
 @dataclass
 class Backend:
     """A set of kernels. The kernel functions follow the contract in this module's docstring."""
@@ -88,10 +85,11 @@ def _load_cuda() -> Backend:
 
 
 _LOADERS = {"reference": _load_reference, "cpp": _load_cpp, "triton": _load_triton, "cuda": _load_cuda}
+BACKEND_NAMES = tuple(_LOADERS)  # registering a backend is one entry above (and its `auto` place below)
 
 # `auto` tries these in order; the first available for the tensors' device wins. The last one,
 # `reference`, is slow: reaching it where a native backend belongs warns once (see `resolve`).
-_AUTO_ORDER = {
+AUTO_ORDER = {
     "cpu": ("cpp", "reference"),
     "cuda": ("triton", "cuda", "reference"),
 }
@@ -159,7 +157,7 @@ def _resolve(requested: str, device_type: str, environment: str) -> str:
         requested = environment.strip()
         source = " (from the environment variable BIMI_BACKEND, which overrides backend='auto')"
     if requested == "auto":
-        order = _AUTO_ORDER.get(device_type, ("reference",))
+        order = AUTO_ORDER.get(device_type, ("reference",))
         for name in order:
             if unavailable_reason(name, device_type) is None:
                 if name == "reference" and len(order) > 1:

@@ -5,12 +5,14 @@ the frozen config with a checked copy, so a module never holds an unchecked sett
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
 from . import functional
+from .checks import stacklevel_outside_package
 from .config import FIELD_NAMES, LossConfig
 from .offsets import OffsetSpec
 
@@ -57,8 +59,9 @@ class RegularizedMILoss(_ConfiguredLoss):
     """The regularised mutual information L_MI of docs/contract.md §4.
 
     forward(p1, p2, *, mask=None): p1, p2 (B, K, H, W) or (B, K, D, H, W) cluster probabilities
-    of two aligned views; mask (B, 1, *S) or (B, *S), by keyword only: BIMILoss's third argument
-    is the image, so a third positional argument is a TypeError rather than a mask.
+    of two aligned views; mask (B, 1, *S) or (B, *S), by keyword: BIMILoss's third argument is
+    the image, so a mask passed third by position is ambiguous. It is still taken as the mask in
+    this release, with a DeprecationWarning, and will be a TypeError in the next.
     Settings: the constructor's keywords, also attributes; `help(bimi_kernels.LossConfig)`.
 
     Example::
@@ -86,7 +89,18 @@ class RegularizedMILoss(_ConfiguredLoss):
     ):
         super().__init__(LossConfig.of(locals(), boundary_weight=0.0))
 
-    def forward(self, p1: torch.Tensor, p2: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, p1: torch.Tensor, p2: torch.Tensor, *positional_mask: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if positional_mask:
+            if len(positional_mask) > 1 or mask is not None:
+                raise TypeError("RegularizedMILoss.forward(p1, p2, *, mask=None): takes p1, p2 and the mask "
+                                f"by keyword; got {2 + len(positional_mask)} positional arguments"
+                                + (" and mask=" if mask is not None else ""))
+            warnings.warn("RegularizedMILoss: pass the mask by keyword (mask=...); a third positional argument "
+                          "is deprecated and will be a TypeError in the next release (BIMILoss's third argument "
+                          "is the image, so a positional one is ambiguous)", DeprecationWarning,
+                          stacklevel=stacklevel_outside_package())
+            mask = positional_mask[0]
         return functional.regularized_mi_from_config(p1, p2, mask, self.config)
 
 

@@ -22,8 +22,8 @@
 # Adjust with the environment: BENCH_ARGS (the benchmark's arguments), STEP_SKIP (names of steps
 # to skip, e.g. "ncu sweep"), the *_LIMIT variables below (seconds), GPU_CHECK_TAR (a .tgz to
 # pack OUTDIR into, for a remote machine that returns single files; by default $OUT/gpu_check.tgz
-# when the environment has an $OUT folder, as the device tool gives, which returns a few files
-# from shallow folders only):
+# when the environment has an $OUT folder: a remote runner's folder of results to send back,
+# which may return only a few files from shallow folders):
 #   GPU_CHECK_TAR=/somewhere/gpu_check.tgz TOTAL_LIMIT=500 bash scripts/gpu_check.sh /tmp/gpu_check
 # On a copied tree without .git, BIMI_BENCH_COMMIT=<sha> names the commit in the results.
 set -uo pipefail
@@ -34,8 +34,8 @@ cd "$(dirname "$0")/.."
 if [ -z "${GPU_CHECK_TAR:-}" ] && [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   GPU_CHECK_TAR="$(cd "$OUT" && pwd)/gpu_check.tgz"
   case "$(cd "$OUT" && pwd)/" in
-    "$OUTDIR"/*) echo "gpu_check: OUTDIR ($OUTDIR) holds \$OUT, where the results are packed (gpu_check.tgz); the device" \
-                      "tool returns only a few shallow files from \$OUT, so give an OUTDIR outside it, e.g. /tmp/gpu_check" >&2
+    "$OUTDIR"/*) echo "gpu_check: OUTDIR ($OUTDIR) holds \$OUT, where the results are packed (gpu_check.tgz); a remote" \
+                      "runner may return only a few shallow files from \$OUT, so give an OUTDIR outside it, e.g. /tmp/gpu_check" >&2
                  exit 2;;
   esac
 fi

@@ -103,16 +103,22 @@ def test_three_modules_compose():
     assert cc.item() < 0
 
 
-def test_regularized_mi_takes_its_mask_by_keyword_only():
-    """BIMILoss's third argument is the image: the MI module refuses a third positional argument
-    rather than take an image for a mask."""
+def test_regularized_mi_takes_its_mask_by_keyword_and_deprecates_the_positional_one():
+    """BIMILoss's third argument is the image, so the MI module's positional mask is ambiguous:
+    still the mask for one release, with a DeprecationWarning at the caller's line."""
     p1, p2 = random_maps((2, 3, 6, 6))
     image = random_image(p1.shape)
-    mask = torch.ones(2, 6, 6, dtype=p1.dtype)
-    with pytest.raises(TypeError):
-        bimi_kernels.RegularizedMILoss()(p1, p2, image)
-    torch.testing.assert_close(bimi_kernels.RegularizedMILoss()(p1, p2, mask=mask),
-                               bimi_kernels.BIMILoss(boundary_weight=0.0)(p1, p2, mask=mask))
+    mask = (torch.rand(2, 6, 6) > 0.3).to(p1.dtype)
+    by_keyword = bimi_kernels.RegularizedMILoss()(p1, p2, mask=mask)
+    torch.testing.assert_close(by_keyword, bimi_kernels.BIMILoss(boundary_weight=0.0)(p1, p2, mask=mask))
+    with pytest.warns(DeprecationWarning, match="pass the mask by keyword") as record:
+        by_position = bimi_kernels.RegularizedMILoss()(p1, p2, mask)
+    assert record[0].filename == __file__
+    assert torch.equal(by_position, by_keyword)
+    with pytest.raises(TypeError, match="by keyword"):
+        bimi_kernels.RegularizedMILoss()(p1, p2, mask, image)
+    with pytest.raises(TypeError, match="by keyword"):
+        bimi_kernels.RegularizedMILoss()(p1, p2, image, mask=mask)
 
 
 def test_a_one_pixel_window_warns_that_the_boundary_term_is_constant():

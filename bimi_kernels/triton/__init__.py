@@ -13,7 +13,6 @@ from typing import Sequence, Tuple
 import torch
 import triton
 
-from ..numerics import accumulation_dtype  # noqa: F401  (one definition, re-exported)
 from .tiles import next_power_of_2
 
 # Decided once, at import, the same way triton.jit decides it for the kernels defined below us.

@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 from ..numerics import EPS_CC, EPS_LOG_U, EPS_MINMAX
-from . import INTERPRETED, accumulation_dtype, multiprocessor_count, padded_k, spatial_dims
+from ..numerics import accumulation_dtype
+from . import INTERPRETED, multiprocessor_count, padded_k, spatial_dims
 from .tiles import (
     Tile,
     channel_offsets,

@@ -63,10 +63,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..numerics import accumulation_dtype
 from . import (
     INTERPRETED,
     PARTIAL_BYTES_BUDGET,
-    accumulation_dtype,
     dot_precision,
     grid_size,
     multiprocessor_count,
