@@ -1,40 +1,17 @@
 """The C++ CPU kernels (csrc/cpu) beyond agreement on the common cases: the rows of p2 a
 joint-count tile stages (so the cost follows the work, not the spread of the offsets), offset
 sets far apart, and offset counts above the old limit of 4096, each against the reference."""
-import itertools
-
 import pytest
 import torch
 
+from cases import F32, F64, check_joint
 from helpers import random_mask, random_maps
 
 import bimi_kernels
-from bimi_kernels import reference
 from bimi_kernels.native import CPP_BACKEND
 from bimi_kernels.offsets import flatten, make_offsets
 
-F32, F64 = torch.float32, torch.float64
 TILE_ROWS = 8  # kTileRows of csrc/cpu/joint.cpp: image rows per tile
-
-
-def relative_error(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def check_joint_against_reference(p1, p2, offsets, mask, rtol):
-    flat = flatten(offsets)
-    counts = CPP_BACKEND.joint_counts(p1, p2, flat, mask)
-    expected = reference.joint_counts(p1, p2, offsets, mask)
-    assert counts.shape == expected.shape and counts.dtype == expected.dtype
-    assert relative_error(counts, expected) <= rtol
-    g = torch.Generator().manual_seed(3)
-    grad_j = torch.randn(counts.shape, generator=g, dtype=F64).to(counts.dtype)
-    grads = CPP_BACKEND.joint_counts_backward(grad_j, p1, p2, flat, mask)
-    expected_grads = reference.joint_counts_backward(grad_j, p1, p2, offsets, mask)
-    for got, want in zip(grads, expected_grads):
-        assert got.shape == want.shape and got.dtype == want.dtype
-        assert relative_error(got, want) <= rtol
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,24 +95,13 @@ FAR_CASES = [
 def test_far_offsets_match_reference(shape, offsets, masked, dtype):
     p1, p2 = random_maps(shape, dtype=dtype, seed=11)
     mask = random_mask(shape, seed=12, keep=0.7)[:, 0].to(dtype).contiguous() if masked else None
-    check_joint_against_reference(p1, p2, make_offsets(offsets, len(shape) - 2), mask, 1e-10 if dtype == F64 else 1e-5)
+    check_joint(CPP_BACKEND, p1, p2, make_offsets(offsets, len(shape) - 2), mask)
 
 
 # ------------------------------------------------------------------------------------------------
-# more than 4096 offsets (the CPU kernels once refused them)
+# more than 4096 offsets (the CPU kernels once refused them; the kernels alone are checked by
+# the conformance suite, tests/backends/test_joint_counts.py)
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "shape,radius,masked",
-    [((1, 2, 33, 34), 32, True), ((1, 2, 9, 9, 10), 8, False)],  # 4225 and 4913 offsets
-)
-def test_more_than_4096_offsets_match_reference(shape, radius, masked):
-    offsets = make_offsets(radius, len(shape) - 2)
-    assert len(offsets) > 4096
-    p1, p2 = random_maps(shape, seed=13)
-    mask = random_mask(shape, seed=14, keep=0.7)[:, 0].double().contiguous() if masked else None
-    check_joint_against_reference(p1, p2, offsets, mask, 1e-10)
-
-
 def test_loss_with_more_than_4096_offsets_through_auto_backend(monkeypatch):
     """`auto` picks cpp on CPU; the loss and its gradients match the reference backend's."""
     monkeypatch.delenv("BIMI_BACKEND", raising=False)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import cases
+from cases import BF16, F16, F32, F64, random_grad_j, relative_error
 from helpers import random_image, random_maps
 
 from bimi_kernels import backends, reference
@@ -26,9 +28,7 @@ from bimi_kernels.native import CUDA_BACKEND
 from bimi_kernels.numerics import accumulation_dtype
 from bimi_kernels.offsets import flatten, make_offsets
 
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ROOT = Path(__file__).resolve().parents[1]
-RTOL = {F64: 1e-10, F32: 1e-5}  # docs/contract.md §8, per accumulation dtype
 
 _REASON = backends.unavailable_reason("cuda", "cuda")
 needs_gpu = pytest.mark.skipif(_REASON is not None, reason=f"cuda backend unavailable: {_REASON}")
@@ -61,86 +61,18 @@ def test_host_emulation_of_the_kernels(name, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers
+# helpers (the checks and tolerances are the conformance suite's: tests/backends/cases.py)
 # ------------------------------------------------------------------------------------------------
-def relative_error(actual, expected) -> float:
-    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def check(what, ours, own, truth, dtype, bound=None):
-    """float32/float64 maps: within RTOL (or `bound`) of the float64 truth. float16/bfloat16 maps
-    (docs/contract.md §8): error at most twice the reference's own in that dtype plus 1e-6 of
-    the largest true magnitude."""
-    assert ours.dtype == own.dtype and ours.shape == own.shape, what
-    truth = truth.detach().cpu().double()
-    if dtype in (F32, F64):
-        error, rtol = relative_error(ours, truth), bound or RTOL[dtype]
-        assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:.3g}"
-        return
-    floor = 1e-6 * truth.abs().max().item()
-    error = (ours.detach().cpu().double() - truth).abs().max().item()
-    own_error = (own.detach().cpu().double() - truth).abs().max().item()
-    assert error <= 2 * own_error + floor, f"{what}: error {error:.3g} > 2 x {own_error:.3g} + {floor:.3g}"
-
-
-def make_mask(shape, dtype, device, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand((shape[0],) + tuple(shape[2:]), generator=g) < 0.7).to(device=device, dtype=dtype)
-
-
-def random_grad_j(n, k, dtype, device, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, k, k), generator=g, dtype=F64).to(device, dtype)
-
-
-def cpu(t, dtype=None):
-    return None if t is None else t.detach().cpu().to(dtype or t.dtype)
+def make_mask(shape, dtype, device):
+    return cases.make_mask(shape, "binary", dtype, device)
 
 
 def check_joint(p1, p2, offsets, mask):
-    """J and both gradients of the cuda backend against the reference on the CPU."""
-    dtype, k, flat = p1.dtype, p1.shape[1], flatten(offsets)
-    acc = accumulation_dtype(dtype)
-    counts = CUDA_BACKEND.joint_counts(p1, p2, flat, mask)
-    assert counts.device == p1.device and counts.dtype == acc and counts.shape == (len(offsets), k, k)
-    grad_j = random_grad_j(len(offsets), k, acc, p1.device)
-    grads = CUDA_BACKEND.joint_counts_backward(grad_j, p1, p2, flat, mask)
-    truth = reference.joint_counts(cpu(p1, F64), cpu(p2, F64), offsets, cpu(mask, F64))
-    own = reference.joint_counts(cpu(p1), cpu(p2), offsets, cpu(mask))
-    check("J", counts, own, truth, dtype)
-    truths = reference.joint_counts_backward(cpu(grad_j, F64), cpu(p1, F64), cpu(p2, F64), offsets, cpu(mask, F64))
-    owns = reference.joint_counts_backward(cpu(grad_j), cpu(p1), cpu(p2), offsets, cpu(mask))
-    for what, got, o, t, p in zip(("dL/dp1", "dL/dp2"), grads, owns, truths, (p1, p2)):
-        assert got.dtype == dtype and got.shape == p.shape and got.device == p.device
-        check(what, got, o.to(dtype), t, dtype)
-
-
-def reference_boundary(p, edge, window):
-    x = p.detach().cpu().requires_grad_(True)
-    cc = reference.boundary_cc(x, edge.detach().cpu().to(accumulation_dtype(x.dtype)), window)
-    (grad,) = torch.autograd.grad(cc, x)
-    return cc.detach(), grad
+    cases.check_joint(CUDA_BACKEND, p1, p2, offsets, mask)
 
 
 def check_boundary(p, edge, window):
-    """CC, u_range and dCC/dp against the reference. float32 within twice the reference's own
-    float32 error against float64 or 1e-5 (box sums cancel: S(U^2) - S(U)^2 / n)."""
-    dtype, acc = p.dtype, accumulation_dtype(p.dtype)
-    cc, u_range = CUDA_BACKEND.boundary_cc(p, edge, window)
-    assert cc.dim() == 0 and cc.dtype == acc and u_range.shape == (p.shape[0], 2) and u_range.dtype == acc
-    grad = CUDA_BACKEND.boundary_cc_backward(torch.tensor(0.5, dtype=acc, device=p.device), p, edge, u_range, window)
-    assert grad.dtype == dtype and grad.shape == p.shape
-    u = reference.uncertainty_map(cpu(p, F64)).flatten(1)
-    check("u_range", u_range, u_range, torch.stack([u.min(1).values, u.max(1).values], 1), F64 if dtype == F64 else F32)
-    truth_cc, truth_grad = reference_boundary(cpu(p, F64), edge, window)
-    own_cc, own_grad = reference_boundary(cpu(p), edge, window)
-    if dtype == F32:
-        for what, got, own, truth in (("CC", cc, own_cc, truth_cc), ("dCC/dp", grad / 0.5, own_grad, truth_grad)):
-            check(what, got, own, truth, F32, bound=max(2 * relative_error(own, truth), RTOL[F32]))
-    else:
-        check("CC", cc, own_cc.to(acc), truth_cc, dtype)
-        check("dCC/dp", grad, (0.5 * own_grad).to(dtype), 0.5 * truth_grad, dtype)
+    cases.check_boundary(CUDA_BACKEND, p, edge, window)
 
 
 def edge_for(shape, device, dtype, seed=1):

@@ -7,7 +7,8 @@ Triton backend when it runs compiled on a GPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,11 +33,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype) -> None:
-    """Within RTOL of the accumulation dtype of `dtype` (the maps' dtype)."""
-    rtol = RTOL[accumulation_dtype(dtype)]
+def assert_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
     error = relative_error(actual, expected)
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g}"
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Within RTOL of the accumulation dtype of `dtype` (the maps' dtype)."""
+    assert_relative(actual, expected, RTOL[accumulation_dtype(dtype)], what)
 
 
 def assert_low_precision_rule(
@@ -143,26 +147,69 @@ def random_grad_j(n_offsets: int, k: int, dtype: torch.dtype, device: str, seed:
     return torch.randn((n_offsets, k, k), generator=g, dtype=F64).to(device, dtype)
 
 
-# the check, for any object with the backend contract's kernels (bimi_kernels/backends.py)
-def cpu(t):
-    return None if t is None else t.cpu()
+# the checks, for any object with the backend contract's kernels (bimi_kernels/backends.py)
+def cpu(t, dtype=None):
+    return None if t is None else t.cpu().to(dtype or t.dtype)
 
 
-def check_joint(kernels, p1, p2, offsets, mask):
-    """J and both gradients from `backend`'s kernels against the reference (on CPU)."""
-    flat = flatten(offsets)
+@dataclass(frozen=True)
+class Bound:
+    """A module's kernel functions with keyword settings bound (a launcher's explicit tile,
+    config, ...), for the checks below; `forward_only` and `backward_only` name the settings
+    that only one direction's kernels take."""
+
+    module: object
+    settings: dict = field(default_factory=dict)
+    forward_only: tuple = ()
+    backward_only: tuple = ()
+
+    def _bind(self, name: str, backward: bool):
+        skip = self.forward_only if backward else self.backward_only
+        settings = {k: v for k, v in self.settings.items() if k not in skip}
+        return functools.partial(getattr(self.module, name), **settings)
+
+    def __getattr__(self, name: str):
+        if name in ("joint_counts", "boundary_cc"):
+            return self._bind(name, backward=False)
+        if name in ("joint_counts_backward", "boundary_cc_backward"):
+            return self._bind(name, backward=True)
+        raise AttributeError(name)
+
+
+def bound(module, forward_only=(), backward_only=(), **settings) -> Bound:
+    return Bound(module, settings, tuple(forward_only), tuple(backward_only))
+
+
+def check_joint(kernels, p1, p2, offsets, mask, truncating_cast: bool = False):
+    """J and both gradients from `kernels` against the reference (on CPU): float32/float64 maps
+    within RTOL, float16/bfloat16 maps by the low-precision rule (`truncating_cast`: see
+    `assert_low_precision_rule`)."""
+    dtype, k, flat = p1.dtype, p1.shape[1], flatten(offsets)
     counts = kernels.joint_counts(p1, p2, flat, mask)
-    expected = reference.joint_counts(cpu(p1), cpu(p2), offsets, cpu(mask))
-    assert counts.shape == expected.shape and counts.dtype == accumulation_dtype(p1.dtype)
+    assert counts.shape == (len(offsets), k, k) and counts.dtype == accumulation_dtype(dtype)
     assert counts.device == p1.device
-    assert_close(counts, expected, "J", p1.dtype)
-
-    grad_j = random_grad_j(len(offsets), p1.shape[1], counts.dtype, p1.device.type)
-    grad_p1, grad_p2 = kernels.joint_counts_backward(grad_j, p1, p2, flat, mask)
-    expected_p1, expected_p2 = reference.joint_counts_backward(cpu(grad_j), cpu(p1), cpu(p2), offsets, cpu(mask))
-    for got, want, what, like in ((grad_p1, expected_p1, "dL/dp1", p1), (grad_p2, expected_p2, "dL/dp2", p2)):
+    grad_j = random_grad_j(len(offsets), k, counts.dtype, p1.device)
+    grads = kernels.joint_counts_backward(grad_j, p1, p2, flat, mask)
+    for got, like in zip(grads, (p1, p2)):
         assert got.shape == like.shape and got.dtype == like.dtype and got.device == like.device
-        assert_close(got, want, what, p1.dtype)
+
+    own = (reference.joint_counts(cpu(p1), cpu(p2), offsets, cpu(mask)),
+           *reference.joint_counts_backward(cpu(grad_j), cpu(p1), cpu(p2), offsets, cpu(mask)))
+    if dtype in (F64, F32):
+        for what, got, want in zip(("J", "dL/dp1", "dL/dp2"), (counts, *grads), own):
+            assert_close(got, want, what, dtype)
+        return
+    exact = [cpu(t, F64) for t in (p1, p2, mask)]
+    truth = (reference.joint_counts(*exact[:2], offsets, exact[2]),
+             *reference.joint_counts_backward(cpu(grad_j, F64), *exact[:2], offsets, exact[2]))
+    assert_low_precision_rule("J", counts, own[0], truth[0])
+    for what, got, o, t in zip(("dL/dp1", "dL/dp2"), grads, own[1:], truth[1:]):
+        assert_low_precision_rule(what, got, o, t, truncating_cast)
+
+
+def joint_maps(shape, dtype: torch.dtype, masked: bool, device: str, seed: int = 0):
+    """p1, p2 and a binary mask (or None) for a shape, without a case."""
+    return joint_inputs(JointCase(tuple(shape), 0, mask="binary" if masked else "none"), dtype, device, seed)
 
 
 
@@ -235,15 +282,23 @@ def run_kernels(kernels, p, edge, window, grad_scale):
     return cc, u_range, grad_cc, grad
 
 
-def check_boundary(kernels, p, edge, window):
+def check_boundary(kernels, p, edge, window, truncating_cast: bool = False):
+    """CC, the uncertainty range and dCC/dp from `kernels` against the reference (on CPU):
+    float64 within RTOL; float32 within twice the reference's own float32 error (the box sums
+    cancel); float16/bfloat16 by the low-precision rule."""
     cc, u_range, grad_cc, grad = run_kernels(kernels, p, edge, window, 1.7)
     acc = accumulation_dtype(p.dtype)
     assert cc.dim() == 0 and cc.dtype == acc and cc.device == p.device
     assert u_range.shape == (p.shape[0], 2) and u_range.dtype == acc
     assert grad.shape == p.shape and grad.dtype == p.dtype and grad.device == p.device
-    u = reference.uncertainty_map(p.cpu()).flatten(1)
+    u = reference.uncertainty_map(cpu(p, acc)).flatten(1)
     assert_close(u_range, torch.stack([u.amin(1), u.amax(1)], 1), "u_range", p.dtype)
     expected_cc, expected_grad = reference_cc_and_gradient(p, edge, window, grad_cc)
+    if p.dtype in (F16, BF16):
+        exact_cc, exact_grad = reference_cc_and_gradient(p.double(), edge.double(), window, grad_cc.double())
+        assert_low_precision_rule("CC", cc, expected_cc, exact_cc)
+        assert_low_precision_rule("dL/dp", grad, expected_grad, exact_grad, truncating_cast)
+        return
     if p.dtype == F64:
         assert_close(cc, expected_cc, "CC", p.dtype)
         if torch.count_nonzero(expected_grad) == 0:  # every window clamped: no gradient anywhere
@@ -255,9 +310,7 @@ def check_boundary(kernels, p, edge, window):
     # can be off by more than 1e-5; within twice its error against float64, or 1e-5
     cc64, grad64 = reference_cc_and_gradient(p.double(), edge.double(), window, grad_cc.double())
     for what, got, own, exact in (("CC", cc, expected_cc, cc64), ("dL/dp", grad, expected_grad, grad64)):
-        bound = max(2 * relative_error(own, exact), 1e-5)
-        error = relative_error(got, exact)
-        assert error <= bound, f"{what}: relative error {error:.3g} > {bound:.3g}"
+        assert_relative(got, exact, max(2 * relative_error(own, exact), RTOL[F32]), what)
 
 
 
