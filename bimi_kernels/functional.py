@@ -26,7 +26,8 @@ from .numerics import EPS_CC, EPS_MI, accumulation_dtype
 from .offsets import OffsetSpec, flat_offsets_for
 
 # The building blocks without a kernel of their own are the reference's, called here with the
-# arguments checked, so there is one definition of each piece of math.
+# arguments checked, so there is one definition of each piece of math, and with autocast off, so
+# that they compute in their accumulation dtype as the ops do (docs/contract.md §8).
 def joint_distributions(j: torch.Tensor, symmetric: bool = True):
     """`reference.joint_distributions` (docs/contract.md §4): joint counts J (|O|, K, K) -> (P,
     valid), each offset's counts normalised (and symmetrised if asked); valid (|O|,) is False
@@ -37,14 +38,16 @@ def joint_distributions(j: torch.Tensor, symmetric: bool = True):
         raise TypeError(f"j: expected a floating dtype, got {j.dtype}")
     if j.dim() != 3 or j.shape[1] != j.shape[2] or j.numel() == 0:
         raise ValueError(f"j: expected joint counts of shape (|O|, K, K), got {tuple(j.shape)}")
-    return reference.joint_distributions(j, symmetric)
+    with ops.autocast_off(j.device.type):
+        return reference.joint_distributions(j, symmetric)
 
 
 def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
     """`reference.uncertainty_map` (docs/contract.md §5): U = -sum_k p_k log(p_k + 1e-16),
     (B, K, *S) -> (B, 1, *S) in the accumulation dtype, for a cluster map checked like the loss's."""
     checks.check_map(p, "p")
-    return reference.uncertainty_map(p)
+    with ops.autocast_off(p.device.type):
+        return reference.uncertainty_map(p)
 
 
 def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, eps: float = EPS_CC) -> torch.Tensor:
@@ -55,7 +58,8 @@ def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, e
         checks.check_tensor(name, t)
     if u.shape != e.shape or u.dim() not in (4, 5):
         raise ValueError(f"u, e: expected two tensors of one shape (B, C, *S), got {tuple(u.shape)} and {tuple(e.shape)}")
-    return reference.local_cross_correlation(u, e, window, eps)
+    with ops.autocast_off(u.device.type):
+        return reference.local_cross_correlation(u, e, window, eps)
 
 __all__ = [
     "joint_counts", "joint_distributions", "regularized_mi", "edge_map", "uncertainty_map",

@@ -249,3 +249,29 @@ def test_environment_variable_overrides_auto(monkeypatch):
         BF.joint_counts(p1, p2)
     monkeypatch.setenv("BIMI_BACKEND", "reference")
     torch.testing.assert_close(BF.joint_counts(p1, p2), R.joint_counts(p1, p2, ((0, 0),)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_every_functional_building_block_ignores_autocast(dtype):
+    """Each public function computes in its accumulation dtype under autocast, as the loss does
+    (docs/contract.md §8): a cross-correlation computed in bfloat16 once came out at -3.4."""
+    p1, p2 = random_maps((2, 6, 24, 20), dtype=torch.float32)
+    image = random_image(p1.shape, dtype=torch.float32)
+    calls = {
+        "joint_counts": lambda: BF.joint_counts(p1, p2, offsets=1),
+        "joint_distributions": lambda: BF.joint_distributions(BF.joint_counts(p1, p2, offsets=1))[0],
+        "regularized_mi": lambda: BF.regularized_mi(p1, p2, offsets=1),
+        "uncertainty_map": lambda: BF.uncertainty_map(p1),
+        "edge_map": lambda: BF.edge_map(image),
+        "local_cross_correlation": lambda: BF.local_cross_correlation(BF.uncertainty_map(p1), BF.edge_map(image)),
+        "boundary_cc": lambda: BF.boundary_cc(p1, BF.edge_map(image)),
+        "boundary_cc_loss": lambda: BF.boundary_cc_loss(p1, p2, image),
+        "bimi_loss": lambda: BF.bimi_loss(p1, p2, image, offsets=1),
+    }
+    assert set(calls) == {name for name in BF.__all__ if not name.endswith("_from_config")}
+    for name, call in calls.items():
+        plain = call()
+        with torch.autocast("cpu", dtype=dtype):
+            cast = call()
+        assert cast.dtype == plain.dtype == torch.float32, name
+        torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-7, msg=name)
