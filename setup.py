@@ -187,5 +187,29 @@ def _extensions():
     return extensions, {"build_ext": _build_extension_class(cpp_extension)}
 
 
+OLD_SETUPTOOLS_MESSAGE = """
+bimi_kernels: setuptools {version} is too old to read pyproject.toml: its SPDX `license = "MIT"`
+needs setuptools >= 77 (a build with pip's default isolation gets it by itself). Upgrade it in
+this environment, then build again:
+
+    pip install 'setuptools>=77'
+"""
+
+
+def _check_setuptools():
+    """A clear message instead of setuptools' own "project.license must be valid exactly by one
+    definition" (an environment can hold an older setuptools: torch 2.11 asks only for < 82)."""
+    import re
+
+    import setuptools
+
+    major = int(re.match(r"\d+", setuptools.__version__).group())
+    with open(os.path.join(ROOT, "pyproject.toml")) as handle:
+        spdx_license = re.search(r'^license = "', handle.read(), re.MULTILINE) is not None
+    if major < 77 and spdx_license:
+        raise SystemExit(OLD_SETUPTOOLS_MESSAGE.format(version=setuptools.__version__))
+
+
+_check_setuptools()
 ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

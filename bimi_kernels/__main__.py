@@ -58,6 +58,9 @@ def info() -> int:
     return 0
 
 
+BENCH_PACKAGES = ("numpy", "matplotlib")  # pyproject.toml's `bench` extras
+
+
 def benchmarks_checkout() -> Optional[Path]:
     """The source checkout whose `benchmarks/` package goes with this bimi_kernels, or None.
 
@@ -81,6 +84,15 @@ def bench(argv) -> int:
             print(message)
             return 0
         print(message, file=sys.stderr)
+        return 2
+    from .demo.packages import missing_packages
+
+    missing = missing_packages(BENCH_PACKAGES)
+    if missing:
+        print(f"bimi bench: the benchmarks need {', '.join(missing)} "
+              f"({'is' if len(missing) == 1 else 'are'} not installed). Install the bench extras:\n"
+              f"    pip install {' '.join(BENCH_PACKAGES)}   (in the source tree: pip install "
+              "--no-build-isolation '.[bench]')", file=sys.stderr)
         return 2
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))

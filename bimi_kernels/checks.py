@@ -152,7 +152,9 @@ def check_number(name: str, value, minimum=None, maximum=None, above=None) -> No
 
 
 def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
+    """True or False: a Python bool, or numpy's (as other settings take numpy numbers)."""
+    kind = type(value)
+    if not (isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))):
         raise TypeError(f"{name}: expected True or False, got {_describe(value)}")
 
 

@@ -86,6 +86,10 @@ class LossConfig:
             value = getattr(self, name)
             if type(value) is not int and not isinstance(value, torch.SymInt):
                 object.__setattr__(self, name, int(value))
+        for name in ("symmetric", "sync", "pool_offsets", "validate"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not bool:  # numpy's bool
+                object.__setattr__(self, name, bool(value))
 
     @classmethod
     def of(cls, namespace: dict, **overrides) -> "LossConfig":

@@ -154,6 +154,19 @@ def test_bench_without_a_checkout_says_where_the_benchmarks_are(monkeypatch, cap
     assert "python -m benchmarks.run" in capsys.readouterr().out
 
 
+def test_bench_without_its_extras_names_them_not_a_traceback(monkeypatch, capsys):
+    monkeypatch.setattr("bimi_kernels.demo.packages.missing_packages", lambda names: ["numpy"])
+    assert cli_main(["bench", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "numpy (is not installed)" in err and "'.[bench]'" in err
+
+
+def test_bench_extras_are_the_ones_pyproject_declares():
+    from bimi_kernels.__main__ import BENCH_PACKAGES
+
+    assert list(BENCH_PACKAGES) == PYPROJECT["project"]["optional-dependencies"]["bench"]
+
+
 def test_pytest_ignores_only_third_party_warnings():
     filters = PYPROJECT["tool"]["pytest"]["ini_options"]["filterwarnings"]
     for entry in filters:
@@ -199,3 +212,18 @@ def test_default_cuda_architectures_are_torchs_own():
     assert nvcc_archs("/no/such/toolkit") is None
     if os.path.exists("/usr/local/cuda/bin/nvcc"):
         assert (9, 0) in nvcc_archs("/usr/local/cuda")
+
+
+def test_an_old_setuptools_gets_a_message_not_a_schema_error():
+    """pyproject.toml's SPDX licence needs setuptools >= 77; an older one (torch 2.11 allows it)
+    stops with the upgrade command instead of "project.license must be valid exactly by one
+    definition"."""
+    code = (
+        "import runpy, sys, setuptools\n"
+        "setuptools.__version__ = '65.5.0'\n"
+        "sys.argv = ['setup.py', '--version']\n"
+        "runpy.run_path('setup.py')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "setuptools 65.5.0 is too old" in done.stderr and "pip install 'setuptools>=77'" in done.stderr

@@ -250,6 +250,9 @@ def test_other_number_types_are_stored_as_python_numbers(good):
     assert "alpha=0.25" in repr(loss_fn)
     expected = loss(p1, p2, image, offsets=1, mi_weight=1 / 3, lamda=1.5, alpha=0.25, window=3)
     torch.testing.assert_close(loss_fn(p1, p2, image), expected)
+    # numpy's bool as a bool setting, stored as Python's
+    flags = bimi_kernels.BIMILoss(symmetric=np.bool_(False), validate=np.bool_(True)).config
+    assert (flags.symmetric, flags.validate) == (False, True) and type(flags.symmetric) is type(flags.validate) is bool
 
 
 @pytest.mark.parametrize("module,setting", [(bimi_kernels.BoundaryCCLoss, "boundary_weight"),
