@@ -50,12 +50,15 @@ from ..numerics import accumulation_dtype
 from . import INTERPRETED, multiprocessor_count, padded_k, spatial_dims
 from .tiles import (
     Tile,
+    channel_axis,
     channel_offsets,
+    grid_position,
     make_tile,
     map_extent,
     needs_wide_index,
     next_power_of_2,
     plane_size,
+    run_pixels,
     sample_pointer,
     tile_geometry,
     tile_is_interior,
@@ -201,13 +204,9 @@ def _uncertainty_kernel(
 ):
     # WRITE_RANGE: also the running [min, max] of U of this program (forward).
     # NORMALISED: write Un with the saved per-sample range instead of U (backward).
-    b = tl.program_id(0)  # the batch on axis 0: axis 1 allows at most 65535 programs
-    r = tl.program_id(1)
-    n_range = tl.num_programs(1)
+    b, r, n_range = grid_position()
     acc_dtype = u_ptr.dtype.element_ty
-    k = tl.arange(0, K_PAD)
-    k_ok = k < K
-    channel = channel_offsets(k, p_stride_k, WIDE)
+    k, k_ok, channel = channel_axis(K, K_PAD, p_stride_k, WIDE)
     p_base = sample_pointer(p_ptr, b, p_stride_b)
     u_base = sample_pointer(u_ptr, b, N)
     if NORMALISED:
@@ -216,11 +215,7 @@ def _uncertainty_kernel(
     low = tl.full((BLOCK,), float("inf"), acc_dtype)
     high = tl.full((BLOCK,), float("-inf"), acc_dtype)
     for tile in range(r, tiles_per_sample, n_range):
-        if WIDE:
-            s = tl.cast(tile, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        else:
-            s = tile * BLOCK + tl.arange(0, BLOCK)
-        inside = s < N
+        s, inside = run_pixels(tile, N, BLOCK, WIDE)
         q = tl.load(p_base + (channel[:, None] + s[None, :]),
                     mask=k_ok[:, None] & inside[None, :], other=0.0).to(acc_dtype)
         log_q, u = entropy_terms(q, EPS_LOG)
@@ -266,9 +261,7 @@ def _ncc_kernel(
 ):
     # Forward: the box sums of Un (normalised on the fly) and E and the summed NCC term.
     # BACKWARD: u_ptr holds Un already; writes the three coefficient maps instead.
-    b = tl.program_id(0)
-    r = tl.program_id(1)
-    n_programs = tl.num_programs(1)
+    b, r, n_programs = grid_position()
     acc_dtype = u_ptr.dtype.element_ty
     count = tl.cast(window_count, acc_dtype)  # n = window^ndim, an exact integer
     plane = plane_size(H, W, WIDE)
@@ -329,14 +322,10 @@ def _boundary_grad_kernel(
     RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    r = tl.program_id(1)
-    n_programs = tl.num_programs(1)
+    b, r, n_programs = grid_position()
     acc_dtype = coef_u_ptr.dtype.element_ty
-    k = tl.arange(0, K_PAD)
-    k_ok = k < K
+    k, k_ok, channel = channel_axis(K, K_PAD, p_stride_k, WIDE)
     plane = plane_size(H, W, WIDE)
-    channel = channel_offsets(k, p_stride_k, WIDE)
     out_channel = channel_offsets(k, grad_stride_k, WIDE)
     lo = tl.load(u_range_ptr + 2 * b)
     denominator = tl.load(u_range_ptr + 2 * b + 1) - lo + EPS_NORM
@@ -375,20 +364,14 @@ def _edge_magnitude_kernel(
 ):
     # The edge map's first pass: per pixel the mean over channels of the magnitude of the
     # wrap-around backward differences, and this program's running min and max of it.
-    b = tl.program_id(0)
-    r = tl.program_id(1)
-    n_range = tl.num_programs(1)
+    b, r, n_range = grid_position()
     acc_dtype = out_ptr.dtype.element_ty
     out_base = sample_pointer(out_ptr, b, N)
     low = tl.full((BLOCK,), float("inf"), acc_dtype)
     high = tl.full((BLOCK,), float("-inf"), acc_dtype)
     plane = plane_size(H, W, WIDE)
     for run in range(r, runs_per_sample, n_range):
-        if WIDE:
-            s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        else:
-            s = run * BLOCK + tl.arange(0, BLOCK)
-        inside = s < N
+        s, inside = run_pixels(run, N, BLOCK, WIDE)
         x = s % W
         y = (s // W) % H
         # the neighbour before, wrapping around (torch.roll by 1) along each dim
@@ -427,18 +410,13 @@ def _edge_normalise_kernel(
     # The second pass, in place: ((m - min) / (max - min + 1e-6)) ** gamma. gamma is passed as
     # float64 (a plain Python float argument would be float32, rounding gamma = 0.7 by 1e-8 for
     # float64 maps) and brought to the accumulation dtype here.
-    b = tl.program_id(0)
-    r = tl.program_id(1)
+    b, r, n_programs = grid_position()
     exponent = tl.full((BLOCK,), gamma, out_ptr.dtype.element_ty)
     lo, hi = sample_range(range_ptr, b, n_range, R_PAD)
     denominator = hi - lo + EPS_NORM
     out_base = sample_pointer(out_ptr, b, N)
-    for run in range(r, runs_per_sample, tl.num_programs(1)):
-        if WIDE:
-            s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        else:
-            s = run * BLOCK + tl.arange(0, BLOCK)
-        inside = s < N
+    for run in range(r, runs_per_sample, n_programs):
+        s, inside = run_pixels(run, N, BLOCK, WIDE)
         v = normalise(tl.load(out_base + s, mask=inside, other=0.0), lo, denominator)
         # v ** gamma as exp(gamma log v), v >= 0; 0 ** gamma (0, or 1 for gamma = 0) apart, and
         # a NaN stays NaN

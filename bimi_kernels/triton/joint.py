@@ -75,8 +75,9 @@ from . import (
 )
 from .tiles import (
     Tile,
-    channel_offsets,
+    channel_axis,
     coordinate_in_range,
+    grid_position,
     make_tile,
     map_extent,
     needs_wide_index,
@@ -206,9 +207,7 @@ def _joint_counts_forward_kernel(
     K_PAD: tl.constexpr, ROWS: tl.constexpr,
     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    pid = tl.program_id(1)
-    n_programs = tl.num_programs(1)
+    chunk, pid, n_programs = grid_position()
     acc_dtype = partial_ptr.dtype.element_ty
     if NATIVE_DOT:
         operand_dtype = p1_ptr.dtype.element_ty
@@ -217,9 +216,7 @@ def _joint_counts_forward_kernel(
 
     rows = chunk * ROWS + tl.arange(0, ROWS)
     map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)  # for every tile
-    k = tl.arange(0, K_PAD)
-    k_ok = k < K
-    channel = channel_offsets(k, p1_stride_k, WIDE)
+    k, k_ok, channel = channel_axis(K, K_PAD, p1_stride_k, WIDE)
     row_ok = rows < n_rows
     acc = tl.zeros((ROWS, K_PAD), dtype=acc_dtype)
     for tile in range(pid, n_tiles, n_programs):
@@ -278,9 +275,7 @@ def _joint_counts_backward_kernel(
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     acc_dtype = grad_j_ptr.dtype.element_ty
-    k = tl.arange(0, K_PAD)
-    k_ok = k < K
-    out_channel = channel_offsets(k, grad_stride_k, WIDE)
+    k, k_ok, out_channel = channel_axis(K, K_PAD, grad_stride_k, WIDE)
     for tile in range(pid, n_tiles, n_programs):
         b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)

@@ -95,6 +95,14 @@ def map_extent(channels: int, channel_stride: int, spatial_pixels: int) -> int:
 # @triton.jit helpers
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def grid_position():
+    """(this program's index on grid axis 0, its index on axis 1, the programs on axis 1). Axis 0
+    carries the batch (or a chunk of partner rows): it allows 2^31 - 1 programs, axis 1 at most
+    65535, so the programs per sample go there."""
+    return tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+
+
+@triton.jit
 def channel_offsets(k, stride_k, WIDE: tl.constexpr):
     """Offsets of channels k for a channel stride, in 64 bits where one can pass 2^31 (WIDE)."""
     if WIDE:
@@ -102,6 +110,25 @@ def channel_offsets(k, stride_k, WIDE: tl.constexpr):
     else:
         offsets = k * stride_k
     return offsets
+
+
+@triton.jit
+def channel_axis(K, K_PAD: tl.constexpr, stride_k, WIDE: tl.constexpr):
+    """The channel index k (0 .. K_PAD - 1, a power of two), which of them are real (k < K), and
+    their offsets for a channel stride."""
+    k = tl.arange(0, K_PAD)
+    return k, k < K, channel_offsets(k, stride_k, WIDE)
+
+
+@triton.jit
+def run_pixels(run, N, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """The pixels (flat offsets in a sample) of run `run` of BLOCK consecutive ones, in 64 bits
+    where they can pass 2^31 (WIDE), and which of them lie inside the sample's N."""
+    if WIDE:
+        s = tl.cast(run, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        s = run * BLOCK + tl.arange(0, BLOCK)
+    return s, s < N
 
 
 @triton.jit

@@ -57,14 +57,7 @@ template <typename acc_t>
 __global__ void range_kernel(const acc_t* __restrict__ part_lo, const acc_t* __restrict__ part_hi,
                              int64_t batch, int64_t parts, acc_t* __restrict__ u_range) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= batch) return;
-  acc_t lo = part_lo[b * parts], hi = part_hi[b * parts];
-  for (int64_t part = 1; part < parts; ++part) {
-    lo = lower_of(lo, part_lo[b * parts + part]);
-    hi = higher_of(hi, part_hi[b * parts + part]);
-  }
-  u_range[2 * b] = lo;
-  u_range[2 * b + 1] = hi;
+  if (b < batch) sample_range_of_parts(part_lo, part_hi, b, parts, u_range);
 }
 
 template <typename acc_t>

@@ -58,6 +58,19 @@ BIMI_HD int64_t range_part_begin(const Volume& v, int64_t parts, int64_t part) {
   return chunk_begin(v.voxels(), parts, part);
 }
 
+// u_range[b] = [min, max] of sample b over its parts' minima and maxima, in part order.
+template <typename acc_t>
+BIMI_HD void sample_range_of_parts(const acc_t* part_lo, const acc_t* part_hi, int64_t b, int64_t parts,
+                                   acc_t* u_range) {
+  acc_t lo = part_lo[b * parts], hi = part_hi[b * parts];
+  for (int64_t part = 1; part < parts; ++part) {
+    lo = lower_of(lo, part_lo[b * parts + part]);
+    hi = higher_of(hi, part_hi[b * parts + part]);
+  }
+  u_range[2 * b] = lo;
+  u_range[2 * b + 1] = hi;
+}
+
 // (u - min) / (max - min + 1e-6) with the sample's range, the reference's order of operations.
 template <typename acc_t>
 BIMI_HD acc_t normalized(acc_t u, const acc_t* u_range, int64_t b) {

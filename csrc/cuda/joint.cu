@@ -177,20 +177,10 @@ at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
     const int64_t chunks = forward_chunks_for(call.offsets, call.k, Config::kRun, Config::kGroupBlocks, tiles);
     at::Tensor partials = chunks == 1 ? joint : at::empty({chunks, call.num_offsets, call.k, call.k}, acc_options);
 
-    JointForwardArgs<scalar_t, acc_t> args;
-    args.p1 = call.p1.data_ptr<scalar_t>();
-    args.p2 = call.p2.data_ptr<scalar_t>();
-    args.mask = call.mask.defined() ? call.mask.data_ptr<scalar_t>() : nullptr;
-    args.v = call.v;
-    args.ib_per_block = shape.ib_per_block;
-    args.jb_per_block = shape.jb_per_block;
-    args.runs_per_block = shape.runs_per_block;
-    args.i_groups = shape.i_groups;
-    args.j_groups = shape.j_groups;
-    args.num_offsets = call.num_offsets;
-    args.tiles = tiles;
-    args.chunks = chunks;
-    args.out = partials.data_ptr<acc_t>();
+    const JointForwardArgs<scalar_t, acc_t> args = forward_args(
+        call.p1.data_ptr<scalar_t>(), call.p2.data_ptr<scalar_t>(),
+        call.mask.defined() ? call.mask.data_ptr<scalar_t>() : nullptr, call.v, shape, call.num_offsets, tiles,
+        chunks, partials.data_ptr<acc_t>());
     const auto kernel = joint_forward_kernel<scalar_t, acc_t>;
     for (const JointLaunch& launch : launches) {
       const size_t shared_bytes = forward_shared_elements(shape, launch) * sizeof(acc_t);

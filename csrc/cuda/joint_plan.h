@@ -152,6 +152,28 @@ inline ForwardShape forward_shape(const std::vector<JointLaunch>& launches, int6
   return shape;
 }
 
+// The forward kernel's arguments, from the maps, the plan's shape and the partial-sum buffer.
+template <typename scalar_t, typename acc_t>
+JointForwardArgs<scalar_t, acc_t> forward_args(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
+                                               const Volume& v, const ForwardShape& shape, int64_t num_offsets,
+                                               int64_t tiles, int64_t chunks, acc_t* out) {
+  JointForwardArgs<scalar_t, acc_t> args;
+  args.p1 = p1;
+  args.p2 = p2;
+  args.mask = mask;
+  args.v = v;
+  args.ib_per_block = shape.ib_per_block;
+  args.jb_per_block = shape.jb_per_block;
+  args.runs_per_block = shape.runs_per_block;
+  args.i_groups = shape.i_groups;
+  args.j_groups = shape.j_groups;
+  args.num_offsets = num_offsets;
+  args.tiles = tiles;
+  args.chunks = chunks;
+  args.out = out;
+  return args;
+}
+
 // Fills each table's block_begin for `shape`; returns the blocks of the largest launch.
 inline int64_t set_forward_blocks(std::vector<JointLaunch>& launches, const ForwardShape& shape, int32_t run) {
   int64_t largest = 0;

@@ -70,15 +70,8 @@ Result emulate(const std::vector<acc_t>& p, const std::vector<acc_t>& edge, cons
     part_hi[block] = hi;
   }
   std::vector<acc_t> u_range(2 * v.batch, nan);
-  for (int64_t b = 0; b < v.batch; ++b) {  // range_kernel
-    acc_t lo = part_lo[b * parts], hi = part_hi[b * parts];
-    for (int64_t part = 1; part < parts; ++part) {
-      lo = lower_of(lo, part_lo[b * parts + part]);
-      hi = higher_of(hi, part_hi[b * parts + part]);
-    }
-    u_range[2 * b] = lo;
-    u_range[2 * b + 1] = hi;
-  }
+  for (int64_t b = 0; b < v.batch; ++b)  // range_kernel, thread b
+    sample_range_of_parts(part_lo.data(), part_hi.data(), b, parts, u_range.data());
   for (int64_t index = 0; index < total; ++index) u[index] = normalized(u[index], u_range.data(), index / voxels);
   // ncc_partials_kernel + ncc_total_kernel
   const int64_t blocks = ceil_div(total, kThreads);

@@ -83,20 +83,9 @@ std::vector<acc_t> emulate_forward(const std::vector<acc_t>& p1, const std::vect
   std::vector<acc_t> partials(chunks * num_offsets * k * k, nan);
   std::vector<int> writes(partials.size(), 0);
 
-  JointForwardArgs<acc_t, acc_t> args;
-  args.p1 = p1.data();
-  args.p2 = p2.data();
-  args.mask = mask != nullptr ? mask->data() : nullptr;
-  args.v = v;
-  args.ib_per_block = shape.ib_per_block;
-  args.jb_per_block = shape.jb_per_block;
-  args.runs_per_block = shape.runs_per_block;
-  args.i_groups = shape.i_groups;
-  args.j_groups = shape.j_groups;
-  args.num_offsets = num_offsets;
-  args.tiles = tiles;
-  args.chunks = chunks;
-  args.out = partials.data();
+  const JointForwardArgs<acc_t, acc_t> args = forward_args(
+      p1.data(), p2.data(), mask != nullptr ? mask->data() : nullptr, v, shape, num_offsets, tiles, chunks,
+      partials.data());
   const int warps = shape.warps();
   expect(warps >= 1 && warps <= kMaxWarps, "forward warps per block within 1..kMaxWarps");
   int32_t clusters = 0;
