@@ -1,8 +1,9 @@
 """The loss settings, defined once: a frozen, checked object shared by the modules and the
 functional API (docs/contract.md §6, §7).
 
-A new setting is one field here (with its check in `LossConfig.__post_init__`), plus the keyword
-in the public signatures that take it.
+A new setting is one field here (its default, and its check in `LossConfig.__post_init__`),
+plus the keyword in the public signatures that take it (docs/architecture.md, "Adding things";
+tests/test_losses.py checks those signatures against this class).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ the frozen config with a checked copy, so a module never holds an unchecked sett
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Optional
 
@@ -20,7 +21,13 @@ from .offsets import OffsetSpec
 class _ConfiguredLoss(nn.Module):
     """Settings live in `self.config`; the module's own settings are exposed as attributes."""
 
-    SETTINGS: tuple = ()  # the config fields this module takes (its constructor's keywords)
+    SETTINGS: tuple = ()  # the config fields this module takes: its constructor's keywords
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.SETTINGS = tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
+        unknown = set(cls.SETTINGS) - set(FIELD_NAMES)
+        assert not unknown, f"{cls.__name__}: constructor keywords that are not LossConfig fields: {unknown}"
 
     def __init__(self, config: LossConfig):
         super().__init__()
@@ -70,9 +77,6 @@ class RegularizedMILoss(_ConfiguredLoss):
         >>> loss = loss_fn(p1, p2)
     """
 
-    SETTINGS = ("offsets", "dilation", "alpha", "lamda", "symmetric", "backend", "sync",
-                "process_group", "validate", "pool_offsets", "eps_convention")
-
     def __init__(
         self,
         offsets: OffsetSpec = 0,
@@ -116,8 +120,6 @@ class BoundaryCCLoss(_ConfiguredLoss):
         >>> loss = BoundaryCCLoss(window=5)(p1, p2, image)
     """
 
-    SETTINGS = ("window", "gamma", "backend", "validate")
-
     def __init__(self, window: int = 5, gamma: float = 0.75, backend: str = "auto", validate: Optional[bool] = None):
         super().__init__(LossConfig.of(locals(), mi_weight=0.0))
 
@@ -146,10 +148,6 @@ class BIMILoss(_ConfiguredLoss):
         >>> loss = loss_fn(p1, p2, image, mask)
         >>> loss.backward()
     """
-
-    SETTINGS = ("offsets", "dilation", "alpha", "lamda", "mi_weight", "boundary_weight", "window",
-                "gamma", "symmetric", "backend", "sync", "process_group", "validate",
-                "pool_offsets", "eps_convention")
 
     def __init__(
         self,

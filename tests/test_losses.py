@@ -275,3 +275,25 @@ def test_every_functional_building_block_ignores_autocast(dtype):
             cast = call()
         assert cast.dtype == plain.dtype == torch.float32, name
         torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_every_public_signature_agrees_with_the_one_config():
+    """A setting is defined once, in LossConfig: every signature that takes it has its default,
+    and the functional API takes exactly the settings of its module (a new setting that misses a
+    signature, or a default changed in one place only, fails here)."""
+    import dataclasses
+    import inspect
+
+    defaults = {f.name: f.default for f in dataclasses.fields(bimi_kernels.LossConfig)}
+    pairs = [(bimi_kernels.BIMILoss, BF.bimi_loss), (bimi_kernels.RegularizedMILoss, BF.regularized_mi),
+             (bimi_kernels.BoundaryCCLoss, BF.boundary_cc_loss)]
+    for module, function in pairs:
+        taken = [name for name in inspect.signature(function).parameters if name in defaults]
+        assert sorted(taken) == sorted(module.SETTINGS), (module.__name__, function.__name__)
+    signatures = [module.__init__ for module, _ in pairs] + [function for _, function in pairs] + [
+        R.bimi_loss, R.regularized_mi, R.regularized_mi_from_counts, R.regularized_mi_of_distribution,
+        R.boundary_cc_loss, R.edge_map, R.boundary_cc]
+    for function in signatures:
+        for name, parameter in inspect.signature(function).parameters.items():
+            if name in defaults and parameter.default is not inspect.Parameter.empty and name != "offsets":
+                assert parameter.default == defaults[name], f"{function.__qualname__}: {name}={parameter.default!r}"
