@@ -67,7 +67,8 @@ def native_ok():
     library = os.path.join("bimi_kernels", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     if not os.path.exists(library):
         return False
-    inputs = [os.path.join(d, f) for d, _, files in os.walk("csrc") for f in files] + ["setup.py"]
+    sources = (".cpp", ".h", ".cu", ".cuh")  # not csrc/README.md: a doc edit rebuilds nothing
+    inputs = [os.path.join(d, f) for d, _, files in os.walk("csrc") for f in files if f.endswith(sources)] + ["setup.py"]
     torch_files = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "torch", "version.py"))
     if not torch_files:
         return False  # torch missing: let the build say so
