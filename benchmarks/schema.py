@@ -18,9 +18,9 @@ from typing import Optional
 from .configs import BenchConfig
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunInfo:
-    """What is the same on every row of one run."""
+    """What is the same on every row of one run: the first columns of every `Row`."""
     git_commit: str
     device_type: str  # cpu | cuda
     device_name: str
@@ -34,19 +34,9 @@ class RunInfo:
 
 
 @dataclass
-class Row:
-    # the run
+class Row(RunInfo):
+    # the run: RunInfo's fields, then when the row was measured
     timestamp: str
-    git_commit: str
-    device_type: str
-    device_name: str
-    torch_version: str
-    triton_version: str
-    num_threads: int
-    suite: str
-    command: str
-    native_build: str
-    tf32: str
     # the config
     config: str
     group: str
@@ -175,9 +165,10 @@ def write_csv(rows, path) -> None:
 
 
 def read_csv(path) -> list:
+    """The rows of a results CSV of this schema, whatever the order of its columns."""
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
+        if sorted(reader.fieldnames or ()) != sorted(COLUMNS):
             missing = set(COLUMNS) - set(reader.fieldnames or ())
             extra = set(reader.fieldnames or ()) - set(COLUMNS)
             raise ValueError(f"{path}: not a results CSV of this schema (missing {sorted(missing)}, "
