@@ -78,7 +78,8 @@ def test_staged_rows_never_exceed_eight_per_distinct_row_shift(seed):
 
 
 # ------------------------------------------------------------------------------------------------
-# far offsets against the reference
+# far offsets against the reference (along y: the band stages only the rows they reach; along
+# x: only the vectors of columns with a partner are multiplied)
 # ------------------------------------------------------------------------------------------------
 FAR_CASES = [
     # shape, offsets, masked
@@ -87,6 +88,9 @@ FAR_CASES = [
     ((1, 5, 120, 32), [(-100, 0), (0, 3), (100, 0), (37, -1), (-37, 31)], False),  # rows of whole vectors
     ((1, 3, 40, 9, 16), [(0, 0, 0), (30, 4, 1), (-35, -8, 0)], True),
     ((1, 2, 3, 200, 11), [(0, -150, 0), (2, 150, 1), (1, 0, -10)], False),
+    # far along x: the kernels skip the vectors without a partner (a few columns overlap)
+    ((2, 3, 6, 200), [(0, 0), (0, 190), (1, -195), (-2, 3)], True),
+    ((1, 2, 3, 4, 150), [(0, 0, 140), (1, -1, -145), (0, 0, 0)], False),
 ]
 
 

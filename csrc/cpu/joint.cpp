@@ -95,7 +95,9 @@ BandLayout band_layout(const Volume& v, const std::vector<Offset3>& offsets) {
 }
 
 // Rows y0 .. y0+rows-1 (inside the image) of plane z of sample b, every channel, as acc_t times
-// the mask, each channel row written at dst[k * row_stride + pad_left + x] with zeros around it.
+// the mask, each channel row written at dst[k * row_stride + pad_left + x]. The zeros around each
+// row are not written: `dst` is a buffer made zero (BandStager's band, TileRowsBuffer) whose
+// padding nothing else writes, so it stays zero from tile to tile, and a far dx costs no fill.
 template <typename scalar_t, typename acc_t>
 void load_rows(const scalar_t* p, const scalar_t* mask, const Volume& v, int64_t b, int64_t z,
                int64_t y0, int64_t rows, int64_t pad_left, int64_t row_stride, acc_t* dst) {
@@ -108,14 +110,12 @@ void load_rows(const scalar_t* p, const scalar_t* mask, const Volume& v, int64_t
     for (int64_t k = 0; k < k_count; ++k) {
       const scalar_t* src = p + (b * k_count + k) * voxels + pixel0;
       acc_t* out = row + k * row_stride;
-      std::fill(out, out + pad_left, acc_t(0));
       if (m != nullptr) {
         for (int64_t x = 0; x < v.width; ++x)
           out[pad_left + x] = static_cast<acc_t>(src[x]) * static_cast<acc_t>(m[x]);
       } else {
         for (int64_t x = 0; x < v.width; ++x) out[pad_left + x] = static_cast<acc_t>(src[x]);
       }
-      std::fill(out + pad_left + v.width, out + row_stride, acc_t(0));
     }
   }
 }
@@ -192,6 +192,8 @@ class BandStager {
       // tile rows y with 0 <= y0 + y + dy < H
       plan.row_begin = std::max<int64_t>(0, -d.dy - t.y0);
       plan.row_end = plane_inside ? std::min<int64_t>(t.rows, v.height - d.dy - t.y0) : 0;
+      plan.col_begin = std::max<int64_t>(0, -d.dx);
+      plan.col_end = std::min<int64_t>(v.width, v.width - d.dx);
     }
     JointTile<acc_t> tile;
     tile.channels = v.channels;
@@ -205,6 +207,7 @@ class BandStager {
     tile.plans = plans_.data();
     tile.num_offsets = static_cast<int64_t>(offsets_.size());
     tile.scratch = nullptr;
+    tile.column_scratch = nullptr;
     return tile;
   }
 
@@ -279,10 +282,12 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
     BandStager<scalar_t, acc_t> stager(second, mask, v, offsets, layout);
     TileRowsBuffer<acc_t> result(kTileRows * k * layout.row_length);
     std::vector<const acc_t*> scratch(2 * offsets.size());
+    std::vector<int64_t> column_scratch(2 * offsets.size());
     for (int64_t t = begin; t < end; ++t) {
       const TileIndex index = tile_index(v, t);
       JointTile<acc_t> tile = stager.stage(index);
       tile.scratch = scratch.data();
+      tile.column_scratch = column_scratch.data();
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (write_in_place) {
           backward_tile(tile, g, out + index.b * k * voxels + v.voxel_index(index.z, index.y0, 0), v.width,

@@ -30,11 +30,13 @@ constexpr int64_t vector_lanes() {
   return 32 / static_cast<int64_t>(sizeof(acc_t));
 }
 
-// Where offset o reads the band for tile row 0, channel 0, pixel 0, and which tile rows have
-// their second pixel inside the image (the others are skipped).
+// Where offset o reads the band for tile row 0, channel 0, pixel 0, which tile rows and which
+// columns have their second pixel inside the image (the kernels skip the vectors of the others,
+// which would only add the band's zero padding: the cost follows the overlap, also for a far dx).
 struct OffsetPlan {
   int64_t band_start;
   int64_t row_begin, row_end;
+  int64_t col_begin, col_end;  // 0 <= x + dx < width for x in [col_begin, col_end)
 };
 
 template <typename acc_t>
@@ -51,6 +53,7 @@ struct JointTile {
   const OffsetPlan* plans;  // one per offset
   int64_t num_offsets;
   const acc_t** scratch;    // 2 * num_offsets pointers of work space (backward only)
+  int64_t* column_scratch;  // 2 * num_offsets columns of work space (backward only)
 };
 
 // The joint counts' tile kernels (docs/contract.md §3, cpu/joint.cpp; simd/joint_tiles.h).

@@ -15,7 +15,8 @@ void forward_block(const JointTile<acc_t>& tile, const OffsetPlan& plan, int64_t
                    acc_t* joint) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
-  const int64_t n = tile.row_length;
+  // the vectors that hold the offset's columns (x_end <= width <= row_length, a multiple of L)
+  const int64_t x_begin = plan.col_begin - plan.col_begin % L, x_end = plan.col_end;
   const int64_t first_channel = tile.first_channel_stride;
   V acc[KI][KJ];
   for (int i = 0; i < KI; ++i)
@@ -23,7 +24,7 @@ void forward_block(const JointTile<acc_t>& tile, const OffsetPlan& plan, int64_t
   for (int64_t y = plan.row_begin; y < plan.row_end; ++y) {
     const acc_t* a = tile.first + y * tile.first_row_stride + i0 * first_channel;
     const acc_t* b = tile.band + plan.band_start + y * tile.band_row_stride + j0 * tile.band_row_length;
-    for (int64_t x = 0; x < n; x += L) {
+    for (int64_t x = x_begin; x < x_end; x += L) {
       V bv[KJ];
       for (int j = 0; j < KJ; ++j) bv[j] = load(b + j * tile.band_row_length + x);
       for (int i = 0; i < KI; ++i) {
@@ -71,18 +72,20 @@ void forward_tile(const JointTile<acc_t>& tile, acc_t* joint) {
 }
 
 // Output channels [i0, i0 + KI) x pixels [x, x + 2 vectors) of one tile row: the sum over the
-// row's active offsets a (band row b_rows[a], gradient block g_blocks[a]) and the channels j of
+// row's active offsets a (band row b_rows[a], gradient block g_blocks[a], columns
+// [cols[2a], cols[2a + 1])) that reach these pixels, and the channels j, of
 // g[a][i][j] * band[a][j][x ...], stored at dst[(i0 + i) * n + x ...]. The KI x 2 accumulators
 // stay in registers: the unroll pragmas keep GCC from storing the array to the stack each step.
 template <typename acc_t, int KI>
-inline void backward_block(const acc_t* const* b_rows, const acc_t* const* g_blocks, int64_t active,
-                           int64_t k, int64_t band_row_length, int64_t i0, int64_t x, acc_t* dst,
-                           int64_t n) {
+inline void backward_block(const acc_t* const* b_rows, const acc_t* const* g_blocks, const int64_t* cols,
+                           int64_t active, int64_t k, int64_t band_row_length, int64_t i0, int64_t x,
+                           acc_t* dst, int64_t n) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
   V acc[KI][2];
   BIMI_UNROLL for (int i = 0; i < KI; ++i) acc[i][0] = acc[i][1] = broadcast<acc_t>(0);
   for (int64_t a = 0; a < active; ++a) {
+    if (x >= cols[2 * a + 1] || x + 2 * L <= cols[2 * a]) continue;  // only zero padding here
     const acc_t* b = b_rows[a] + x;
     const acc_t* go = g_blocks[a] + i0 * k;
     for (int64_t j = 0; j < k; ++j) {
@@ -103,19 +106,19 @@ inline void backward_block(const acc_t* const* b_rows, const acc_t* const* g_blo
 
 // backward_block over a whole tile row (x = 0, 2 vectors, ... below row_length).
 template <typename acc_t, int KI>
-void backward_block_row(const acc_t* const* b_rows, const acc_t* const* g_blocks, int64_t active,
-                        int64_t k, int64_t band_row_length, int64_t row_length, int64_t i0,
+void backward_block_row(const acc_t* const* b_rows, const acc_t* const* g_blocks, const int64_t* cols,
+                        int64_t active, int64_t k, int64_t band_row_length, int64_t row_length, int64_t i0,
                         acc_t* dst, int64_t n) {
   constexpr int64_t L = vector_lanes<acc_t>();
   for (int64_t x = 0; x < row_length; x += 2 * L)
-    backward_block<acc_t, KI>(b_rows, g_blocks, active, k, band_row_length, i0, x, dst, n);
+    backward_block<acc_t, KI>(b_rows, g_blocks, cols, active, k, band_row_length, i0, x, dst, n);
 }
 
 constexpr int kBackwardBlockI = 5;
 
 template <typename acc_t>
-using BackwardBlockRowFn = void (*)(const acc_t* const*, const acc_t* const*, int64_t, int64_t,
-                                    int64_t, int64_t, int64_t, acc_t*, int64_t);
+using BackwardBlockRowFn = void (*)(const acc_t* const*, const acc_t* const*, const int64_t*, int64_t,
+                                    int64_t, int64_t, int64_t, int64_t, acc_t*, int64_t);
 
 // backward_block_row for every block size: [KI - 1].
 template <typename acc_t>
@@ -138,13 +141,15 @@ void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out, int
       if (y < plan.row_begin || y >= plan.row_end) continue;
       b_rows[active] = tile.band + plan.band_start + y * tile.band_row_stride;
       g_blocks[active] = g + o * k * k;
+      tile.column_scratch[2 * active] = plan.col_begin;
+      tile.column_scratch[2 * active + 1] = plan.col_end;
       ++active;
     }
     acc_t* dst = out + y * row_stride;
     for (int64_t i0 = 0; i0 < k; i0 += kBackwardBlockI) {
       const int64_t ki = k - i0 < kBackwardBlockI ? k - i0 : kBackwardBlockI;
-      kBackwardBlockRows<acc_t>[ki - 1](b_rows, g_blocks, active, k, tile.band_row_length,
-                                        tile.row_length, i0, dst, channel_stride);
+      kBackwardBlockRows<acc_t>[ki - 1](b_rows, g_blocks, tile.column_scratch, active, k,
+                                        tile.band_row_length, tile.row_length, i0, dst, channel_stride);
     }
   }
 }
