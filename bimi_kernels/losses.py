@@ -25,9 +25,12 @@ class _ConfiguredLoss(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls.__module__ != __name__:
+            return  # a user's subclass keeps its base's settings, whatever its constructor takes
         cls.SETTINGS = tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
         unknown = set(cls.SETTINGS) - set(FIELD_NAMES)
-        assert not unknown, f"{cls.__name__}: constructor keywords that are not LossConfig fields: {unknown}"
+        if unknown:
+            raise TypeError(f"{cls.__name__}: constructor keywords that are not LossConfig fields: {sorted(unknown)}")
 
     def __init__(self, config: LossConfig):
         super().__init__()
@@ -68,7 +71,7 @@ class RegularizedMILoss(_ConfiguredLoss):
     forward(p1, p2, *, mask=None): p1, p2 (B, K, H, W) or (B, K, D, H, W) cluster probabilities
     of two aligned views; mask (B, 1, *S) or (B, *S), by keyword: BIMILoss's third argument is
     the image, so a mask passed third by position is ambiguous. It is still taken as the mask in
-    this release, with a DeprecationWarning, and will be a TypeError in the next.
+    this release, with a FutureWarning, and will be a TypeError in the next.
     Settings: the constructor's keywords, also attributes; `help(bimi_kernels.LossConfig)`.
 
     Example::
@@ -99,10 +102,12 @@ class RegularizedMILoss(_ConfiguredLoss):
             if len(positional_mask) > 1 or mask is not None:
                 raise TypeError("RegularizedMILoss.forward(p1, p2, *, mask=None): takes p1, p2 and the mask "
                                 f"by keyword; got {2 + len(positional_mask)} positional arguments"
-                                + (" and mask=" if mask is not None else ""))
+                                + (" and a mask= keyword" if mask is not None else ""))
+            # FutureWarning, shown by default (a DeprecationWarning is hidden outside __main__): an
+            # image passed here as to BIMILoss would otherwise be taken for a mask without a word
             warnings.warn("RegularizedMILoss: pass the mask by keyword (mask=...); a third positional argument "
                           "is deprecated and will be a TypeError in the next release (BIMILoss's third argument "
-                          "is the image, so a positional one is ambiguous)", DeprecationWarning,
+                          "is the image, so a positional one is ambiguous)", FutureWarning,
                           stacklevel=stacklevel_outside_package())
             mask = positional_mask[0]
         return functional.regularized_mi_from_config(p1, p2, mask, self.config)

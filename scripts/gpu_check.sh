@@ -120,7 +120,8 @@ step device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,
 
 # the C++ and CUDA extensions, in place (the tree's own copy of the package is imported).
 # pyproject.toml's SPDX `license = "MIT"` needs setuptools >= 77; with an older one the build
-# reads a copy of pyproject.toml with the older table form (this tree is a throwaway copy).
+# first rewrites pyproject.toml in place to the older table form (meant for the copy of the tree
+# a GPU machine gets: in a checkout, `git checkout pyproject.toml` undoes it).
 build_inplace() {
   if ! "$PYTHON" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"; then
     echo "setuptools < 77: building with license = {text = \"MIT\"} in pyproject.toml"
@@ -190,5 +191,6 @@ fi
 echo "total $(( $(date +%s) - T_START )) s; steps:"
 column -t "$STEPS" 2>/dev/null || cat "$STEPS"
 [ -f "$OUTDIR/profile/profile.md" ] && cat "$OUTDIR/profile/profile.md"
+trap - EXIT
 pack && [ -n "${GPU_CHECK_TAR:-}" ] && echo "packed into $GPU_CHECK_TAR"
 exit 0

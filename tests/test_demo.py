@@ -162,8 +162,8 @@ def test_seeds_label_different_slices_while_the_block_has_room(block, count, see
         assert max(uses) == 1  # disjoint
     else:
         assert min(uses) >= seeds * count // block and max(uses) <= -(-seeds * count // block)  # balanced
-        if count < block:
-            assert len({tuple(d) for d in draws}) == seeds  # and no two seeds label the same slices
+        if count < block:  # and, in the demo's settings, no two seeds label the same slices
+            assert len({tuple(d) for d in draws}) == seeds
     with pytest.raises(ValueError):
         choose_labelled(block, block + 1, 0)
 

@@ -105,13 +105,13 @@ def test_three_modules_compose():
 
 def test_regularized_mi_takes_its_mask_by_keyword_and_deprecates_the_positional_one():
     """BIMILoss's third argument is the image, so the MI module's positional mask is ambiguous:
-    still the mask for one release, with a DeprecationWarning at the caller's line."""
+    still the mask for one release, with a FutureWarning (shown by default) at the caller's line."""
     p1, p2 = random_maps((2, 3, 6, 6))
     image = random_image(p1.shape)
     mask = (torch.rand(2, 6, 6) > 0.3).to(p1.dtype)
     by_keyword = bimi_kernels.RegularizedMILoss()(p1, p2, mask=mask)
     torch.testing.assert_close(by_keyword, bimi_kernels.BIMILoss(boundary_weight=0.0)(p1, p2, mask=mask))
-    with pytest.warns(DeprecationWarning, match="pass the mask by keyword") as record:
+    with pytest.warns(FutureWarning, match="pass the mask by keyword") as record:
         by_position = bimi_kernels.RegularizedMILoss()(p1, p2, mask)
     assert record[0].filename == __file__
     assert torch.equal(by_position, by_keyword)
@@ -297,3 +297,22 @@ def test_every_public_signature_agrees_with_the_one_config():
         for name, parameter in inspect.signature(function).parameters.items():
             if name in defaults and parameter.default is not inspect.Parameter.empty and name != "offsets":
                 assert parameter.default == defaults[name], f"{function.__qualname__}: {name}={parameter.default!r}"
+
+
+def test_a_users_subclass_keeps_the_settings_of_its_base():
+    """A subclass with a constructor of its own (extra arguments, fewer settings) still exposes
+    its base's settings; only the package's modules derive theirs from their constructors."""
+
+    class Scaled(bimi_kernels.BIMILoss):
+        def __init__(self, scale=2.0, **settings):
+            super().__init__(**settings)
+            self.scale = scale
+
+    class Radius1(bimi_kernels.RegularizedMILoss):
+        def __init__(self):
+            super().__init__(offsets=1)
+
+    assert Scaled.SETTINGS == bimi_kernels.BIMILoss.SETTINGS
+    loss_fn = Scaled(alpha=0.3)
+    assert loss_fn.scale == 2.0 and loss_fn.alpha == 0.3
+    assert Radius1().alpha == 0.5 and Radius1.SETTINGS == bimi_kernels.RegularizedMILoss.SETTINGS
