@@ -261,6 +261,8 @@ BAD_ARGUMENTS = [
     (["--lr", "inf"], "--lr"),
     (["--finetune-lr", "nan"], "--finetune-lr"),
     (["--finetune-lr", "-1"], "--finetune-lr"),
+    (["--lr", "1e30"], "--lr"),
+    (["--clusters", "100000"], "--clusters"),
     (["--batch-size", "0"], "--batch-size"),
     (["--eval-every", "0"], "--eval-every"),
     (["--threads", "0"], "--threads"),

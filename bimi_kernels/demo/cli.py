@@ -57,12 +57,14 @@ MAX_RESOLUTION = 512
 DEMO_FILES = ("results.md", "results.json", "loss_curves.png", "dice.png", "finetune_curves.png", "log.txt")
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum, else a usage error saying so."""
+def int_at_least(minimum: int, maximum: Optional[int] = None, why: str = ""):
+    """An argparse type: an integer >= minimum (and <= maximum), else a usage error saying so."""
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}{why}, got {text}")
         return value
 
     parse.__name__ = "integer"  # argparse names the type in "invalid integer value: ..."
@@ -72,12 +74,24 @@ def int_at_least(minimum: int):
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 at_least_two = int_at_least(2)
+# K: the cluster maps of 3 heads, both views and their gradients grow with K (K = 256 at the full
+# preset's batch of 16 at 128x128 is about 3 GB); far beyond, a run only ends out of memory
+MAX_CLUSTERS = 256
+cluster_count = int_at_least(2, MAX_CLUSTERS, " (the maps' memory grows with K)")
 
 
 def positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """A peak learning rate in (0, 1]: RAdam above 1 only diverges (the runs use 2e-4 to 3e-3)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1], got {text}")
     return value
 
 
@@ -109,17 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=positive_int, help="slice side in pixels (divisible by 2^(depth-1), >= 16)")
     parser.add_argument("--width", type=positive_int, help="U-Net channels at full resolution")
     parser.add_argument("--depth", type=at_least_two, help="U-Net levels")
-    parser.add_argument("--clusters", type=at_least_two, help="K, clusters per head")
+    parser.add_argument("--clusters", type=cluster_count, help=f"K, clusters per head (2 to {MAX_CLUSTERS})")
     parser.add_argument("--heads", type=positive_int, help="cluster heads (loss averaged over them)")
     parser.add_argument("--epochs", type=positive_int, help="pre-training epochs (checkpoints and pictures per epoch)")
     parser.add_argument("--batches-per-epoch", "--pretrain-steps", dest="batches_per_epoch", type=positive_int,
                         help="pre-training batches per epoch (default: one pass over the pre-training slices)")
     parser.add_argument("--batch-size", type=positive_int, help="pre-training batch size")
-    parser.add_argument("--lr", type=positive_float, help="pre-training peak learning rate (RAdam, warm-up + cosine)")
+    parser.add_argument("--lr", type=learning_rate, help="pre-training peak learning rate (RAdam, warm-up + cosine)")
     parser.add_argument("--offsets", type=non_negative_int, default=0,
                         help="BIMILoss neighbour window radius (default 0, the authors' choice)")
     parser.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps")
-    parser.add_argument("--finetune-lr", type=positive_float,
+    parser.add_argument("--finetune-lr", type=learning_rate,
                         help="fine-tuning peak learning rate, every layer (RAdam, warm-up + cosine)")
     parser.add_argument("--eval-every", type=positive_int,
                         help="score the validation block every N fine-tuning steps (the curve; the checkpoint choice)")
