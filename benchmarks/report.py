@@ -364,7 +364,7 @@ def write_markdown(rows, path) -> None:
     measured = [r for r in rows if r.measured]
     peaks = device_peaks(first.device_type, first.device_name)
     out = [f"# BIMI loss benchmarks: {first.device_name}", ""]
-    out += [f"- device: **{first.device_name}** ({first.device_type}), {first.num_threads} torch threads",
+    out += [f"- device: **{first.device_name}** ({first.device_type}), {first.num_threads} torch thread{'s' if first.num_threads != 1 else ''}",
             f"- torch {first.torch_version}, triton {first.triton_version}, commit `{first.git_commit}`, "
             f"suite `{first.suite}`",
             f"- run {stamps[0]} to {stamps[-1]}; {len(measured)} measurements, "

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             runs.append(read_csv(out / "results.csv"))
     first = runs[0][0]
     command = " ".join(["python -m benchmarks.spread"] + (argv if argv is not None else sys.argv[1:]))
-    text = [f"# Repeated target runs ({first.device_type}, {first.num_threads} threads)", "",
+    text = [f"# Repeated target runs ({first.device_type}, {first.num_threads} thread{'s' if first.num_threads != 1 else ''})", "",
             f"The speed-up target configs, forward+backward, measured {args.runs} times in a row with "
             f"`{command}` (each run: `python -m benchmarks.run {' '.join(arguments)}`), to show how much "
             f"the ratios move. Commit `{first.git_commit}`, torch {first.torch_version}, {first.device_name}. "
