@@ -42,6 +42,7 @@ import torch
 
 from .checks import stacklevel_outside_package
 
+
 @dataclass
 class Backend:
     """A set of kernels. The kernel functions follow the contract in this module's docstring."""

@@ -175,7 +175,6 @@ def test_pytest_ignores_only_third_party_warnings():
         assert module.split("\\")[0] not in ("bimi_kernels", "tests", "benchmarks", ""), entry
 
 
-
 def test_an_older_build_without_the_isa_op_is_reported_not_a_crash(monkeypatch):
     import types
 

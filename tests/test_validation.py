@@ -318,7 +318,6 @@ def test_sampled_check_reads_tensor_subclasses():
         bimi_kernels.BIMILoss(offsets=1, boundary_weight=0.0)(logits, p2)
 
 
-
 def test_logits_on_cpu_are_caught_by_default(good, monkeypatch):
     """The common mistake (logits for probabilities) is caught on CPU tensors without asking."""
     monkeypatch.delenv("BIMI_VALIDATE", raising=False)

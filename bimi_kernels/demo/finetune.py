@@ -50,11 +50,10 @@ def choose_labelled(block_size: int, count: int, seed: int) -> List[int]:
     and so on): seed s takes the next `count` slices after seeds 0 .. s-1 took theirs. A slice
     that is already in the hand being dealt is kept for the next hand. Seeds 0 .. S-1 therefore
     label different slices while S * count <= block_size, and beyond that every slice is used
-    about equally often. (Then two seeds can get the same hand: not with the demo's blocks of 8
+    about equally often; two seeds can then get the same hand (not with the demo's blocks of 8
     and 17 slices, 1, 2 or 4 labels and up to 5 seeds, but for example seeds 1 and 3 with 4 of 7
-    slices.) (Drawing each seed independently lets two seeds
-    label the same slice even when the block has room for both, which understates the spread over
-    the choice of slices.)"""
+    slices). Drawing each seed independently instead lets two seeds label the same slice even
+    when the block has room for both, which understates the spread over the choice of slices."""
     if not 1 <= count <= block_size:
         raise ValueError(f"cannot label {count} of {block_size} slices")
     kept: List[int] = []

@@ -212,7 +212,6 @@ def joint_maps(shape, dtype: torch.dtype, masked: bool, device: str, seed: int =
     return joint_inputs(JointCase(tuple(shape), 0, mask="binary" if masked else "none"), dtype, device, seed)
 
 
-
 # ------------------------------------------------------------------------------------------------
 # boundary term
 # ------------------------------------------------------------------------------------------------
@@ -311,7 +310,6 @@ def check_boundary(kernels, p, edge, window, truncating_cast: bool = False):
     cc64, grad64 = reference_cc_and_gradient(p.double(), edge.double(), window, grad_cc.double())
     for what, got, own, exact in (("CC", cc, expected_cc, cc64), ("dL/dp", grad, expected_grad, grad64)):
         assert_relative(got, exact, max(2 * relative_error(own, exact), RTOL[F32]), what)
-
 
 
 # ------------------------------------------------------------------------------------------------
