@@ -11,8 +11,8 @@ TRITON_INTERPRET unset (the kernels must not be interpreted).
     python scripts/triton_compile_check.py --wide          # the 64-bit index variants
 
 Prints one line per variant (kernel, settings, registers, spilled bytes, shared memory, the
-matrix instruction in the PTX) and exits 1 when a variant fails to compile or spills (more than
---max-spill bytes).
+matrix instruction in the PTX) and exits 1 when a variant fails to compile, spills (more than
+--max-spill bytes) or asks more shared memory than a block of that GPU may have.
 """
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ if ROOT not in sys.path:
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 FULL_K = (2, 10, 16, 40, 64, 128)
+# Shared memory one block may use (opt-in maximum, bytes) by compute capability; Triton raises
+# OutOfResources at launch above it, which compiling alone does not show.
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 # the kernels' unannotated arguments that the launchers pass as Python floats (the rest are ints)
 FLOAT_ARGUMENTS = {"zero_power"}
 
@@ -107,6 +110,7 @@ def compile_variant(fn, pointer_types: Dict[str, str], constexprs: Dict, num_war
     ptx = kernel.asm["ptx"]
     row.update(_ptxas_report(ptx, arch))
     row["shared_bytes"] = kernel.metadata.shared
+    row["shared_over"] = kernel.metadata.shared > MAX_SHARED_BYTES.get(arch, 49152)
     row["matrix"] = _matrix_instruction(ptx)
     return row
 
@@ -234,6 +238,8 @@ def _format(row: Dict) -> str:
         return f"FAIL {row['kernel']} [{case}] {settings}: {row['error']}"
     spills = row.get("spill_store_bytes")
     status = "ok  " if not spills else "SPILL"
+    if row.get("shared_over"):
+        status = "SMEM "
     return (f"{status} {row['kernel']:<32} regs={row['registers']} spill={spills} "
             f"smem={row['shared_bytes']} {row['matrix']:<18} warps={row['num_warps']} "
             f"[{case}] {settings}")
@@ -260,9 +266,11 @@ def main(argv=None) -> int:
     failed = [r for r in rows if "error" in r]
     spilled = [r for r in rows if r.get("spill_store_bytes")]
     over = [r for r in spilled if r["spill_store_bytes"] > args.max_spill]
+    too_much_shared = [r for r in rows if r.get("shared_over")]
     print(f"{len(rows)} variants compiled for sm_{args.arch}: {len(failed)} failed, "
-          f"{len(spilled)} spill ({len(over)} over {args.max_spill} bytes)")
-    return 1 if failed or over else 0
+          f"{len(spilled)} spill ({len(over)} over {args.max_spill} bytes), "
+          f"{len(too_much_shared)} over the shared memory of a block")
+    return 1 if failed or over or too_much_shared else 0
 
 
 if __name__ == "__main__":

@@ -247,6 +247,40 @@ def test_joint_counts_every_k(k, dtype):
     check_joint(p1, p2, make_offsets(1, 2), mask)
 
 
+@pytest.mark.parametrize("shape,channel_block,split", [
+    ((2, 40, 9, 11), 16, None), ((2, 37, 6, 7), 24, False), ((1, 19, 4, 5, 6), 16, None)],
+    ids=["2d-three-blocks", "2d-uneven-blocks-split-asked-off", "3d-two-blocks"])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_joint_counts_in_channel_blocks(shape, channel_block, split, dtype):
+    """K above the channel block (CHANNEL_BLOCK = 128 on a GPU) runs one forward launch per
+    block of p1's channels and, per gradient, one backward launch per block of its channels
+    (split even when asked not to be); a small block here gives the same launches under the
+    interpreter."""
+    p1, p2, mask = make_inputs(shape, dtype, masked=True)
+    check_joint(p1, p2, make_offsets(1, len(shape) - 2), mask, channel_block=channel_block,
+                split=split)
+
+
+@pytest.mark.parametrize("k,dtype", [(129, F32), (1000, F64), (2000, F32)])
+def test_large_k_launches_stay_within_the_tuned_blocks(k, dtype, monkeypatch):
+    """On a GPU, K above 128 keeps K_PAD at 128 (the largest launch-table entry: no spills, and
+    shared memory within sm_90's 227 KB; K_PAD 1024 in float64 asked 264 KB) and covers the
+    channels in blocks."""
+    monkeypatch.setattr(joint, "INTERPRETED", False)
+    joint._cached_problem.cache_clear()
+    try:
+        p = torch.empty((2, k, 16, 16), dtype=dtype, device="meta")
+        prob = joint._problem(p, p, None, (0, 0, 0, 1), None, None)
+        table = joint.FLOAT64_CONFIGS if dtype == F64 else joint.CONFIGS
+        assert prob.k_pad == 128 and prob.config == table[128]
+        blocks = prob.channel_blocks()
+        assert blocks[0] == (0, 128) and sum(n for _, n in blocks) == k
+        assert all(i0 == 128 * b for b, (i0, _) in enumerate(blocks))
+        assert joint.backward_passes(prob, split=False) == [(True, False), (False, True)]
+    finally:
+        joint._cached_problem.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_joint_counts_half_precision_rule(dtype):
     """docs/contract.md §8 with several tiles and a mask."""

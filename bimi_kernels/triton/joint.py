@@ -15,7 +15,9 @@ the chunk's partner rows, and adds partner_rows @ p1_tile (one tl.dot). At the e
 accumulator once to partial[q]; `_sum_partials_kernel` adds the Q partials in program order and
 writes J (deterministic, no atomics). Tiles whose halo lies inside the sample skip every bounds
 test. All offsets zero (the authors' setting) is run as a 1-D problem: tiles are runs of a
-flattened sample, a K x K product streamed at the memory rate.
+flattened sample, a K x K product streamed at the memory rate. K above CHANNEL_BLOCK (128) runs
+as one launch per block of p1's channels (the partner rows still cover all of p2's), so the
+operands stay within the shared memory and the tuned launch tables.
 
 Backward, one pass over the pixel tiles: for each tile, for each chunk, gather the partner rows
 of p2 (offsets d) and of p1 (offsets -d) and accumulate
@@ -25,7 +27,8 @@ in registers ((TILE, K_PAD) each), then write each gradient element once. The pa
 from the tile's neighbourhood, so each map is read from memory about once plus its halo. Where
 two (TILE, K_PAD) accumulators do not fit in registers (K_PAD >= 32, and float64 at any K: the
 `split_backward` column of the launch tables), the same kernel runs twice, one gradient each, and
-each pass reads both maps again.
+each pass reads both maps again; above CHANNEL_BLOCK channels, each pass runs once per block
+of its gradient's channels.
 
 Products: tl.dot everywhere. float32 maps use 3xTF32 on the GPU (error about float32's; plain
 TF32 truncates and is not), or FMAs where few partner rows make the product memory-bound
@@ -244,26 +247,27 @@ def _joint_counts_forward_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, partial_stride, K, n_out,
+def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, partial_stride, K, K_BLOCK, I0, n_out,
                          K_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """J[o, i, j] = sum over programs q, in order, of partial[q, o K + j, i]."""
+    """J[o, I0 + i, j] = sum over programs q, in order, of partial[q, o K + j, i], for the
+    K_BLOCK channels i of p1 that one forward launch covered (n_out = |O| K_BLOCK K)."""
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = index < n_out
-    o = index // (K * K)
-    i = (index // K) % K
+    o = index // (K_BLOCK * K)
+    i = (index // K) % K_BLOCK
     j = index % K
     source = (o * K + j) * K_PAD + i
     total = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
     for q in range(0, n_partials):
         total += tl.load(partial_ptr + q * partial_stride + source, mask=ok, other=0.0)
-    tl.store(out_ptr + index, total, mask=ok)
+    tl.store(out_ptr + (o * K + I0 + i) * K + j, total, mask=ok)
 
 
 @triton.jit
 def _joint_counts_backward_kernel(
     grad_j_ptr, p1_ptr, p2_ptr, mask_ptr, rows_ptr, reverse_rows_ptr, grad_p1_ptr, grad_p2_ptr,
     p1_stride_b, p2_stride_b, mask_stride_b, grad_stride_b, grad_stride_k,
-    K, D, H, W, n_rows, rows_stride, n_chunks,
+    K, K_OUT, D, H, W, n_rows, rows_stride, n_chunks,
     tiles_z, tiles_y, tiles_x, n_tiles, halo_z, halo_y, halo_x,
     GRAD_P1: tl.constexpr, GRAD_P2: tl.constexpr,
     IS_3D: tl.constexpr, HAS_MASK: tl.constexpr, WIDE: tl.constexpr,
@@ -271,11 +275,13 @@ def _joint_counts_backward_kernel(
     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
     # GRAD_P1 / GRAD_P2 pick the gradients of this launch: both in one pass over the pixels,
-    # or one each in two launches when both accumulators would not fit the registers.
+    # or one each in two launches when both accumulators would not fit the registers. K_OUT of
+    # the K channels are written (all of them, or one block: the launcher offsets the gradient
+    # and dL/dJ pointers to the block's first channel).
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     acc_dtype = grad_j_ptr.dtype.element_ty
-    k, k_ok, out_channel = channel_axis(K, K_PAD, grad_stride_k, WIDE)
+    k, k_ok, out_channel = channel_axis(K_OUT, K_PAD, grad_stride_k, WIDE)
     for tile in range(pid, n_tiles, n_programs):
         b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
@@ -387,6 +393,11 @@ class JointConfig(NamedTuple):
     split_backward: bool = False  # dL/dp1 and dL/dp2 in two launches (fewer live registers)
 
 
+# Channels of p1 (forward) or of a gradient (backward) per launch. Larger K runs in blocks of
+# this many: the launch tables end at K_PAD 128, and a (TILE, K_PAD) operand beyond it outgrows
+# the shared memory (float64 at K_PAD 1024 asks 264 KB of sm_90's 227 KB per block).
+CHANNEL_BLOCK = 128
+
 # Under the interpreter every operation costs ~0.1 ms of Python whatever its size and a nested
 # @triton.jit call ~0.6 ms: few, big tiles; tensors stay under Triton's 2^20-element limit.
 INTERPRETER_TILE_PIXELS = 1024
@@ -466,26 +477,35 @@ class _Problem(NamedTuple):
     rows_pad: int
     n_chunks: int
     wide: bool
+    channel_block: int  # channels per launch (all K, or blocks of CHANNEL_BLOCK)
+
+    def channel_blocks(self):
+        """(first channel, channels) of each launch's block."""
+        return [(i0, min(self.channel_block, self.k - i0)) for i0 in range(0, self.k, self.channel_block)]
 
 
-def _problem(p1, p2, mask, flat_offsets, config, tile_shape, grads=()) -> _Problem:
+def _problem(p1, p2, mask, flat_offsets, config, tile_shape, grads=(),
+             channel_block: Optional[int] = None) -> _Problem:
     """The launch geometry of a call; cached on what it depends on (shapes, channel strides,
     dtype, offsets, settings), so a training loop pays for it once."""
     return _cached_problem(
         tuple(p1.shape), p1.dtype, tuple(int(t.stride(1)) for t in (p1, p2, *grads)),
         mask is not None, tuple(flat_offsets), config,
         None if tile_shape is None else tuple(tile_shape),
+        CHANNEL_BLOCK if channel_block is None else int(channel_block),
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_problem(shape, dtype, channel_strides, has_mask, flat, config, tile_shape):
+def _cached_problem(shape, dtype, channel_strides, has_mask, flat, config, tile_shape,
+                    channel_block):
     batch, k = int(shape[0]), int(shape[1])
     ndim = len(shape) - 2
     d, h, w, n = spatial_dims(shape)
     flat = tuple(int(v) for v in flat)
     geo = geometry(flat, ndim, (d, h, w))
-    k_pad = padded_k(k)
+    channel_block = max(1, min(k, channel_block))
+    k_pad = padded_k(channel_block)
     config = config or default_config(k_pad, dtype)
     n_rows = len(flat) // ndim * k
     rows = chunk_rows(n_rows, k_pad, config.rows)
@@ -500,7 +520,7 @@ def _cached_problem(shape, dtype, channel_strides, has_mask, flat, config, tile_
     extents = [map_extent(k, stride, n) for stride in channel_strides] + [n]
     return _Problem(
         batch, k, k_pad, n, geo, tile, batch * tile.per_sample, config, rows, n_rows,
-        n_chunks * rows, n_chunks, needs_wide_index(*extents),
+        n_chunks * rows, n_chunks, needs_wide_index(*extents), channel_block,
     )
 
 
@@ -527,8 +547,10 @@ def forward_constexprs(prob: _Problem, dtype: torch.dtype, has_mask: bool,
 
 
 def backward_passes(prob: _Problem, split: Optional[bool] = None):
-    """(GRAD_P1, GRAD_P2) of each backward launch."""
-    split = prob.config.split_backward if split is None else bool(split)
+    """(GRAD_P1, GRAD_P2) of each backward launch. Channel blocks always split: the two
+    gradients read dL/dJ along different axes, so a block's offset into it differs."""
+    blocked = prob.channel_block < prob.k
+    split = blocked or (prob.config.split_backward if split is None else bool(split))
     return [(True, False), (False, True)] if split else [(True, True)]
 
 
@@ -561,16 +583,18 @@ def _mask_stride(mask, fallback):
 
 
 def joint_counts(p1, p2, offsets, mask=None, *, config: Optional[JointConfig] = None,
-                 tile: Optional[Sequence[int]] = None, max_programs: Optional[int] = None):
+                 tile: Optional[Sequence[int]] = None, max_programs: Optional[int] = None,
+                 channel_block: Optional[int] = None):
     """J (|O|, K, K) in the accumulation dtype; the backend contract's `joint_counts`.
 
     p1, p2: (B, K, *S) with dense spatial dims (any batch and channel strides); mask None or
     (B, *S). `config` (launch settings), `tile` (an explicit (TILE_D, TILE_H, TILE_W); a 2-D
-    map takes TILE_D = 1) and `max_programs` (programs along the pixels) override the defaults;
-    tests use them to cover the GPU's grid shapes under the interpreter.
+    map takes TILE_D = 1), `max_programs` (programs along the pixels) and `channel_block` (p1's
+    channels per launch, default CHANNEL_BLOCK) override the defaults; tests use them to cover
+    the GPU's grid shapes under the interpreter.
     """
     p1, p2, mask = _prepare(p1, p2, mask)
-    prob = _problem(p1, p2, mask, offsets, config, tile)
+    prob = _problem(p1, p2, mask, offsets, config, tile, channel_block=channel_block)
     acc_dtype = accumulation_dtype(p1.dtype)
     n_offsets = prob.n_rows // max(prob.k, 1)
     if prob.n_tiles == 0 or n_offsets == 0:
@@ -592,35 +616,43 @@ def joint_counts(p1, p2, offsets, mask=None, *, config: Optional[JointConfig] = 
                           device=p1.device)
     has_mask = mask is not None
     depth, height, width = prob.geo.dims
-    _joint_counts_forward_kernel[(prob.n_chunks, n_programs)](
-        p1, p2, mask if has_mask else p1, table, partial,
-        p1.stride(0), p1.stride(1), p2.stride(0), _mask_stride(mask, p1),
-        prob.k, depth, height, width, prob.n_rows, prob.rows_pad,
-        prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x, prob.n_tiles, *prob.geo.halo,
-        **forward_constexprs(prob, p1.dtype, has_mask,
-                             product_precision(prob, dot_precision(p1.device, acc_dtype))),
-    )
+    constexprs = forward_constexprs(prob, p1.dtype, has_mask,
+                                    product_precision(prob, dot_precision(p1.device, acc_dtype)))
     counts = torch.empty((n_offsets, prob.k, prob.k), dtype=acc_dtype, device=p1.device)
-    block = 1024 if not INTERPRETED else max(16, next_power_of_2(counts.numel()))
-    _sum_partials_kernel[(triton.cdiv(counts.numel(), block),)](
-        partial, counts, n_programs, prob.rows_pad * prob.k_pad, prob.k, counts.numel(),
-        K_PAD=prob.k_pad, BLOCK=block, num_warps=4,
-    )
+    for i0, channels in prob.channel_blocks():
+        # J[:, i0:i0 + channels, :]: p1's block of channels against every partner row of p2
+        p1_block = p1.narrow(1, i0, channels)
+        _joint_counts_forward_kernel[(prob.n_chunks, n_programs)](
+            p1_block, p2, mask if has_mask else p1, table, partial,
+            p1.stride(0), p1.stride(1), p2.stride(0), _mask_stride(mask, p1),
+            channels, depth, height, width, prob.n_rows, prob.rows_pad,
+            prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x, prob.n_tiles,
+            *prob.geo.halo, **constexprs,
+        )
+        n_out = n_offsets * channels * prob.k
+        block = 1024 if not INTERPRETED else max(16, next_power_of_2(n_out))
+        _sum_partials_kernel[(triton.cdiv(n_out, block),)](
+            partial, counts, n_programs, prob.rows_pad * prob.k_pad, prob.k, channels, i0, n_out,
+            K_PAD=prob.k_pad, BLOCK=block, num_warps=4,
+        )
     return counts
 
 
 def joint_counts_backward(grad_j, p1, p2, offsets, mask=None, *,
                           config: Optional[JointConfig] = None,
                           tile: Optional[Sequence[int]] = None,
-                          max_programs: Optional[int] = None, split: Optional[bool] = None):
+                          max_programs: Optional[int] = None, split: Optional[bool] = None,
+                          channel_block: Optional[int] = None):
     """(grad_p1, grad_p2) in the dtypes of p1 and p2; the contract's `joint_counts_backward`.
 
-    `split` (default: the launch config's choice) computes the two gradients in two launches.
+    `split` (default: the launch config's choice) computes the two gradients in two launches;
+    `channel_block`: each gradient's channels per launch.
     """
     p1, p2, mask = _prepare(p1, p2, mask)
     grad_p1 = torch.empty(p1.shape, dtype=p1.dtype, device=p1.device)
     grad_p2 = torch.empty(p2.shape, dtype=p2.dtype, device=p2.device)
-    prob = _problem(p1, p2, mask, offsets, config, tile, grads=(grad_p1,))
+    prob = _problem(p1, p2, mask, offsets, config, tile, grads=(grad_p1,),
+                    channel_block=channel_block)
     acc_dtype = accumulation_dtype(p1.dtype)
     if prob.n_tiles == 0:
         return grad_p1, grad_p2
@@ -635,14 +667,20 @@ def joint_counts_backward(grad_j, p1, p2, offsets, mask=None, *,
     has_mask = mask is not None
     precision = product_precision(prob, dot_precision(p1.device, acc_dtype))
     depth, height, width = prob.geo.dims
+    flat_grad_j = grad_j.reshape(-1)
     for want_p1, want_p2 in backward_passes(prob, split):
-        _joint_counts_backward_kernel[(n_programs,)](
-            grad_j, p1, p2, mask if has_mask else p1, table, reverse, grad_p1, grad_p2,
-            p1.stride(0), p2.stride(0), _mask_stride(mask, p1),
-            grad_p1.stride(0), grad_p1.stride(1),
-            prob.k, depth, height, width, prob.n_rows, prob.rows_pad, prob.n_chunks,
-            prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x, prob.n_tiles,
-            *prob.geo.halo,
-            **backward_constexprs(prob, has_mask, precision, want_p1, want_p2),
-        )
+        for i0, channels in prob.channel_blocks():
+            # output channels i0 .. i0 + channels: dL/dJ's entries for them start i0 columns
+            # in, a column being K entries apart for dL/dp1 and 1 for dL/dp2 (the partner tables)
+            g_start = i0 * prob.k if want_p1 else i0
+            _joint_counts_backward_kernel[(n_programs,)](
+                flat_grad_j[g_start:], p1, p2, mask if has_mask else p1, table, reverse,
+                grad_p1.narrow(1, i0, channels), grad_p2.narrow(1, i0, channels),
+                p1.stride(0), p2.stride(0), _mask_stride(mask, p1),
+                grad_p1.stride(0), grad_p1.stride(1),
+                prob.k, channels, depth, height, width, prob.n_rows, prob.rows_pad,
+                prob.n_chunks, prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x,
+                prob.n_tiles, *prob.geo.halo,
+                **backward_constexprs(prob, has_mask, precision, want_p1, want_p2),
+            )
     return grad_p1, grad_p2
