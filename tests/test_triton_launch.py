@@ -449,6 +449,15 @@ def test_boundary_takes_batch_and_channel_strides():
     check_boundary(p, edge, 3, tile=(1, 4, 8))
 
 
+def test_boundary_index_width_covers_the_gradient_of_an_expanded_map():
+    """An expanded map (channel stride 0) spans N elements a sample, but its contiguous gradient
+    K N: 64-bit offsets once K N reaches 2^31, even while N does not."""
+    n_side = 1 << 13  # N = 2^26
+    for k, wide in ((16, False), (32, True)):
+        p = torch.empty((1, 1, n_side, n_side), device="meta").expand(1, k, n_side, n_side)
+        assert boundary._plan(p, 5, None, None).wide is wide
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 2, 5, 6, 7), (2, 1, 1, 13), (1, 2, 4, 1, 1)],
                          ids=["2d", "3d", "one-row", "3d-one-column"])
 @pytest.mark.parametrize("gamma", [0.75, 0.0])

@@ -501,11 +501,13 @@ def _cached_plan(shape, dtype, stride_k, window, config, tile, max_programs, dev
                   for t in (runs, box_tile.per_sample, grad_tile.per_sample)]
     if max_programs is not None:
         per_sample = [max(1, min(v, int(max_programs))) for v in per_sample]
-    extent = map_extent(k, stride_k, n)
+    # the map's extent, and the backward's contiguous gradient's (larger when the map's
+    # channels are closer than N apart: an expanded map)
+    extents = (map_extent(k, stride_k, n), map_extent(k, n, n))
     return _Plan(
         batch, k, k_pad, (d, h, w), n, is_3d, radius, radius if is_3d else 0,
         int(window) ** (len(shape) - 2), config, runs, per_sample[0], box_tile, grad_tile,
-        per_sample[1], per_sample[2], needs_wide_index(extent), accumulation_dtype(dtype),
+        per_sample[1], per_sample[2], needs_wide_index(*extents), accumulation_dtype(dtype),
     )
 
 
