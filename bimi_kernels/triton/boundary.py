@@ -83,6 +83,25 @@ def entropy_terms(q, EPS_LOG: tl.constexpr):
 
 
 @triton.jit
+def sqrt_rounded(x):
+    """The correctly rounded square root: on a GPU float32 tl.sqrt is approximate (2 ulp);
+    float64 tl.sqrt is correctly rounded (tl.sqrt_rn takes float32 only)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def divide_rounded(x, y):
+    """The correctly rounded quotient (float32 "/" is approximate on a GPU, up to 2 ulp)."""
+    if x.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
 def normalise(u, lo, denominator):
     """Un = (U - min) / (max - min + 1e-6), as the reference writes it."""
     return (u - lo) / denominator
@@ -392,8 +411,11 @@ def _edge_magnitude_kernel(
             dx = value - tl.load(base + before_x, mask=inside, other=0.0).to(acc_dtype)
             squares += dy * dy
             squares += dx * dx
-            total += tl.sqrt(squares)
-        magnitude = total / C
+            # the edge map's few operations per pixel are held to a tight tolerance: the
+            # correctly rounded sqrt and division (on a GPU tl.sqrt and "/" are approximate in
+            # float32, up to 2 ulp), as the reference's
+            total += sqrt_rounded(squares)
+        magnitude = divide_rounded(total, tl.cast(C, acc_dtype))
         tl.store(out_base + s, magnitude, mask=inside)
         low = lower_of(low, tl.where(inside, magnitude, float("inf")))
         high = higher_of(high, tl.where(inside, magnitude, float("-inf")))
@@ -417,9 +439,11 @@ def _edge_normalise_kernel(
     out_base = sample_pointer(out_ptr, b, N)
     for run in range(r, runs_per_sample, n_programs):
         s, inside = run_pixels(run, N, BLOCK, WIDE)
-        v = normalise(tl.load(out_base + s, mask=inside, other=0.0), lo, denominator)
+        # normalise, correctly rounded (see the magnitude pass)
+        v = divide_rounded(tl.load(out_base + s, mask=inside, other=0.0) - lo, denominator)
         # v ** gamma as exp(gamma log v), v >= 0; 0 ** gamma (0, or 1 for gamma = 0) apart, and
-        # a NaN stays NaN
+        # a NaN stays NaN. On a GPU float32 tl.exp is ex2.approx (2 ulp of a result <= 1), inside
+        # the edge map's tolerance with the rest correctly rounded.
         powered = tl.exp(exponent * tl.log(tl.where(v > 0, v, 1.0)))
         tl.store(out_base + s, tl.where(v > 0, powered, tl.where(v == v, zero_power, v)), mask=inside)
 
