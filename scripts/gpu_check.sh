@@ -2,15 +2,15 @@
 # One prepared GPU session (about 8 minutes on an H200), in this order, which is also the order of
 # priority: build in place (the CUDA extension too), run the GPU tests of every GPU backend,
 # profile the Triton joint-count and boundary kernels against the roofline, run the GPU benchmark
-# (the targets, the authors' setting and the U-Net training step), time the host overhead, time a
-# sweep of the Triton launch settings, take an ncu profile of the kernels, and run
-# compute-sanitizer on the CUDA kernels.
+# (the targets, the authors' setting and the U-Net training step), time the host overhead, run the
+# two tests past 2^31 elements (marked slow: ~48 GB each), time a sweep of the Triton launch
+# settings, take an ncu profile of the kernels, and run compute-sanitizer on the CUDA kernels.
 #
 #   bash scripts/gpu_check.sh [OUTDIR]          # from the repository root, on the GPU machine
 #
 # Every step has its own time limit and log under OUTDIR; a failing step does not stop the
 # others (its exit status is recorded in OUTDIR/steps.tsv: 124 = hit its time limit, 137 = did
-# not stop at its signal and was killed 10 s later; the tests,
+# not stop at its signal and was killed 10 s later; the test,
 # profile and benchmark steps are stopped with SIGINT, so pytest still writes its summary and
 # XML, and the profile and the benchmark keep the rows measured so far, written as they go). The whole
 # script keeps to TOTAL_LIMIT seconds: a step gets at most what is left of it (less a reserve
@@ -46,7 +46,7 @@ if [ -n "${GPU_CHECK_TAR:-}" ]; then
 fi
 
 # the previous run's results (a warm machine keeps OUTDIR): only the files this script writes
-rm -rf "$OUTDIR"/steps.tsv "$OUTDIR"/*.log "$OUTDIR"/tests.xml "$OUTDIR"/profile "$OUTDIR"/bench "$OUTDIR"/host
+rm -rf "$OUTDIR"/steps.tsv "$OUTDIR"/*.log "$OUTDIR"/tests.xml "$OUTDIR"/wide.xml "$OUTDIR"/profile "$OUTDIR"/bench "$OUTDIR"/host
 
 # pack: OUTDIR into one file to carry back from a remote machine (after every step and on exit)
 pack() {
@@ -79,7 +79,9 @@ fi
 export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1 BIMI_BUILD_CUDA="${BIMI_BUILD_CUDA:-1}"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/bimi_triton_cache}"
-unset TRITON_INTERPRET
+# compiled Triton kernels: "0", not unset (tests/conftest.py switches the interpreter on where it
+# sees no /dev/nvidiactl, which a container may not expose, but leaves a value that is set)
+export TRITON_INTERPRET=0
 
 STEPS="$OUTDIR/steps.tsv"
 printf 'step\trc\tseconds\n' > "$STEPS"
@@ -115,7 +117,7 @@ step() {
 
 step device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv;
   echo CUDA_HOME=$CUDA_HOME; command -v nvcc; nvcc --version | tail -n 2;
-  $PYTHON -c 'import torch, triton, setuptools; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name(), \"setuptools\", setuptools.__version__)';
+  $PYTHON -c 'import torch, triton, setuptools; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name(), \"setuptools\", setuptools.__version__, \"triton interpreter\", triton.knobs.runtime.interpret)';
   git log -1 --format='commit %H %s' 2>/dev/null || echo \"commit \${BIMI_BENCH_COMMIT:-unknown} (no .git here)\""
 
 # the C++ and CUDA extensions, in place (the tree's own copy of the package is imported).
@@ -146,7 +148,7 @@ XDIST=""
 timeout 20 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 STEP_SIGNAL=INT
 BIMI_TEST_DEVICES=cuda step tests "$TEST_LIMIT" "$PYTHON" -m pytest -q -rfEs --durations=25 \
-  -p no:cacheprovider $XDIST -k "not compile_for_h100 and not host_emulation" \
+  -p no:cacheprovider $XDIST -k "not compile_for_h100 and not host_emulation" -m "not slow" \
   --junitxml="$OUTDIR/tests.xml" $TESTS
 
 # our kernels against the roofline: timings, errors, peak memory, per-kernel table
@@ -158,6 +160,12 @@ STEP_SIGNAL=TERM
 
 # the host's share of one BIMILoss call, eager and replayed from a CUDA graph
 STEP_MIN=30 step host "${HOST_LIMIT:-45}" "$PYTHON" -m benchmarks.host_overhead --device cuda --calls 50 --out "$OUTDIR/host"
+
+# indices past 2^31 elements (two tests, ~48 GB of device memory each, one after the other)
+STEP_SIGNAL=INT
+STEP_MIN=30 step wide "${WIDE_LIMIT:-60}" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider -m slow \
+  --junitxml="$OUTDIR/wide.xml" tests/test_cuda.py
+STEP_SIGNAL=TERM
 
 # launch settings: the data to choose the GPU defaults from
 step sweep "$SWEEP_LIMIT" "$PYTHON" scripts/triton_profile.py --out "$OUTDIR/profile" --sweep

@@ -8,6 +8,7 @@ if not os.path.exists("/dev/nvidiactl"):  # no GPU: run Triton kernels in the in
 # shared 2-core machine (several times slower). Tests of thread-count independence set it explicitly.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -18,6 +19,12 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "backends"))
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# A run stopped at a time limit with SIGINT (scripts/gpu_check.sh) should end with pytest's
+# summary and XML; Python turns SIGINT into KeyboardInterrupt only when it was not ignored at
+# start-up, which it is for a background job of a non-interactive shell.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
