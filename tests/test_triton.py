@@ -67,8 +67,9 @@ def _compile_check(*args: str) -> str:
 def test_kernels_compile_for_h100_without_gpu():
     """Compile every kernel (a representative set of dtypes, K, layouts) for sm_90 with Triton's
     real compiler and ptxas (scripts/triton_compile_check.py --quick), so GPU-only compile errors
-    and register spills show up in CPU-only CI too; K=1000 for the joint counts' channel blocks
-    (K above 128: without them float64 asked more shared memory than a block has)."""
+    and register spills show up in CPU-only CI too; K=1000 for the channel blocks of K above 128
+    (without them, the joint counts asked more shared memory than a block has in float64 and
+    the boundary term's kernels spilled kilobytes)."""
     out = _compile_check("--quick", "--k", "10", "1000", "--dtype", "bf16", "fp32", "fp64")
     assert out.count("ok ") >= 20 and "K=1000" in out
 

@@ -432,6 +432,31 @@ def test_boundary_every_k_float64(k):
     check_boundary(p, edge, 3)
 
 
+@pytest.mark.parametrize("shape,channel_block", [((2, 40, 9, 11), 16), ((1, 37, 4, 5, 6), 24)],
+                         ids=["2d-three-blocks", "3d-uneven-blocks"])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_boundary_in_channel_blocks(shape, channel_block, dtype):
+    """K above the channel block (CHANNEL_BLOCK = 128 on a GPU): U summed over blocks of
+    channels, each block read again for its gradient; a small block here gives the same
+    kernels under the interpreter."""
+    p, edge = boundary_inputs(shape, dtype)
+    check_boundary(p, edge, 3, channel_block=channel_block, tile=tile_of(32, shape))
+
+
+def test_large_k_boundary_plans_stay_within_one_block(monkeypatch):
+    """On a GPU, K above 128 keeps K_PAD at 128 (a (K_PAD, pixels) block of 1024 float64
+    channels spilled 6.5 KB of registers a thread) and turns the blocked kernels on."""
+    monkeypatch.setattr(boundary, "INTERPRETED", False)
+    boundary._cached_plan.cache_clear()
+    try:
+        for k, one_block in ((128, True), (129, False), (1000, False)):
+            p = torch.empty((2, k, 64, 64), dtype=F64, device="meta")
+            plan = boundary._plan(p, 5, None, None, max_programs=4)
+            assert plan.k_pad == 128 and plan.one_block is one_block
+    finally:
+        boundary._cached_plan.cache_clear()
+
+
 def test_boundary_several_runs_per_program():
     """The uncertainty pass walks several runs per program and reduces the running min/max
     across programs of a sample."""

@@ -23,6 +23,13 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 PARTIAL_BYTES_BUDGET = 16 << 20
 
 
+# Channels per block of a kernel's (K_PAD, pixels) operands: larger K is covered in blocks of this
+# many (the launch tables end at K_PAD 128; beyond it, the joint counts' operands outgrow the shared
+# memory, float64 at K_PAD 1024 asking 264 KB of sm_90's 227 KB a block, and the boundary term's
+# spill kilobytes of registers).
+CHANNEL_BLOCK = 128
+
+
 def padded_k(k: int) -> int:
     """K rounded up to a power of two (tl.arange) and to at least 16 (tl.dot's minimum)."""
     return max(16, next_power_of_2(k))

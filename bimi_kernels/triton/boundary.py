@@ -19,6 +19,10 @@ Backward, three passes:
   3. `_boundary_grad_kernel`: box sums of the three coefficient maps (the box is its own
      transpose), dL/dUn, and dL/dp_k = -dL/dU (log(p_k + 1e-16) + p_k / (p_k + 1e-16)) written
      once per element; U at the pixel is recomputed from the same logs, not read.
+The uncertainty and gradient passes hold a (K_PAD, pixels) block of the map; K above
+CHANNEL_BLOCK (128) is summed over blocks of 128 channels instead (ONE_BLOCK off), and the
+gradient pass then reads each block a second time for its gradient (beyond 128 channels one
+block would spill kilobytes of registers).
 Edge map (the backend's fused `edge_map`): `_edge_magnitude_kernel` writes the channel mean of
 the wrap-around difference magnitude into the output and each program's min/max,
 `_edge_normalise_kernel` normalises and raises to gamma in place: no temporary but the output.
@@ -47,7 +51,7 @@ import triton.language as tl
 
 from ..numerics import EPS_CC, EPS_LOG_U, EPS_MINMAX
 from ..numerics import accumulation_dtype
-from . import INTERPRETED, multiprocessor_count, padded_k, spatial_dims
+from . import CHANNEL_BLOCK, INTERPRETED, multiprocessor_count, padded_k, spatial_dims
 from .tiles import (
     Tile,
     channel_axis,
@@ -80,6 +84,32 @@ def entropy_terms(q, EPS_LOG: tl.constexpr):
     """log(q + 1e-16) of a (K_PAD, TILE) block and U = -sum_k q_k log(q_k + 1e-16)."""
     log_q = tl.log(q + EPS_LOG)
     return log_q, -tl.sum(q * log_q, axis=0)
+
+
+@triton.jit
+def block_of_channels(p_base, k0, K, K_PAD: tl.constexpr, stride_k, s, inside, acc_dtype,
+                  EPS_LOG: tl.constexpr, WIDE: tl.constexpr):
+    """Channels k0 .. k0 + K_PAD - 1 of a run or tile of pixels s, for K above one block: the
+    (K_PAD, TILE) values q, their log(q + 1e-16), their share of U, which are real, and their
+    offsets."""
+    k = k0 + tl.arange(0, K_PAD)
+    ok = (k < K)[:, None] & inside[None, :]
+    channel = channel_offsets(k, stride_k, WIDE)
+    q = tl.load(p_base + (channel[:, None] + s[None, :]), mask=ok, other=0.0).to(acc_dtype)
+    log_q, u = entropy_terms(q, EPS_LOG)
+    return q, log_q, u, ok, channel
+
+
+@triton.jit
+def blocked_uncertainty(p_base, K, K_PAD: tl.constexpr, stride_k, s, inside, acc_dtype,
+                        EPS_LOG: tl.constexpr, WIDE: tl.constexpr):
+    """U of pixels s summed over blocks of K_PAD channels, in channel order."""
+    u = tl.zeros(s.shape, dtype=acc_dtype)
+    for k0 in range(0, K, K_PAD):
+        q, log_q, u_block, ok, channel = block_of_channels(p_base, k0, K, K_PAD, stride_k, s, inside,
+                                                       acc_dtype, EPS_LOG, WIDE)
+        u += u_block
+    return u
 
 
 @triton.jit
@@ -220,9 +250,11 @@ def _uncertainty_kernel(
     p_stride_b, p_stride_k, K, N, tiles_per_sample,
     WRITE_RANGE: tl.constexpr, NORMALISED: tl.constexpr, WIDE: tl.constexpr,
     EPS_LOG: tl.constexpr, EPS_NORM: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):
     # WRITE_RANGE: also the running [min, max] of U of this program (forward).
     # NORMALISED: write Un with the saved per-sample range instead of U (backward).
+    # ONE_BLOCK: all K channels in one (K_PAD, BLOCK) block; else blocks of K_PAD channels.
     b, r, n_range = grid_position()
     acc_dtype = u_ptr.dtype.element_ty
     k, k_ok, channel = channel_axis(K, K_PAD, p_stride_k, WIDE)
@@ -235,9 +267,13 @@ def _uncertainty_kernel(
     high = tl.full((BLOCK,), float("-inf"), acc_dtype)
     for tile in range(r, tiles_per_sample, n_range):
         s, inside = run_pixels(tile, N, BLOCK, WIDE)
-        q = tl.load(p_base + (channel[:, None] + s[None, :]),
-                    mask=k_ok[:, None] & inside[None, :], other=0.0).to(acc_dtype)
-        log_q, u = entropy_terms(q, EPS_LOG)
+        if ONE_BLOCK:
+            q = tl.load(p_base + (channel[:, None] + s[None, :]),
+                        mask=k_ok[:, None] & inside[None, :], other=0.0).to(acc_dtype)
+            log_q, u = entropy_terms(q, EPS_LOG)
+        else:
+            u = blocked_uncertainty(p_base, K, K_PAD, p_stride_k, s, inside, acc_dtype, EPS_LOG,
+                                    WIDE)
         if NORMALISED:
             u = normalise(u, lo, denominator)
         tl.store(u_base + s, u, mask=inside)
@@ -337,10 +373,12 @@ def _boundary_grad_kernel(
     p_stride_b, p_stride_k, edge_stride_b, grad_stride_b, grad_stride_k,
     K, D, H, W, N, tiles_z, tiles_y, tiles_x,
     IS_3D: tl.constexpr, WIDE: tl.constexpr,
-    EPS_NORM: tl.constexpr, EPS_LOG: tl.constexpr, K_PAD: tl.constexpr,
+    EPS_NORM: tl.constexpr, EPS_LOG: tl.constexpr, K_PAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
     RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
+    # ONE_BLOCK: all K channels in one (K_PAD, TILE) block, read once; else U from blocks of
+    # K_PAD channels, then each block read again for its gradient.
     b, r, n_programs = grid_position()
     acc_dtype = coef_u_ptr.dtype.element_ty
     k, k_ok, channel = channel_axis(K, K_PAD, p_stride_k, WIDE)
@@ -361,18 +399,31 @@ def _boundary_grad_kernel(
         t_u, t_uu, t_ue, unused_4, unused_5 = tile_window_sums(
             a_base, b_base, c_base, s, z0, y0, x0, z, y, x, inside, lo, denominator, D, H, W,
             plane, False, False, IS_3D, RADIUS, RADIUS_Z, TILE_D, TILE_H, TILE_W)
-        tile_ok = k_ok[:, None] & inside[None, :]
-        q = tl.load(p_base + (channel[:, None] + s[None, :]), mask=tile_ok,
-                    other=0.0).to(acc_dtype)
-        log_q, u = entropy_terms(q, EPS_LOG)
+        if ONE_BLOCK:
+            tile_ok = k_ok[:, None] & inside[None, :]
+            q = tl.load(p_base + (channel[:, None] + s[None, :]), mask=tile_ok,
+                        other=0.0).to(acc_dtype)
+            log_q, u = entropy_terms(q, EPS_LOG)
+        else:
+            u = blocked_uncertainty(p_base, K, K_PAD, p_stride_k, s, inside, acc_dtype, EPS_LOG,
+                                    WIDE)
         un = normalise(u, lo, denominator)
         e = tl.load(e_base + s, mask=inside, other=0.0)
         # dL/dU = dL/dUn / (max - min + 1e-6), min and max detached
         grad_u = (t_u + 2 * un * t_uu + e * t_ue) / denominator
         # U = -sum_k q_k log(q_k + eps): dU/dq_k = -(log(q_k + eps) + q_k / (q_k + eps))
-        grad = -grad_u[None, :] * (log_q + q / (q + EPS_LOG))
-        tl.store(grad_base + (out_channel[:, None] + s[None, :]),
-                 grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
+        if ONE_BLOCK:
+            grad = -grad_u[None, :] * (log_q + q / (q + EPS_LOG))
+            tl.store(grad_base + (out_channel[:, None] + s[None, :]),
+                     grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
+        else:
+            for k0 in range(0, K, K_PAD):
+                q, log_q, u_block, ok, channel_k = block_of_channels(
+                    p_base, k0, K, K_PAD, p_stride_k, s, inside, acc_dtype, EPS_LOG, WIDE)
+                grad = -grad_u[None, :] * (log_q + q / (q + EPS_LOG))
+                out = channel_offsets(k0 + tl.arange(0, K_PAD), grad_stride_k, WIDE)
+                tl.store(grad_base + (out[:, None] + s[None, :]),
+                         grad.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -492,6 +543,7 @@ class _Plan(NamedTuple):
     n_grad: int  # programs per sample of the gradient pass
     wide: bool
     acc_dtype: torch.dtype
+    one_block: bool  # all K channels in one (K_PAD, pixels) block, else blocks of K_PAD
 
 
 def _programs_per_sample(batch: int, tiles: int, device: torch.device) -> int:
@@ -501,17 +553,19 @@ def _programs_per_sample(batch: int, tiles: int, device: torch.device) -> int:
 
 
 def _plan(p, window, config: Optional[BoundaryConfig], tile: Optional[Sequence[int]],
-          max_programs: Optional[int] = None) -> _Plan:
+          max_programs: Optional[int] = None, channel_block: Optional[int] = None) -> _Plan:
     """The launch geometry of a call, cached on what it depends on."""
     return _cached_plan(tuple(p.shape), p.dtype, int(p.stride(1)), int(window), config,
-                        None if tile is None else tuple(tile), max_programs, p.device)
+                        None if tile is None else tuple(tile), max_programs, p.device,
+                        CHANNEL_BLOCK if channel_block is None else int(channel_block))
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_plan(shape, dtype, stride_k, window, config, tile, max_programs, device) -> _Plan:
+def _cached_plan(shape, dtype, stride_k, window, config, tile, max_programs, device,
+                 channel_block) -> _Plan:
     batch, k = int(shape[0]), int(shape[1])
     d, h, w, n = spatial_dims(shape)
-    k_pad = padded_k(k)
+    k_pad = padded_k(max(1, min(k, channel_block)))
     config = config or default_config(k_pad, dtype)
     radius = int(window) // 2
     is_3d = len(shape) == 5
@@ -532,6 +586,7 @@ def _cached_plan(shape, dtype, stride_k, window, config, tile, max_programs, dev
         batch, k, k_pad, (d, h, w), n, is_3d, radius, radius if is_3d else 0,
         int(window) ** (len(shape) - 2), config, runs, per_sample[0], box_tile, grad_tile,
         per_sample[1], per_sample[2], needs_wide_index(*extents), accumulation_dtype(dtype),
+        k <= k_pad,
     )
 
 
@@ -544,7 +599,7 @@ def kernel_constexprs(plan: _Plan):
     grad_box = dict(box, TILE_D=plan.grad_tile.depth, TILE_H=plan.grad_tile.height,
                     TILE_W=plan.grad_tile.width)
     uncertainty = dict(EPS_LOG=EPS_LOG_U, EPS_NORM=EPS_MINMAX, K_PAD=plan.k_pad,
-                       BLOCK=plan.config.run_pixels, **common)
+                       ONE_BLOCK=plan.one_block, BLOCK=plan.config.run_pixels, **common)
     ncc = dict(EPS=EPS_CC, EPS_NORM=EPS_MINMAX, R_PAD=next_power_of_2(plan.n_range), **box,
                **common)
     return [
@@ -554,7 +609,7 @@ def kernel_constexprs(plan: _Plan):
         (_uncertainty_kernel, dict(uncertainty, WRITE_RANGE=False, NORMALISED=True)),
         (_ncc_kernel, dict(ncc, BACKWARD=True)),
         (_boundary_grad_kernel, dict(EPS_NORM=EPS_MINMAX, EPS_LOG=EPS_LOG_U, K_PAD=plan.k_pad,
-                                     **grad_box, **common)),
+                                     ONE_BLOCK=plan.one_block, **grad_box, **common)),
     ]
 
 
@@ -583,12 +638,13 @@ def _dense_pixels(t: torch.Tensor) -> torch.Tensor:
 
 
 def boundary_cc(p, edge, window, *, config: Optional[BoundaryConfig] = None,
-                tile: Optional[Sequence[int]] = None, max_programs: Optional[int] = None):
+                tile: Optional[Sequence[int]] = None, max_programs: Optional[int] = None,
+                channel_block: Optional[int] = None):
     """(cc, u_range): the contract's `boundary_cc`. cc is 0-dim in the accumulation dtype,
     u_range (B, 2) the per-sample [min, max] of U. p (B, K, *S) and edge (B, 1, *S) need dense
     spatial dims only."""
     p = _dense_pixels(p)
-    plan = _plan(p, window, config, tile, max_programs)
+    plan = _plan(p, window, config, tile, max_programs, channel_block)
     acc = plan.acc_dtype
     edge = _dense_pixels(edge.to(acc))
     settings = kernel_constexprs(plan)
@@ -618,10 +674,12 @@ def boundary_cc(p, edge, window, *, config: Optional[BoundaryConfig] = None,
 def boundary_cc_backward(grad_cc, p, edge, u_range, window, *,
                          config: Optional[BoundaryConfig] = None,
                          tile: Optional[Sequence[int]] = None,
-                         max_programs: Optional[int] = None):
-    """dL/dp in p's dtype: the contract's `boundary_cc_backward`."""
+                         max_programs: Optional[int] = None, channel_block: Optional[int] = None):
+    """dL/dp in p's dtype: the contract's `boundary_cc_backward`. `channel_block` (as for
+    `boundary_cc`): channels per block of the uncertainty and gradient passes, default
+    CHANNEL_BLOCK; tests use a small one to cover the blocked kernels under the interpreter."""
     p = _dense_pixels(p)
-    plan = _plan(p, window, config, tile, max_programs)
+    plan = _plan(p, window, config, tile, max_programs, channel_block)
     acc = plan.acc_dtype
     grad_p = torch.empty(p.shape, dtype=p.dtype, device=p.device)
     if plan.batch * plan.n == 0:

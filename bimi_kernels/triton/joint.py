@@ -68,6 +68,7 @@ import triton.language as tl
 
 from ..numerics import accumulation_dtype
 from . import (
+    CHANNEL_BLOCK,
     INTERPRETED,
     PARTIAL_BYTES_BUDGET,
     dot_precision,
@@ -267,21 +268,26 @@ def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, partial_stride, K, K_
 def _joint_counts_backward_kernel(
     grad_j_ptr, p1_ptr, p2_ptr, mask_ptr, rows_ptr, reverse_rows_ptr, grad_p1_ptr, grad_p2_ptr,
     p1_stride_b, p2_stride_b, mask_stride_b, grad_stride_b, grad_stride_k,
-    K, K_OUT, D, H, W, n_rows, rows_stride, n_chunks,
-    tiles_z, tiles_y, tiles_x, n_tiles, halo_z, halo_y, halo_x,
-    GRAD_P1: tl.constexpr, GRAD_P2: tl.constexpr,
+    K, D, H, W, n_rows, rows_stride, n_chunks,
+    tiles_z, tiles_y, tiles_x, n_tiles, halo_z, halo_y, halo_x, K_OUT,
+    GRAD_P1: tl.constexpr, GRAD_P2: tl.constexpr, BLOCKED: tl.constexpr,
     IS_3D: tl.constexpr, HAS_MASK: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr,
     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
     # GRAD_P1 / GRAD_P2 pick the gradients of this launch: both in one pass over the pixels,
-    # or one each in two launches when both accumulators would not fit the registers. K_OUT of
-    # the K channels are written (all of them, or one block: the launcher offsets the gradient
-    # and dL/dJ pointers to the block's first channel).
+    # or one each in two launches when both accumulators would not fit the registers. BLOCKED:
+    # K_OUT of the K channels are written, one block (the launcher offsets the gradient and
+    # dL/dJ pointers to the block's first channel); else all K, K_OUT unused. Both that and
+    # K_OUT's place last among the arguments keep ptxas from spilling in some variants
+    # (float32 K=10 offset 0, float64 K=40 3-D: scripts/triton_compile_check.py).
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     acc_dtype = grad_j_ptr.dtype.element_ty
-    k, k_ok, out_channel = channel_axis(K_OUT, K_PAD, grad_stride_k, WIDE)
+    if BLOCKED:
+        k, k_ok, out_channel = channel_axis(K_OUT, K_PAD, grad_stride_k, WIDE)
+    else:
+        k, k_ok, out_channel = channel_axis(K, K_PAD, grad_stride_k, WIDE)
     for tile in range(pid, n_tiles, n_programs):
         b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
@@ -392,11 +398,6 @@ class JointConfig(NamedTuple):
     num_warps: int
     split_backward: bool = False  # dL/dp1 and dL/dp2 in two launches (fewer live registers)
 
-
-# Channels of p1 (forward) or of a gradient (backward) per launch. Larger K runs in blocks of
-# this many: the launch tables end at K_PAD 128, and a (TILE, K_PAD) operand beyond it outgrows
-# the shared memory (float64 at K_PAD 1024 asks 264 KB of sm_90's 227 KB per block).
-CHANNEL_BLOCK = 128
 
 # Under the interpreter every operation costs ~0.1 ms of Python whatever its size and a nested
 # @triton.jit call ~0.6 ms: few, big tiles; tensors stay under Triton's 2^20-element limit.
@@ -558,7 +559,7 @@ def backward_constexprs(prob: _Problem, has_mask: bool, precision: str,
                         want_p1: bool, want_p2: bool) -> dict:
     """The compile-time settings of `_joint_counts_backward_kernel`."""
     return dict(
-        GRAD_P1=want_p1, GRAD_P2=want_p2,
+        GRAD_P1=want_p1, GRAD_P2=want_p2, BLOCKED=prob.channel_block < prob.k,
         IS_3D=prob.geo.ndim == 3, HAS_MASK=has_mask, WIDE=prob.wide,
         DOT_PRECISION=precision, K_PAD=prob.k_pad, ROWS=prob.rows,
         TILE_D=prob.tile.depth, TILE_H=prob.tile.height, TILE_W=prob.tile.width,
@@ -678,9 +679,9 @@ def joint_counts_backward(grad_j, p1, p2, offsets, mask=None, *,
                 grad_p1.narrow(1, i0, channels), grad_p2.narrow(1, i0, channels),
                 p1.stride(0), p2.stride(0), _mask_stride(mask, p1),
                 grad_p1.stride(0), grad_p1.stride(1),
-                prob.k, channels, depth, height, width, prob.n_rows, prob.rows_pad,
-                prob.n_chunks, prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x,
-                prob.n_tiles, *prob.geo.halo,
+                prob.k, depth, height, width, prob.n_rows, prob.rows_pad, prob.n_chunks,
+                prob.tile.tiles_z, prob.tile.tiles_y, prob.tile.tiles_x, prob.n_tiles,
+                *prob.geo.halo, channels,
                 **backward_constexprs(prob, has_mask, precision, want_p1, want_p2),
             )
     return grad_p1, grad_p2
