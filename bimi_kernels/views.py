@@ -230,6 +230,8 @@ def validity_mask(theta: torch.Tensor, size: Sequence[int], device=None, dtype=t
     """(B, 1, H, W): 1.0 where a warp with `theta` reads only inside the input, 0.0 where it
     padded (any padded neighbour of a bilinear read counts as padded, so the mask is valid for
     both bilinear and nearest warps)."""
+    if len(size) != 2:
+        raise ValueError(f"size: expected (H, W), got {tuple(size)}")
     height, width = int(size[0]), int(size[1])
     work_dtype = geometry_dtype(theta.dtype)  # the grid `warp` computes for the same theta
     grid = F.affine_grid(
@@ -340,6 +342,9 @@ class TwoViews:
 
     def mask_like(self, maps: torch.Tensor) -> torch.Tensor:
         """The validity mask (B, 1, H', W') at the resolution of `maps`, in the dtype of `mask`."""
+        if maps.dim() != 4 or maps.shape[0] != self.mask.shape[0]:
+            raise ValueError(f"maps: expected a ({self.mask.shape[0]}, F, H', W') tensor (the views are 2-D), "
+                             f"got shape {tuple(maps.shape)}")
         if tuple(maps.shape[2:]) == tuple(self.mask.shape[2:]):
             return self.mask.to(maps.device)
         return validity_mask(self.params.theta, maps.shape[2:], device=maps.device, dtype=self.mask.dtype)

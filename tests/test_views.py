@@ -112,6 +112,12 @@ def test_align_brings_view_one_maps_into_view_two_frame():
     # a float64 run keeps float64 masks at any resolution (the default dtype is float32)
     views64 = transform(image.double(), generator=torch.Generator().manual_seed(11))
     assert views64.mask_like(half.double()).dtype == views64.mask.dtype == torch.float64
+    # 3-D maps or another batch: refused, as align refuses them (not a mask of the wrong shape)
+    for wrong in (torch.rand(3, 4, 2, 20, 20), torch.rand(2, 4, 20, 20)):
+        with pytest.raises(ValueError, match="maps: expected a \\(3, F, H', W'\\) tensor"):
+            views.mask_like(wrong)
+    with pytest.raises(ValueError, match="size: expected"):
+        validity_mask(views.params.theta, (2, 20, 20))
 
 
 def test_mask_marks_the_padding():
