@@ -54,8 +54,11 @@ def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, e
     """`reference.local_cross_correlation` (docs/contract.md §5) of two maps of one shape
     (B, C, *S), usually (B, 1, *S), with the window checked (an even window has no centre)."""
     checks.check_window(window)
+    checks.check_number("eps", eps, above=0.0)
     for name, t in (("u", u), ("e", e)):
         checks.check_tensor(name, t)
+        if t.dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a float dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
     if u.shape != e.shape or u.dim() not in (4, 5):
         raise ValueError(f"u, e: expected two tensors of one shape (B, C, *S), got {tuple(u.shape)} and {tuple(e.shape)}")
     with ops.autocast_off(u.device.type):
