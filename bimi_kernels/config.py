@@ -105,6 +105,23 @@ class LossConfig:
         """A copy with `changes` applied, checked like a new config."""
         return dataclasses.replace(self, **changes)
 
+    # Every field is immutable once made (offsets become a tuple), so a copy is the config
+    # itself: copying a module (an EMA or teacher copy of a model holding the loss) shares its
+    # process group, which cannot be copied.
+    def __copy__(self) -> "LossConfig":
+        return self
+
+    def __deepcopy__(self, memo) -> "LossConfig":
+        return self
+
+    def __getstate__(self) -> dict:
+        if self.process_group is not None:
+            raise TypeError(
+                "LossConfig: a config holding a process_group cannot be pickled (a process group "
+                "belongs to the process that made it); pickle the loss with process_group=None "
+                "and set `loss.process_group` after loading")
+        return dict(self.__dict__)
+
 
 FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(LossConfig))
 _FLOAT_FIELDS = ("alpha", "lamda", "mi_weight", "boundary_weight", "gamma")

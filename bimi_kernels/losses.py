@@ -37,7 +37,7 @@ class _ConfiguredLoss(nn.Module):
         object.__setattr__(self, "config", config)
 
     def __getattr__(self, name):
-        if name in self.SETTINGS:
+        if name in self.SETTINGS and "config" in self.__dict__:  # (not yet set: AttributeError below)
             return getattr(self.__dict__["config"], name)
         if name in FIELD_NAMES:
             raise self._not_a_setting(name)

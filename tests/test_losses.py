@@ -316,3 +316,32 @@ def test_a_users_subclass_keeps_the_settings_of_its_base():
     loss_fn = Scaled(alpha=0.3)
     assert loss_fn.scale == 2.0 and loss_fn.alpha == 0.3
     assert Radius1().alpha == 0.5 and Radius1.SETTINGS == bimi_kernels.RegularizedMILoss.SETTINGS
+
+
+def test_modules_copy_pickle_and_share_their_process_group():
+    """A model holding the loss can be deep-copied (an EMA or teacher copy): the config is
+    immutable and shared, its process group too (a group cannot be copied); pickling works
+    without a group and says what to do with one; a half-made module's settings are an
+    AttributeError (getattr with a default), not a KeyError."""
+    import copy
+    import pickle
+
+    import torch.distributed as dist
+
+    loss_fn = bimi_kernels.BIMILoss(offsets=[(0, 1), (1, 0)], alpha=0.3)
+    for copied in (copy.copy(loss_fn), copy.deepcopy(loss_fn), pickle.loads(pickle.dumps(loss_fn))):
+        assert copied.config == loss_fn.config and copied.alpha == 0.3
+    assert getattr(bimi_kernels.BIMILoss.__new__(bimi_kernels.BIMILoss), "alpha", None) is None
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group yet")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1))
+        model.loss_fn = bimi_kernels.BIMILoss(sync=True, process_group=group)
+        assert copy.deepcopy(model).loss_fn.process_group is group
+        with pytest.raises(TypeError, match="cannot be pickled.*process_group=None"):
+            pickle.dumps(model.loss_fn)
+    finally:
+        dist.destroy_process_group()
