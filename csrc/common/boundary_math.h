@@ -4,6 +4,7 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
 
 #include "macros.h"
 #include "numerics.h"
@@ -17,6 +18,32 @@ BIMI_HD double math_log(double x) { return ::log(x); }
 template <typename acc_t>
 BIMI_HD acc_t plogp(acc_t q) {
   return q * math_log(q + acc_t(kEpsLogU));
+}
+
+// sum_k q_k log(q_k + 1e-16) over `channels` values `stride` apart (the negated U), channels in
+// order, four at a time: each four added pairwise, then to the total (the CPU kernels group their
+// vectors the same way, csrc/cpu/simd/boundary_rows.h). The total takes K / 4 additions, not K:
+// the min-max stretches U's range, narrow for near-uniform maps, and magnifies U's float32
+// rounding by as much (docs/contract.md §8).
+template <typename acc_t, typename scalar_t>
+BIMI_HD acc_t sum_plogp(const scalar_t* q, int64_t stride, int64_t channels) {
+  // one call site of the log (four inlined copies left a float64 CUDA kernel with a stack frame)
+  acc_t total = 0, pair = 0, group = 0;
+  for (int64_t k = 0; k < channels; ++k) {
+    const acc_t term = plogp(static_cast<acc_t>(q[k * stride]));
+    switch (k % 4) {
+      case 0: pair = term; break;
+      case 1: group = pair + term; break;
+      case 2: pair = term; break;
+      default: total += group + (pair + term); break;
+    }
+  }
+  switch (channels % 4) {  // the last, partial group: t0, t0 + t1 or (t0 + t1) + t2
+    case 1: return total + pair;
+    case 2: return total + group;
+    case 3: return total + (group + pair);
+    default: return total;
+  }
 }
 
 // dU/dq for one cluster probability: -(log(q + 1e-16) + q / (q + 1e-16)).

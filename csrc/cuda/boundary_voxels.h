@@ -37,14 +37,12 @@ BIMI_HD VoxelAt voxel_at(const Volume& v, int64_t index) {
   return a;
 }
 
-// U = -sum_k p_k log(p_k + 1e-16) of voxel `index` (of B * voxels), channels in order.
+// U = -sum_k p_k log(p_k + 1e-16) of voxel `index` (of B * voxels), in sum_plogp's order.
 template <typename scalar_t, typename acc_t>
 BIMI_HD acc_t uncertainty_at(const scalar_t* p, const Volume& v, int64_t index) {
   const int64_t voxels = v.voxels();
   const int64_t b = index / voxels, s = index % voxels;
-  acc_t total = 0;
-  for (int64_t k = 0; k < v.channels; ++k) total += plogp(static_cast<acc_t>(p[(b * v.channels + k) * voxels + s]));
-  return -total;
+  return -sum_plogp<acc_t>(p + b * v.channels * voxels + s, voxels, v.channels);
 }
 
 // Voxels per thread of one part of a sample in the uncertainty pass: each sample is cut into
