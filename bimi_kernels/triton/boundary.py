@@ -88,7 +88,7 @@ def entropy_terms(q, EPS_LOG: tl.constexpr):
 
 @triton.jit
 def block_of_channels(p_base, k0, K, K_PAD: tl.constexpr, stride_k, s, inside, acc_dtype,
-                  EPS_LOG: tl.constexpr, WIDE: tl.constexpr):
+                      EPS_LOG: tl.constexpr, WIDE: tl.constexpr):
     """Channels k0 .. k0 + K_PAD - 1 of a run or tile of pixels s, for K above one block: the
     (K_PAD, TILE) values q, their log(q + 1e-16), their share of U, which are real, and their
     offsets."""
@@ -106,9 +106,8 @@ def blocked_uncertainty(p_base, K, K_PAD: tl.constexpr, stride_k, s, inside, acc
     """U of pixels s summed over blocks of K_PAD channels, in channel order."""
     u = tl.zeros(s.shape, dtype=acc_dtype)
     for k0 in range(0, K, K_PAD):
-        q, log_q, u_block, ok, channel = block_of_channels(p_base, k0, K, K_PAD, stride_k, s, inside,
-                                                       acc_dtype, EPS_LOG, WIDE)
-        u += u_block
+        u += block_of_channels(p_base, k0, K, K_PAD, stride_k, s, inside, acc_dtype, EPS_LOG,
+                               WIDE)[2]
     return u
 
 
@@ -418,7 +417,7 @@ def _boundary_grad_kernel(
                      grad.to(grad_ptr.dtype.element_ty), mask=tile_ok)
         else:
             for k0 in range(0, K, K_PAD):
-                q, log_q, u_block, ok, channel_k = block_of_channels(
+                q, log_q, _, ok, _ = block_of_channels(
                     p_base, k0, K, K_PAD, p_stride_k, s, inside, acc_dtype, EPS_LOG, WIDE)
                 grad = -grad_u[None, :] * (log_q + q / (q + EPS_LOG))
                 out = channel_offsets(k0 + tl.arange(0, K_PAD), grad_stride_k, WIDE)
