@@ -11,7 +11,7 @@ TRITON_INTERPRET unset (the kernels must not be interpreted).
     python scripts/triton_compile_check.py --wide          # the 64-bit index variants
 
 Prints one line per variant (kernel, settings, registers, spilled bytes, shared memory, the
-matrix instruction in the PTX) and exits 1 when a variant fails to compile, spills (more than
+matrix instruction and the approximate float instructions in the PTX) and exits 1 when a variant fails to compile, spills (more than
 --max-spill bytes) or asks more shared memory than a block of that GPU may have.
 """
 from __future__ import annotations
@@ -76,6 +76,13 @@ def _matrix_instruction(ptx: str) -> str:
     return "fma"
 
 
+def _approximate_math(ptx: str) -> str:
+    """The approximate float instructions in the PTX (Triton's float32 tl.sqrt, "/" and tl.exp
+    compile to them; tl.sqrt_rn, tl.div_rn are correctly rounded), comma-separated, or "-"."""
+    found = sorted(set(re.findall(r"\b(sqrt\.approx|div\.full|div\.approx|ex2\.approx|lg2\.approx)", ptx)))
+    return ",".join(found) or "-"
+
+
 def compile_variant(fn, pointer_types: Dict[str, str], constexprs: Dict, num_warps: int,
                     arch: int, wide_ints: Iterable[str] = ()) -> Dict:
     """Compile one kernel variant; returns its report row."""
@@ -112,6 +119,7 @@ def compile_variant(fn, pointer_types: Dict[str, str], constexprs: Dict, num_war
     row["shared_bytes"] = kernel.metadata.shared
     row["shared_over"] = kernel.metadata.shared > MAX_SHARED_BYTES.get(arch, 49152)
     row["matrix"] = _matrix_instruction(ptx)
+    row["approx"] = _approximate_math(ptx)
     return row
 
 
@@ -206,7 +214,7 @@ def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool,
     if "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     if quick:
-        layouts = [((256, 256), 1, False), ((16, 16, 16), 1, True)]
+        layouts = [((256, 256), 0, False), ((256, 256), 1, False), ((16, 16, 16), 1, True)]
     else:
         layouts = [((256, 256), 0, False), ((256, 256), 1, False), ((256, 256), 3, True),
                    ((32, 32, 32), 1, True)]
@@ -241,7 +249,7 @@ def _format(row: Dict) -> str:
     if row.get("shared_over"):
         status = "SMEM "
     return (f"{status} {row['kernel']:<32} regs={row['registers']} spill={spills} "
-            f"smem={row['shared_bytes']} {row['matrix']:<18} warps={row['num_warps']} "
+            f"smem={row['shared_bytes']} {row['matrix']:<18} approx={row['approx']} warps={row['num_warps']} "
             f"[{case}] {settings}")
 
 
@@ -251,7 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--k", nargs="+", type=int, default=list(FULL_K))
     parser.add_argument("--quick", action="store_true",
-                        help="two layouts instead of four, boundary kernels for the first and last K only")
+                        help="three layouts instead of four, boundary kernels for the first and last K only")
     parser.add_argument("--wide", action="store_true",
                         help="the 64-bit index variants (WIDE=True) instead, as launched for a "
                         "sample of 2^31 elements or more")

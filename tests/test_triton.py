@@ -72,6 +72,13 @@ def test_kernels_compile_for_h100_without_gpu():
     the boundary term's kernels spilled kilobytes)."""
     out = _compile_check("--quick", "--k", "10", "1000", "--dtype", "bf16", "fp32", "fp64")
     assert out.count("ok ") >= 20 and "K=1000" in out
+    # the edge map's float32 sqrt and divisions are the correctly rounded ones (its tolerance is
+    # 1e-6; the approximate ones are up to 2 ulp); only its power may use the fast exp
+    edge_lines = [line for line in out.splitlines() if "_edge_" in line]
+    assert len(edge_lines) >= 6
+    for line in edge_lines:
+        approx = line.split("approx=")[1].split()[0]
+        assert approx in ("-", "ex2.approx"), line
 
 
 def test_64_bit_index_kernels_compile_for_h100_without_gpu():

@@ -443,7 +443,7 @@ def test_boundary_in_channel_blocks(shape, channel_block, dtype):
     check_boundary(p, edge, 3, channel_block=channel_block, tile=tile_of(32, shape))
 
 
-def test_large_k_boundary_plans_stay_within_one_block(monkeypatch):
+def test_large_k_boundary_plans_run_in_channel_blocks(monkeypatch):
     """On a GPU, K above 128 keeps K_PAD at 128 (a (K_PAD, pixels) block of 1024 float64
     channels spilled 6.5 KB of registers a thread) and turns the blocked kernels on."""
     monkeypatch.setattr(boundary, "INTERPRETED", False)

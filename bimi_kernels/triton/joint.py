@@ -480,6 +480,11 @@ class _Problem(NamedTuple):
     wide: bool
     channel_block: int  # channels per launch (all K, or blocks of CHANNEL_BLOCK)
 
+    @property
+    def blocked(self) -> bool:
+        """K is covered in several blocks of channels."""
+        return self.channel_block < self.k
+
     def channel_blocks(self):
         """(first channel, channels) of each launch's block."""
         return [(i0, min(self.channel_block, self.k - i0)) for i0 in range(0, self.k, self.channel_block)]
@@ -550,8 +555,7 @@ def forward_constexprs(prob: _Problem, dtype: torch.dtype, has_mask: bool,
 def backward_passes(prob: _Problem, split: Optional[bool] = None):
     """(GRAD_P1, GRAD_P2) of each backward launch. Channel blocks always split: the two
     gradients read dL/dJ along different axes, so a block's offset into it differs."""
-    blocked = prob.channel_block < prob.k
-    split = blocked or (prob.config.split_backward if split is None else bool(split))
+    split = prob.blocked or (prob.config.split_backward if split is None else bool(split))
     return [(True, False), (False, True)] if split else [(True, True)]
 
 
@@ -559,7 +563,7 @@ def backward_constexprs(prob: _Problem, has_mask: bool, precision: str,
                         want_p1: bool, want_p2: bool) -> dict:
     """The compile-time settings of `_joint_counts_backward_kernel`."""
     return dict(
-        GRAD_P1=want_p1, GRAD_P2=want_p2, BLOCKED=prob.channel_block < prob.k,
+        GRAD_P1=want_p1, GRAD_P2=want_p2, BLOCKED=prob.blocked,
         IS_3D=prob.geo.ndim == 3, HAS_MASK=has_mask, WIDE=prob.wide,
         DOT_PRECISION=precision, K_PAD=prob.k_pad, ROWS=prob.rows,
         TILE_D=prob.tile.depth, TILE_H=prob.tile.height, TILE_W=prob.tile.width,
