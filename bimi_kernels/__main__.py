@@ -38,7 +38,8 @@ def info() -> int:
             print(f"{module.split('.')[-1]:<12} {loaded.__file__}")
     try:
         isa = cpu_isa()
-        loops = f"{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic: the baseline)" if isa else "not built"
+        loops = (f"{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic, avx2 or avx512 asks for one)"
+                 if isa else "not built")
     except ValueError as exc:  # a BIMI_CPU_ISA the loops do not know: every cpp call refuses it
         loops = f"error: {exc}"
     print(f"cpu loops    {loops}")

@@ -55,9 +55,10 @@ def _cuda_reason(device_type: str) -> Optional[str]:
 
 
 def cpu_isa() -> Optional[str]:
-    """Which build of the C++ CPU inner loops runs: "avx2" (AVX2+FMA, where the processor has
-    both) or "generic" (baseline x86-64, other processors, or BIMI_CPU_ISA=generic); None without
-    the extension; a ValueError for any other BIMI_CPU_ISA, as every cpp op raises then.
+    """Which build of the C++ CPU inner loops runs: "avx512" (AVX-512F+VL on 32-byte vectors),
+    "avx2" (AVX2+FMA) or "generic" (baseline x86-64, other processors): the best the processor
+    runs, or the one BIMI_CPU_ISA names; None without the extension; a ValueError for any other
+    BIMI_CPU_ISA, or one this processor cannot run, as every cpp op raises then.
     csrc/README.md, "The per-ISA build of the CPU loops"."""
     if _CPU_ERROR is not None:
         return None

@@ -1,10 +1,13 @@
-"""The two builds of the C++ CPU inner loops (csrc/cpu/kernels.h, csrc/cpu/simd/): AVX2+FMA,
-picked at run time where the processor has both, and the baseline x86-64 build
-(`BIMI_CPU_ISA=generic`).
+"""The three builds of the C++ CPU inner loops (csrc/cpu/kernels.h, csrc/cpu/simd/): AVX-512F+VL
+on 32-byte vectors and AVX2+FMA, picked at run time in that order where the processor has them,
+and the baseline x86-64 build (`BIMI_CPU_ISA=generic`, `=avx2`, `=avx512` ask for one).
 
-Both add the same terms in the same order (32-byte vectors on every ISA); the AVX2 build fuses
-each multiply and add into one FMA (one rounding where the baseline rounds twice). So they are not
-bitwise equal in general, and these tests state what holds instead:
+All add the same terms in the same order (32-byte vectors on every ISA). The AVX-512 build is the
+AVX2 build's code with 32 vector registers (larger register blocks in the joint counts' forward,
+which do not change what each accumulator adds, nor its order): the two agree bit for bit. The
+AVX2 build fuses each multiply and add into one FMA (one rounding where the baseline rounds
+twice). So it and the baseline are not bitwise equal in general, and these tests state what holds
+instead:
 
 - accumulation in float64: every output within 1e-14 of the other build, relative to its
   largest magnitude, except the boundary term's gradient, within 1e-13 (its windows' variances
@@ -32,18 +35,20 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 ops = torch.ops.bimi_C
 
 
-def _has_avx2_and_fma() -> bool:
+def _cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+        return set()
 
 
-pytestmark = pytest.mark.skipif(
-    not _has_avx2_and_fma(), reason="the processor lacks AVX2 or FMA: only the baseline build runs"
-)
+HAS_AVX2 = {"avx2", "fma"} <= _cpu_flags()
+HAS_AVX512 = HAS_AVX2 and {"avx512f", "avx512vl"} <= _cpu_flags()
+BEST_BUILD = "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "generic"
+
+pytestmark = pytest.mark.skipif(not HAS_AVX2, reason="the processor lacks AVX2 or FMA: only the baseline build runs")
+needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="the processor lacks AVX-512F or AVX-512VL")
 
 
 def tolerance(dtype, output_dtype, what):
@@ -56,13 +61,24 @@ def tolerance(dtype, output_dtype, what):
     return 5e-5 if what == "boundary gradient" else 2e-6
 
 
-def both_builds(monkeypatch, compute):
-    """compute() with the AVX2 loops and with the baseline loops."""
-    monkeypatch.delenv("BIMI_CPU_ISA", raising=False)
-    fast = compute()
-    monkeypatch.setenv("BIMI_CPU_ISA", "generic")
-    baseline = compute()
+def builds(monkeypatch, compute, *names):
+    """compute() with each named build of the loops."""
+    results = []
+    for name in names:
+        monkeypatch.setenv("BIMI_CPU_ISA", name)
+        results.append(compute())
     monkeypatch.delenv("BIMI_CPU_ISA")
+    return results
+
+
+def both_builds(monkeypatch, compute):
+    """compute() with the AVX2 loops and with the baseline loops; with the AVX-512 loops too where
+    the processor has them, which must equal the AVX2 ones bit for bit."""
+    if not HAS_AVX512:
+        return builds(monkeypatch, compute, "avx2", "generic")
+    fast, baseline, wide = builds(monkeypatch, compute, "avx2", "generic", "avx512")
+    for a, b in zip(fast, wide):
+        assert a.dtype == b.dtype and torch.equal(a, b), "the AVX-512 and AVX2 builds must agree bit for bit"
     return fast, baseline
 
 
@@ -76,11 +92,12 @@ def assert_builds_agree(fast, baseline, dtype, names):
 
 
 JOINT_CASES = [
-    # shape, offsets, masked
+    # shape, offsets, masked (K = 10, 17, 3: whole and partial register blocks of every build)
     ((2, 10, 20, 37), 3, True),
     ((2, 10, 20, 32), 1, False),  # rows of whole vectors: p1 read and the gradient written in place
     ((1, 17, 19, 23), [(0, 0), (5, -3), (-18, 22)], False),
     ((2, 3, 5, 6, 7), 1, True),
+    ((1, 40, 9, 16), [(0, 0)], False),  # the authors' setting: offset 0, K = 40
 ]
 DTYPES = [F64, F32, BF16, F16]
 
@@ -146,24 +163,38 @@ def test_the_generic_request_selects_the_baseline_build(monkeypatch):
     assert not torch.equal(fast[0], baseline[0])
 
 
+@needs_avx512
+def test_the_avx512_request_selects_its_build(monkeypatch):
+    """BIMI_CPU_ISA=avx512 and =avx2 do switch the loops (else the bitwise comparison above would
+    compare a build with itself). Their results are equal by design, so the switch is seen in the
+    name of the build that runs."""
+    from bimi_kernels.native import cpu_isa
+
+    for name in ("avx512", "avx2", "generic"):
+        monkeypatch.setenv("BIMI_CPU_ISA", name)
+        assert cpu_isa() == name
+
+
 def test_the_build_in_use_is_named(monkeypatch):
     """native.cpu_isa() (shown by `bimi info`, recorded by the benchmarks) names the build that
-    runs: the baseline when asked for, AVX2 on this processor otherwise."""
+    runs: the one asked for, else the best this processor runs."""
     from bimi_kernels.native import cpu_isa
 
     monkeypatch.delenv("BIMI_CPU_ISA", raising=False)
-    assert cpu_isa() == "avx2"
+    assert cpu_isa() == BEST_BUILD
     monkeypatch.setenv("BIMI_CPU_ISA", "generic")
     assert cpu_isa() == "generic"
+    monkeypatch.setenv("BIMI_CPU_ISA", "avx2")
+    assert cpu_isa() == "avx2"
 
 
 def test_an_unknown_isa_request_is_an_error(monkeypatch):
-    """A typo (BIMI_CPU_ISA=avx512, =genric) must not measure the default build in silence;
-    'generic' is accepted in any case, and an empty value means unset."""
+    """A typo (BIMI_CPU_ISA=avx521, =genric) must not measure the default build in silence; the
+    names are accepted in any case, and an empty value means unset."""
     from bimi_kernels.native import cpu_isa
 
     p1, p2, flat, mask, _ = joint_inputs(*JOINT_CASES[0], F32)
-    for value in ("avx512", "genric"):
+    for value in ("avx521", "genric"):
         monkeypatch.setenv("BIMI_CPU_ISA", value)
         with pytest.raises(ValueError, match=f"BIMI_CPU_ISA: expected 'generic' .*got '{value}'"):
             ops.joint_counts(p1, p2, flat, mask)
@@ -171,5 +202,7 @@ def test_an_unknown_isa_request_is_an_error(monkeypatch):
             cpu_isa()
     monkeypatch.setenv("BIMI_CPU_ISA", "GENERIC")
     assert cpu_isa() == "generic"
-    monkeypatch.setenv("BIMI_CPU_ISA", "")
+    monkeypatch.setenv("BIMI_CPU_ISA", "AVX2")
     assert cpu_isa() == "avx2"
+    monkeypatch.setenv("BIMI_CPU_ISA", "")
+    assert cpu_isa() == BEST_BUILD

@@ -1,8 +1,8 @@
 // The vectorised inner loops of the CPU kernels as the op code (joint.cpp, boundary.cpp, edge.cpp)
 // sees them: plain arrays in and out, behind one table of function pointers per instruction set
-// (CpuKernels). The loops are written once, in simd/, and compiled twice: for the baseline ISA
-// (kernels_generic.cpp) and for AVX2+FMA (kernels_avx2.cpp); selected_kernels() picks a build at
-// run time (csrc/README.md). The op code loads the tiles (dtype conversion, mask).
+// (CpuKernels). The loops are written once, in simd/, and compiled three times: for the baseline
+// ISA (kernels_generic.cpp), for AVX2+FMA (kernels_avx2.cpp) and for AVX-512F+VL on 32-byte vectors
+// (kernels_avx512.cpp); selected_kernels() picks a build at run time (csrc/README.md). The op code loads the tiles (dtype conversion, mask).
 //
 // Tile layout. A tile is `rows` consecutive image rows of one plane of one sample. Its first map
 // is read with a row and a channel stride: a copy stored row by row, each row as K channels of
@@ -19,12 +19,13 @@
 
 namespace bimi::cpu {
 
-// Lanes of one vector of the inner loops: 32 bytes on every ISA, so both builds add the same terms
-// in the same order. They still differ by rounding: the AVX2 build fuses each multiply and add
-// into one FMA (-ffp-contract=fast; one rounding where the baseline x86-64 build, which has no
-// FMA, rounds twice). They agree bit for bit only where every product is exact in the
-// accumulation dtype: the joint counts forward of float16/bfloat16 maps (no mask or a 0/1 mask).
-// tests/test_cpp_isa.py states the bounds.
+// Lanes of one vector of the inner loops: 32 bytes on every ISA, so every build adds the same terms
+// in the same order. The AVX2 and AVX-512 builds agree bit for bit; the baseline differs from them
+// by rounding: they fuse each multiply and add into one FMA (-ffp-contract=fast; one rounding
+// where the baseline x86-64 build, which has no FMA, rounds twice). The baseline agrees with them
+// bit for bit only where every product is exact in the accumulation dtype: the joint counts
+// forward of float16/bfloat16 maps (no mask or a 0/1 mask). tests/test_cpp_isa.py states the
+// bounds.
 template <typename acc_t>
 constexpr int64_t vector_lanes() {
   return 32 / static_cast<int64_t>(sizeof(acc_t));
@@ -129,18 +130,24 @@ struct CpuKernels {
 template <typename acc_t>
 CpuKernels<acc_t> selected_kernels();
 
-// The name of that build, "avx2" or "generic" (the op bimi_C::cpu_isa, shown by `bimi info` and
-// recorded by the benchmarks).
+// The name of that build, "avx512", "avx2" or "generic" (the op bimi_C::cpu_isa, shown by
+// `bimi info` and recorded by the benchmarks).
 const char* selected_isa_name();
 
-// Each build's table (simd/isa_kernels.h, compiled by kernels_generic.cpp and kernels_avx2.cpp).
+// Each build's table (simd/isa_kernels.h, compiled by kernels_generic.cpp, kernels_avx2.cpp and
+// kernels_avx512.cpp).
 namespace generic {
 template <typename acc_t>
 CpuKernels<acc_t> isa_kernels();
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BIMI_HAVE_AVX2_KERNELS 1
+#define BIMI_HAVE_AVX512_KERNELS 1
 namespace avx2 {
+template <typename acc_t>
+CpuKernels<acc_t> isa_kernels();
+}
+namespace avx512 {
 template <typename acc_t>
 CpuKernels<acc_t> isa_kernels();
 }

@@ -1,6 +1,7 @@
-// The inner loops of the CPU kernels (kernels.h, simd/) compiled for AVX2+FMA; selected_kernels()
-// picks them only when the processor reports both (so the extension still runs on older x86-64
-// machines). The rules this depends on are in csrc/README.md.
+// The inner loops of the CPU kernels (kernels.h, simd/) compiled for AVX2+FMA (16 vector
+// registers); selected_kernels() picks them when the processor reports both but not AVX-512F+VL
+// (so the extension still runs on older x86-64 machines), or when BIMI_CPU_ISA=avx2. The rules
+// this depends on are in csrc/README.md.
 #include "simd/external_headers.h"  // every outside header before the target region
 
 #if defined(BIMI_HAVE_AVX2_KERNELS)
@@ -13,6 +14,7 @@
 
 #define BIMI_CPU_ISA avx2
 #define BIMI_CPU_ISA_IS_AVX2 1
+#define BIMI_CPU_VECTOR_REGISTERS 16
 #include "simd/isa_kernels.h"
 
 #if defined(__clang__)

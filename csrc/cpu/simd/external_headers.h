@@ -1,13 +1,15 @@
 // Every header from outside csrc/cpu/simd that the SIMD headers use. Each SIMD header includes it
-// first, and kernels_avx2.cpp includes it before its AVX2 target region: an inline function first
-// seen inside the region would be compiled for AVX2 and could be the copy the linker keeps for
-// the baseline build too (csrc/README.md).
+// first, and kernels_avx2.cpp and kernels_avx512.cpp include it before their target regions: an
+// inline function first seen inside a region would be compiled for that target and could be the
+// copy the linker keeps for the baseline build too (csrc/README.md).
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

@@ -1,6 +1,6 @@
 // The table of one build's inner loops (CpuKernels of kernels.h), defined in namespace
-// bimi::cpu::BIMI_CPU_ISA for float and double. Included once by kernels_generic.cpp and once by
-// kernels_avx2.cpp: the per-ISA builds of the same source.
+// bimi::cpu::BIMI_CPU_ISA for float and double. Included once by each of kernels_generic.cpp,
+// kernels_avx2.cpp and kernels_avx512.cpp: the per-ISA builds of the same source.
 #pragma once
 
 #include "boundary_rows.h"

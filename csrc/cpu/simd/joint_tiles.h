@@ -38,21 +38,26 @@ void forward_block(const JointTile<acc_t>& tile, const OffsetPlan& plan, int64_t
     for (int j = 0; j < KJ; ++j) joint[(i0 + i) * k + (j0 + j)] += horizontal_sum<acc_t>(acc[i][j]);
 }
 
-constexpr int kForwardBlockI = 4;
-constexpr int kForwardBlockJ = 3;
+// The largest block: KI x KJ accumulators, KJ band vectors and one vector of the first map fill
+// the registers (16: 4 x 3, 7 loads per 12 FMAs; 32: 5 x 5, 10 loads per 25 FMAs, which leaves the
+// forward bound by the FMAs rather than by the loads from L2: a tile's rows do not fit L1).
+constexpr int kForwardBlockI = kVectorRegisters >= 32 ? 5 : 4;
+constexpr int kForwardBlockJ = kVectorRegisters >= 32 ? 5 : 3;
+static_assert(kForwardBlockI * kForwardBlockJ + kForwardBlockJ + 1 <= kVectorRegisters);
 
 template <typename acc_t>
 using ForwardBlockFn = void (*)(const JointTile<acc_t>&, const OffsetPlan&, int64_t, int64_t, acc_t*);
 
-// forward_block for every block size: [KI - 1][KJ - 1] (a table, not a dispatch through a lambda,
-// which GCC would compile without the AVX2 target).
+template <typename acc_t, int... Index>
+constexpr std::array<ForwardBlockFn<acc_t>, sizeof...(Index)> forward_block_table(std::integer_sequence<int, Index...>) {
+  return {&forward_block<acc_t, Index / kForwardBlockJ + 1, Index % kForwardBlockJ + 1>...};
+}
+
+// forward_block for every block size, at [(KI - 1) * kForwardBlockJ + KJ - 1] (a table, not a
+// dispatch through a lambda, which GCC would compile without the target of the build).
 template <typename acc_t>
-constexpr ForwardBlockFn<acc_t> kForwardBlocks[kForwardBlockI][kForwardBlockJ] = {
-    {&forward_block<acc_t, 1, 1>, &forward_block<acc_t, 1, 2>, &forward_block<acc_t, 1, 3>},
-    {&forward_block<acc_t, 2, 1>, &forward_block<acc_t, 2, 2>, &forward_block<acc_t, 2, 3>},
-    {&forward_block<acc_t, 3, 1>, &forward_block<acc_t, 3, 2>, &forward_block<acc_t, 3, 3>},
-    {&forward_block<acc_t, 4, 1>, &forward_block<acc_t, 4, 2>, &forward_block<acc_t, 4, 3>},
-};
+constexpr std::array<ForwardBlockFn<acc_t>, kForwardBlockI * kForwardBlockJ> kForwardBlocks =
+    forward_block_table<acc_t>(std::make_integer_sequence<int, kForwardBlockI * kForwardBlockJ>());
 
 template <typename acc_t>
 void forward_tile(const JointTile<acc_t>& tile, acc_t* joint) {
@@ -65,7 +70,7 @@ void forward_tile(const JointTile<acc_t>& tile, acc_t* joint) {
       const int64_t ki = k - i0 < kForwardBlockI ? k - i0 : kForwardBlockI;
       for (int64_t j0 = 0; j0 < k; j0 += kForwardBlockJ) {
         const int64_t kj = k - j0 < kForwardBlockJ ? k - j0 : kForwardBlockJ;
-        kForwardBlocks<acc_t>[ki - 1][kj - 1](tile, plan, i0, j0, joint_o);
+        kForwardBlocks<acc_t>[(ki - 1) * kForwardBlockJ + kj - 1](tile, plan, i0, j0, joint_o);
       }
     }
   }

@@ -3,14 +3,15 @@
 // stores, broadcasts, row tails, and lane reductions (sum, running min and max).
 //
 // The SIMD headers are compiled once per instruction set, inside namespace
-// bimi::cpu::BIMI_CPU_ISA, by kernels_generic.cpp and kernels_avx2.cpp (csrc/README.md); the
-// latter also defines BIMI_CPU_ISA_IS_AVX2, which selects the few intrinsics below.
+// bimi::cpu::BIMI_CPU_ISA, by kernels_generic.cpp, kernels_avx2.cpp and kernels_avx512.cpp
+// (csrc/README.md); the last two also define BIMI_CPU_ISA_IS_AVX2, which selects the few AVX2
+// intrinsics below, and BIMI_CPU_VECTOR_REGISTERS, which sizes the register blocks.
 #pragma once
 
 #include "external_headers.h"
 
 #if !defined(BIMI_CPU_ISA)
-#error "BIMI_CPU_ISA must name the build (generic or avx2) before a csrc/cpu/simd header is included"
+#error "BIMI_CPU_ISA must name the build (generic, avx2 or avx512) before a csrc/cpu/simd header is included"
 #endif
 
 // Full unrolling of loops over compile-time accumulator arrays, which keeps them in registers.
@@ -20,8 +21,16 @@
 #define BIMI_UNROLL _Pragma("GCC unroll 16")
 #endif
 
+#if !defined(BIMI_CPU_VECTOR_REGISTERS)
+#define BIMI_CPU_VECTOR_REGISTERS 16
+#endif
+
 namespace bimi::cpu::BIMI_CPU_ISA {
 namespace {
+
+// Vector registers the register blocks may fill: 16 with AVX2, 32 with AVX-512VL (its EVEX
+// encoding reaches ymm16-31 also for 32-byte vectors).
+constexpr int kVectorRegisters = BIMI_CPU_VECTOR_REGISTERS;
 
 template <typename acc_t>
 struct Vec;
