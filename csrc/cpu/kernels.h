@@ -9,10 +9,12 @@
 // `row_length` values (the image width rounded up to a multiple of 2 vectors, zero past the
 // width), or the map itself when no conversion, mask or padding is needed. The band of the second
 // map holds, for each distinct row shift (dz, dy) of the offsets, the rows y + dy of plane z + dz
-// the tile needs, each row as K channels of `band_row_length` values: `pad_left` zeros, the row,
-// zeros. Columns outside the image are zero, so a pair with its second pixel left or right of the
-// image contributes nothing and the loops need no bounds along x; rows outside the image are
-// never read (each offset's plan names the tile rows whose partner row is inside).
+// the tile needs, each row as K channels of `band_channel_stride` values: `pad_left` zeros, the
+// row, zeros. Columns outside the image are zero, so a pair with its second pixel left or right of
+// the image contributes nothing and the loops need no bounds along x; rows outside the image are
+// never read (each offset's plan names the tile rows whose partner row is inside). The forward
+// reads the second map itself as its band (row stride W, channel stride the voxels per channel)
+// when no offset moves along x and no conversion, mask or padding is needed.
 #pragma once
 
 #include <cstdint>
@@ -35,7 +37,7 @@ constexpr int64_t vector_lanes() {
 // columns have their second pixel inside the image (the kernels skip the vectors of the others,
 // which would only add the band's zero padding: the cost follows the overlap, also for a far dx).
 struct OffsetPlan {
-  int64_t band_start;
+  int64_t band_start;  // may be negative for the map itself (a row above the tile): add it to a row index first
   int64_t row_begin, row_end;
   int64_t col_begin, col_end;  // 0 <= x + dx < width for x in [col_begin, col_end)
 };
@@ -48,9 +50,9 @@ struct JointTile {
   const acc_t* first;       // forward only: channel i of tile row y at
   int64_t first_row_stride;      // first + y * first_row_stride + i * first_channel_stride
   int64_t first_channel_stride;
-  const acc_t* band;        // band_rows x K x band_row_length
-  int64_t band_row_stride;  // K * band_row_length
-  int64_t band_row_length;
+  const acc_t* band;        // channel j of band row r at band + r * band_row_stride + j * band_channel_stride
+  int64_t band_row_stride;  // K * band_channel_stride, or W where the band is the map itself
+  int64_t band_channel_stride;
   const OffsetPlan* plans;  // one per offset
   int64_t num_offsets;
   const acc_t** scratch;    // 2 * num_offsets pointers of work space (backward only)

@@ -109,6 +109,10 @@ JOINT_CASES = {
     "2d-K10-sparse-far-rows": JointCase((1, 10, 40, 12), [(0, 0), (35, 0), (-39, 0), (20, 11)]),
     "2d-K10-r1-dilation8": JointCase((1, 10, 30, 31), 1, 8),
     "2d-K10-whole-rows": JointCase((2, 10, 20, 32), 1),
+    # offsets along rows only, rows of whole vectors, no mask: cpp's forward reads p2 in place
+    "2d-K40-r0-whole-rows": JointCase((2, 40, 9, 32), 0),
+    "2d-K10-rows-only-whole-rows": JointCase((2, 10, 20, 16), [(0, 0), (-3, 0), (5, 0), (19, 0), (-19, 0)]),
+    "3d-K3-rows-only-whole-rows": JointCase((1, 3, 4, 10, 16), [(0, 0, 0), (1, 0, 0), (-2, -1, 0), (3, 9, 0)]),
     "2d-K33-r0": JointCase((1, 33, 5, 6), 0),
     "2d-K64-r1-mask": JointCase((1, 64, 6, 7), 1, mask="binary"),
     "2d-K128-r1": JointCase((1, 128, 5, 6), 1),

@@ -23,10 +23,10 @@ void forward_block(const JointTile<acc_t>& tile, const OffsetPlan& plan, int64_t
     for (int j = 0; j < KJ; ++j) acc[i][j] = broadcast<acc_t>(0);
   for (int64_t y = plan.row_begin; y < plan.row_end; ++y) {
     const acc_t* a = tile.first + y * tile.first_row_stride + i0 * first_channel;
-    const acc_t* b = tile.band + plan.band_start + y * tile.band_row_stride + j0 * tile.band_row_length;
+    const acc_t* b = tile.band + (plan.band_start + y * tile.band_row_stride + j0 * tile.band_channel_stride);
     for (int64_t x = x_begin; x < x_end; x += L) {
       V bv[KJ];
-      for (int j = 0; j < KJ; ++j) bv[j] = load(b + j * tile.band_row_length + x);
+      for (int j = 0; j < KJ; ++j) bv[j] = load(b + j * tile.band_channel_stride + x);
       for (int i = 0; i < KI; ++i) {
         const V av = load(a + i * first_channel + x);
         for (int j = 0; j < KJ; ++j) acc[i][j] += av * bv[j];
@@ -83,7 +83,7 @@ void forward_tile(const JointTile<acc_t>& tile, acc_t* joint) {
 // stay in registers: the unroll pragmas keep GCC from storing the array to the stack each step.
 template <typename acc_t, int KI>
 inline void backward_block(const acc_t* const* b_rows, const acc_t* const* g_blocks, const int64_t* cols,
-                           int64_t active, int64_t k, int64_t band_row_length, int64_t i0, int64_t x,
+                           int64_t active, int64_t k, int64_t band_channel_stride, int64_t i0, int64_t x,
                            acc_t* dst, int64_t n) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = vector_lanes<acc_t>();
@@ -94,8 +94,8 @@ inline void backward_block(const acc_t* const* b_rows, const acc_t* const* g_blo
     const acc_t* b = b_rows[a] + x;
     const acc_t* go = g_blocks[a] + i0 * k;
     for (int64_t j = 0; j < k; ++j) {
-      const V b0 = load(b + j * band_row_length);
-      const V b1 = load(b + j * band_row_length + L);
+      const V b0 = load(b + j * band_channel_stride);
+      const V b1 = load(b + j * band_channel_stride + L);
       BIMI_UNROLL for (int i = 0; i < KI; ++i) {
         const V gv = broadcast_load(go + i * k + j);
         acc[i][0] += gv * b0;
@@ -112,11 +112,11 @@ inline void backward_block(const acc_t* const* b_rows, const acc_t* const* g_blo
 // backward_block over a whole tile row (x = 0, 2 vectors, ... below row_length).
 template <typename acc_t, int KI>
 void backward_block_row(const acc_t* const* b_rows, const acc_t* const* g_blocks, const int64_t* cols,
-                        int64_t active, int64_t k, int64_t band_row_length, int64_t row_length, int64_t i0,
+                        int64_t active, int64_t k, int64_t band_channel_stride, int64_t row_length, int64_t i0,
                         acc_t* dst, int64_t n) {
   constexpr int64_t L = vector_lanes<acc_t>();
   for (int64_t x = 0; x < row_length; x += 2 * L)
-    backward_block<acc_t, KI>(b_rows, g_blocks, cols, active, k, band_row_length, i0, x, dst, n);
+    backward_block<acc_t, KI>(b_rows, g_blocks, cols, active, k, band_channel_stride, i0, x, dst, n);
 }
 
 constexpr int kBackwardBlockI = 5;
@@ -144,7 +144,7 @@ void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out, int
     for (int64_t o = 0; o < tile.num_offsets; ++o) {
       const OffsetPlan& plan = tile.plans[o];
       if (y < plan.row_begin || y >= plan.row_end) continue;
-      b_rows[active] = tile.band + plan.band_start + y * tile.band_row_stride;
+      b_rows[active] = tile.band + (plan.band_start + y * tile.band_row_stride);
       g_blocks[active] = g + o * k * k;
       tile.column_scratch[2 * active] = plan.col_begin;
       tile.column_scratch[2 * active + 1] = plan.col_end;
@@ -154,7 +154,7 @@ void backward_tile(const JointTile<acc_t>& tile, const acc_t* g, acc_t* out, int
     for (int64_t i0 = 0; i0 < k; i0 += kBackwardBlockI) {
       const int64_t ki = k - i0 < kBackwardBlockI ? k - i0 : kBackwardBlockI;
       kBackwardBlockRows<acc_t>[ki - 1](b_rows, g_blocks, tile.column_scratch, active, k,
-                                        tile.band_row_length, tile.row_length, i0, dst, channel_stride);
+                                        tile.band_channel_stride, tile.row_length, i0, dst, channel_stride);
     }
   }
 }
