@@ -40,7 +40,8 @@ def info() -> int:
         isa = cpu_isa()
         loops = (f"{isa} build of the C++ inner loops (BIMI_CPU_ISA=generic, avx2 or avx512 asks for one)"
                  if isa else "not built")
-    except ValueError as exc:  # a BIMI_CPU_ISA the loops do not know: every cpp call refuses it
+    except ValueError as exc:  # a BIMI_CPU_ISA the loops do not know or this processor cannot run
+        # (every cpp call refuses it)
         loops = f"error: {exc}"
     print(f"cpu loops    {loops}")
     devices = ["cpu"]

@@ -40,7 +40,8 @@ TORCH_LIBRARY(bimi_C, m) {
   // The edge map E (B, 1, *S) of an image (B, C, *S) in the accumulation dtype
   // (docs/contract.md §5).
   m.def("edge_map(Tensor image, float gamma) -> Tensor");
-  // Which build of the CPU inner loops runs here, "avx2" or "generic" (cpu/isa_dispatch.cpp).
+  // Which build of the CPU inner loops runs here, "avx512", "avx2" or "generic"
+  // (cpu/isa_dispatch.cpp).
   // It takes no tensor, so its one kernel is a catch-all, given with the schema.
   m.def("cpu_isa() -> str", &cpu_isa_name);
 }

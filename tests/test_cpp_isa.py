@@ -175,6 +175,20 @@ def test_the_avx512_request_selects_its_build(monkeypatch):
         assert cpu_isa() == name
 
 
+@pytest.mark.skipif(HAS_AVX512, reason="this processor runs the AVX-512 build")
+def test_a_build_the_processor_cannot_run_is_refused(monkeypatch):
+    """BIMI_CPU_ISA=avx512 on a processor without AVX-512F/VL: a clear error from every op and from
+    cpu_isa(), not an illegal instruction or a silent fallback."""
+    from bimi_kernels.native import cpu_isa
+
+    p1, p2, flat, mask, _ = joint_inputs(*JOINT_CASES[0], F32)
+    monkeypatch.setenv("BIMI_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="BIMI_CPU_ISA=avx512: this processor .*cannot run that build"):
+        ops.joint_counts(p1, p2, flat, mask)
+    with pytest.raises(ValueError, match="cannot run that build"):
+        cpu_isa()
+
+
 def test_the_build_in_use_is_named(monkeypatch):
     """native.cpu_isa() (shown by `bimi info`, recorded by the benchmarks) names the build that
     runs: the one asked for, else the best this processor runs."""

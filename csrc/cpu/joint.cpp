@@ -4,8 +4,9 @@
 //
 // The pixels are cut into tiles of kTileRows image rows. A tile loads its rows of p1 and the band
 // of p2 rows its offsets reach (converted to the accumulation dtype, masked, zero-padded; one run
-// of rows per distinct row shift, so far-apart offsets stage no rows between them) and the
-// vectorised loops of simd/joint_tiles.h accumulate every offset's K x K block from them.
+// of rows per distinct row shift, so far-apart offsets stage no rows between them), or reads them
+// where they are when no copy is needed (BandStager), and the vectorised loops of
+// simd/joint_tiles.h accumulate every offset's K x K block from them.
 // Determinism: the tiles are grouped into at most kMaxChunks chunks by the shape alone; each chunk
 // owns its partial J and the partials are summed in chunk order, so the result is bitwise the
 // same for any thread count and on every run.
@@ -164,9 +165,10 @@ class TileRowsBuffer {
 // With `allow_in_place` (the forward), no offset along x (no padding), rows of whole vectors, no
 // mask and no dtype conversion, the band is the second map itself: no copy, which with few
 // offsets (the authors' setting: offset 0 alone) is a large part of the forward's time. The
-// backward keeps its copy: it reads all K channels of a band row per pixel vector, and in the map
-// itself channel rows lie a multiple of 4 KB apart at the usual sizes (128^2, 224^2, 256^2
-// floats), all in one L1 set.
+// backward keeps its copy: in the map itself channel rows lie a multiple of 4 KB apart at the
+// usual sizes (128^2, 224^2, 256^2 floats), so the same pixels of all channels fall in one L1 set.
+// The forward reads 5 of them at a time (its register block), within the set's 8 ways; the
+// backward all K per pixel vector, which measured no faster than copying them first.
 template <typename scalar_t, typename acc_t>
 class BandStager {
  public:

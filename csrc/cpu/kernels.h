@@ -126,9 +126,9 @@ struct CpuKernels {
   EdgeRowKernels<acc_t> edge;
 };
 
-// The build that runs here: AVX2+FMA where the processor has both, unless the environment
-// variable BIMI_CPU_ISA=generic asks for the baseline build (the tests compare both); read at
-// every call. isa_dispatch.cpp.
+// The build that runs here: the best the processor runs (AVX-512F+VL, then AVX2+FMA, then the
+// baseline), unless the environment variable BIMI_CPU_ISA names one (generic, avx2 or avx512; the
+// tests compare them); read at every call. isa_dispatch.cpp.
 template <typename acc_t>
 CpuKernels<acc_t> selected_kernels();
 

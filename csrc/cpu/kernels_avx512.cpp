@@ -2,7 +2,8 @@
 // vectors: the AVX2 build's source and intrinsics, with AVX-512VL's 32 vector registers (EVEX
 // encoding) for larger register blocks of the joint counts' forward, and 256-bit vectors
 // everywhere (prefer-vector-width), so it adds the same terms in the same order as the AVX2 build
-// and agrees with it bit for bit. selected_kernels() picks it where the processor has AVX2, FMA,
+// and agrees with it bit for bit (clang's target attribute takes no vector width: setup.py's
+// -mprefer-vector-width=256 sets it there). selected_kernels() picks it where the processor has AVX2, FMA,
 // AVX-512F and AVX-512VL. The rules this depends on are in csrc/README.md.
 #include "simd/external_headers.h"  // every outside header before the target region
 
