@@ -160,7 +160,7 @@ def _extensions():
     cxx_flags = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-DNDEBUG", "-g0", "-Wno-psabi"] + openmp
     if platform.machine().lower() in ("x86_64", "amd64"):
         # the AVX-512 build of the CPU loops stays on 32-byte vectors, also in the loops the
-        # compiler vectorises by itself (clang's target attribute cannot say so; csrc/README.md)
+        # compiler vectorises by itself (a target attribute cannot say so on clang; csrc/README.md)
         cxx_flags.append("-mprefer-vector-width=256")
     extensions = [
         cpp_extension.CppExtension(

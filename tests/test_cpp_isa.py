@@ -167,7 +167,7 @@ def test_the_generic_request_selects_the_baseline_build(monkeypatch):
 def test_the_avx512_request_selects_its_build(monkeypatch):
     """BIMI_CPU_ISA=avx512 and =avx2 do switch the loops (else the bitwise comparison above would
     compare a build with itself). Their results are equal by design, so the switch is seen in the
-    name of the build that runs."""
+    name the dispatched table of loops carries (set where each build is compiled)."""
     from bimi_kernels.native import cpu_isa
 
     for name in ("avx512", "avx2", "generic"):

@@ -162,8 +162,8 @@ class TileRowsBuffer {
 
 // One thread's band of the second map and the offsets' plans, loaded tile by tile.
 //
-// With `allow_in_place` (the forward), no offset along x (no padding), rows of whole vectors, no
-// mask and no dtype conversion, the band is the second map itself: no copy, which with few
+// With `in_place` (the forward, where no offset moves along x and the first map is read in place:
+// rows of whole vectors, no mask, no dtype conversion), the band is the second map itself: no copy, which with few
 // offsets (the authors' setting: offset 0 alone) is a large part of the forward's time. The
 // backward keeps its copy: in the map itself channel rows lie a multiple of 4 KB apart at the
 // usual sizes (128^2, 224^2, 256^2 floats), so the same pixels of all channels fall in one L1 set.
@@ -173,10 +173,9 @@ template <typename scalar_t, typename acc_t>
 class BandStager {
  public:
   BandStager(const scalar_t* second, const scalar_t* mask, const Volume& v,
-             const std::vector<Offset3>& offsets, const BandLayout& layout, bool allow_in_place)
+             const std::vector<Offset3>& offsets, const BandLayout& layout, bool in_place)
       : second_(second), mask_(mask), v_(v), offsets_(offsets), layout_(layout),
-        in_place_(allow_in_place && std::is_same_v<scalar_t, acc_t> && mask == nullptr && layout.pad_left == 0 &&
-                  layout.pad_right == 0 && layout.row_length == v.width),
+        in_place_(in_place && std::is_same_v<scalar_t, acc_t>),
         band_(in_place_ ? 0 : layout.band_rows * v.channels * layout.band_row_length), plans_(offsets.size()) {}
 
   // Loads the band for tile t (or points at the map), fills the offset plans and returns the tile
@@ -268,8 +267,10 @@ void joint_forward(const scalar_t* p1, const scalar_t* p2, const scalar_t* mask,
   // Without a mask or a dtype conversion, and with rows of whole vectors, the first map's rows are
   // read where they are (no copy).
   const bool read_in_place = mask == nullptr && layout.row_length == v.width;
+  // ... and so is the second map when, besides, no offset moves along x (no padding).
+  const bool band_in_place = read_in_place && layout.pad_left == 0 && layout.pad_right == 0;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    BandStager<scalar_t, acc_t> stager(p2, mask, v, offsets, layout, /*allow_in_place=*/true);
+    BandStager<scalar_t, acc_t> stager(p2, mask, v, offsets, layout, band_in_place);
     TileRowsBuffer<acc_t> first(kTileRows * k * layout.row_length);
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t t = chunk_begin(tiles, chunks, c); t < chunk_begin(tiles, chunks, c + 1); ++t) {
@@ -312,7 +313,7 @@ void joint_backward_first(const scalar_t* second, const scalar_t* mask, const Vo
   // lanes spill into the next row), the kernel writes the gradient straight into `out`.
   const bool write_in_place = mask == nullptr && layout.row_length == v.width;
   at::parallel_for(0, tile_count(v), 1, [&](int64_t begin, int64_t end) {
-    BandStager<scalar_t, acc_t> stager(second, mask, v, offsets, layout, /*allow_in_place=*/false);
+    BandStager<scalar_t, acc_t> stager(second, mask, v, offsets, layout, /*in_place=*/false);
     TileRowsBuffer<acc_t> result(kTileRows * k * layout.row_length);
     std::vector<const acc_t*> scratch(2 * offsets.size());
     std::vector<int64_t> column_scratch(2 * offsets.size());

@@ -121,6 +121,7 @@ struct EdgeRowKernels {
 // Every inner loop of one build, for acc_t = float or double.
 template <typename acc_t>
 struct CpuKernels {
+  const char* isa;  // the build these loops come from: "generic", "avx2" or "avx512"
   JointTileKernels<acc_t> joint;
   BoundaryRowKernels<acc_t> boundary;
   EdgeRowKernels<acc_t> edge;

@@ -10,9 +10,13 @@
 
 namespace bimi::cpu::BIMI_CPU_ISA {
 
+#define BIMI_CPU_ISA_NAME_(isa) #isa
+#define BIMI_CPU_ISA_NAME(isa) BIMI_CPU_ISA_NAME_(isa)
+
 template <typename acc_t>
 CpuKernels<acc_t> isa_kernels() {
-  return {joint_tile_kernels<acc_t>(), boundary_row_kernels<acc_t>(), edge_row_kernels<acc_t>()};
+  return {BIMI_CPU_ISA_NAME(BIMI_CPU_ISA), joint_tile_kernels<acc_t>(), boundary_row_kernels<acc_t>(),
+          edge_row_kernels<acc_t>()};
 }
 
 template CpuKernels<float> isa_kernels<float>();
