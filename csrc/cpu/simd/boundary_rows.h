@@ -31,7 +31,7 @@ inline typename Vec<acc_t>::type add_plogp(const typename Vec<acc_t>::type& q,
 // range, narrow for near-uniform maps (about 150x at K = 40 early in training): a plain float32
 // sum over the channels (error growing with K) put the boundary term's gradient past the float32
 // tolerance there (docs/contract.md §8).
-constexpr int kPlogpChannels = 4;
+constexpr int kPlogpChannels = 4;  // add_channel_plogp handles the 1-3 channels left over
 
 // u[x] += the COUNT channels' q log(q + 1e-16) at pixels [0, n) (q rows `stride` apart from q0;
 // dU/dq rows d_stride apart from d0 with WITH_DERIVATIVE), the COUNT terms added pairwise.
@@ -87,11 +87,7 @@ void add_channel_plogp(const acc_t* q, int64_t stride, int64_t channels, int64_t
     case 1: return add_plogp_channels<acc_t, WITH_DERIVATIVE, 1>(q_rest, stride, n, u, d_rest, d_stride);
     case 2: return add_plogp_channels<acc_t, WITH_DERIVATIVE, 2>(q_rest, stride, n, u, d_rest, d_stride);
     case 3: return add_plogp_channels<acc_t, WITH_DERIVATIVE, 3>(q_rest, stride, n, u, d_rest, d_stride);
-    case 4: return add_plogp_channels<acc_t, WITH_DERIVATIVE, 4>(q_rest, stride, n, u, d_rest, d_stride);
-    case 5: return add_plogp_channels<acc_t, WITH_DERIVATIVE, 5>(q_rest, stride, n, u, d_rest, d_stride);
-    case 6: return add_plogp_channels<acc_t, WITH_DERIVATIVE, 6>(q_rest, stride, n, u, d_rest, d_stride);
-    case 7: return add_plogp_channels<acc_t, WITH_DERIVATIVE, 7>(q_rest, stride, n, u, d_rest, d_stride);
-    default: return;
+    default: return;  // the loop above leaves fewer than kPlogpChannels (4) channels
   }
 }
 
