@@ -18,6 +18,7 @@ build folder pip would otherwise make new each time), so only changed sources ar
 import glob
 import os
 import platform
+import shlex
 import subprocess
 import sys
 
@@ -127,6 +128,17 @@ def _want_cuda(torch, cpp_extension):
     return True, ""
 
 
+def _cxx_is_clang(cpp_extension) -> bool:
+    """Whether the C++ compiler the build will run (torch's choice: $CXX, else c++) is clang."""
+    get_compiler = getattr(cpp_extension, "get_cxx_compiler", lambda: os.environ.get("CXX", "c++"))
+    try:
+        command = shlex.split(get_compiler()) + ["--version"]
+        banner = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return False
+    return "clang" in banner.lower()
+
+
 def _build_extension_class(cpp_extension):
     class BuildExtension(cpp_extension.BuildExtension):
         def finalize_options(self):
@@ -157,7 +169,13 @@ def _extensions():
     # -g0: Python's own CFLAGS carry -g, which made the library 9.6 MB of mostly debug info.
     # -Wno-psabi: silences GCC's note that passing 32-byte vectors changed ABI in GCC 4.6; the
     # functions concerned are internal to one library built with one compiler.
-    cxx_flags = ["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-DNDEBUG", "-g0", "-Wno-psabi"] + openmp
+    # -ffp-contract: GCC fuses multiplies and adds the same way for every target, as the AVX2 and
+    # AVX-512 builds' bitwise agreement needs (csrc/README.md); clang's back end, told `fast`,
+    # fuses across statements by target-specific patterns (it fused the boundary coefficients'
+    # scalar loop differently in the two builds), so clang gets `on`: each expression's
+    # multiply-adds fused where the source writes them, the same for every target.
+    contract = "-ffp-contract=on" if _cxx_is_clang(cpp_extension) else "-ffp-contract=fast"
+    cxx_flags = ["-O3", contract, "-fno-trapping-math", "-DNDEBUG", "-g0", "-Wno-psabi"] + openmp
     if platform.machine().lower() in ("x86_64", "amd64"):
         # the AVX-512 build of the CPU loops stays on 32-byte vectors, also in the loops the
         # compiler vectorises by itself (a target attribute cannot say so on clang; csrc/README.md)

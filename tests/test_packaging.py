@@ -213,6 +213,33 @@ def test_default_cuda_architectures_are_torchs_own():
         assert (9, 0) in nvcc_archs("/usr/local/cuda")
 
 
+def test_clang_builds_fuse_multiply_adds_as_written(tmp_path):
+    """setup.py tells the compiler it runs apart: clang gets -ffp-contract=on, since with `fast`
+    its back end fused the AVX2 and AVX-512 builds' multiply-adds differently (csrc/README.md)."""
+    import shlex
+    import types
+
+    source = (ROOT / "setup.py").read_text()
+    start, end = source.index("def _cxx_is_clang"), source.index("def _build_extension_class")
+    namespace: dict = {"os": os, "shlex": shlex, "subprocess": subprocess}
+    exec(source[start:end], namespace)
+    is_clang = namespace["_cxx_is_clang"]
+
+    def compiler_printing(banner):
+        script = tmp_path / f"cxx{len(list(tmp_path.iterdir()))}"
+        script.write_text(f"#!/bin/sh\necho '{banner}'\n")
+        script.chmod(0o755)
+        return types.SimpleNamespace(get_cxx_compiler=lambda: str(script))
+
+    assert is_clang(compiler_printing("Debian clang version 14.0.6"))
+    assert is_clang(compiler_printing("Apple clang version 15.0.0 (clang-1500.3.9.4)"))
+    assert not is_clang(compiler_printing("g++ (Debian 12.2.0-14+deb12u1) 12.2.0"))
+    assert not is_clang(types.SimpleNamespace(get_cxx_compiler=lambda: str(tmp_path / "no-such-compiler")))
+    # a launcher in front of the compiler (CXX="ccache clang++") is one command with its arguments
+    launcher = compiler_printing("clang version 17.0.1").get_cxx_compiler()
+    assert is_clang(types.SimpleNamespace(get_cxx_compiler=lambda: f"/bin/sh {launcher}"))
+
+
 def test_an_old_setuptools_gets_a_message_not_a_schema_error():
     """pyproject.toml's SPDX licence needs setuptools >= 77; an older one (torch 2.11 allows it)
     stops with the upgrade command instead of "project.license must be valid exactly by one
