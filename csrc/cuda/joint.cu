@@ -21,8 +21,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <map>
 #include <mutex>
-#include <set>
 #include <utility>
 #include <vector>
 
@@ -103,21 +103,27 @@ void check_extents(const Volume& v) {
 }
 
 // Blocks above 48 KB of dynamic shared memory need the kernel's limit raised first. It is raised
-// once per kernel and device, to the device's maximum, so later launches (a hot loop, a CUDA
-// graph capture) make no driver call.
+// once per kernel and device, to all the device allows a block less the kernel's own static shared
+// memory (asking for more than that fails), so later launches (a hot loop, a CUDA graph capture)
+// make no driver call.
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return;
-  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(bytes <= optin, "bimi_C (cuda): a joint-count block needs ", bytes,
-              " bytes of shared memory, this GPU allows ", optin);
   static std::mutex mutex;
-  static std::set<std::pair<const void*, int>> raised;
+  static std::map<std::pair<const void*, int>, size_t> raised;  // the dynamic limit it was raised to
   const std::lock_guard<std::mutex> lock(mutex);
   const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), c10::cuda::current_device()};
-  if (raised.count(key) != 0) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(optin)));
-  raised.insert(key);
+  auto limit = raised.find(key);
+  if (limit == raised.end()) {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    const size_t dynamic = optin - std::min(optin, attributes.sharedSizeBytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
+    limit = raised.emplace(key, dynamic).first;
+  }
+  TORCH_CHECK(bytes <= limit->second, "bimi_C (cuda): a joint-count block needs ", bytes,
+              " bytes of shared memory, this GPU allows ", limit->second);
 }
 
 // The current device's shared memory per block (with the opt-in above 48 KB).
