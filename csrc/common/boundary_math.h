@@ -20,30 +20,18 @@ BIMI_HD acc_t plogp(acc_t q) {
   return q * math_log(q + acc_t(kEpsLogU));
 }
 
-// sum_k q_k log(q_k + 1e-16) over `channels` values `stride` apart (the negated U), channels in
-// order, four at a time: each four added pairwise, then to the total (the CPU kernels group their
-// vectors the same way, csrc/cpu/simd/boundary_rows.h). The total takes K / 4 additions, not K:
-// the min-max stretches U's range, narrow for near-uniform maps, and magnifies U's float32
-// rounding by as much (docs/contract.md §8).
+// sum_k q_k log(q_k + 1e-16) over `channels` values `stride` apart (the negated U): each term in
+// acc_t, their sum in float64, rounded once to acc_t. The per-sample min-max stretches U's range,
+// narrow for near-uniform maps (about 150x at K = 40 early in training), and magnifies U's
+// rounding by as much; the terms all have one sign, so this sum is within about one rounding of
+// the exact one (a float32 sum, even four channels at a time as the CPU kernels add them, can put
+// CC past twice the reference's own float32 error there: docs/contract.md §8). The CUDA kernels
+// use it: float64 adds cost little next to the loads of the memory-bound uncertainty pass.
 template <typename acc_t, typename scalar_t>
 BIMI_HD acc_t sum_plogp(const scalar_t* q, int64_t stride, int64_t channels) {
-  // one call site of the log (four inlined copies left a float64 CUDA kernel with a stack frame)
-  acc_t total = 0, pair = 0, group = 0;
-  for (int64_t k = 0; k < channels; ++k) {
-    const acc_t term = plogp(static_cast<acc_t>(q[k * stride]));
-    switch (k % 4) {
-      case 0: pair = term; break;
-      case 1: group = pair + term; break;
-      case 2: pair = term; break;
-      default: total += group + (pair + term); break;
-    }
-  }
-  switch (channels % 4) {  // the last, partial group: t0, t0 + t1 or (t0 + t1) + t2
-    case 1: return total + pair;
-    case 2: return total + group;
-    case 3: return total + (group + pair);
-    default: return total;
-  }
+  double total = 0;
+  for (int64_t k = 0; k < channels; ++k) total += static_cast<double>(plogp(static_cast<acc_t>(q[k * stride])));
+  return static_cast<acc_t>(total);
 }
 
 // dU/dq for one cluster probability: -(log(q + 1e-16) + q / (q + 1e-16)).

@@ -37,7 +37,7 @@ BIMI_HD VoxelAt voxel_at(const Volume& v, int64_t index) {
   return a;
 }
 
-// U = -sum_k p_k log(p_k + 1e-16) of voxel `index` (of B * voxels), in sum_plogp's order.
+// U = -sum_k p_k log(p_k + 1e-16) of voxel `index` (of B * voxels), summed by sum_plogp.
 template <typename scalar_t, typename acc_t>
 BIMI_HD acc_t uncertainty_at(const scalar_t* p, const Volume& v, int64_t index) {
   const int64_t voxels = v.voxels();

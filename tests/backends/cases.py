@@ -100,9 +100,9 @@ JOINT_CASES = {
     "2d-K3-r1-all-masked": JointCase((2, 3, 6, 7), 1, mask="zeros", dtypes=(F64,)),
     "2d-K2-smaller-than-a-tile": JointCase((1, 2, 3, 4), 1, mask="binary"),
     "2d-K2-one-row": JointCase((2, 2, 1, 7), [(0, 0), (0, 3), (0, -6)]),
-    "2d-K10-r3-mask-ragged": JointCase((2, 10, 20, 37), 3, mask="binary", interpreter=False),
+    "2d-K10-r3-mask-ragged": JointCase((2, 10, 20, 37), 3, mask="binary"),
     "2d-K10-r2": JointCase((2, 10, 11, 13), 2),
-    "2d-K17-r2-dilation2": JointCase((1, 17, 19, 23), 2, 2, interpreter=False),
+    "2d-K17-r2-dilation2": JointCase((1, 17, 19, 23), 2, 2),
     "2d-K17-r1-dilation2-mask": JointCase((1, 17, 13, 10), 1, 2, mask="binary"),
     "2d-K40-r0-mask": JointCase((1, 40, 12, 21), 0, mask="binary"),
     "2d-K10-list-mask": JointCase((1, 10, 18, 30), [(0, 0), (2, -5), (-7, 3), (0, 29)], mask="binary"),
@@ -121,7 +121,7 @@ JOINT_CASES = {
     "3d-K10-list": JointCase((1, 10, 4, 9, 10), [(0, 0, 0), (1, -2, 3), (-3, 0, -1)]),
     "3d-K2-r1-dilation2-mask": JointCase((1, 2, 6, 11, 9), 1, 2, mask="binary"),
     "3d-K3-whole-rows": JointCase((1, 3, 3, 5, 16), 1),
-    "3d-K17-r2": JointCase((1, 17, 5, 6, 7), 2, interpreter=False),
+    "3d-K17-r2": JointCase((1, 17, 5, 6, 7), 2),
     "3d-K33-r1-mask": JointCase((1, 33, 3, 4, 5), 1, mask="weights"),
 }
 
@@ -235,25 +235,25 @@ class BoundaryCase:
 BOUNDARY_CASES = {
     "2d-K3-w3": BoundaryCase((2, 3, 9, 11), 3),
     "2d-K3-w5": BoundaryCase((2, 3, 9, 11), 5),
-    "2d-K10-w5-several-row-regions": BoundaryCase((2, 10, 37, 41), 5, interpreter=False),
+    "2d-K10-w5-several-row-regions": BoundaryCase((2, 10, 37, 41), 5),
     "2d-K10-w3": BoundaryCase((2, 10, 13, 17), 3),
     "2d-K4-w7-larger-than-the-map": BoundaryCase((1, 4, 6, 5), 7),
     "2d-K4-w1-every-variance-clamped": BoundaryCase((2, 4, 8, 9), 1),
     "2d-K2-one-pixel": BoundaryCase((1, 2, 1, 1), 3, dtypes=(F64,)),
-    "2d-K3-w5-several-chunks": BoundaryCase((2, 3, 70, 65), 5, interpreter=False),
-    "2d-K3-w5-extremes-in-other-chunks": BoundaryCase((2, 3, 70, 65), 5, interpreter=False, one_hot_extremes=True),
+    "2d-K3-w5-several-chunks": BoundaryCase((2, 3, 70, 65), 5),
+    "2d-K3-w5-extremes-in-other-chunks": BoundaryCase((2, 3, 70, 65), 5, one_hot_extremes=True),
     "2d-K3-w5-extremes-small": BoundaryCase((2, 3, 12, 13), 5, one_hot_extremes=True),
     "2d-K3-w11-more-than-7-rows": BoundaryCase((1, 3, 20, 24), 11),
     "2d-K128-w3": BoundaryCase((1, 128, 6, 7), 3, logit_scale=3.0),
     # near-uniform maps (early training at the authors' K = 40): U's range is ~150x narrower
     # than U, and the min-max magnifies U's float32 error by as much
-    "2d-K40-w5-near-uniform": BoundaryCase((2, 40, 32, 32), 5, dtypes=(F32,), interpreter=False,
+    "2d-K40-w5-near-uniform": BoundaryCase((2, 40, 32, 32), 5, dtypes=(F32,),
                                            logit_scale=0.1),
     "3d-K3-w3": BoundaryCase((2, 3, 5, 6, 7), 3),
     "3d-K17-w3": BoundaryCase((2, 17, 5, 6, 7), 3),
     "3d-K2-w5-window-deeper-than-the-map": BoundaryCase((1, 2, 4, 5, 6), 5),
-    "3d-K10-w5-several-plane-regions": BoundaryCase((1, 10, 9, 18, 10), 5, interpreter=False),
-    "3d-K2-w3-several-chunks": BoundaryCase((1, 2, 9, 30, 20), 3, interpreter=False),
+    "3d-K10-w5-several-plane-regions": BoundaryCase((1, 10, 9, 18, 10), 5),
+    "3d-K2-w3-several-chunks": BoundaryCase((1, 2, 9, 30, 20), 3),
 }
 
 
