@@ -34,7 +34,7 @@ if _REASON is not None:
 
 from bimi_kernels.triton import INTERPRETED, boundary, joint  # noqa: E402
 from bimi_kernels.triton.backend import BACKEND  # noqa: E402
-from bimi_kernels.triton.tiles import INT32_LIMIT, make_tile  # noqa: E402
+from bimi_kernels.triton.tiles import INDEX_HEADROOM, INT32_LIMIT, make_tile, needs_wide_index  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
@@ -579,6 +579,47 @@ def strided_maps(buffer, shape, stride_b, stride_k, offset, seed):
     view = buffer.as_strided(shape, (stride_b, stride_k, w, 1), offset)
     view.copy_(random_maps(shape, dtype=F16, seed=seed)[0])
     return view
+
+
+def test_the_offset_table_cache_starts_over_but_keeps_captured_tables(monkeypatch):
+    """The partner tables are cached per shape and offsets; a process that meets more than
+    PARTNER_TABLES_KEPT of them starts the cache over, except for the tables a CUDA graph capture
+    used (marked at lookup during the capture, simulated here): the graph replays their
+    addresses, so freeing them would let it read reused memory."""
+    monkeypatch.setattr(joint, "_partner_tables", {})
+    monkeypatch.setattr(joint, "_captured_tables", set())
+    monkeypatch.setattr(joint, "PARTNER_TABLES_KEPT", 2)
+    cpu = torch.device("cpu")
+
+    def table(radius):
+        geo = joint.geometry(tuple(flatten(make_offsets(radius, 2))), 2, (1, 6, 7))
+        return joint.partner_table(geo, 3, 42, False, 256, cpu)
+
+    captured = table(1)
+    joint._captured_tables.update(joint._partner_tables)
+    table(2)
+    assert len(joint._partner_tables) == 2
+    table(3)  # a third: the cache starts over with the captured table and the new one
+    assert len(joint._partner_tables) == 2
+    assert table(1) is captured
+    assert joint._captured_tables <= set(joint._partner_tables)
+
+
+def test_positions_past_a_sample_just_below_2_31_are_64_bit():
+    """A run or tile position is formed before it is tested against the sample's extent, up to
+    a run (at most a few thousand pixels) past it: for a sample of 2^31 - 100 pixels the last
+    run's 32-bit positions would wrap to negative values that pass `s < N`, so such a sample gets
+    the 64-bit kernels too."""
+    sizes = [boundary.EDGE_RUN_PIXELS, boundary.INTERPRETER_RUN_PIXELS]
+    for k_pad in (16, 32, 64, 128):
+        for dtype in (F32, F64):
+            sizes += list(boundary.default_config(k_pad, dtype)[:3]) + [joint.default_config(k_pad, dtype).tile_pixels]
+    sizes += [c.tile_pixels for c in (*joint.CONFIGS.values(), *joint.FLOAT64_CONFIGS.values())]
+    assert max(sizes) <= INDEX_HEADROOM // 8
+    assert needs_wide_index(INT32_LIMIT - 100)
+    assert needs_wide_index(6, INT32_LIMIT - INDEX_HEADROOM + 1)
+    assert not needs_wide_index(INT32_LIMIT - INDEX_HEADROOM)
+    assert not needs_wide_index(1, 2**30)
 
 
 @pytest.mark.parametrize("where", ["batch", "channel"])

@@ -349,6 +349,8 @@ def geometry(flat_offsets: Tuple[int, ...], ndim: int, dims: Tuple[int, int, int
 
 
 _partner_tables: dict = {}
+_captured_tables: set = set()  # keys of tables a CUDA graph capture used: never freed
+PARTNER_TABLES_KEPT = 512
 
 
 def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad: int,
@@ -359,9 +361,12 @@ def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad:
     table to the device once."""
     key = (geo, k, stride_k, reverse, rows_pad, str(device))
     table = _partner_tables.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if table is not None:
+        if capturing:  # the graph keeps this table's address: it must outlive the graph
+            _captured_tables.add(key)
         return table
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         raise RuntimeError(
             "bimi_kernels (triton): the first call with these shapes and offsets copies a table "
             "to the GPU, which a CUDA graph capture does not allow; run the loss once before "
@@ -386,10 +391,22 @@ def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad:
             # reverse table: rows (o, i), dL/dJ[o, i, j] at o K^2 + i K + j (column stride 1)
             columns[COL_GRAD_INDEX.value][r] = o * k * k + (channel * k if reverse else channel)
     table = torch.tensor(columns, dtype=torch.int64).to(device)
-    if len(_partner_tables) > 512:  # a long-running process with many shapes: start over
-        _partner_tables.clear()
+    if len(_partner_tables) >= PARTNER_TABLES_KEPT:
+        _forget_partner_tables()
     _partner_tables[key] = table
     return table
+
+
+def _forget_partner_tables() -> None:
+    """A long-running process with many shapes: start over, keeping the tables a captured CUDA
+    graph reads. The others are freed only once the GPUs have finished every queued kernel, which
+    may still read one from another stream (the allocator would hand its memory out again as soon
+    as the stream it was made on moves on)."""
+    for index in {key[-1] for key in _partner_tables if key[-1].startswith("cuda")}:
+        torch.cuda.synchronize(index)
+    for key in list(_partner_tables):
+        if key not in _captured_tables:
+            del _partner_tables[key]
 
 
 class JointConfig(NamedTuple):

@@ -79,10 +79,18 @@ def with_tile_shape(dims: Tuple[int, int, int], shape: Sequence[int]) -> Tile:
                 triton.cdiv(depth, tile_d), triton.cdiv(height, tile_h), triton.cdiv(width, tile_w))
 
 
+# Positions the kernels form before masking them run up to one run, tile or block (a power of two
+# of a few thousand pixels at most) past the extent they are tested against (`s < N`, `x < W`): a
+# 32-bit position must have that much room below 2^31, or it wraps to a negative value that
+# passes the test.
+INDEX_HEADROOM = 2**16
+
+
 def needs_wide_index(*extents: int) -> bool:
-    """True when an offset within a sample (the largest of `extents`, in elements) can pass
-    2^31: the kernels then compute per-element offsets in 64 bits."""
-    return max(int(v) for v in extents) >= INT32_LIMIT
+    """True when an offset within a sample (the largest of `extents`, in elements), or a position
+    up to INDEX_HEADROOM past it, can pass 2^31: the kernels then compute per-element offsets in
+    64 bits."""
+    return max(int(v) for v in extents) > INT32_LIMIT - INDEX_HEADROOM
 
 
 def map_extent(channels: int, channel_stride: int, spatial_pixels: int) -> int:
