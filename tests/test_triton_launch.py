@@ -307,6 +307,16 @@ def test_an_explicit_tile_with_depth_is_refused_for_a_2d_map():
         joint.joint_counts(p1, p2, flatten(make_offsets(1, 2)), None, tile=(2, 2, 8))
 
 
+def test_an_explicit_tile_below_16_pixels_is_refused():
+    """A tile is one matrix dimension of the kernels' tl.dot, at least 16 on a GPU: a smaller
+    explicit tile (which the interpreter would run) is refused before any compilation."""
+    p1, p2, _ = make_inputs((1, 3, 6, 9), F32, False)
+    with pytest.raises(ValueError, match="tile: expected at least 16 pixels, got 1 x 2 x 4"):
+        joint.joint_counts(p1, p2, flatten(make_offsets(1, 2)), None, tile=(1, 2, 4))
+    with pytest.raises(ValueError, match="at least 16 pixels"):
+        boundary.boundary_cc(p1, boundary_inputs((1, 3, 6, 9), F32)[1], 3, tile=(1, 1, 8))
+
+
 def test_joint_counts_take_batch_and_channel_strides():
     """Maps that are channel slices of a larger map and every other sample of a batch run in
     place (no copy): the kernels take the batch and channel strides."""

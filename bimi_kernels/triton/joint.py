@@ -159,8 +159,9 @@ def gather_partner_rows(map_base, mask_base, map_offset, shift, s, ok, OUT_DTYPE
 def partner_block(map_base, mask_base, map_offset, shift, rows_ptr, rows, rows_stride, row_ok,
                   s, z, y, x, inside, interior, OUT_DTYPE: tl.constexpr,
                   IS_3D: tl.constexpr, HAS_MASK: tl.constexpr):
-    """The chunk's (ROWS, TILE) partner rows of a tile: without bounds tests on an interior
-    tile (rows past the table's end read as zero), with the partner test on a border tile."""
+    """The chunk's (ROWS, TILE) partner rows of a tile: on an interior tile, where every partner
+    lies inside the sample, masked by row alone (rows past the table's end read as zero); on a
+    border tile, with the partner test of every pixel."""
     if interior:
         block = gather_partner_rows(map_base, mask_base, map_offset, shift, s, row_ok[:, None],
                                     OUT_DTYPE, True, HAS_MASK)

@@ -72,6 +72,8 @@ def with_tile_shape(dims: Tuple[int, int, int], shape: Sequence[int]) -> Tile:
     for name, value in zip(("depth", "height", "width"), (tile_d, tile_h, tile_w)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"tile {name}: expected a power of two, got {value}")
+    if tile_d * tile_h * tile_w < 16:  # tl.dot's smallest dimension on a GPU (make_tile's minimum)
+        raise ValueError(f"tile: expected at least 16 pixels, got {tile_d} x {tile_h} x {tile_w}")
     depth, height, width = dims
     if depth == 1 and tile_d != 1:  # a 2-D map (depth 1): the kernels test no z bound there
         raise ValueError(f"tile depth: expected 1 for a 2-D map (or a volume of depth 1), got {tile_d}")
