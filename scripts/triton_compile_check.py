@@ -209,10 +209,22 @@ def _wide_copies(variants):
             yield fn, pointers, dict(settings, WIDE=True), warps, dict(label, wide=True), strides
 
 
+def assume_multiprocessors(count: int) -> None:
+    """Size the launch settings that follow the GPU's multiprocessor count (programs per sample,
+    the padded count of partial sums) for `count` multiprocessors: the shapes here live on the
+    meta device, which would count as one."""
+    import bimi_kernels.triton as package
+    from bimi_kernels.triton import boundary, joint
+
+    for module in (package, boundary, joint):
+        module.multiprocessor_count = lambda device: count
+
+
 def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool,
-        wide: bool = False) -> List[Dict]:
+        wide: bool = False, multiprocessors: int = 132) -> List[Dict]:
     if "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    assume_multiprocessors(multiprocessors)
     if quick:
         layouts = [((256, 256), 0, False), ((256, 256), 1, False), ((16, 16, 16), 1, True)]
     else:
@@ -265,9 +277,12 @@ def main(argv=None) -> int:
                         "sample of 2^31 elements or more")
     parser.add_argument("--max-spill", type=int, default=0, metavar="BYTES",
                         help="spill stores a variant may have before the check fails (default 0)")
+    parser.add_argument("--multiprocessors", type=int, default=132,
+                        help="the target GPU's multiprocessor count, which sizes some launch "
+                        "settings (default 132: H100/H200 SXM)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    rows = run(args.arch, args.dtype, args.k, args.quick, args.wide)
+    rows = run(args.arch, args.dtype, args.k, args.quick, args.wide, args.multiprocessors)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1, default=str)
