@@ -60,7 +60,7 @@ trap 'echo "gpu_check: stopped by a signal; packing what there is" >&2; exit 143
 PYTHON="${PYTHON:-python3}"
 BUILD_LIMIT="${BUILD_LIMIT:-180}"
 TEST_LIMIT="${TEST_LIMIT:-150}"
-PROFILE_LIMIT="${PROFILE_LIMIT:-75}"
+PROFILE_LIMIT="${PROFILE_LIMIT:-90}"
 SWEEP_LIMIT="${SWEEP_LIMIT:-40}"
 NCU_LIMIT="${NCU_LIMIT:-40}"
 BENCH_LIMIT="${BENCH_LIMIT:-120}"
