@@ -24,9 +24,10 @@ BIMI_HD acc_t plogp(acc_t q) {
 // acc_t, their sum in float64, rounded once to acc_t. The per-sample min-max stretches U's range,
 // narrow for near-uniform maps (about 150x at K = 40 early in training), and magnifies U's
 // rounding by as much; the terms all have one sign, so this sum is within about one rounding of
-// the exact one (a float32 sum, even four channels at a time as the CPU kernels add them, can put
-// CC past twice the reference's own float32 error there: docs/contract.md §8). The CUDA kernels
-// use it: float64 adds cost little next to the loads of the memory-bound uncertainty pass.
+// the exact one (a float32 sum put CC past twice the reference's own float32 error there at some
+// seeds: docs/contract.md §8). The CUDA kernels use it: float64 adds cost little next to the
+// loads of the memory-bound uncertainty pass. The CPU kernels stay in float32, four channels at a
+// time (cpu/simd/boundary_rows.h, which says why).
 template <typename acc_t, typename scalar_t>
 BIMI_HD acc_t sum_plogp(const scalar_t* q, int64_t stride, int64_t channels) {
   double total = 0;

@@ -29,11 +29,14 @@ inline typename Vec<acc_t>::type add_plogp(const typename Vec<acc_t>::type& q,
 // registers and the group's total added to u, so u takes K / 4 additions instead of K. The
 // per-sample min-max stretches U's range, narrow for near-uniform maps (about 150x at K = 40 early
 // in training): a plain float32 sum over the channels (error growing with K) put the boundary
-// term's gradient past the float32 tolerance there (docs/contract.md §8). The CUDA kernels sum in
-// float64 (common/boundary_math.h's sum_plogp), which costs little there; here it would mean
-// converting every group's vector. On the near-uniform K = 40 test case this float32 sum keeps CC
-// within 0.03-1.2 times twice the reference's own error over seeds 4-11 (Triton's float64 sum:
-// 0.00-0.6), all far inside the 2e-4 that §8 allows where cancellation dominates.
+// term's gradient past the float32 tolerance there (docs/contract.md §8). The Triton and CUDA
+// kernels sum in float64 (common/boundary_math.h's sum_plogp), which costs little on a GPU. Here
+// it was tried: group totals added into float64 sums of 1024-pixel blocks made the boundary
+// forward 6-12% slower (B=4 K=10 128x128, 1 thread: 0.63 against 0.56-0.60 ms), and all channels
+// per vector of pixels with the sums in registers 25-45% slower. On the near-uniform K = 40 test
+// case this float32 sum keeps CC within 0.03-1.2 times twice the reference's own error over seeds
+// 4-11 (float64 sums: 0.02-0.6), all far inside the 2e-4 that §8 allows where cancellation
+// dominates.
 constexpr int kPlogpChannels = 4;  // add_channel_plogp handles the 1-3 channels left over
 
 // u[x] += the COUNT channels' q log(q + 1e-16) at pixels [0, n) (q rows `stride` apart from q0;
