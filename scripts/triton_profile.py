@@ -14,8 +14,8 @@ the 84 MB of maps are not served from the 60 MB L2):
     reference's (autograd through `reference.boundary_cc`);
   - the relative error of each output against a float64 reference on the same inputs (an
     ACCURACY line for a joint-count row above its bound);
-  - bytes and FLOP lower bounds, the measured copy bandwidth and matrix rate of this GPU, and
-    the achieved fraction of the roofline;
+  - bytes and FLOP lower bounds, the measured copy bandwidth and matrix rates of this GPU
+    (float32, and float16 for the float16 row), and the achieved fraction of the roofline;
   - per-kernel times from torch.profiler.
 Writes profile.csv, profile.md, kernels.md (sweep.csv with --sweep) under --out; prints the
 markdown table last.
@@ -72,7 +72,7 @@ def bench(fn, inputs, warmup=25, rep=200):
 
 
 def device_ceilings():
-    """Measured copy bandwidth (bytes read + written per s) and FP32 / TF32 matrix rates."""
+    """Measured copy bandwidth (bytes read + written per s) and FP32 / TF32 / FP16 matrix rates."""
     import triton.testing
 
     x = torch.empty(2**30 // 4 * 2, device="cuda")  # 2 GiB
@@ -89,6 +89,9 @@ def device_ceilings():
         ms = triton.testing.do_bench(lambda: a @ b, warmup=5, rep=50, return_mode="median")
         rates[name] = 2 * 8192**3 / (ms * 1e-3)
     torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = a.half(), b.half()
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=5, rep=50, return_mode="median")
+    rates["fp16"] = 2 * 8192**3 / (ms * 1e-3)
     return bandwidth, rates
 
 
@@ -114,8 +117,9 @@ def joint_case(name, batch, k, size, radius, ceilings, rows):
     flops = 2 * len(offsets) * k * k * n_pixels
     bandwidth, rates = ceilings
 
-    def add(op, ms, bytes_, flops_, error=None, provider="triton", error_bound=FLOAT32_RTOL):
-        floor_ms = max(bytes_ / bandwidth, flops_ / rates["fp32"]) * 1e3
+    def add(op, ms, bytes_, flops_, error=None, provider="triton", error_bound=FLOAT32_RTOL,
+            rate="fp32"):
+        floor_ms = max(bytes_ / bandwidth, flops_ / rates[rate]) * 1e3
         rows.append({
             "case": name, "op": op, "provider": provider, "median_ms": round(ms, 4),
             "bytes_lower_bound": bytes_, "flops": flops_,
@@ -152,7 +156,8 @@ def joint_case(name, batch, k, size, radius, ceilings, rows):
     truth = reference.joint_counts(h1.double(), h2.double(), offsets)
     own_error = relative_error(reference.joint_counts(h1, h2, offsets), truth)
     add("joint fwd (float16 maps)", bench(forward, half_sets), map_bytes, flops,
-        relative_error(forward(h1, h2), truth), error_bound=2 * own_error + FLOAT32_RTOL)
+        relative_error(forward(h1, h2), truth), error_bound=2 * own_error + FLOAT32_RTOL,
+        rate="fp16")
     if radius == 0:
         einsum = lambda p1, p2: torch.einsum("bin,bjn->ij", p1.flatten(2), p2.flatten(2))  # noqa
         bmm = lambda p1, p2: torch.bmm(p1.flatten(2), p2.flatten(2).transpose(1, 2)).sum(0)  # noqa

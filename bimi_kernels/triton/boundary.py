@@ -90,33 +90,39 @@ def entropy_terms(q, EPS_LOG: tl.constexpr):
     terms all have one sign, so this U is within about one rounding of the exact one; float64
     adds are cheap next to the loads of this memory-bound pass."""
     log_q = tl.log(q + EPS_LOG)
-    u = -tl.sum((q * log_q).to(tl.float64), axis=0)
-    return log_q, u.to(q.dtype)
+    return log_q, (-plogp_sum(q, log_q)).to(q.dtype)
+
+
+@triton.jit
+def plogp_sum(q, log_q):
+    """sum_k q_k log(q_k + 1e-16) of a (K_PAD, TILE) block, in float64 (entropy_terms)."""
+    return tl.sum((q * log_q).to(tl.float64), axis=0)
 
 
 @triton.jit
 def block_of_channels(p_base, k0, K, K_PAD: tl.constexpr, stride_k, s, inside, acc_dtype,
                       EPS_LOG: tl.constexpr, WIDE: tl.constexpr):
     """Channels k0 .. k0 + K_PAD - 1 of a run or tile of pixels s, for K above one block: the
-    (K_PAD, TILE) values q, their log(q + 1e-16), their share of U, which are real, and their
-    offsets."""
+    (K_PAD, TILE) values q, their log(q + 1e-16), their share of -U in float64 (plogp_sum),
+    which are real, and their offsets."""
     k = k0 + tl.arange(0, K_PAD)
     ok = (k < K)[:, None] & inside[None, :]
     channel = channel_offsets(k, stride_k, WIDE)
     q = tl.load(p_base + (channel[:, None] + s[None, :]), mask=ok, other=0.0).to(acc_dtype)
-    log_q, u = entropy_terms(q, EPS_LOG)
-    return q, log_q, u, ok, channel
+    log_q = tl.log(q + EPS_LOG)
+    return q, log_q, plogp_sum(q, log_q), ok, channel
 
 
 @triton.jit
 def blocked_uncertainty(p_base, K, K_PAD: tl.constexpr, stride_k, s, inside, acc_dtype,
                         EPS_LOG: tl.constexpr, WIDE: tl.constexpr):
-    """U of pixels s summed over blocks of K_PAD channels, in channel order."""
-    u = tl.zeros(s.shape, dtype=acc_dtype)
+    """U of pixels s summed over blocks of K_PAD channels, in channel order, in float64 (as
+    entropy_terms sums one block) and rounded once."""
+    total = tl.zeros(s.shape, dtype=tl.float64)
     for k0 in range(0, K, K_PAD):
-        u += block_of_channels(p_base, k0, K, K_PAD, stride_k, s, inside, acc_dtype, EPS_LOG,
-                               WIDE)[2]
-    return u
+        total += block_of_channels(p_base, k0, K, K_PAD, stride_k, s, inside, acc_dtype, EPS_LOG,
+                                   WIDE)[2]
+    return (-total).to(acc_dtype)
 
 
 @triton.jit

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -349,8 +350,19 @@ def geometry(flat_offsets: Tuple[int, ...], ndim: int, dims: Tuple[int, int, int
     return Geometry(dims, ndim, flat_offsets, (0,) * (3 - ndim) + halo, False)
 
 
-_partner_tables: dict = {}
+class _CachedTable:
+    """A partner table on its device and the streams (handles) it was used on."""
+
+    __slots__ = ("table", "streams")
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.streams: set = set()
+
+
+_partner_tables: dict = {}  # key -> _CachedTable
 _captured_tables: set = set()  # keys of tables a CUDA graph capture used: never freed
+_partner_tables_lock = threading.Lock()
 PARTNER_TABLES_KEPT = 512
 
 
@@ -361,12 +373,16 @@ def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad:
     inside them, and their dL/dJ entries are masked off). Cached: a training loop copies each
     table to the device once."""
     key = (geo, k, stride_k, reverse, rows_pad, str(device))
-    table = _partner_tables.get(key)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if table is not None:
-        if capturing:  # the graph keeps this table's address: it must outlive the graph
-            _captured_tables.add(key)
-        return table
+    cuda = device.type == "cuda"
+    capturing = cuda and torch.cuda.is_current_stream_capturing()
+    with _partner_tables_lock:
+        entry = _partner_tables.get(key)
+        if entry is not None:
+            if capturing:  # the graph keeps this table's address: it must outlive the graph
+                _captured_tables.add(key)
+            elif cuda:
+                _note_stream(entry, device)
+            return entry.table
     if capturing:
         raise RuntimeError(
             "bimi_kernels (triton): the first call with these shapes and offsets copies a table "
@@ -392,19 +408,30 @@ def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad:
             # reverse table: rows (o, i), dL/dJ[o, i, j] at o K^2 + i K + j (column stride 1)
             columns[COL_GRAD_INDEX.value][r] = o * k * k + (channel * k if reverse else channel)
     table = torch.tensor(columns, dtype=torch.int64).to(device)
-    if len(_partner_tables) >= PARTNER_TABLES_KEPT:
-        _forget_partner_tables()
-    _partner_tables[key] = table
-    return table
+    with _partner_tables_lock:
+        entry = _partner_tables.get(key)  # another thread may have made it meanwhile
+        if entry is None:
+            if len(_partner_tables) >= PARTNER_TABLES_KEPT:
+                _forget_partner_tables()
+            entry = _partner_tables[key] = _CachedTable(table)
+        if cuda:
+            _note_stream(entry, device)
+        return entry.table
+
+
+def _note_stream(entry: _CachedTable, device: torch.device) -> None:
+    """The first use of a table on a stream is recorded with the allocator, so that once the
+    cache forgets the table its memory is handed out again only after the work then queued on
+    every stream that used it (the allocator alone knows the stream it was made on)."""
+    stream = torch.cuda.current_stream(device)
+    if stream.cuda_stream not in entry.streams:
+        entry.streams.add(stream.cuda_stream)
+        entry.table.record_stream(stream)
 
 
 def _forget_partner_tables() -> None:
-    """A long-running process with many shapes: start over, keeping the tables a captured CUDA
-    graph reads. The others are freed only once the GPUs have finished every queued kernel, which
-    may still read one from another stream (the allocator would hand its memory out again as soon
-    as the stream it was made on moves on)."""
-    for index in {key[-1] for key in _partner_tables if key[-1].startswith("cuda")}:
-        torch.cuda.synchronize(index)
+    """A long-running process with many shapes: start over (with the lock held), keeping the
+    tables a captured CUDA graph reads by address."""
     for key in list(_partner_tables):
         if key not in _captured_tables:
             del _partner_tables[key]
