@@ -282,19 +282,22 @@ def _needs_cuda(backend):
         pytest.skip("CUDA graphs need CUDA tensors")
 
 
-def test_cuda_graph_captures_forward_and_backward(backend):
-    """The whole loss, forward and backward, is capturable in one CUDA graph (no host sync, no
-    host-to-device copy after the first call), so CUDA graphs remove its host overhead."""
+def _capture_whole_loss(backend):
+    """(loss_fn, image, p1, p2, graph, loss): one BIMILoss call at radius 1 and its backward
+    captured in a CUDA graph, whose replay reads p1 and p2 (leaves) where they are."""
     from benchmarks.host_overhead import capture_loss_and_backward
 
-    _needs_cuda(backend)
     shape = (2, 6, 32, 40)
     image = random_image(shape, dtype=F32, device="cuda")
     loss_fn = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)
     q1, q2 = random_maps(shape, dtype=F32, device="cuda", seed=1)
     p1, p2 = (q.clone().requires_grad_(True) for q in (q1, q2))
-    graph, static_loss = capture_loss_and_backward(loss_fn, p1, p2, image)
-    new1, new2 = random_maps(shape, dtype=F32, device="cuda", seed=7)
+    return (loss_fn, image, p1, p2, *capture_loss_and_backward(loss_fn, p1, p2, image))
+
+
+def _assert_replay_is_eager(loss_fn, image, p1, p2, graph, static_loss):
+    """New values into p1 and p2, one replay: the loss and gradients of an eager call, bitwise."""
+    new1, new2 = random_maps(tuple(p1.shape), dtype=F32, device="cuda", seed=7)
     with torch.no_grad():
         p1.copy_(new1)
         p2.copy_(new2)
@@ -303,40 +306,32 @@ def test_cuda_graph_captures_forward_and_backward(backend):
     expected = loss_and_grads_of(loss_fn, new1, new2, image)
     for what, got, want in zip(("loss", "dL/dp1", "dL/dp2"), (static_loss, p1.grad, p2.grad), expected):
         assert torch.equal(got, want), what
+
+
+def test_cuda_graph_captures_forward_and_backward(backend):
+    """The whole loss, forward and backward, is capturable in one CUDA graph (no host sync, no
+    host-to-device copy after the first call), so CUDA graphs remove its host overhead."""
+    _needs_cuda(backend)
+    _assert_replay_is_eager(*_capture_whole_loss(backend))
 
 
 def test_a_captured_graph_outlives_the_offset_table_cache(backend, monkeypatch):
     """The Triton backend's offset tables, which a captured graph reads by address, survive its
     cache starting over (here whenever it holds two: the captured call's forward and reverse
     tables) and the memory churn after it."""
-    from benchmarks.host_overhead import capture_loss_and_backward
-
     if backend.name != "triton":
         pytest.skip("the Triton backend's cache of offset tables")
     _needs_cuda(backend)
     from bimi_kernels.triton import joint
 
     monkeypatch.setattr(joint, "PARTNER_TABLES_KEPT", 2)
-    shape = (2, 6, 32, 40)
-    image = random_image(shape, dtype=F32, device="cuda")
-    loss_fn = bimi_kernels.BIMILoss(offsets=1, backend=backend.name)
-    q1, q2 = random_maps(shape, dtype=F32, device="cuda", seed=1)
-    p1, p2 = (q.clone().requires_grad_(True) for q in (q1, q2))
-    graph, static_loss = capture_loss_and_backward(loss_fn, p1, p2, image)
+    captured = _capture_whole_loss(backend)
+    loss_fn, image, p1, p2 = captured[:4]
     for radius in (2, 3):  # other offsets: new tables, each starting the cache over
-        other = bimi_kernels.BIMILoss(offsets=radius, backend=backend.name)
-        other(q1, q2, image)
+        bimi_kernels.BIMILoss(offsets=radius, backend=backend.name)(p1.detach(), p2.detach(), image)
     churn = [torch.full((1 << 16,), -1, dtype=torch.int64, device="cuda") for _ in range(64)]
-    new1, new2 = random_maps(shape, dtype=F32, device="cuda", seed=7)
-    with torch.no_grad():
-        p1.copy_(new1)
-        p2.copy_(new2)
-    graph.replay()
-    torch.cuda.synchronize()
+    _assert_replay_is_eager(*captured)
     del churn
-    expected = loss_and_grads_of(loss_fn, new1, new2, image)
-    for what, got, want in zip(("loss", "dL/dp1", "dL/dp2"), (static_loss, p1.grad, p2.grad), expected):
-        assert torch.equal(got, want), what
 
 
 def test_compile_reduce_overhead(backend):
