@@ -102,33 +102,35 @@ void check_extents(const Volume& v) {
               "bimi_C (cuda): each spatial size must be below ", limit);
 }
 
-// Blocks above 48 KB of dynamic shared memory need the kernel's limit raised first. It is raised
-// once per kernel and device, to all the device allows a block less the kernel's own static shared
-// memory (asking for more than that fails), so later launches (a hot loop, a CUDA graph capture)
-// make no driver call.
+// The dynamic shared memory one block of `kernel` may use on the current device: all the device
+// allows a block (with the opt-in above 48 KB) less the kernel's own static shared memory. The
+// planner sizes its windows to this figure and every launch is checked against it, so the two can
+// never disagree. The kernel's limit is raised to it on the first call per kernel and device, so
+// later launches (a hot loop, a CUDA graph capture) make no driver call.
 template <typename Kernel>
-void allow_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return;
+size_t dynamic_shared_limit(Kernel kernel) {
   static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, size_t> raised;  // the dynamic limit it was raised to
+  static std::map<std::pair<const void*, int>, size_t> limits;
   const std::lock_guard<std::mutex> lock(mutex);
   const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), c10::cuda::current_device()};
-  auto limit = raised.find(key);
-  if (limit == raised.end()) {
+  auto limit = limits.find(key);
+  if (limit == limits.end()) {
     cudaFuncAttributes attributes;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
     const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
     const size_t dynamic = optin - std::min(optin, attributes.sharedSizeBytes);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
-    limit = raised.emplace(key, dynamic).first;
+    if (dynamic > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
+    }
+    limit = limits.emplace(key, dynamic).first;
   }
-  TORCH_CHECK(bytes <= limit->second, "bimi_C (cuda): a joint-count block needs ", bytes,
-              " bytes of shared memory, this GPU allows ", limit->second);
+  return limit->second;
 }
 
-// The current device's shared memory per block (with the opt-in above 48 KB).
-int64_t device_shared_bytes() {
-  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+// A planned block's shared memory against that limit (the planner's windows keep it within).
+void check_shared_memory(size_t bytes, int64_t limit) {
+  TORCH_CHECK(static_cast<int64_t>(bytes) <= limit, "bimi_C (cuda): a joint-count block needs ", bytes,
+              " bytes of shared memory, this GPU allows ", limit);
 }
 
 const at::Tensor& checked_cuda_first_map(const at::Tensor& p1, const at::Tensor& p2,
@@ -173,8 +175,10 @@ at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.p1.scalar_type(), "bimi_joint_counts_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     using Config = JointConfig<acc_t>;
+    const auto kernel = joint_forward_kernel<scalar_t, acc_t>;
+    const auto shared_limit = static_cast<int64_t>(dynamic_shared_limit(kernel));
     std::vector<JointLaunch> launches = plan_joint_launches(
-        call.offsets, +1, forward_window_cap(call.k, Config::kGroupBlocks, sizeof(acc_t), device_shared_bytes()));
+        call.offsets, +1, forward_window_cap(call.k, Config::kGroupBlocks, sizeof(acc_t), shared_limit));
     const ForwardShape shape = forward_shape(launches, call.k, Config::kRun, Config::kGroupBlocks);
     const int64_t largest = set_forward_blocks(launches, shape, Config::kRun);
     TORCH_CHECK(largest <= std::numeric_limits<int32_t>::max(), "bimi_C (cuda): K = ", call.k,
@@ -187,10 +191,9 @@ at::Tensor joint_counts_cuda(const at::Tensor& p1_in, const at::Tensor& p2_in,
         call.p1.data_ptr<scalar_t>(), call.p2.data_ptr<scalar_t>(),
         call.mask.defined() ? call.mask.data_ptr<scalar_t>() : nullptr, call.v, shape, call.num_offsets, tiles,
         chunks, partials.data_ptr<acc_t>());
-    const auto kernel = joint_forward_kernel<scalar_t, acc_t>;
     for (const JointLaunch& launch : launches) {
       const size_t shared_bytes = forward_shared_elements(shape, launch) * sizeof(acc_t);
-      allow_shared_memory(kernel, shared_bytes);
+      check_shared_memory(shared_bytes, shared_limit);
       const dim3 grid(static_cast<unsigned>(launch.table.block_begin[launch.table.clusters]),
                       static_cast<unsigned>(chunks));
       kernel<<<grid, shape.warps() * kWarp, shared_bytes, stream>>>(args, launch.table);
@@ -213,8 +216,10 @@ void joint_backward_role(const at::Tensor& second, const at::Tensor& mask, const
                          const std::vector<Offset3>& offsets, int sign, const at::Tensor& g,
                          at::Tensor& out, cudaStream_t stream) {
   using Config = JointConfig<acc_t>;
+  const auto kernel = joint_backward_kernel<scalar_t, acc_t>;
+  const auto shared_limit = static_cast<int64_t>(dynamic_shared_limit(kernel));
   const std::vector<JointLaunch> launches = plan_joint_launches(
-      offsets, sign, backward_window_cap(v.channels, Config::kWindowChannels, sizeof(acc_t), device_shared_bytes()));
+      offsets, sign, backward_window_cap(v.channels, Config::kWindowChannels, sizeof(acc_t), shared_limit));
   const int32_t warps = backward_warps(v.channels);
   const int64_t i_groups = backward_i_groups(v.channels);
   const int64_t tiles = tile_count(v);
@@ -232,13 +237,12 @@ void joint_backward_role(const at::Tensor& second, const at::Tensor& mask, const
   args.transpose_g = sign < 0;
   args.warps = warps;
   args.out = out.data_ptr<scalar_t>();
-  const auto kernel = joint_backward_kernel<scalar_t, acc_t>;
   for (size_t l = 0; l < launches.size(); ++l) {
     args.carry_in = l > 0 ? carry.data_ptr<acc_t>() : nullptr;
     args.carry_out = l + 1 < launches.size() ? carry.data_ptr<acc_t>() : nullptr;
     const size_t shared_bytes =
         backward_shared_elements(v.channels, Config::kWindowChannels, launches[l]) * sizeof(acc_t);
-    allow_shared_memory(kernel, shared_bytes);
+    check_shared_memory(shared_bytes, shared_limit);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(i_groups));
     kernel<<<grid, warps * kWarp, shared_bytes, stream>>>(args, launches[l].table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
