@@ -105,7 +105,7 @@ void check_extents(const Volume& v) {
 // The dynamic shared memory one block of `kernel` may use on the current device: all the device
 // allows a block (with the opt-in above 48 KB) less the kernel's own static shared memory. The
 // planner sizes its windows to this figure and every launch is checked against it, so the two can
-// never disagree. The kernel's limit is raised to it on the first call per kernel and device, so
+// never disagree. The kernel's limit is set to it on the first call per kernel and device, so
 // later launches (a hot loop, a CUDA graph capture) make no driver call.
 template <typename Kernel>
 size_t dynamic_shared_limit(Kernel kernel) {
@@ -119,9 +119,8 @@ size_t dynamic_shared_limit(Kernel kernel) {
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
     const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
     const size_t dynamic = optin - std::min(optin, attributes.sharedSizeBytes);
-    if (dynamic > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
-    }
+    // set whatever the figure: a kernel's default allows 48 KB less its static memory, not 48 KB
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
     limit = limits.emplace(key, dynamic).first;
   }
   return limit->second;
