@@ -202,7 +202,7 @@ def _window(radius: int, ndim: int):
 
 def _wide_copies(variants):
     """Each variant that has a WIDE setting again with WIDE=True and its strides as 64-bit ints,
-    as the launchers compile them for a sample of 2^31 - 2^16 elements or more."""
+    as the launchers compile them for a sample of more than 2^31 - 2^16 elements."""
     for fn, pointers, settings, warps, label, _ in variants:
         if "WIDE" in settings:
             strides = [p.name for p in fn.params if "stride" in p.name and not p.is_constexpr]
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
                         help="three layouts instead of four, boundary kernels for the first and last K only")
     parser.add_argument("--wide", action="store_true",
                         help="the 64-bit index variants (WIDE=True) instead, as launched for a "
-                        "sample of 2^31 - 2^16 elements or more")
+                        "sample of more than 2^31 - 2^16 elements")
     parser.add_argument("--max-spill", type=int, default=0, metavar="BYTES",
                         help="spill stores a variant may have before the check fails (default 0)")
     parser.add_argument("--multiprocessors", type=int, default=132,

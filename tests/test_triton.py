@@ -82,8 +82,9 @@ def test_kernels_compile_for_h100_without_gpu():
 
 
 def test_64_bit_index_kernels_compile_for_h100_without_gpu():
-    """The WIDE=True variants (a sample of 2^31 - 2^16 elements or more) compile too; their 64-bit
-    offsets cost a few registers, and where that tips a kernel over 255, a spill of up to 16
-    bytes is accepted (next to the gigabytes such a launch moves)."""
-    out = _compile_check("--quick", "--wide", "--max-spill", "16", "--k", "10", "--dtype", "bf16", "fp32")
+    """The WIDE=True variants (a sample of more than 2^31 - 2^16 elements) compile too; their 64-bit
+    offsets and coordinates cost a few registers, and where that tips a kernel over 255, a spill
+    of up to 32 bytes is accepted here (next to the gigabytes such a launch moves; float64 3-D
+    window sums, not compiled here, spill 100)."""
+    out = _compile_check("--quick", "--wide", "--max-spill", "32", "--k", "10", "--dtype", "bf16", "fp32")
     assert out.count("wide=True") >= 20

@@ -32,9 +32,13 @@ _REASON = backends.unavailable_reason("triton", DEVICE)
 if _REASON is not None:
     pytest.skip(f"triton backend unavailable on {DEVICE}: {_REASON}", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from bimi_kernels.triton import INTERPRETED, boundary, joint  # noqa: E402
 from bimi_kernels.triton.backend import BACKEND  # noqa: E402
-from bimi_kernels.triton.tiles import INDEX_HEADROOM, INT32_LIMIT, make_tile, needs_wide_index  # noqa: E402
+from bimi_kernels.triton.tiles import (  # noqa: E402
+    INDEX_HEADROOM, INT32_LIMIT, make_tile, needs_wide_index, tile_geometry)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
@@ -109,8 +113,6 @@ def address_guard(monkeypatch):
 def test_address_guard_catches_an_out_of_bounds_load(address_guard):
     if not INTERPRETED:
         pytest.skip("the guard watches the interpreter")
-    import triton
-    import triton.language as tl
 
     @triton.jit
     def read_past_end(x_ptr, y_ptr, n):
@@ -630,6 +632,42 @@ def test_positions_past_a_sample_just_below_2_31_are_64_bit():
     assert needs_wide_index(6, INT32_LIMIT - INDEX_HEADROOM + 1)
     assert not needs_wide_index(INT32_LIMIT - INDEX_HEADROOM)
     assert not needs_wide_index(1, 2**30)
+
+
+@triton.jit
+def _flat_last_tile(table_ptr, s_ptr, inside_ptr, ok_ptr, tile, tiles_x, W,
+                    ROWS: tl.constexpr, TILE_W: tl.constexpr):
+    """A 64-bit flat tile's offsets, pixel test and partner test, stored."""
+    b, z0, y0, x0, z, y, x, s, inside = tile_geometry(
+        tile, 1, 1, tiles_x, 1, 1, W, 1, 1, TILE_W, False, True)
+    ok = joint.partner_inside(table_ptr, tl.arange(0, ROWS), ROWS, z, y, x, inside, False, True)
+    lanes = tl.arange(0, TILE_W)
+    tl.store(s_ptr + lanes, s)
+    tl.store(inside_ptr + lanes, inside.to(tl.int32))
+    tl.store(ok_ptr + tl.arange(0, ROWS)[:, None] * TILE_W + lanes[None, :], ok.to(tl.int32))
+
+
+def test_a_flat_sample_past_2_31_has_64_bit_coordinates():
+    """With every offset 0 the joint kernels run a sample flat, as (1, 1, N): x runs up to N.
+    For N past 2^31 the 64-bit kernels must form the coordinates (not only the offsets) in 64
+    bits, and read the partner table's x range (which reaches N) in 64 bits: a 32-bit x of the
+    last tile wraps to a negative value that passes `x < W`, and the kernels read (and the
+    backward writes) before the sample. Checked on the index arithmetic alone (no 2^31 map)."""
+    rows, tile_w = 16, 64
+    n = INT32_LIMIT + 1000
+    assert needs_wide_index(n)
+    tiles_x = triton.cdiv(n, tile_w)
+    table = torch.zeros(joint.TABLE_COLUMNS, rows, dtype=torch.int64, device=DEVICE)
+    table[joint.COL_Y_HI.value] = 1  # offset 0: the partner of every pixel of the row is inside
+    table[joint.COL_X_HI.value] = n
+    s = torch.zeros(tile_w, dtype=torch.int64, device=DEVICE)
+    inside = torch.zeros(tile_w, dtype=torch.int32, device=DEVICE)
+    ok = torch.zeros(rows, tile_w, dtype=torch.int32, device=DEVICE)
+    _flat_last_tile[(1,)](table, s, inside, ok, tiles_x - 1, tiles_x, n, ROWS=rows, TILE_W=tile_w)
+    expected = (tiles_x - 1) * tile_w + torch.arange(tile_w, device=DEVICE)
+    assert torch.equal(s, expected)
+    assert torch.equal(inside.bool(), expected < n)
+    assert torch.equal(ok.bool(), (expected < n).expand(rows, tile_w))
 
 
 @pytest.mark.parametrize("where", ["batch", "channel"])

@@ -121,18 +121,23 @@ def load_partner_rows(rows_ptr, rows, rows_stride, WIDE: tl.constexpr):
 
 
 @triton.jit
-def partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D: tl.constexpr):
+def partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D: tl.constexpr, WIDE: tl.constexpr):
     """(ROWS, TILE) validity: the pixel is in the sample and its partner s + d_o too. The
-    ranges are read here, for the border tiles only, rather than held in registers."""
-    y_lo = tl.load(rows_ptr + COL_Y_LO * rows_stride + rows).to(tl.int32)
-    y_hi = tl.load(rows_ptr + COL_Y_HI * rows_stride + rows).to(tl.int32)
-    x_lo = tl.load(rows_ptr + COL_X_LO * rows_stride + rows).to(tl.int32)
-    x_hi = tl.load(rows_ptr + COL_X_HI * rows_stride + rows).to(tl.int32)
+    ranges are read here, for the border tiles only, rather than held in registers; 32-bit like
+    the coordinates unless WIDE (a flat sample's x range reaches N)."""
+    y_lo = tl.load(rows_ptr + COL_Y_LO * rows_stride + rows)
+    y_hi = tl.load(rows_ptr + COL_Y_HI * rows_stride + rows)
+    x_lo = tl.load(rows_ptr + COL_X_LO * rows_stride + rows)
+    x_hi = tl.load(rows_ptr + COL_X_HI * rows_stride + rows)
+    if not WIDE:
+        y_lo, y_hi, x_lo, x_hi = y_lo.to(tl.int32), y_hi.to(tl.int32), x_lo.to(tl.int32), x_hi.to(tl.int32)
     ok = inside[None, :] & coordinate_in_range(y, y_lo, y_hi)
     ok = ok & coordinate_in_range(x, x_lo, x_hi)
     if IS_3D:
-        z_lo = tl.load(rows_ptr + COL_Z_LO * rows_stride + rows).to(tl.int32)
-        z_hi = tl.load(rows_ptr + COL_Z_HI * rows_stride + rows).to(tl.int32)
+        z_lo = tl.load(rows_ptr + COL_Z_LO * rows_stride + rows)
+        z_hi = tl.load(rows_ptr + COL_Z_HI * rows_stride + rows)
+        if not WIDE:
+            z_lo, z_hi = z_lo.to(tl.int32), z_hi.to(tl.int32)
         ok = ok & coordinate_in_range(z, z_lo, z_hi)
     return ok
 
@@ -159,7 +164,7 @@ def gather_partner_rows(map_base, mask_base, map_offset, shift, s, ok, OUT_DTYPE
 @triton.jit
 def partner_block(map_base, mask_base, map_offset, shift, rows_ptr, rows, rows_stride, row_ok,
                   s, z, y, x, inside, interior, OUT_DTYPE: tl.constexpr,
-                  IS_3D: tl.constexpr, HAS_MASK: tl.constexpr):
+                  IS_3D: tl.constexpr, HAS_MASK: tl.constexpr, WIDE: tl.constexpr):
     """The chunk's (ROWS, TILE) partner rows of a tile: on an interior tile, where every partner
     lies inside the sample, masked by row alone (rows past the table's end read as zero); on a
     border tile, with the partner test of every pixel."""
@@ -167,7 +172,7 @@ def partner_block(map_base, mask_base, map_offset, shift, rows_ptr, rows, rows_s
         block = gather_partner_rows(map_base, mask_base, map_offset, shift, s, row_ok[:, None],
                                     OUT_DTYPE, True, HAS_MASK)
     else:
-        ok = partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D)
+        ok = partner_inside(rows_ptr, rows, rows_stride, z, y, x, inside, IS_3D, WIDE)
         block = gather_partner_rows(map_base, mask_base, map_offset, shift, s, ok,
                                     OUT_DTYPE, True, HAS_MASK)
     return block
@@ -182,7 +187,7 @@ def accumulate_gradient(acc, grad_j_ptr, map_base, mask_base, rows_ptr, rows, ro
     gradient. G_rows[r, c] = dL/dJ[index_r + c * column_stride] (the table's COL_GRAD_INDEX)."""
     map_offset, shift = load_partner_rows(rows_ptr, rows, rows_stride, WIDE)
     block = partner_block(map_base, mask_base, map_offset, shift, rows_ptr, rows, rows_stride,
-                          row_ok, s, z, y, x, inside, interior, acc.dtype, IS_3D, HAS_MASK)
+                          row_ok, s, z, y, x, inside, interior, acc.dtype, IS_3D, HAS_MASK, WIDE)
     g_index = tl.load(rows_ptr + COL_GRAD_INDEX * rows_stride + rows)
     g = tl.load(grad_j_ptr + (g_index[:, None] + k[None, :] * column_stride),
                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -238,7 +243,7 @@ def _joint_counts_forward_kernel(
                                     TILE_D, TILE_H, TILE_W, IS_3D)
         c = partner_block(sample_pointer(p2_ptr, b, p2_stride_b), mask_base, map_offset, shift,
                           rows_ptr, rows, rows_stride, row_ok, s, z, y, x, inside, interior,
-                          operand_dtype, IS_3D, HAS_MASK)
+                          operand_dtype, IS_3D, HAS_MASK, WIDE)
         if NATIVE_DOT:
             acc = tl.dot(c, a, acc)
         else:

@@ -8,9 +8,9 @@ y0 + p // TILE_W % TILE_H, x0 + p % TILE_W), so the pixels along x are consecuti
 neighbouring tiles' pixels, which the L1/L2 caches still hold.
 
 Index arithmetic: a sample's base address is always formed in 64 bits (`sample_pointer`); within
-a sample, offsets are 32-bit unless the launcher found that one can pass 2^31
+a sample, offsets and coordinates are 32-bit unless the launcher found that one can pass 2^31
 (`needs_wide_index`), then the kernels are compiled with WIDE=True and every per-element offset
-is 64-bit.
+and tile coordinate is 64-bit (a sample run flat, as (1, 1, N), has x up to N).
 """
 from __future__ import annotations
 
@@ -198,7 +198,10 @@ def tile_geometry(tile, tiles_z, tiles_y, tiles_x, D, H, W,
                   TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                   IS_3D: tl.constexpr, WIDE: tl.constexpr):
     """Everything a kernel needs of one tile: its sample b and origin (z0, y0, x0), its pixels'
-    coordinates, their offsets s within the sample and which of them lie in the sample."""
+    coordinates, their offsets s within the sample and which of them lie in the sample. WIDE:
+    the coordinates too are 64-bit (a sample run flat, as (1, 1, N), has x up to N)."""
+    if WIDE:
+        tile = tl.cast(tile, tl.int64)
     b, z0, y0, x0 = tile_origin(tile, tiles_z, tiles_y, tiles_x, TILE_D, TILE_H, TILE_W)
     tz, ty, tx = tile_pixels(TILE_D, TILE_H, TILE_W)
     z = z0 + tz
