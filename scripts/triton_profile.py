@@ -333,8 +333,8 @@ def main(argv=None) -> int:
     ceilings = device_ceilings()
     bandwidth, rates = ceilings
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, "
-          f"fp32 mm {rates['fp32'] / 1e12:.1f} TFLOP/s, tf32 mm {rates['tf32'] / 1e12:.1f}",
-          flush=True)
+          f"fp32 mm {rates['fp32'] / 1e12:.1f} TFLOP/s, tf32 mm {rates['tf32'] / 1e12:.1f}, "
+          f"fp16 mm {rates['fp16'] / 1e12:.1f}", flush=True)
     rows = []
     cases = [case for case in CASES if case[0] in args.cases]
     for name, batch, k, size, radius in cases:
@@ -365,7 +365,8 @@ def write_profile(rows, out, ceilings):
     header = ("| case | op | provider | ms | floor ms | roofline | GB/s | TFLOP/s | err vs fp64 "
               "| peak extra (ratio to reference) |")
     lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy "
-             f"{bandwidth / 1e12:.2f} TB/s, fp32 mm {rates['fp32'] / 1e12:.1f} TFLOP/s", "",
+             f"{bandwidth / 1e12:.2f} TB/s, fp32 mm {rates['fp32'] / 1e12:.1f} TFLOP/s, fp16 mm "
+             f"{rates['fp16'] / 1e12:.1f} TFLOP/s (the float16 row's roofline)", "",
              header, "|" + "---|" * 10]
     for row in rows:
         peak = (f"{row['peak_extra_MiB']} MiB ({row['peak_ratio']})"
