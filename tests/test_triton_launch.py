@@ -403,6 +403,7 @@ class BoundaryLaunch(NamedTuple):
 BOUNDARY_GEOMETRY = {
     "2d-sizes-not-multiples-of-tile-w5": BoundaryLaunch((2, 3, 11, 13), 5, (1, 4, 8), 3),
     "2d-window-7-interior-tile": BoundaryLaunch((1, 2, 22, 22), 7, (1, 8, 8), 2),
+    "2d-window-9-rows-loop-interior-tile": BoundaryLaunch((1, 2, 24, 24), 9, (1, 8, 8), 2),
     "2d-one-row-w3": BoundaryLaunch((2, 4, 1, 9), 3),
     "2d-one-pixel-w5": BoundaryLaunch((2, 3, 1, 1), 5),
     "2d-K3-w5-tile16": BoundaryLaunch((2, 3, 9, 11), 5, (1, 2, 8)),
@@ -632,6 +633,27 @@ def test_positions_past_a_sample_just_below_2_31_are_64_bit():
     assert needs_wide_index(6, INT32_LIMIT - INDEX_HEADROOM + 1)
     assert not needs_wide_index(INT32_LIMIT - INDEX_HEADROOM)
     assert not needs_wide_index(1, 2**30)
+
+
+def test_offsets_reaching_past_2_31_get_the_64_bit_kernels():
+    """A tile is interior when its coordinates plus the tile plus the offsets' reach lie inside
+    the sample (`x0 + TILE_W + halo_x <= W`): with an offset as long as the row, that sum passes
+    2^31 in a sample whose element offsets all fit, and a 32-bit sum wraps to a value that
+    passes the test (unmasked loads past the map). Such a problem gets the 64-bit kernels."""
+    width = INT32_LIMIT - 2 * INDEX_HEADROOM
+    p = torch.empty((1, 1, 1, width), device="meta")
+    assert not joint._problem(p, p, None, (0, 0, 0, 1), None, None).wide
+    assert joint._problem(p, p, None, (0, 0, 0, 2**30), None, None).wide
+
+
+def test_more_joint_counts_than_32_bit_indices_reach_are_refused():
+    """J's entries and the partial sums' rows are indexed in 32 bits: |O| K^2 past 2^31 (J alone
+    8.6 GB in float32) is a clear error, not a wrapped index."""
+    p = torch.empty((1, 1000, 4, 4), device="meta")
+    offsets = tuple(flatten(make_offsets(24, 2)))  # 2401 offsets: 2.4e9 entries
+    with pytest.raises(ValueError, match="past the 2\\^31"):
+        joint._problem(p, p, None, offsets, None, None)
+    assert not joint._problem(p, p, None, tuple(flatten(make_offsets(20, 2))), None, None).wide
 
 
 @triton.jit

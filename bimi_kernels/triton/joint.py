@@ -79,6 +79,7 @@ from . import (
     spatial_dims,
 )
 from .tiles import (
+    INT32_LIMIT,
     Tile,
     channel_axis,
     coordinate_in_range,
@@ -566,6 +567,13 @@ def _cached_problem(shape, dtype, channel_strides, has_mask, flat, config, tile_
     n_rows = len(flat) // ndim * k
     rows = chunk_rows(n_rows, k_pad, config.rows)
     n_chunks = triton.cdiv(n_rows, rows)
+    # J and the per-program partial sums are indexed in 32 bits (entries of (|O|, K, K), rows of
+    # a chunk table): refused past that, where J alone would pass 8 GB in float32
+    entries = max(len(flat) // ndim * k * k, n_chunks * rows * k_pad)
+    if entries >= INT32_LIMIT:
+        raise ValueError(
+            f"triton backend: {len(flat) // ndim} offsets x K^2 = {k} x {k} make {entries} joint-count "
+            f"entries, past the 2^31 one call can index; use fewer offsets or clusters")
     if tile_shape is None:
         # all-zero offsets: runs of a flattened sample, as long as the tile
         pixels = config.tile_pixels
@@ -573,7 +581,10 @@ def _cached_problem(shape, dtype, channel_strides, has_mask, flat, config, tile_
     else:
         tile = with_tile_shape(geo.dims, (1, 1, math.prod(tile_shape)) if geo.flat else
                                tile_shape)
-    extents = [map_extent(k, stride, n) for stride in channel_strides] + [n]
+    # the interior test forms a coordinate plus a tile plus the halo: offsets may reach past
+    # the sample, so that sum can pass 2^31 where no element offset does
+    extents = [map_extent(k, stride, n) for stride in channel_strides] + [n] + \
+        [size + reach for size, reach in zip(geo.dims, geo.halo)]
     return _Problem(
         batch, k, k_pad, n, geo, tile, batch * tile.per_sample, config, rows, n_rows,
         n_chunks * rows, n_chunks, needs_wide_index(*extents), channel_block,
