@@ -115,12 +115,29 @@ def compile_variant(fn, pointer_types: Dict[str, str], constexprs: Dict, num_war
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
         return row
     ptx = kernel.asm["ptx"]
+    if wide_ints:
+        row["narrow"] = _narrow_size_products(kernel.asm["ttir"])
     row.update(_ptxas_report(ptx, arch))
     row["shared_bytes"] = kernel.metadata.shared
     row["shared_over"] = kernel.metadata.shared > MAX_SHARED_BYTES.get(arch, 49152)
     row["matrix"] = _matrix_instruction(ptx)
     row["approx"] = _approximate_math(ptx)
     return row
+
+
+SIZE_ARGUMENTS = ("D", "H", "W", "N")
+
+
+def _narrow_size_products(ttir: str) -> List[str]:
+    """The 32-bit multiplications that take a size argument (D, H, W, N) in a 64-bit (WIDE)
+    variant: each size fits in 32 bits, a product of one with anything need not (a row offset
+    dy W, a wrap-around (H - 1) W), so there every such product must be formed in 64 bits."""
+    found = []
+    for line in ttir.splitlines():
+        match = re.search(r"arith\.muli (%[\w.]+), (%[\w.]+) : (i32|tensor<[^>]*xi32>)", line)
+        if match and {match.group(1)[1:], match.group(2)[1:]} & set(SIZE_ARGUMENTS):
+            found.append(line.strip())
+    return found
 
 
 def joint_variants(dtype_names: Iterable[str], ks: Iterable[int], layouts: Iterable[tuple]):
@@ -221,7 +238,7 @@ def assume_multiprocessors(count: int) -> None:
 
 
 def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool,
-        wide: bool = False, multiprocessors: int = 132) -> List[Dict]:
+        wide: bool = False, multiprocessors: int = 132, windows=(5,)) -> List[Dict]:
     if "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     assume_multiprocessors(multiprocessors)
@@ -233,7 +250,7 @@ def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool,
     rows = []
     seen = set()
     variants = list(joint_variants(dtype_names, ks, layouts)) + \
-        list(boundary_variants(dtype_names, ks if not quick else sorted({ks[0], ks[-1]})))
+        list(boundary_variants(dtype_names, ks if not quick else sorted({ks[0], ks[-1]}), windows))
     variants = [v + ([],) for v in variants]
     if wide:
         variants = list(_wide_copies(variants))
@@ -258,6 +275,9 @@ def _format(row: Dict) -> str:
         return f"FAIL {row['kernel']} [{case}] {settings}: {row['error']}"
     spills = row.get("spill_store_bytes")
     status = "ok  " if not spills else "SPILL"
+    if row.get("narrow"):
+        status = "NARROW"
+        settings += " 32-bit size products: " + "; ".join(row["narrow"])
     if row.get("shared_over"):
         status = "SMEM "
     return (f"{status} {row['kernel']:<32} regs={row['registers']} spill={spills} "
@@ -275,6 +295,8 @@ def main(argv=None) -> int:
     parser.add_argument("--wide", action="store_true",
                         help="the 64-bit index variants (WIDE=True) instead, as launched for a "
                         "sample of more than 2^31 - 2^16 elements")
+    parser.add_argument("--window", nargs="+", type=int, default=[5],
+                        help="box windows of the boundary kernels (default 5)")
     parser.add_argument("--max-spill", type=int, default=0, metavar="BYTES",
                         help="spill stores a variant may have before the check fails (default 0)")
     parser.add_argument("--multiprocessors", type=int, default=132,
@@ -282,7 +304,8 @@ def main(argv=None) -> int:
                         "settings (default 132: H100/H200 SXM)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    rows = run(args.arch, args.dtype, args.k, args.quick, args.wide, args.multiprocessors)
+    rows = run(args.arch, args.dtype, args.k, args.quick, args.wide, args.multiprocessors,
+               tuple(args.window))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1, default=str)
@@ -290,10 +313,12 @@ def main(argv=None) -> int:
     spilled = [r for r in rows if r.get("spill_store_bytes")]
     over = [r for r in spilled if r["spill_store_bytes"] > args.max_spill]
     too_much_shared = [r for r in rows if r.get("shared_over")]
+    narrow = [r for r in rows if r.get("narrow")]
     print(f"{len(rows)} variants compiled for sm_{args.arch}: {len(failed)} failed, "
           f"{len(spilled)} spill ({len(over)} over {args.max_spill} bytes), "
-          f"{len(too_much_shared)} over the shared memory of a block")
-    return 1 if failed or over or too_much_shared else 0
+          f"{len(too_much_shared)} over the shared memory of a block"
+          + (f", {len(narrow)} with 32-bit size products" if args.wide else ""))
+    return 1 if failed or over or too_much_shared or narrow else 0
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_cpu_without_interpreter_says_why(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # the GPU compiler, without a GPU
 # ------------------------------------------------------------------------------------------------
-def _compile_check(*args: str) -> str:
+def _compile_check(*args: str, timeout: int = 1200) -> str:
     """Run scripts/triton_compile_check.py with `args` (not interpreted); its output."""
     import subprocess
     import sys
@@ -58,7 +58,7 @@ def _compile_check(*args: str) -> str:
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(
         [sys.executable, os.path.join(root, "scripts", "triton_compile_check.py"), *args],
-        env=env, cwd=root, capture_output=True, text=True, timeout=1200,
+        env=env, cwd=root, capture_output=True, text=True, timeout=timeout,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout
@@ -81,10 +81,20 @@ def test_kernels_compile_for_h100_without_gpu():
         assert approx in ("-", "ex2.approx"), line
 
 
+def test_large_box_windows_compile_in_seconds_without_spills():
+    """Windows 11 and 21 (the contract allows any odd window): the rows of a window past 7 loop
+    at run time instead of being unrolled, which took ~2 minutes per kernel at 11 (with spills)
+    and did not finish in 8 at 21. Float32, 2-D and 3-D; the limit is generous (about 1 minute
+    here)."""
+    out = _compile_check("--quick", "--k", "10", "--dtype", "fp32", "--window", "11", "21", timeout=400)
+    assert out.count("window=11") >= 6 and out.count("window=21") >= 6
+
+
 def test_64_bit_index_kernels_compile_for_h100_without_gpu():
     """The WIDE=True variants (a sample of more than 2^31 - 2^16 elements) compile too; their 64-bit
     offsets and coordinates cost a few registers, and where that tips a kernel over 255, a spill
     of up to 32 bytes is accepted here (next to the gigabytes such a launch moves; float64 3-D
-    window sums, not compiled here, spill 100)."""
+    window sums, not compiled here, spill 100). No variant multiplies a size (D, H, W, N: each
+    fits in 32 bits) in 32 bits: a row offset dy W or a wrap-around (H - 1) W need not."""
     out = _compile_check("--quick", "--wide", "--max-spill", "32", "--k", "10", "--dtype", "bf16", "fp32")
     assert out.count("wide=True") >= 20

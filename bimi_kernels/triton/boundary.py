@@ -198,20 +198,24 @@ def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, 
     edge map. Otherwise: the sums of the three maps A, B, C (and two zeros).
     CHECK=False for interior tiles (no bounds tests). The neighbour tests are built per dim
     outside the inner loops and written inline: each nested @triton.jit call costs the
-    interpreter ~0.6 ms. The z loop is not unrolled, so 3-D windows keep their registers."""
+    interpreter ~0.6 ms. The z loop is not unrolled, so 3-D windows keep their registers; the y
+    loop is unrolled up to 7 rows (a window of 7 or less compiles to the same code as a fully
+    unrolled one), above that it runs (a fully unrolled 11 x 11 window took ~2 minutes to
+    compile and spilled; 21 x 21 did not finish in 8)."""
     sum_1 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
     sum_2 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
     sum_3 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
     sum_4 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
     sum_5 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
+    row = tl.cast(W, plane.dtype)  # 64-bit where `plane` is (WIDE): dy W can pass 2^31
     for dz in range(-RADIUS_Z, RADIUS_Z + 1):
         ok_z = inside
         if IS_3D:
             ok_z = ok_z & (z + dz >= 0) & (z + dz < D)
-        for dy in tl.static_range(-RADIUS, RADIUS + 1):
+        for dy in tl.range(-RADIUS, RADIUS + 1, loop_unroll_factor=2 * RADIUS + 1 if RADIUS <= 3 else 1):
             ok_zy = ok_z & (y + dy >= 0) & (y + dy < H)
             for dx in tl.static_range(-RADIUS, RADIUS + 1):
-                at = s + (dz * plane + dy * W + dx)
+                at = s + (dz * plane + dy * row + dx)
                 if CHECK:
                     ok = ok_zy & (x + dx >= 0) & (x + dx < W)
                     a = tl.load(a_base + at, mask=ok, other=lo if NORMALISE else 0.0)
@@ -248,9 +252,10 @@ def ncc_terms(s_u, s_uu, s_ue, s_e, s_ee, count, EPS: tl.constexpr):
     cross_raw = s_ue - mu_e * s_u - mu_u * s_e + mu_u * mu_e * count
     var_u_raw = s_uu - 2 * mu_u * s_u + mu_u * mu_u * count
     var_e_raw = s_ee - 2 * mu_e * s_e + mu_e * mu_e * count
-    cross = tl.where(cross_raw < EPS, EPS, cross_raw)
-    var_u = tl.where(var_u_raw < EPS, EPS, var_u_raw)
-    var_e = tl.where(var_e_raw < EPS, EPS, var_e_raw)
+    eps = tl.full((), EPS, s_u.dtype)  # in the sums' dtype: a bare constexpr compares as float32
+    cross = tl.where(cross_raw < eps, eps, cross_raw)
+    var_u = tl.where(var_u_raw < eps, eps, var_u_raw)
+    var_e = tl.where(var_e_raw < eps, eps, var_e_raw)
     return mu_u, mu_e, cross_raw, var_u_raw, cross, var_u, var_e
 
 
@@ -357,8 +362,9 @@ def _ncc_kernel(
             s_u, s_uu, s_ue, s_e, s_ee, count, EPS)
         if BACKWARD:
             # f = cross^2 / (var_u var_e); df/dcross and df/dvar_u, zero where clamped
-            d_cross = tl.where(cross_raw >= EPS, 2 * cross / (var_u * var_e), 0.0)
-            d_var_u = tl.where(var_u_raw >= EPS, -(cross * cross) / (var_u * var_u * var_e), 0.0)
+            eps = tl.full((), EPS, acc_dtype)
+            d_cross = tl.where(cross_raw >= eps, 2 * cross / (var_u * var_e), 0.0)
+            d_var_u = tl.where(var_u_raw >= eps, -(cross * cross) / (var_u * var_u * var_e), 0.0)
             # through the box sums: dcross/dS(U) = -mu_e, dvar_u/dS(U) = -2 mu_u
             pixel = sample_pointer(coef_u_ptr, b, N) + s
             tl.store(pixel, scale * (-mu_e * d_cross - 2 * mu_u * d_var_u), mask=inside)
@@ -458,7 +464,7 @@ def _edge_magnitude_kernel(
         x = s % W
         y = (s // W) % H
         # the neighbour before, wrapping around (torch.roll by 1) along each dim
-        before_y = tl.where(y == 0, s + (H - 1) * W, s - W)
+        before_y = tl.where(y == 0, s + (plane - W), s - W)  # (H - 1) W, in `plane`'s width
         before_x = tl.where(x == 0, s + (W - 1), s - 1)
         if IS_3D:
             before_z = tl.where(s < plane, s + (D - 1) * plane, s - plane)
