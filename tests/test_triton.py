@@ -93,8 +93,7 @@ def test_large_box_windows_compile_in_seconds_without_spills():
 def test_64_bit_index_kernels_compile_for_h100_without_gpu():
     """The WIDE=True variants (a sample of more than 2^31 - 2^16 elements) compile too; their 64-bit
     offsets and coordinates cost a few registers, and where that tips a kernel over 255, a spill
-    of up to 32 bytes is accepted here (next to the gigabytes such a launch moves; float64 3-D
-    window sums, not compiled here, spill 100). No variant multiplies a size (D, H, W, N: each
+    of up to 32 bytes is accepted (next to the gigabytes such a launch moves). No variant multiplies a size (D, H, W, N: each
     fits in 32 bits) in 32 bits: a row offset dy W or a wrap-around (H - 1) W need not."""
     out = _compile_check("--quick", "--wide", "--max-spill", "32", "--k", "10", "--dtype", "bf16", "fp32")
     assert out.count("wide=True") >= 20
