@@ -2,10 +2,13 @@
 # The oldest torch the package declares (pyproject.toml: "torch>=X.Y") is tested, not assumed: in
 # a second virtual environment with torch==X.Y.0 from PyPI (the CUDA build, run on the CPU here,
 # about 4.6 GB with its libraries; PyPI has no CPU build), build the C++ extension from a copy of
-# the tracked sources, run the whole test suite, then compile the CUDA extension against that torch
+# the tracked sources, run the test suite, then compile the CUDA extension against that torch
 # too and load it. The GPU machines this project is measured on run torch 2.11, whose extension
 # builds use C++17 where newer torch uses C++20: code that needs a newer torch or a newer C++
-# fails here, not on the GPU.
+# fails here, not on the GPU. The suite leaves out what does not depend on torch's version and
+# the first pass has run (about half its time on a 2-core machine): the Triton kernels'
+# numerics and launch geometry under the interpreter (triton and numpy alone) and their offline
+# compile checks; the Triton backend through the custom ops, autograd and torch.compile stays.
 #
 # Environment: BIMI_FLOOR_VENV (default /tmp/bimi_floor_venv), CUDA_HOME (default
 # /usr/local/cuda; the CUDA step is skipped, saying so, without nvcc), MAX_JOBS (default 2).
@@ -40,7 +43,8 @@ cd "$BUILD_DIR"
 # the packaging tests list the tracked files: the copy is a repository whose index holds them all
 git init -q . && git add -A
 BIMI_BUILD_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py -q build_ext --inplace
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --ignore=tests/test_triton_launch.py \
+  -k "not compile_for_h100 and not compile_in_seconds and not (triton and (match_reference or matches_reference or low_precision or more_than_4096))"
 echo "check_torch_floor: the test suite passed on torch $FLOOR.0"
 
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
