@@ -115,7 +115,7 @@ def compile_variant(fn, pointer_types: Dict[str, str], constexprs: Dict, num_war
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
         return row
     ptx = kernel.asm["ptx"]
-    if wide_ints:
+    if constexprs.get("WIDE"):
         row["narrow"] = _narrow_size_products(kernel.asm["ttir"])
     row.update(_ptxas_report(ptx, arch))
     row["shared_bytes"] = kernel.metadata.shared

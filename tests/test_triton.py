@@ -90,6 +90,29 @@ def test_large_box_windows_compile_in_seconds_without_spills():
     assert out.count("window=11") >= 6 and out.count("window=21") >= 6
 
 
+def test_the_compile_check_names_32_bit_products_of_a_size():
+    """What the --wide check fails on, read from Triton's IR: a size argument times anything in
+    32 bits (as the edge map's (H - 1) W and the box sums' dy W were), not 64-bit products or
+    32-bit ones of other values."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    try:
+        from triton_compile_check import _narrow_size_products
+    finally:
+        sys.path.pop(0)
+    ttir = "\n".join([
+        "%before_y_26 = arith.muli %before_y_25, %W : i32 loc(#loc123)",
+        "%at_420 = arith.muli %W, %c2_i32 : i32 loc(#loc414)",
+        "%3 = arith.muli %W, %c2_i64 : i64 loc(#loc9)",
+        "%4 = arith.muli %tiles_z, %tiles_y : i32 loc(#loc10)",
+        "%5 = arith.muli %r, %cst_9 : tensor<512xi32> loc(#loc11)",
+        "%6 = arith.muli %N_2, %H : tensor<64xi32> loc(#loc12)",
+    ])
+    found = _narrow_size_products(ttir)
+    assert [line.split(" = ")[0] for line in found] == ["%before_y_26", "%at_420", "%6"]
+
+
 def test_64_bit_index_kernels_compile_for_h100_without_gpu():
     """The WIDE=True variants (a sample of more than 2^31 - 2^16 elements) compile too; their 64-bit
     offsets and coordinates cost a few registers, and where that tips a kernel over 255, a spill

@@ -657,6 +657,29 @@ def test_more_joint_counts_than_32_bit_indices_reach_are_refused():
 
 
 @triton.jit
+def _clamped_window_terms(value_ptr, out_ptr):
+    """ncc_terms of a window with zero means and every raw term equal to the stored value."""
+    value = tl.load(value_ptr + tl.arange(0, 16))
+    zero = tl.zeros_like(value)
+    _, _, _, _, cross, var_u, var_e = boundary.ncc_terms(zero, value, value, zero, value,
+                                                         1.0, boundary.EPS_CC)
+    lanes = tl.arange(0, 16)
+    tl.store(out_ptr + lanes, cross)
+    tl.store(out_ptr + 16 + lanes, var_u)
+    tl.store(out_ptr + 32 + lanes, var_e)
+
+
+def test_float64_clamps_compare_with_eps_in_float64():
+    """The NCC terms are clamped at eps = 1e-5 as the reference's clamp does in the maps' dtype:
+    a float64 value just below 1e-5 (but above its float32 rounding, 9.99999975e-6) is clamped;
+    compared with a bare constant, the kernel compared against the float32 rounding and kept it."""
+    just_below = torch.full((16,), 9.9999999e-6, dtype=F64, device=DEVICE)
+    out = torch.zeros(48, dtype=F64, device=DEVICE)
+    _clamped_window_terms[(1,)](just_below, out)
+    assert torch.equal(out, torch.full_like(out, boundary.EPS_CC))
+
+
+@triton.jit
 def _flat_last_tile(table_ptr, s_ptr, inside_ptr, ok_ptr, tile, tiles_x, W,
                     ROWS: tl.constexpr, TILE_W: tl.constexpr):
     """A 64-bit flat tile's offsets, pixel test and partner test, stored."""
