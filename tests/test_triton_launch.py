@@ -9,6 +9,7 @@ so tiles are chosen to give a few tiles per sample, not many. (tests/conftest.py
 interpreter on where there is no GPU, before triton is first imported.) The checks and
 tolerances are the conformance suite's (tests/backends/cases.py), with launch settings bound.
 """
+import threading
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -549,6 +550,40 @@ def test_a_table_first_needed_inside_a_graph_capture_is_a_clear_error(monkeypatc
     geo = joint.geometry(flatten(make_offsets(1, 2)), 2, (1, 5, 7))
     with pytest.raises(RuntimeError, match="run the loss once before capturing"):
         joint.partner_table(geo, 3, 35, False, 32, torch.device("cuda"))
+
+
+def test_tables_are_copied_to_the_device_by_another_thread(monkeypatch):
+    """torch.compile(mode="reduce-overhead") sends the calling thread's allocations during its
+    warm-up runs to its CUDA-graph pool and frees what it does not track there when it records
+    another graph: a cached partner table must come from another thread's allocations (checked
+    here with a device that needs no GPU; the GPU case runs in tests/backends)."""
+    threads = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    copied = joint._copy_outside_graph_pools(torch.arange(6), torch.device("meta"))
+    assert copied.device.type == "meta" and copied.shape == (6,)
+    assert threads and threading.get_ident() not in threads
+
+    def failing_to(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(torch.Tensor, "to", failing_to)
+    with pytest.raises(RuntimeError, match="out of memory"):  # the thread's error reaches the caller
+        joint._copy_outside_graph_pools(torch.arange(6), torch.device("meta"))
+
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    copies = []
+    monkeypatch.setattr(joint, "_copy_outside_graph_pools",
+                        lambda host, device: copies.append(device) or host)
+    monkeypatch.setattr(joint, "_partner_tables", {})
+    geo = joint.geometry(flatten(make_offsets(1, 2)), 2, (1, 5, 7))
+    joint.partner_table(geo, 3, 35, False, 32, torch.device("cpu"))
+    assert copies == [torch.device("cpu")]
 
 
 def test_launchers_never_read_tensor_values_on_the_host(monkeypatch):

@@ -413,7 +413,7 @@ def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad:
             # forward table: rows (o, j), dL/dJ[o, i, j] at o K^2 + j + i K (column stride K);
             # reverse table: rows (o, i), dL/dJ[o, i, j] at o K^2 + i K + j (column stride 1)
             columns[COL_GRAD_INDEX.value][r] = o * k * k + (channel * k if reverse else channel)
-    table = torch.tensor(columns, dtype=torch.int64).to(device)
+    table = _copy_outside_graph_pools(torch.tensor(columns, dtype=torch.int64), device)
     with _partner_tables_lock:
         entry = _partner_tables.get(key)  # another thread may have made it meanwhile
         if entry is None:
@@ -423,6 +423,34 @@ def partner_table(geo: Geometry, k: int, stride_k: int, reverse: bool, rows_pad:
         if cuda:
             _note_stream(entry, device)
         return entry.table
+
+
+def _copy_outside_graph_pools(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` copied to `device` by a short-lived thread of its own. A cached table outlives the
+    call that made it, but torch.compile(mode="reduce-overhead") sends every allocation the
+    calling thread makes during its warm-up runs to its CUDA-graph memory pool, which it takes
+    back (freeing all it does not track) when it records another graph: a table made there would
+    be freed under the cache, and replays would read reused memory. Another thread allocates
+    from the ordinary pool; the copy from pageable memory has finished when .to() returns (it
+    ends with a stream synchronisation), so any stream may read the table at once."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda" and device.index is None:  # the other thread has its own current device
+        device = torch.device("cuda", torch.cuda.current_device())
+    result: dict = {}
+
+    def copy() -> None:
+        try:
+            result["table"] = host.to(device)
+        except BaseException as exc:  # re-raised in the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=copy, name="bimi-partner-table-copy")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["table"]
 
 
 def _note_stream(entry: _CachedTable, device: torch.device) -> None:

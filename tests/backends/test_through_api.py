@@ -350,6 +350,30 @@ def test_compile_reduce_overhead(backend):
             assert_close(a, b, what, F32)
 
 
+def test_compile_reduce_overhead_records_again_for_a_new_shape(backend, monkeypatch):
+    """A second shape after replays have begun (a smaller last batch, another resolution) makes
+    Inductor record another CUDA graph, first taking back its memory pool, which frees whatever
+    it does not track there: the kernels' cached device tables must not live in it. Inductor's
+    own pool checks are on; the replays of both shapes give the eager results."""
+    _needs_cuda(backend)
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.triton, "slow_path_cudagraph_asserts", True)
+    torch._dynamo.reset()
+    loss_fn = bimi_kernels.BIMILoss(offsets=2, backend=backend.name)
+    compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True)
+    shapes = [(2, 6, 32, 40)] * 3 + [(1, 6, 32, 40)] * 3 + [(2, 6, 32, 40)] * 2
+    for seed, shape in enumerate(shapes):
+        image = random_image(shape, dtype=F32, device="cuda", seed=seed)
+        p1, p2 = random_maps(shape, dtype=F32, device="cuda", seed=seed)
+        churn = torch.full((1 << 20,), -1, dtype=torch.int64, device="cuda")  # reuse freed memory
+        got = loss_and_grads_of(compiled, p1, p2, image)
+        want = loss_and_grads_of(loss_fn, p1, p2, image)
+        del churn
+        for what, a, b in zip(("loss", "dL/dp1", "dL/dp2"), got, want):
+            assert_close(a, b, f"{what} (call {seed}, shape {shape})", F32)
+
+
 def loss_and_grads_of(fn, p1, p2, image):
     a, b = p1.detach().clone().requires_grad_(True), p2.detach().clone().requires_grad_(True)
     loss = fn(a, b, image)
