@@ -25,7 +25,7 @@ import torch
 import bimi_kernels
 from bimi_kernels import ops
 
-from .run import RESULTS_DIR, device_name, git_commit
+from .run import RESULTS_DIR, device_name, git_commit, triton_version
 
 SHAPE = (1, 2, 8, 8)  # kernels cost nothing here: what is timed is the host's work
 
@@ -148,7 +148,7 @@ def write_tables(out: Path, device: str, calls: int, rows) -> str:
         writer.writeheader()
         writer.writerows(rows)
     header = (f"# Host overhead of one BIMILoss call (forward + backward)\n\n"
-              f"Device {device_name(device)}; torch {torch.__version__}; commit {git_commit()}; "
+              f"Device {device_name(device)}; torch {torch.__version__}; triton {triton_version()}; commit {git_commit()}; "
               f"maps {SHAPE} (the kernels' time is nil); median of 7 batches of {calls} calls; "
               f"`python -m benchmarks.host_overhead --device {device}`.\n\n"
               "'eager': what an eager call costs (the ops' eager route); 'through the custom ops': the "

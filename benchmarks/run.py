@@ -315,8 +315,30 @@ def warm_up_package(providers, unavailable, device_type) -> None:
                 mode_callable(PROVIDERS[name], op, "forward+backward", inputs)()
 
 
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C, or a time limit's SIGINT): the rows of the groups measured so
+    far, to write and render like a whole run's."""
+
+    def __init__(self, rows):
+        super().__init__(f"interrupted after {len(rows)} rows")
+        self.rows = rows
+
+
 def _run_configs(args, configs, providers, unavailable, info, policy, threads, memory_server) -> list:
-    rows, cost_model, started = [], CostModel(), time.perf_counter()
+    rows = []
+    try:
+        _measure_configs(rows, args, configs, providers, unavailable, info, policy, threads,
+                         memory_server)
+    except KeyboardInterrupt:
+        print(f"benchmarks: interrupted; writing the {len(rows)} rows measured so far", flush=True)
+        raise Interrupted(rows) from None
+    return rows
+
+
+def _measure_configs(rows, args, configs, providers, unavailable, info, policy, threads,
+                     memory_server) -> None:
+    """Appends to `rows` one group (config, op, mode: every provider) at a time."""
+    cost_model, started = CostModel(), time.perf_counter()
     timer = measure.Timer(info.device_type)
     for config in configs:
         inputs = make_inputs(config, info.device_type)
@@ -346,7 +368,6 @@ def _run_configs(args, configs, providers, unavailable, info, policy, threads, m
         del inputs
         if args.out:
             _write(rows, args.out, partial=True)
-    return rows
 
 
 def _print_row(row, elapsed):
@@ -430,12 +451,18 @@ def main(argv=None, prog="python -m benchmarks.run") -> int:
     suite = "quick" if args.quick else args.suite
     filtered = any((args.op, args.mode, args.providers, args.group))
     args.out = args.out or str(default_out(args.device, suite, filtered))
-    rows = run(args)
+    try:
+        rows, interrupted = run(args), False
+    except Interrupted as stop:
+        rows, interrupted = stop.rows, True
+    if not rows:
+        return 130
     _write(rows, args.out)
     measured = sum(1 for r in rows if r.measured)
     print(f"benchmarks: {measured} measured, {len(rows) - measured} skipped; wrote "
-          f"{args.out}/results.csv, summary.md, plots/", flush=True)
-    return 0
+          f"{args.out}/results.csv, summary.md, plots/" + (" (interrupted)" if interrupted else ""),
+          flush=True)
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

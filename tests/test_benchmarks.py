@@ -418,6 +418,29 @@ def test_smoke_run_writes_csv_markdown_and_plots(tmp_path):
     assert report.main([str(out)]) == 0  # the report can be rebuilt from the CSV alone
 
 
+def test_an_interrupted_run_writes_and_renders_what_it_measured(tmp_path, monkeypatch, capsys):
+    """A run stopped by SIGINT (a time limit on a borrowed GPU) keeps the groups measured before
+    the signal: results.csv, summary.md and the plots, and exit status 130."""
+    calls = []
+    real_measure_group = run.measure_group
+
+    def stopped_at_the_second_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_measure_group(*args, **kwargs)
+
+    monkeypatch.setattr(run, "measure_group", stopped_at_the_second_group)
+    out = tmp_path / "bench"
+    code = run.main(["--suite", "smoke", "--out", str(out), "--group", "target", "--op", "joint_counts",
+                     "--providers", "reference", "cpp", "--no-memory"])
+    assert code == 130 and len(calls) == 2
+    rows = schema.read_csv(out / "results.csv")
+    assert rows and all(r.measured for r in rows) and len({(r.config, r.mode) for r in rows}) == 1
+    assert "| config | op | mode | provider | median ms |" in (out / "summary.md").read_text()
+    assert "interrupted" in capsys.readouterr().out
+
+
 def test_spread_table_of_repeated_runs():
     from benchmarks import spread
 
