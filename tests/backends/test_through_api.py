@@ -92,6 +92,22 @@ def test_compile_fullgraph(backend):
         assert_close(traced, eager, what, F32)
 
 
+def test_compile_with_symbolic_shapes(backend):
+    """torch.compile(dynamic=True): the fakes see symbolic batch and spatial sizes (what a smaller
+    last batch or another resolution gives a compiled training loop), and one graph serves
+    several shapes with the eager results."""
+    torch._dynamo.reset()
+    loss_fn = bimi_kernels.BIMILoss(offsets=2, window=3, backend=backend.name)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    for seed, shape in enumerate([(2, 3, 8, 9), (1, 3, 7, 10)]):
+        image = random_image(shape, dtype=F32, device=backend.device, seed=seed)
+        p1, p2 = random_maps(shape, dtype=F32, device=backend.device, seed=seed)
+        got = loss_and_grads_of(compiled, p1, p2, image)
+        want = loss_and_grads_of(loss_fn, p1, p2, image)
+        for what, a, b in zip(("loss", "dL/dp1", "dL/dp2"), got, want):
+            assert_close(a, b, f"{what} {shape}", F32)
+
+
 def test_opcheck_custom_ops(backend):
     case = JOINT_CASES["2d-K3-r1-mask"]
     p1, p2, mask = joint_inputs(case, F64, backend.device)
