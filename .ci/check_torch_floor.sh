@@ -44,7 +44,7 @@ cd "$BUILD_DIR"
 # the packaging tests list the tracked files: the copy is a repository whose index holds them all
 git init -q . && git add -A
 BIMI_BUILD_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py -q build_ext --inplace
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider --ignore=tests/test_triton_launch.py \
+"$VENV/bin/python" -m pytest -q -n auto -p no:cacheprovider --ignore=tests/test_triton_launch.py \
   -k "not compile_for_h100 and not compile_in_seconds and not (triton and (match_reference or matches_reference or low_precision or more_than_4096 or symbolic_shapes))"
 echo "check_torch_floor: the test suite passed on torch $FLOOR.0"
 
