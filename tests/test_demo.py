@@ -333,6 +333,35 @@ def test_an_unknown_cpu_isa_request_is_a_usage_error(tmp_path, capsys, monkeypat
 
 
 @needs_extras
+@pytest.mark.parametrize("value, named", [("cuda", "'cuda'"), ("fast", "unknown backend 'fast'")])
+def test_a_bimi_backend_environment_that_cannot_serve_is_a_usage_error(value, named, tmp_path, capsys, monkeypatch):
+    """BIMI_BACKEND overrides --backend auto: one that cannot run on the device is refused before
+    any work, not as a traceback at the first loss."""
+    monkeypatch.setenv("BIMI_BACKEND", value)
+    err = _usage_error(["--device", "cpu"], tmp_path, capsys)
+    assert "BIMI_BACKEND" in err and named in err
+
+
+def test_the_pictures_edge_map_uses_the_reference_whatever_the_backend(tmp_path, monkeypatch):
+    """The pictures' edge map is computed on CPU tensors whatever --device is: with --device cuda
+    and BIMI_BACKEND=triton (or cuda), backend auto would ask a GPU backend for CPU tensors."""
+    import bimi_kernels.functional
+
+    class Stop(Exception):
+        pass
+
+    asked = []
+
+    def edge_map(image, *args, backend="auto", **kwargs):
+        asked.append((image.device.type, backend))
+        raise Stop
+
+    monkeypatch.setattr(bimi_kernels.functional, "edge_map", edge_map)
+    with pytest.raises(Stop):
+        cli.main(TINY + ["--out", str(tmp_path / "out")])
+    assert asked == [("cpu", "reference")]
+
+
 def test_more_labels_than_fine_tune_slices_is_a_usage_error(tmp_path, capsys):
     err = _usage_error(["--labels", "40"], tmp_path, capsys)
     assert "--labels" in err and "at most 17" in err
@@ -424,7 +453,7 @@ def test_command_line_has_no_trailing_space():
 
 
 @needs_extras
-def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path, capsys):
+def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     threads_before = torch.get_num_threads()
     assert cli.main(TINY + ["--out", str(out)]) == 0
@@ -447,8 +476,19 @@ def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path, capsys):
     cli.draw_dice_bars(tmp_path / "redrawn.png", summary)  # the chart can be redrawn from results.json
     assert (tmp_path / "redrawn.png").stat().st_size > 0
 
-    # --resume finds the finished pre-training and does not train again
+    # --resume finds the finished pre-training and does not train again; the checkpoint is read
+    # onto the CPU (load_state_dict moves the weights; the optimiser's step counts stay on the
+    # CPU, where RAdam reads them every step)
+    locations, real_load = [], torch.load
+
+    def load(*args, **kwargs):
+        locations.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
     assert cli.main(TINY + ["--out", str(out), "--resume"]) == 0
+    monkeypatch.setattr(torch, "load", real_load)
+    assert locations and set(locations) == {"cpu"}
     again = json.loads((out / "results.json").read_text())
     assert again["pretrain"]["bimi"]["resumed_from_epoch"] == 1
     assert again["pretrain"]["bimi"]["epoch_loss"] == summary["pretrain"]["bimi"]["epoch_loss"]

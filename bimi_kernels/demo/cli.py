@@ -228,6 +228,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace):
             parser.error(f"argument --backend: expected auto or one of {sorted(reasons)}, got {args.backend!r}")
         if reasons[args.backend] is not None:
             parser.error(f"argument --backend: {args.backend!r} cannot run on {device.type}: {reasons[args.backend]}")
+    elif os.environ.get("BIMI_BACKEND", "").strip():  # it overrides auto: refuse it now, not at the first loss
+        from bimi_kernels import backends
+
+        try:
+            backends.resolve("auto", device.type)
+        except (RuntimeError, ValueError) as exc:
+            parser.error(str(exc))
     if device.type == "cpu":
         from bimi_kernels.native import cpu_isa
 
@@ -649,7 +656,8 @@ def run_demo(args: argparse.Namespace, argv: List[str], data, device) -> int:
     picture_index = torch.linspace(0, len(data.finetune) - 1, PICTURE_SLICES).round().long().unique()
     picture_views = views_setting(data.finetune.images[picture_index], generator=torch.Generator().manual_seed(1234))
     picture_truth = picture_views.labels_in_view2(data.finetune.labels[picture_index])
-    picture_edges = edge_map(picture_views.transformed)[:, 0].numpy()
+    # (a few small CPU slices, for display: the reference, whatever the device, --backend or BIMI_BACKEND)
+    picture_edges = edge_map(picture_views.transformed, backend="reference")[:, 0].numpy()
 
     def draw_epoch(setting):
         def callback(epoch, unet, heads, history):

@@ -173,7 +173,10 @@ def pretrain(
     path = checkpoint_path(checkpoint_dir, setting)
     fingerprint = images_fingerprint(images)
     if resume and path.is_file():
-        state = torch.load(path, map_location=device, weights_only=False)
+        # loaded on the CPU: load_state_dict moves the weights and the optimiser's moments to the
+        # model's device but keeps each step count on the CPU (on a GPU, RAdam would otherwise
+        # read them back from the device several times per parameter per step)
+        state = torch.load(path, map_location="cpu", weights_only=False)
         problem = resume_mismatch(path, model_config, config, batches_per_epoch, images, state)
         if problem:
             raise ValueError(f"--resume: {problem}")
@@ -181,7 +184,7 @@ def pretrain(
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"].cpu())  # map_location moved it to the device
+        generator.set_state(state["generator"])
         history = state["history"]
         start_epoch = state["epoch"]
 
