@@ -136,25 +136,30 @@ def finetune_and_evaluate(
     labels = data.finetune.labels[chosen].to(device)
     generator = torch.Generator().manual_seed(30_000 + seed)
     checkpoints = evaluation_steps(config.steps, config.eval_every)
-    losses, validation_curve, snapshots = [], [], []
+    # each step's loss stays on the device until the run is over: reading it every step would
+    # make the host wait for the device every step
+    losses = torch.empty(config.steps, dtype=torch.float64, device=device)
+    validation_curve, snapshots = [], []
     for step in range(1, config.steps + 1):
         model.train()
         params = random_affine_params(len(chosen), images.shape[2:], max_rotation=FINETUNE_ROTATION,
                                       scale_range=(1.0, 1.0), max_translation=FINETUNE_SHIFT, flip_prob=0.0,
-                                      generator=generator, device=device)
-        x = warp(images, params.theta, mode="bilinear")
+                                      generator=generator)  # drawn on the CPU: one copy, of theta
+        theta = params.theta.to(device)
+        x = warp(images, theta, mode="bilinear")
         # padding is background, which is what the warp fills the label map with (0)
-        y = warp(labels[:, None], params.theta, mode="nearest")[:, 0]
+        y = warp(labels[:, None], theta, mode="nearest")[:, 0]
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss.detach()))
+        losses[step - 1] = loss.detach()
         if step in checkpoints:
             per_class = dice_per_class(predict(model, data.validation.images, device), data.validation.labels, classes)
             validation_curve.append({"step": step, "dice": per_class, "mean": mean_dice(per_class, scored)})
             snapshots.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+    losses = losses.tolist()
     best = validation_choice(checkpoints, [point["mean"] for point in validation_curve])
     result = {
         "labelled_slices": chosen,

@@ -199,8 +199,10 @@ def pretrain(
         order = torch.cat([torch.randperm(images.shape[0], generator=generator) for _ in range(passes)])
         batches = order.split(config.batch_size)[:batches_per_epoch]
         bar = tqdm(batches, desc=f"pre-train {setting} epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress)
-        epoch_losses: List[float] = []
-        for batch in bar:
+        # the step losses stay on the device until the epoch is over (a read every step would make
+        # the host wait for the device every step); the progress bar reads one every 10 steps
+        step_losses = torch.empty(len(batches), dtype=torch.float64, device=device)
+        for index, batch in enumerate(bar):
             views = transform(images[batch.to(device)], generator=generator)
             loss = pretrain_step_loss(loss_fn, unet, heads, views)
             optimizer.zero_grad(set_to_none=True)
@@ -208,8 +210,10 @@ def pretrain(
             torch.nn.utils.clip_grad_norm_(parameters, 5.0)
             optimizer.step()
             scheduler.step()
-            epoch_losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
+            step_losses[index] = loss.detach()
+            if progress and index % 10 == 0:
+                bar.set_postfix(loss=f"{float(step_losses[index]):.4f}")
+        epoch_losses: List[float] = step_losses.tolist()
         history["step_loss"].extend(epoch_losses)
         history["epoch_loss"].append(sum(epoch_losses) / len(epoch_losses))
         unet.eval()
