@@ -455,7 +455,7 @@ def main(argv=None, prog="python -m benchmarks.run") -> int:
         rows, interrupted = run(args), False
     except Interrupted as stop:
         rows, interrupted = stop.rows, True
-    if not rows:
+    if interrupted and not rows:  # stopped before a group was measured: nothing to write
         return 130
     _write(rows, args.out)
     measured = sum(1 for r in rows if r.measured)
