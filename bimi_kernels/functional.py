@@ -30,8 +30,8 @@ from .offsets import OffsetSpec, flat_offsets_for
 # that they compute in their accumulation dtype as the ops do (docs/contract.md §8).
 def joint_distributions(j: torch.Tensor, symmetric: bool = True):
     """`reference.joint_distributions` (docs/contract.md §4): joint counts J (|O|, K, K) -> (P,
-    valid), each offset's counts normalised (and symmetrised if asked); valid (|O|,) is False
-    where an offset had no pair."""
+    valid), each offset's counts normalised (and symmetrised if asked), P in J's accumulation
+    dtype; valid (|O|,) is False where an offset had no pair."""
     checks.check_tensor("j", j)
     checks.check_bool("symmetric", symmetric)
     if not j.is_floating_point():
@@ -39,7 +39,7 @@ def joint_distributions(j: torch.Tensor, symmetric: bool = True):
     if j.dim() != 3 or j.shape[1] != j.shape[2] or j.numel() == 0:
         raise ValueError(f"j: expected joint counts of shape (|O|, K, K), got {tuple(j.shape)}")
     with ops.autocast_off(j.device.type):
-        return reference.joint_distributions(j, symmetric)
+        return reference.joint_distributions(j.to(accumulation_dtype(j.dtype)), symmetric)
 
 
 def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
@@ -52,17 +52,20 @@ def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
 
 def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, eps: float = EPS_CC) -> torch.Tensor:
     """`reference.local_cross_correlation` (docs/contract.md §5) of two maps of one shape
-    (B, C, *S), usually (B, 1, *S), with the window checked (an even window has no centre)."""
+    (B, C, *S), usually (B, 1, *S), with the window checked (an even window has no centre),
+    computed in the accumulation dtype of the two maps' common dtype."""
     checks.check_window(window)
     checks.check_number("eps", eps, above=0.0)
+    eps = float(eps)  # a Fraction or numpy number passes the check; torch takes a float
     for name, t in (("u", u), ("e", e)):
         checks.check_tensor(name, t)
         if t.dtype not in checks.FLOAT_DTYPES:
             raise TypeError(f"{name}: expected a float dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
     if u.shape != e.shape or u.dim() not in (4, 5):
         raise ValueError(f"u, e: expected two tensors of one shape (B, C, *S), got {tuple(u.shape)} and {tuple(e.shape)}")
+    acc = accumulation_dtype(torch.promote_types(u.dtype, e.dtype))
     with ops.autocast_off(u.device.type):
-        return reference.local_cross_correlation(u, e, window, eps)
+        return reference.local_cross_correlation(u.to(acc), e.to(acc), window, eps)
 
 __all__ = [
     "joint_counts", "joint_distributions", "regularized_mi", "edge_map", "uncertainty_map",
@@ -84,6 +87,14 @@ def _check_pair(p1, p2, mask, config: LossConfig, image=None) -> Tuple[List[int]
         checks.check_image(image, p1)
     _check_values(config, {"p1": p1, "p2": p2}, image, mask)
     return flat_offsets, flat_mask
+
+
+def _dense(p1, p2):
+    """The maps in the contiguous layout the kernels read, made once per call: every op would
+    otherwise copy a map that is not (channels_last, a slice, an expanded view) again, forward
+    and backward, up to four copies of each map per training step instead of one."""
+    d1 = p1.contiguous()
+    return d1, (d1 if p2 is p1 else p2.contiguous())
 
 
 def _check_values(config: LossConfig, maps: dict, image=None, mask=None) -> None:
@@ -135,6 +146,7 @@ def bimi_loss_from_config(p1, p2, image, mask, config: LossConfig) -> torch.Tens
     flat_offsets, flat_mask = _check_pair(p1, p2, mask, config, image if need_image else None)
     if image is not None and not need_image:
         checks.check_image(image, p1)  # unused, but a wrong tensor is still a mistake to report
+    p1, p2 = _dense(p1, p2)
     with ops.autocast_off(p1.device.type):
         loss = p1.new_zeros((), dtype=accumulation_dtype(p1.dtype))
         if config.mi_weight > 0:
@@ -152,6 +164,7 @@ def bimi_loss_from_config(p1, p2, image, mask, config: LossConfig) -> torch.Tens
 def regularized_mi_from_config(p1, p2, mask, config: LossConfig, eps: float = EPS_MI) -> torch.Tensor:
     """L_MI (docs/contract.md §4) with the settings of `config`."""
     flat_offsets, flat_mask = _check_pair(p1, p2, mask, config)
+    p1, p2 = _dense(p1, p2)
     with ops.autocast_off(p1.device.type):
         return _mi_term(p1, p2, flat_offsets, flat_mask, config, eps)
 
@@ -163,6 +176,7 @@ def boundary_cc_loss_from_config(p1, p2, image, config: LossConfig) -> torch.Ten
     checks.check_maps(p1, p2)
     checks.check_image(image, p1)
     _check_values(config, {"p1": p1, "p2": p2}, image)
+    p1, p2 = _dense(p1, p2)
     with ops.autocast_off(p1.device.type):
         return _boundary_term(p1, p2, image, config)
 
@@ -188,7 +202,7 @@ def joint_counts(
     """
     config = LossConfig(offsets=offsets, dilation=dilation, backend=backend, validate=validate)
     flat_offsets, flat_mask = _check_pair(p1, p2, mask, config)
-    return ops.apply_joint_counts(p1, p2, flat_offsets, flat_mask, backend)
+    return ops.apply_joint_counts(*_dense(p1, p2), flat_offsets, flat_mask, backend)
 
 
 def regularized_mi(
@@ -221,7 +235,7 @@ def regularized_mi(
         process_group=process_group, pool_offsets=pool_offsets, eps_convention=eps_convention,
     )
     checks.check_number("eps", eps, above=0.0)
-    return regularized_mi_from_config(p1, p2, mask, config, eps)
+    return regularized_mi_from_config(p1, p2, mask, config, float(eps))
 
 
 def edge_map(
@@ -258,7 +272,7 @@ def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5, backend: s
     _check_values(config, {"p": p})
     edge = edge.detach().to(accumulation_dtype(p.dtype)).contiguous()
     with ops.autocast_off(p.device.type):
-        return ops.apply_boundary_cc(p, edge, int(config.window), backend)[0]
+        return ops.apply_boundary_cc(p.contiguous(), edge, int(config.window), backend)[0]  # one copy, not two
 
 
 def boundary_cc_loss(

@@ -277,6 +277,41 @@ def test_every_functional_building_block_ignores_autocast(dtype):
         torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_building_blocks_compute_low_precision_inputs_in_float32(dtype):
+    """docs/contract.md §8: half-precision inputs are computed in float32 by every building block,
+    as by the ops (the cross-correlation once ran in the inputs' dtype and returned it)."""
+    p1, p2 = random_maps((2, 6, 24, 20), dtype=torch.float32)
+    u, e = BF.uncertainty_map(p1), BF.edge_map(random_image(p1.shape, dtype=torch.float32))
+    j = BF.joint_counts(p1, p2, offsets=1)
+    low = {"u": u.to(dtype), "e": e.to(dtype), "j": j.to(dtype)}
+    calls = {
+        "local_cross_correlation": lambda t: BF.local_cross_correlation(t["u"], t["e"]),
+        "local_cross_correlation (mixed dtypes)": lambda t: BF.local_cross_correlation(t["u"], e),
+        "joint_distributions": lambda t: BF.joint_distributions(t["j"])[0],
+    }
+    upcast = {name: t.float() for name, t in low.items()}
+    for name, call in calls.items():
+        found = call(low)
+        assert found.dtype == torch.float32, name
+        torch.testing.assert_close(found, call(upcast), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_eps_takes_any_real_number():
+    """eps accepts what every number setting accepts (a Fraction, a numpy float), converted to a
+    float before torch sees it: torch refuses a Fraction, after the kernels ran."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    p1, p2 = random_maps((1, 3, 8, 8))
+    u, e = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)
+    for eps in (Fraction(1, 100000), np.float32(1e-5)):
+        torch.testing.assert_close(BF.regularized_mi(p1, p2, eps=eps), BF.regularized_mi(p1, p2, eps=float(eps)))
+        torch.testing.assert_close(BF.local_cross_correlation(u, e, eps=eps),
+                                   BF.local_cross_correlation(u, e, eps=float(eps)))
+
+
 def test_every_public_signature_agrees_with_the_one_config():
     """A setting is defined once, in LossConfig: every signature that takes it has its default,
     and the functional API takes exactly the settings of its module (a new setting that misses a
