@@ -7,8 +7,8 @@ Suites (`--suite`; `--quick` is `--suite quick`):
   CPU sizes are scaled down where the GPU ones would take minutes per call on one core.
 - `quick`: the targets, the authors' setting, the training step, the sparse offsets, a few small
   sweeps; forward+backward only. Minutes on one core; what `scripts/gpu_check.sh` runs on a GPU.
-- `smoke`: tiny shapes through every code path of the harness (every group, op and report
-  section), for the unit tests: seconds.
+- `smoke`: tiny shapes through every code path of the harness (every op and report section;
+  of the sweeps, which share one code path, the size sweep only), for the unit tests: seconds.
 
 A config is one `BenchConfig`; the tables below are the whole list, per suite and device. To add a
 measurement, add a line here.
@@ -218,7 +218,7 @@ def _quick(device: str) -> list:
 
 
 def _smoke(device: str) -> list:
-    """Every group, op and report section on tiny shapes."""
+    """Every op and report section on tiny shapes (of the sweeps, the size sweep only: they share one path)."""
     return [
         BenchConfig("size", 1, 4, (12, 12), 1, ops=JOINT_BOUNDARY, label="smoke sweep"),
         target(device, 1, batch=1, clusters=4, spatial=(16, 16), modes=ALL_MODES, label="smoke target"),
