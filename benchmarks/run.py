@@ -17,7 +17,6 @@ import argparse
 import datetime
 import glob
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,16 +41,9 @@ RESULTS_DIR = REPO_ROOT / "results" / "benchmarks"
 def device_name(device_type: str) -> str:
     if device_type == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} logical cores)"
+    from bimi_kernels.native import processor_name
+
+    return f"{processor_name()}, {os.cpu_count()} logical cores"
 
 
 def git_commit() -> str:

@@ -6,6 +6,7 @@ package): it works for an editable install or from the repository root, and othe
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -30,7 +31,9 @@ def info() -> int:
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"triton       {triton_version}")
     print(f"threads      {torch.get_num_threads()}")
-    from .native import cpu_isa
+    from .native import cpu_isa, processor_name
+
+    print(f"processor    {processor_name()}")
 
     for module in ("bimi_kernels._C", "bimi_kernels._C_cuda"):
         loaded = sys.modules.get(module)
@@ -104,6 +107,17 @@ def bench(argv) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # whoever read the output went away (`bimi info | head -3`): stop quietly, as other
+        # command-line tools do, with stdout pointed at /dev/null so that the interpreter's last
+        # flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="bimi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"bimi_kernels {__version__}")

@@ -8,6 +8,7 @@ when an extension is missing, the backend's `unavailable_reason` says why and ho
 from __future__ import annotations
 
 import importlib
+import platform
 from typing import Optional
 
 import torch
@@ -66,6 +67,27 @@ def cpu_isa() -> Optional[str]:
         return torch.ops.bimi_C.cpu_isa()
     except (AttributeError, RuntimeError):  # a build from before the op: stale, rebuild it
         return "unknown (an older build without bimi_C::cpu_isa)"
+
+
+def processor_name() -> str:
+    """The CPU's model name with its family and model numbers where /proc/cpuinfo gives them
+    ("AMD EPYC (family 25 model 17)"), else what `platform` knows. Results computed on a CPU can
+    depend on it beyond rounding in long runs: torch's kernels, like ours, pick their instruction
+    set by processor, so a record of a CPU result names it."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():  # the first processor is enough
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def joint_counts(p1, p2, offsets, mask):

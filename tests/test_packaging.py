@@ -119,16 +119,41 @@ def test_cli_version(capsys):
 
 def test_info_names_the_extension_file_and_the_cpu_build(capsys):
     """`bimi info` says which compiled file was loaded (another checkout's build can be picked
-    up through an editable install) and which build of the CPU loops runs."""
+    up through an editable install), the processor and which build of the CPU loops runs."""
     import bimi_kernels.native as native
 
     assert cli_main(["info"]) == 0
     out = capsys.readouterr().out
+    assert f"processor    {native.processor_name()}" in out
     if native.cpu_isa() is None:
         assert "cpu loops    not built" in out
     else:
         assert f"_C           {sys.modules['bimi_kernels._C'].__file__}" in out
         assert f"cpu loops    {native.cpu_isa()} build" in out
+
+
+def test_processor_name_gives_family_and_model():
+    """Results on a CPU depend on the processor (the demo's README shows how much): its name
+    comes with the family and model numbers where /proc/cpuinfo has them."""
+    from bimi_kernels.native import processor_name
+
+    name = processor_name()
+    assert name
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and re.search(r"^cpu family\s*:", cpuinfo.read_text(), re.M):
+        assert re.search(r"\(family \d+ model \d+\)$", name), name
+
+
+def test_cli_stops_quietly_when_its_reader_goes_away():
+    """`bimi info | head -1`: no BrokenPipeError traceback once the reader has closed the pipe."""
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "bimi_kernels", "info"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=120)
+        assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_bench_runs_the_checkout_benchmarks_without_the_checkout_on_sys_path(tmp_path):

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -349,6 +348,15 @@ def _format_steps(values: List[int]) -> str:
 
 def _mean_std(values: List[float]):
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def cpu_description(backend_name: str) -> str:
+    """The processor, and the build of the C++ loops where the cpp backend ran: the same code and
+    seeds end elsewhere on another processor (results/demo/README.md), so a result names both."""
+    from bimi_kernels.native import cpu_isa, processor_name
+
+    name = processor_name()
+    return f"{name}; C++ loops: {cpu_isa()} build" if backend_name == "cpp" else name
 
 
 def command_line(argv: List[str]) -> str:
@@ -783,7 +791,7 @@ def run_demo(args: argparse.Namespace, argv: List[str], data, device) -> int:
         "scored": list(scored),
         "score_title": data.score_title,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description(backend_name),
         "backend": backend_name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
