@@ -472,6 +472,10 @@ def test_tiny_demo_run_writes_tables_pictures_and_checkpoints(tmp_path, capsys, 
     markdown = (out / "results.md").read_text()
     assert "full BIMI" in markdown and "random init" in markdown and "intensity lookup" in markdown
     assert ", 1 thread\n" in markdown and "1 threads" not in markdown and "Criterion" in markdown
+    # the same code and seeds end elsewhere on another processor (results/demo/README.md)
+    from bimi_kernels.native import processor_name
+
+    assert f"- Device: cpu ({processor_name()}" in markdown
     assert "- Slices labelled by each seed (positions in the fine-tune block): 1 labelled slice: [0]\n" in markdown
     cli.draw_dice_bars(tmp_path / "redrawn.png", summary)  # the chart can be redrawn from results.json
     assert (tmp_path / "redrawn.png").stat().st_size > 0
