@@ -146,7 +146,8 @@ def bimi_loss_from_config(p1, p2, image, mask, config: LossConfig) -> torch.Tens
     flat_offsets, flat_mask = _check_pair(p1, p2, mask, config, image if need_image else None)
     if image is not None and not need_image:
         checks.check_image(image, p1)  # unused, but a wrong tensor is still a mistake to report
-    p1, p2 = _dense(p1, p2)
+    if config.mi_weight > 0 or need_image:  # no kernel reads the maps when both terms are off
+        p1, p2 = _dense(p1, p2)
     with ops.autocast_off(p1.device.type):
         loss = p1.new_zeros((), dtype=accumulation_dtype(p1.dtype))
         if config.mi_weight > 0:
