@@ -55,12 +55,19 @@ def info() -> int:
         print("device       cpu only (no CUDA device visible)")
     from . import backends
 
+    status = 0
     for device in devices:
-        chosen = backends.resolve("auto", device)
+        refusal = None
+        try:
+            chosen = backends.resolve("auto", device)
+        except (ValueError, RuntimeError) as exc:  # BIMI_BACKEND or BIMI_CPU_ISA naming what cannot run
+            chosen, refusal, status = "none", exc, 1
         print(f"\nbackends for {device} tensors (auto picks: {chosen}):")
         for name, reason in bimi_kernels.available_backends(device).items():
             print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
-    return 0
+        if refusal is not None:
+            print(f"every call with backend='auto' on {device} tensors raises {type(refusal).__name__}: {refusal}")
+    return status
 
 
 BENCH_PACKAGES = ("numpy", "matplotlib")  # pyproject.toml's `bench` extras

@@ -55,6 +55,10 @@ class Backend:
     boundary_cc_backward: Callable
     # device_type -> None when usable there, else a human-readable reason
     unavailable_reason: Callable[[str], Optional[str]] = field(default=lambda device_type: None)
+    # device_type -> None, or the error in a setting of this backend (an environment variable
+    # naming a build the machine cannot run): a mistake to report, which `auto` never moves past
+    # to a slower backend; it is also the backend's unavailable reason
+    setting_error: Callable[[str], Optional[str]] = field(default=lambda device_type: None)
     # optional fused edge map (see the module docstring); None: the torch definition is used
     edge_map: Optional[Callable] = None
 
@@ -124,7 +128,16 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     if device_type not in backend.devices:
         served = ", ".join(sorted(backend.devices))
         return f"runs on {served} tensors, not {device_type}"
-    return backend.unavailable_reason(device_type)
+    return backend.unavailable_reason(device_type) or backend.setting_error(device_type)
+
+
+def _refuse_a_bad_setting(name: str, device_type: str) -> None:
+    """Raise the ValueError of a backend whose own setting is wrong, rather than choose another."""
+    backend = _load(name) if name in _LOADERS else None
+    if backend is not None and device_type in backend.devices and backend.unavailable_reason(device_type) is None:
+        error = backend.setting_error(device_type)
+        if error is not None:
+            raise ValueError(error)
 
 
 def available_backends(device=None) -> dict:
@@ -145,21 +158,26 @@ def resolve(requested: str, device_type: str) -> str:
     """The backend name to use for `requested` ("auto" or a name) on tensors of `device_type`.
 
     `BIMI_BACKEND` overrides "auto". An explicit request that cannot be served raises; it never
-    falls back silently. The answer is cached per (request, device type, BIMI_BACKEND): the ops
-    call this on every launch.
+    falls back silently. A backend whose own setting is wrong (`BIMI_CPU_ISA` naming a build this
+    processor cannot run) is a ValueError, whether asked for or reached by "auto". The answer is
+    cached per (request, device type, BIMI_BACKEND, BIMI_CPU_ISA): the ops call this on every
+    launch.
     """
-    return _resolve(requested, device_type, os.environ.get("BIMI_BACKEND", ""))
+    return _resolve(requested, device_type, os.environ.get("BIMI_BACKEND", ""), os.environ.get("BIMI_CPU_ISA", ""))
 
 
 @functools.lru_cache(maxsize=64)
-def _resolve(requested: str, device_type: str, environment: str) -> str:
+def _resolve(requested: str, device_type: str, environment: str, cpu_isa_setting: str) -> str:
+    # cpu_isa_setting: only part of the cache key (the cpp backend reads BIMI_CPU_ISA itself)
     source = ""
     if requested == "auto" and environment.strip():
         requested = environment.strip()
         source = " (from the environment variable BIMI_BACKEND, which overrides backend='auto')"
+    _refuse_a_bad_setting(requested, device_type)
     if requested == "auto":
         order = AUTO_ORDER.get(device_type, ("reference",))
         for name in order:
+            _refuse_a_bad_setting(name, device_type)
             if unavailable_reason(name, device_type) is None:
                 if name == "reference" and len(order) > 1:
                     _warn_slow_fallback(device_type, order[:-1])

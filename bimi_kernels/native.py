@@ -47,6 +47,15 @@ def _cpu_reason(device_type: str) -> Optional[str]:
     return _CPU_ERROR
 
 
+def _cpu_isa_error(device_type: str) -> Optional[str]:
+    """The error of a BIMI_CPU_ISA the loops do not know or this processor cannot run, else None."""
+    try:
+        cpu_isa()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _cuda_reason(device_type: str) -> Optional[str]:
     if _CUDA_ERROR is not None:
         return _CUDA_ERROR
@@ -112,7 +121,7 @@ def edge_map(image, gamma):
     return torch.ops.bimi_C.edge_map(image, float(gamma))
 
 
-def _native_backend(name, device, reason, edge_map=None) -> Backend:
+def _native_backend(name, device, reason, edge_map=None, setting_error=None) -> Backend:
     """Both native backends call the same bimi_C ops; the dispatcher picks the CPU or CUDA
     implementation by the tensors' device."""
     return Backend(
@@ -124,8 +133,9 @@ def _native_backend(name, device, reason, edge_map=None) -> Backend:
         boundary_cc_backward=boundary_cc_backward,
         unavailable_reason=reason,
         edge_map=edge_map,
+        setting_error=setting_error or (lambda device_type: None),
     )
 
 
-CPP_BACKEND = _native_backend("cpp", "cpu", _cpu_reason, edge_map)  # fused edge map on CPU
+CPP_BACKEND = _native_backend("cpp", "cpu", _cpu_reason, edge_map, _cpu_isa_error)  # fused edge map on CPU
 CUDA_BACKEND = _native_backend("cuda", "cuda", _cuda_reason)  # the edge map stays torch's on CUDA

@@ -1,5 +1,5 @@
 """The dispatch route (docs/architecture.md): lazy plain-function loaders, `resolve` cached per
-(request, device type, BIMI_BACKEND), explicit requests never fall back, and `auto` warns once
+(request, device type, BIMI_BACKEND, BIMI_CPU_ISA), explicit requests never fall back, and `auto` warns once
 when it has to run the slow reference where a native backend belongs."""
 import warnings
 
@@ -64,6 +64,35 @@ def test_auto_falling_back_to_reference_warns_once_with_reason_and_fix(fresh_dis
         warnings.simplefilter("error")
         bimi_kernels.BIMILoss()(p1, p2, image)  # once only
     assert bimi_kernels.available_backends("cpu")["cpp"].startswith("could not be loaded")
+
+
+@pytest.mark.parametrize("value", ["avx9", "AVX512"])
+def test_a_cpu_build_setting_that_cannot_run_is_refused_up_front(fresh_dispatch, monkeypatch, value):
+    """BIMI_CPU_ISA naming a build the loops do not have (or, on a processor without AVX-512, one
+    it cannot run): cpp is reported unavailable with that reason, and both backend='cpp' and
+    'auto' raise its ValueError before any kernel, never moving on to the slow reference; a
+    changed setting is a new cache key."""
+    from bimi_kernels.native import cpu_isa
+
+    monkeypatch.setenv("BIMI_CPU_ISA", value)
+    try:
+        cpu_isa()
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        pytest.skip(f"this processor runs the {value} build")
+    p1, p2 = random_maps((1, 3, 5, 6), dtype=torch.float32)
+    image = random_image(p1.shape, dtype=torch.float32)
+    assert bimi_kernels.available_backends("cpu")["cpp"] == message
+    for backend in ("auto", "cpp"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning either
+            with pytest.raises(ValueError, match="BIMI_CPU_ISA"):
+                bimi_kernels.BIMILoss(backend=backend)(p1, p2, image)
+    bimi_kernels.BIMILoss(backend="reference")(p1, p2, image)
+    monkeypatch.delenv("BIMI_CPU_ISA")
+    assert backends.resolve("auto", "cpu") == "cpp"
+    assert bimi_kernels.available_backends("cpu")["cpp"] is None
 
 
 def test_choosing_reference_knowingly_does_not_warn(fresh_dispatch):

@@ -132,6 +132,25 @@ def test_info_names_the_extension_file_and_the_cpu_build(capsys):
         assert f"cpu loops    {native.cpu_isa()} build" in out
 
 
+@pytest.mark.parametrize("setting", ["BIMI_BACKEND=cuda", "BIMI_BACKEND=foo", "BIMI_CPU_ISA=avx9"])
+def test_info_reports_a_setting_that_cannot_run_instead_of_crashing(setting, monkeypatch, capsys):
+    """`bimi info` is what a user runs when a setting breaks the loss: it lists every backend
+    and says what backend='auto' would raise, with exit status 1, not a traceback."""
+    from bimi_kernels import backends
+
+    name, value = setting.split("=")
+    monkeypatch.setenv(name, value)
+    backends.reset_cache()
+    assert cli_main(["info"]) == 1
+    out = capsys.readouterr().out
+    assert "auto picks: none" in out
+    assert all(f"  {backend:<10} " in out for backend in backends.BACKEND_NAMES)
+    assert re.search(r"every call with backend='auto' on cpu tensors raises (ValueError|RuntimeError): .*"
+                     + {"BIMI_BACKEND": "BIMI_BACKEND", "BIMI_CPU_ISA": "BIMI_CPU_ISA"}[name], out)
+    if name == "BIMI_CPU_ISA":
+        assert "cpp        unavailable: BIMI_CPU_ISA" in out
+
+
 def test_processor_name_gives_family_and_model():
     """Results on a CPU depend on the processor (the demo's README shows how much): its name
     comes with the family and model numbers where /proc/cpuinfo has them."""
