@@ -49,14 +49,17 @@ def check_tensor(name: str, t) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
+def check_float_tensor(name: str, t) -> None:
+    """TypeError unless t is a tensor of one of the dtypes the kernels take (FLOAT_DTYPES)."""
+    check_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
 def check_maps(p1, p2) -> None:
     """p1, p2: (B, K, H, W) or (B, K, D, H, W), same shape, dtype and device, K >= 2."""
     for name, t in (("p1", p1), ("p2", p2)):
-        check_tensor(name, t)
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name}: expected a float dtype (float16, bfloat16, float32 or float64), got {t.dtype}"
-            )
+        check_float_tensor(name, t)
         if t.dim() not in (4, 5):
             raise ValueError(
                 f"{name}: expected shape (B, K, H, W) or (B, K, D, H, W), "
@@ -73,9 +76,7 @@ def check_maps(p1, p2) -> None:
 
 def check_map(p, name: str = "p") -> None:
     """One cluster map: float dtype, 4 or 5 dims, K >= 2, no empty dim."""
-    check_tensor(name, p)
-    if p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a float dtype (float16, bfloat16, float32 or float64), got {p.dtype}")
+    check_float_tensor(name, p)
     if p.dim() not in (4, 5):
         raise ValueError(
             f"{name}: expected shape (B, K, H, W) or (B, K, D, H, W), got {tuple(p.shape)} with {p.dim()} dims"

@@ -58,9 +58,7 @@ def local_cross_correlation(u: torch.Tensor, e: torch.Tensor, window: int = 5, e
     checks.check_number("eps", eps, above=0.0)
     eps = float(eps)  # a Fraction or numpy number passes the check; torch takes a float
     for name, t in (("u", u), ("e", e)):
-        checks.check_tensor(name, t)
-        if t.dtype not in checks.FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected a float dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
+        checks.check_float_tensor(name, t)
     if u.shape != e.shape or u.dim() not in (4, 5):
         raise ValueError(f"u, e: expected two tensors of one shape (B, C, *S), got {tuple(u.shape)} and {tuple(e.shape)}")
     acc = accumulation_dtype(torch.promote_types(u.dtype, e.dtype))
@@ -265,7 +263,7 @@ def boundary_cc(p: torch.Tensor, edge: torch.Tensor, window: int = 5, backend: s
     (B, 1, *S). `validate` as for the loss: by default a sampled check of p on CPU tensors."""
     checks.check_map(p, "p")
     config = LossConfig(window=window, backend=backend, validate=validate)
-    checks.check_tensor("edge", edge)
+    checks.check_float_tensor("edge", edge)  # an integer, bool or complex edge map is a mistake
     if tuple(edge.shape) != (p.shape[0], 1) + tuple(p.shape[2:]):
         raise ValueError(f"edge: expected shape {(p.shape[0], 1) + tuple(p.shape[2:])}, got {tuple(edge.shape)}")
     if edge.device != p.device:
