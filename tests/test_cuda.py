@@ -268,8 +268,10 @@ def test_boundary_past_2_31_elements():
     p_big = p_small.expand(batch, -1, -1, -1).contiguous()
     edge_big = edge_small.expand(batch, -1, -1, -1).contiguous()
     cc_big, range_big = CUDA_BACKEND.boundary_cc(p_big, edge_big, 5)
-    # CC sums 2^30 window terms in float32 (a tree per block, then 16k block sums per thread)
-    assert relative_error(cc_big, cc_small) <= 1e-4
+    # the block partials are each sample's own (a sample is 256 whole blocks), added in double:
+    # B times one sample's sum to a rounding (a float32 total, 16k partials a thread, drifted by
+    # ~4e-5)
+    assert relative_error(cc_big, cc_small) <= 1e-6
     assert torch.equal(range_big, range_small.expand(batch, 2))
     grad_big = CUDA_BACKEND.boundary_cc_backward(grad_cc, p_big, edge_big, range_big, 5)
     for b in (0, batch // 2, batch - 1):

@@ -79,15 +79,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // cc = -(sum of the block partials) / N, in one block: thread t adds partials t, t + kThreads, ...
-// in order, then a fixed tree.
+// in order, then a fixed tree; in double, rounded to acc_t once: a map of 2^31 pixels has 2^23
+// partials, and a float32 thread adding 2^15 of them would drift by ~1e-4 of the sum.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     ncc_total_kernel(const acc_t* __restrict__ partials, int64_t parts, int64_t count, acc_t* __restrict__ cc) {
-  __shared__ acc_t scratch[kThreads];
-  acc_t value = 0;
-  for (int64_t c = threadIdx.x; c < parts; c += kThreads) value += partials[c];
-  const acc_t total = block_sum(value, scratch);
-  if (threadIdx.x == 0) *cc = -(total / static_cast<acc_t>(count));
+  __shared__ double scratch[kThreads];
+  double value = 0;
+  for (int64_t c = threadIdx.x; c < parts; c += kThreads) value += static_cast<double>(partials[c]);
+  const double total = block_sum(value, scratch);
+  if (threadIdx.x == 0) *cc = static_cast<acc_t>(-(total / static_cast<double>(count)));
 }
 
 template <typename acc_t>

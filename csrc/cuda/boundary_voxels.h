@@ -76,16 +76,27 @@ BIMI_HD acc_t normalized(acc_t u, const acc_t* u_range, int64_t b) {
   return (u - lo) / minmax_denominator(lo, hi);
 }
 
+// The window's steps [first, last] along one axis that stay inside [0, size) from `centre`: the
+// voxels (and their order) that testing each of the w^ndim steps would keep, without the tests
+// where a wide window overhangs a small map.
+struct WindowSpan {
+  int64_t first, last;
+};
+BIMI_HD WindowSpan clipped_span(int64_t centre, int64_t radius, int64_t size) {
+  return {centre - radius < 0 ? -centre : -radius, centre + radius > size - 1 ? size - 1 - centre : radius};
+}
+
 // The five window sums around voxel `a` of the normalised u and the edge map, in a fixed order.
 template <typename acc_t>
 BIMI_HD WindowSums<acc_t> window_sums_at(const acc_t* u, const acc_t* e, const Volume& v,
                                          const BoxWindow& w, const VoxelAt& a) {
   const int64_t base = a.b * v.voxels();
   WindowSums<acc_t> s{0, 0, 0, 0, 0};
-  for (int64_t tz = -w.rz; tz <= w.rz; ++tz)
-    for (int64_t ty = -w.r; ty <= w.r; ++ty)
-      for (int64_t tx = -w.r; tx <= w.r; ++tx) {
-        if (!v.inside(a.z + tz, a.y + ty, a.x + tx)) continue;
+  const WindowSpan z = clipped_span(a.z, w.rz, v.depth), y = clipped_span(a.y, w.r, v.height),
+                   x = clipped_span(a.x, w.r, v.width);
+  for (int64_t tz = z.first; tz <= z.last; ++tz)
+    for (int64_t ty = y.first; ty <= y.last; ++ty)
+      for (int64_t tx = x.first; tx <= x.last; ++tx) {
         const int64_t i = base + v.voxel_index(a.z + tz, a.y + ty, a.x + tx);
         const acc_t uu = u[i], ee = e[i];
         s.u += uu;
@@ -127,10 +138,11 @@ BIMI_HD void gradient_at(const scalar_t* p, const acc_t* u, const acc_t* e, cons
   const VoxelAt a = voxel_at(v, index);
   const int64_t base = a.b * voxels;
   acc_t sum_ue = 0, sum_u = 0, sum_uu = 0;
-  for (int64_t tz = -w.rz; tz <= w.rz; ++tz)
-    for (int64_t ty = -w.r; ty <= w.r; ++ty)
-      for (int64_t tx = -w.r; tx <= w.r; ++tx) {
-        if (!v.inside(a.z + tz, a.y + ty, a.x + tx)) continue;
+  const WindowSpan z = clipped_span(a.z, w.rz, v.depth), y = clipped_span(a.y, w.r, v.height),
+                   x = clipped_span(a.x, w.r, v.width);
+  for (int64_t tz = z.first; tz <= z.last; ++tz)
+    for (int64_t ty = y.first; ty <= y.last; ++ty)
+      for (int64_t tx = x.first; tx <= x.last; ++tx) {
         const int64_t i = base + v.voxel_index(a.z + tz, a.y + ty, a.x + tx);
         sum_ue += coefficients[i];
         sum_u += coefficients[total + i];
