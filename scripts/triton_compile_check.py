@@ -9,6 +9,8 @@ TRITON_INTERPRET unset (the kernels must not be interpreted).
     python scripts/triton_compile_check.py --quick         # a representative set (the CI test)
     python scripts/triton_compile_check.py --k 10 40 --dtype fp32 --json out.json
     python scripts/triton_compile_check.py --wide          # the 64-bit index variants
+    python scripts/triton_compile_check.py --launch --k 10 100 --window 5 7
+                                                           # as launched (see run_as_launched)
 
 Prints one line per variant (kernel, settings, registers, spilled bytes, shared memory, the
 matrix instruction and the approximate float instructions in the PTX) and exits 1 when a variant fails to compile, spills (more than
@@ -267,6 +269,134 @@ def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool,
     return rows
 
 
+# --launch: the launchers' own calls, compiled as a launch compiles them
+LAUNCH_JOINT_LAYOUTS = (  # (spatial shape, offset radius, masked, batch)
+    ((256, 256), 0, False, 16), ((256, 256), 1, False, 16), ((16, 16), 3, True, 1),
+    ((7, 9), 1, False, 1), ((16, 16, 16), 1, True, 2), ((3, 5, 7), 1, True, 1),
+)
+LAUNCH_BOUNDARY_SHAPES = ((256, 256), (16, 16), (7, 9), (32, 32, 32), (4, 16, 16))
+
+
+def _stand_in_driver(arch: int) -> None:
+    """Make Triton compile for sm_`arch` and never launch: its active driver is replaced by one
+    that names that target (and no device), and every JIT call becomes a warm-up (compile only)."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import jit
+    from triton.runtime.driver import driver
+
+    class StandInDriver:
+        target = GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return self.target
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise RuntimeError("nothing runs under the stand-in driver")
+
+        def is_active(self):
+            return True
+
+        def map_python_to_cpp_type(self, name):
+            return name
+
+    driver.set_active(StandInDriver())
+    launch = jit.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        COMPILED_AS_LAUNCHED.setdefault(id(kernel), (self, kernel, LAUNCH_CASE[0]))
+        return kernel
+
+    jit.JITFunction.run = compile_only
+
+
+COMPILED_AS_LAUNCHED: Dict = {}
+LAUNCH_CASE: List = [None]
+
+
+def run_as_launched(arch: int, dtype_names: List[str], ks: List[int], windows=(5,),
+                    multiprocessors: int = 132) -> List[Dict]:
+    """Call the launchers (joint counts forward and backward, boundary term forward and
+    backward, edge map) on meta tensors, with Triton's own argument binder between them and the
+    compiler, as on a GPU: an int argument equal to 1 becomes a constant, ints divisible by 16
+    and aligned pointers get alignment hints. `run` compiles from signatures with every int
+    32-bit and no hints, which compiles other code for some shapes (small maps, batch 1) and has
+    missed spills that these show."""
+    import torch
+
+    from bimi_kernels.triton import boundary, joint
+
+    if "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    assume_multiprocessors(multiprocessors)
+    _stand_in_driver(arch)
+    rows, failures = [], []
+
+    def attempt(label, call):
+        LAUNCH_CASE[0] = label
+        try:
+            call()
+        except Exception as exc:  # report and go on
+            failures.append({"kernel": "(launcher)", "settings": {}, "num_warps": None, "case": label,
+                             "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"})
+            print(_format(failures[-1]), flush=True)
+
+    for name in dtype_names:
+        dtype = getattr(torch, DTYPES[name])
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for k in ks:
+            for shape, radius, masked, batch in LAUNCH_JOINT_LAYOUTS:
+                p = torch.empty((batch, k) + shape, dtype=dtype, device="meta")
+                mask = torch.empty((batch,) + shape, dtype=dtype, device="meta") if masked else None
+                flat = tuple(v for d in _window(radius, len(shape)) for v in d)
+                grad_j = torch.empty((len(flat) // len(shape), k, k), dtype=acc, device="meta")
+                label = {"dtype": name, "K": k, "B": batch, "shape": "x".join(map(str, shape)),
+                         "radius": radius, "mask": masked}
+                attempt(label, lambda: (joint.joint_counts(p, p, flat, mask),
+                                        joint.joint_counts_backward(grad_j, p, p, flat, mask)))
+            for shape in LAUNCH_BOUNDARY_SHAPES:
+                for window in windows:
+                    for batch in (1, 2):
+                        p = torch.empty((batch, k) + shape, dtype=dtype, device="meta")
+                        edge = torch.empty((batch, 1) + shape, dtype=acc, device="meta")
+                        grad_cc = torch.empty((), dtype=acc, device="meta")
+                        label = {"dtype": name, "K": k, "B": batch, "shape": "x".join(map(str, shape)),
+                                 "window": window}
+
+                        def boundary_term():
+                            _, u_range = boundary.boundary_cc(p, edge, window)
+                            boundary.boundary_cc_backward(grad_cc, p, edge, u_range, window)
+
+                        attempt(label, boundary_term)
+        for shape in LAUNCH_BOUNDARY_SHAPES:
+            for channels in (1, 3):
+                image = torch.empty((2, channels) + shape, dtype=dtype, device="meta")
+                attempt({"dtype": name, "C": channels, "shape": "x".join(map(str, shape))},
+                        lambda: boundary.edge_map(image, 0.75))
+    for fn, kernel, label in COMPILED_AS_LAUNCHED.values():
+        names = [p.name for p in fn.params]
+        settings = {names[index[0]]: value for index, value in kernel.src.constants.items()}
+        ptx = kernel.asm["ptx"]
+        row = {"kernel": fn.__name__, "settings": settings, "num_warps": kernel.metadata.num_warps,
+               "case": label, "shared_bytes": kernel.metadata.shared,
+               "shared_over": kernel.metadata.shared > MAX_SHARED_BYTES.get(arch, 49152),
+               "matrix": _matrix_instruction(ptx), "approx": _approximate_math(ptx)}
+        row.update(_ptxas_report(ptx, arch))
+        rows.append(row)
+        print(_format(row), flush=True)
+    return failures + rows
+
+
 def _format(row: Dict) -> str:
     settings = ",".join(f"{k}={v}" for k, v in row["settings"].items()
                         if k not in ("DOT_PRECISION",))
@@ -302,10 +432,18 @@ def main(argv=None) -> int:
     parser.add_argument("--multiprocessors", type=int, default=132,
                         help="the target GPU's multiprocessor count, which sizes some launch "
                         "settings (default 132: H100/H200 SXM)")
+    parser.add_argument("--launch", action="store_true",
+                        help="compile what the launchers launch, through Triton's own argument "
+                        "binder (sizes equal to 1 become constants, alignment hints), on a set "
+                        "of shapes from 3x5x7 to 256x256 and batches 1 to 16 (the first case "
+                        "that compiles a variant labels it)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    rows = run(args.arch, args.dtype, args.k, args.quick, args.wide, args.multiprocessors,
-               tuple(args.window))
+    if args.launch:
+        rows = run_as_launched(args.arch, args.dtype, args.k, tuple(args.window), args.multiprocessors)
+    else:
+        rows = run(args.arch, args.dtype, args.k, args.quick, args.wide, args.multiprocessors,
+                   tuple(args.window))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1, default=str)

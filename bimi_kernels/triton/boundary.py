@@ -199,9 +199,10 @@ def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, 
     CHECK=False for interior tiles (no bounds tests). The neighbour tests are built per dim
     outside the inner loops and written inline: each nested @triton.jit call costs the
     interpreter ~0.6 ms. The z loop is not unrolled, so 3-D windows keep their registers; the y
-    loop is unrolled up to 7 rows (a window of 7 or less compiles to the same code as a fully
-    unrolled one), above that it runs (a fully unrolled 11 x 11 window took ~2 minutes to
-    compile and spilled; 21 x 21 did not finish in 8)."""
+    loop is unrolled up to 5 rows (a window of 5 or less compiles to the same code as a fully
+    unrolled one), above that it runs: unrolled, a window of 7 spilled up to 5.9 KB (large K
+    on maps 16 wide, compiled as launched: scripts/triton_compile_check.py --launch), a fully
+    unrolled 11 x 11 one took ~2 minutes to compile and spilled, 21 x 21 did not finish in 8."""
     sum_1 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
     sum_2 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
     sum_3 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
@@ -212,7 +213,7 @@ def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, 
         ok_z = inside
         if IS_3D:
             ok_z = ok_z & (z + dz >= 0) & (z + dz < D)
-        for dy in tl.range(-RADIUS, RADIUS + 1, loop_unroll_factor=2 * RADIUS + 1 if RADIUS <= 3 else 1):
+        for dy in tl.range(-RADIUS, RADIUS + 1, loop_unroll_factor=2 * RADIUS + 1 if RADIUS <= 2 else 1):
             ok_zy = ok_z & (y + dy >= 0) & (y + dy < H)
             for dx in tl.static_range(-RADIUS, RADIUS + 1):
                 at = s + (dz * plane + dy * row + dx)
