@@ -82,7 +82,7 @@ def test_kernels_compile_for_h100_without_gpu():
 
 
 def test_large_box_windows_compile_in_seconds_without_spills():
-    """Windows 11 and 21 (the contract allows any odd window): the rows of a window past 7 loop
+    """Windows 11 and 21 (the contract allows any odd window): the rows of a window past 5 loop
     at run time instead of being unrolled, which took ~2 minutes per kernel at 11 (with spills)
     and did not finish in 8 at 21. Float32, 2-D and 3-D; the limit is generous (about 1 minute
     here)."""
