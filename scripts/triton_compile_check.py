@@ -239,10 +239,14 @@ def assume_multiprocessors(count: int) -> None:
         module.multiprocessor_count = lambda device: count
 
 
-def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool,
-        wide: bool = False, multiprocessors: int = 132, windows=(5,)) -> List[Dict]:
+def _require_the_compiler() -> None:
     if "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+
+
+def run(arch: int, dtype_names: List[str], ks: List[int], quick: bool,
+        wide: bool = False, multiprocessors: int = 132, windows=(5,)) -> List[Dict]:
+    _require_the_compiler()
     assume_multiprocessors(multiprocessors)
     if quick:
         layouts = [((256, 256), 0, False), ((256, 256), 1, False), ((16, 16, 16), 1, True)]
@@ -336,8 +340,7 @@ def run_as_launched(arch: int, dtype_names: List[str], ks: List[int], windows=(5
 
     from bimi_kernels.triton import boundary, joint
 
-    if "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0"):
-        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    _require_the_compiler()
     assume_multiprocessors(multiprocessors)
     _stand_in_driver(arch)
     rows, failures = [], []
