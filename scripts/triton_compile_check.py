@@ -329,13 +329,14 @@ LAUNCH_CASE: List = [None]
 
 
 def run_as_launched(arch: int, dtype_names: List[str], ks: List[int], windows=(5,),
-                    multiprocessors: int = 132) -> List[Dict]:
+                    multiprocessors: int = 132, ops=("joint", "boundary")) -> List[Dict]:
     """Call the launchers (joint counts forward and backward, boundary term forward and
     backward, edge map) on meta tensors, with Triton's own argument binder between them and the
     compiler, as on a GPU: an int argument equal to 1 becomes a constant, ints divisible by 16
     and aligned pointers get alignment hints. `run` compiles from signatures with every int
     32-bit and no hints, which compiles other code for some shapes (small maps, batch 1) and has
-    missed spills that these show."""
+    missed spills that these show. `ops`: which launchers ("joint": the joint counts;
+    "boundary": the boundary term and the edge map)."""
     import torch
 
     from bimi_kernels.triton import boundary, joint
@@ -358,7 +359,7 @@ def run_as_launched(arch: int, dtype_names: List[str], ks: List[int], windows=(5
         dtype = getattr(torch, DTYPES[name])
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         for k in ks:
-            for shape, radius, masked, batch in LAUNCH_JOINT_LAYOUTS:
+            for shape, radius, masked, batch in LAUNCH_JOINT_LAYOUTS if "joint" in ops else ():
                 p = torch.empty((batch, k) + shape, dtype=dtype, device="meta")
                 mask = torch.empty((batch,) + shape, dtype=dtype, device="meta") if masked else None
                 flat = tuple(v for d in _window(radius, len(shape)) for v in d)
@@ -367,7 +368,7 @@ def run_as_launched(arch: int, dtype_names: List[str], ks: List[int], windows=(5
                          "radius": radius, "mask": masked}
                 attempt(label, lambda: (joint.joint_counts(p, p, flat, mask),
                                         joint.joint_counts_backward(grad_j, p, p, flat, mask)))
-            for shape in LAUNCH_BOUNDARY_SHAPES:
+            for shape in LAUNCH_BOUNDARY_SHAPES if "boundary" in ops else ():
                 for window in windows:
                     for batch in (1, 2):
                         p = torch.empty((batch, k) + shape, dtype=dtype, device="meta")
@@ -381,7 +382,7 @@ def run_as_launched(arch: int, dtype_names: List[str], ks: List[int], windows=(5
                             boundary.boundary_cc_backward(grad_cc, p, edge, u_range, window)
 
                         attempt(label, boundary_term)
-        for shape in LAUNCH_BOUNDARY_SHAPES:
+        for shape in LAUNCH_BOUNDARY_SHAPES if "boundary" in ops else ():
             for channels in (1, 3):
                 image = torch.empty((2, channels) + shape, dtype=dtype, device="meta")
                 attempt({"dtype": name, "C": channels, "shape": "x".join(map(str, shape))},
@@ -440,10 +441,14 @@ def main(argv=None) -> int:
                         "binder (sizes equal to 1 become constants, alignment hints), on a set "
                         "of shapes from 3x5x7 to 256x256 and batches 1 to 16 (the first case "
                         "that compiles a variant labels it)")
+    parser.add_argument("--ops", nargs="+", choices=["joint", "boundary"],
+                        default=["joint", "boundary"],
+                        help="with --launch: the launchers to compile (default both)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     if args.launch:
-        rows = run_as_launched(args.arch, args.dtype, args.k, tuple(args.window), args.multiprocessors)
+        rows = run_as_launched(args.arch, args.dtype, args.k, tuple(args.window), args.multiprocessors,
+                               tuple(args.ops))
     else:
         rows = run(args.arch, args.dtype, args.k, args.quick, args.wide, args.multiprocessors,
                    tuple(args.window))

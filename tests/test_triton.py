@@ -94,14 +94,23 @@ def test_kernels_compile_as_launched_without_boundary_spills():
     """Compiled through Triton's own argument binder, as a launch compiles them (sizes equal to
     1 become constants, alignment hints: scripts/triton_compile_check.py --launch), on shapes
     down to 3x5x7 and batch 1: the boundary gradient kernel with a window of 7 spilled 7.9 KB in
-    half precision at K=100 on maps 16 wide while the signature-based check saw none (its rows
-    are no longer unrolled past a window of 5). The joint-count backward may spill a few bytes on
-    3-D masked maps (8-12 B here, next to the kilobytes a tile loads). About 2 minutes."""
+    half precision at K=100 on maps 16 wide while the signature-based check saw none, and with
+    a window of 5 beside blocks of 128 channels (K=300) 2.1 KB: its rows are unrolled for
+    windows up to 5 and fewer than 128 channels a block only. The joint-count backward may
+    spill a few bytes on 3-D masked maps (8-12 B here, next to the kilobytes a tile loads), the
+    uncertainty pass 8 B at K=300. About 1 minute."""
     out = _compile_check("--launch", "--k", "100", "--dtype", "fp16", "--window", "7", "--max-spill", "32")
     boundary = [line for line in out.splitlines() if "window=" in line and "_kernel" in line]
     assert any("window=7" in line for line in boundary) and any("shape=16x16," in line for line in boundary)
     assert not [line for line in boundary if not line.startswith("ok ")], out[-4000:]
     assert "B=1" in out and "shape=3x5x7" in out
+    out = _compile_check("--launch", "--ops", "boundary", "--k", "300", "--dtype", "fp16",
+                         "--window", "5", "7", "--max-spill", "32")
+    gradient = [line for line in out.splitlines() if "_boundary_grad_kernel" in line]
+    assert {"window=5", "window=7"} <= {part for line in gradient for part in line.replace("]", ",").split(",")}
+    assert any("shape=16x16," in line and "K_PAD=128" in line for line in gradient)
+    assert "_joint_counts" not in out
+    assert not [line for line in gradient if not line.startswith("ok ")], out[-4000:]
 
 
 def test_the_compile_check_names_32_bit_products_of_a_size():

@@ -190,7 +190,8 @@ def sample_range(range_ptr, b, n_range, R_PAD: tl.constexpr):
 @triton.jit
 def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W, plane,
                 CHECK: tl.constexpr, NCC: tl.constexpr, NORMALISE: tl.constexpr,
-                IS_3D: tl.constexpr, RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr):
+                IS_3D: tl.constexpr, RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
+                ROW_UNROLL: tl.constexpr):
     """Box-window sums around each pixel of a tile (zero padding).
 
     NCC: the five sums of A, A^2, A B, B, B^2 with A the uncertainty map (normalised on the fly
@@ -199,10 +200,7 @@ def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, 
     CHECK=False for interior tiles (no bounds tests). The neighbour tests are built per dim
     outside the inner loops and written inline: each nested @triton.jit call costs the
     interpreter ~0.6 ms. The z loop is not unrolled, so 3-D windows keep their registers; the y
-    loop is unrolled up to 5 rows (a window of 5 or less compiles to the same code as a fully
-    unrolled one), above that it runs: unrolled, a window of 7 spilled 7.9 KB (float16, K=100,
-    maps 16 wide, compiled as launched: scripts/triton_compile_check.py --launch), a fully
-    unrolled 11 x 11 one took ~2 minutes to compile and spilled, 21 x 21 did not finish in 8."""
+    loop is unrolled ROW_UNROLL times (`row_unroll` chooses)."""
     sum_1 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
     sum_2 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
     sum_3 = tl.zeros(s.shape, dtype=a_base.dtype.element_ty)
@@ -213,7 +211,7 @@ def window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, 
         ok_z = inside
         if IS_3D:
             ok_z = ok_z & (z + dz >= 0) & (z + dz < D)
-        for dy in tl.range(-RADIUS, RADIUS + 1, loop_unroll_factor=2 * RADIUS + 1 if RADIUS <= 2 else 1):
+        for dy in tl.range(-RADIUS, RADIUS + 1, loop_unroll_factor=ROW_UNROLL):
             ok_zy = ok_z & (y + dy >= 0) & (y + dy < H)
             for dx in tl.static_range(-RADIUS, RADIUS + 1):
                 at = s + (dz * plane + dy * row + dx)
@@ -309,16 +307,17 @@ def _uncertainty_kernel(
 def tile_window_sums(a_base, b_base, c_base, s, z0, y0, x0, z, y, x, inside, lo, denominator,
                      D, H, W, plane, NCC: tl.constexpr, NORMALISE: tl.constexpr,
                      IS_3D: tl.constexpr, RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
-                     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+                     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                     ROW_UNROLL: tl.constexpr):
     """`window_sums` of a tile: without bounds tests where the tile and its window halo lie
     inside the sample, with them on a border tile."""
     if tile_is_interior(z0, y0, x0, D, H, W, RADIUS_Z, RADIUS, RADIUS,
                         TILE_D, TILE_H, TILE_W, IS_3D):
         sums = window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W,
-                           plane, False, NCC, NORMALISE, IS_3D, RADIUS, RADIUS_Z)
+                           plane, False, NCC, NORMALISE, IS_3D, RADIUS, RADIUS_Z, ROW_UNROLL)
     else:
         sums = window_sums(a_base, b_base, c_base, s, z, y, x, inside, lo, denominator, D, H, W,
-                           plane, True, NCC, NORMALISE, IS_3D, RADIUS, RADIUS_Z)
+                           plane, True, NCC, NORMALISE, IS_3D, RADIUS, RADIUS_Z, ROW_UNROLL)
     return sums
 
 
@@ -330,7 +329,7 @@ def _ncc_kernel(
     tiles_z, tiles_y, tiles_x,
     BACKWARD: tl.constexpr, IS_3D: tl.constexpr, WIDE: tl.constexpr,
     EPS: tl.constexpr, EPS_NORM: tl.constexpr, R_PAD: tl.constexpr,
-    RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
+    RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr, ROW_UNROLL: tl.constexpr,
     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
     # Forward: the box sums of Un (normalised on the fly) and E and the summed NCC term.
@@ -358,7 +357,8 @@ def _ncc_kernel(
             tile, tiles_z, tiles_y, tiles_x, D, H, W, TILE_D, TILE_H, TILE_W, IS_3D, WIDE)
         s_u, s_uu, s_ue, s_e, s_ee = tile_window_sums(
             u_base, e_base, e_base, s, z0, y0, x0, z, y, x, inside, lo, denominator, D, H, W,
-            plane, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z, TILE_D, TILE_H, TILE_W)
+            plane, True, not BACKWARD, IS_3D, RADIUS, RADIUS_Z, TILE_D, TILE_H, TILE_W,
+            ROW_UNROLL)
         mu_u, mu_e, cross_raw, var_u_raw, cross, var_u, var_e = ncc_terms(
             s_u, s_uu, s_ue, s_e, s_ee, count, EPS)
         if BACKWARD:
@@ -397,7 +397,7 @@ def _boundary_grad_kernel(
     K, D, H, W, N, tiles_z, tiles_y, tiles_x,
     IS_3D: tl.constexpr, WIDE: tl.constexpr,
     EPS_NORM: tl.constexpr, EPS_LOG: tl.constexpr, K_PAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr,
+    RADIUS: tl.constexpr, RADIUS_Z: tl.constexpr, ROW_UNROLL: tl.constexpr,
     TILE_D: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
     # ONE_BLOCK: all K channels in one (K_PAD, TILE) block, read once; else U from blocks of
@@ -421,7 +421,7 @@ def _boundary_grad_kernel(
         # box sums of the coefficient maps (the window is symmetric: its own transpose)
         t_u, t_uu, t_ue, unused_4, unused_5 = tile_window_sums(
             a_base, b_base, c_base, s, z0, y0, x0, z, y, x, inside, lo, denominator, D, H, W,
-            plane, False, False, IS_3D, RADIUS, RADIUS_Z, TILE_D, TILE_H, TILE_W)
+            plane, False, False, IS_3D, RADIUS, RADIUS_Z, TILE_D, TILE_H, TILE_W, ROW_UNROLL)
         if ONE_BLOCK:
             tile_ok = k_ok[:, None] & inside[None, :]
             q = tl.load(p_base + (channel[:, None] + s[None, :]), mask=tile_ok,
@@ -613,6 +613,17 @@ def _cached_plan(shape, dtype, stride_k, window, config, tile, max_programs, dev
     )
 
 
+def row_unroll(radius: int, k_pad: Optional[int] = None) -> int:
+    """How many rows of a box window `window_sums` unrolls: all of a window of 5 or less (the
+    same code as a fully unrolled loop), none above (a window of 7 unrolled spilled 7.9 KB:
+    float16, K=100, maps 16 wide), and none in the gradient pass beside a block of 128 channels
+    (window 5 spilled 392 B-2.1 KB there, looping its rows 0-8 B). Measured by compiling as
+    launched for sm_90: scripts/triton_compile_check.py --launch."""
+    if radius > 2 or (k_pad is not None and k_pad >= 128):
+        return 1
+    return 2 * radius + 1
+
+
 def kernel_constexprs(plan: _Plan):
     """(kernel, compile-time settings) of every launch of the forward and the backward (also
     used by scripts/triton_compile_check.py)."""
@@ -624,7 +635,7 @@ def kernel_constexprs(plan: _Plan):
     uncertainty = dict(EPS_LOG=EPS_LOG_U, EPS_NORM=EPS_MINMAX, K_PAD=plan.k_pad,
                        ONE_BLOCK=plan.one_block, BLOCK=plan.config.run_pixels, **common)
     ncc = dict(EPS=EPS_CC, EPS_NORM=EPS_MINMAX, R_PAD=next_power_of_2(plan.n_range), **box,
-               **common)
+               ROW_UNROLL=row_unroll(plan.radius), **common)
     return [
         (_uncertainty_kernel, dict(uncertainty, WRITE_RANGE=True, NORMALISED=False)),
         (_ncc_kernel, dict(ncc, BACKWARD=False)),
@@ -632,7 +643,8 @@ def kernel_constexprs(plan: _Plan):
         (_uncertainty_kernel, dict(uncertainty, WRITE_RANGE=False, NORMALISED=True)),
         (_ncc_kernel, dict(ncc, BACKWARD=True)),
         (_boundary_grad_kernel, dict(EPS_NORM=EPS_MINMAX, EPS_LOG=EPS_LOG_U, K_PAD=plan.k_pad,
-                                     ONE_BLOCK=plan.one_block, **grad_box, **common)),
+                                     ONE_BLOCK=plan.one_block, **grad_box,
+                                     ROW_UNROLL=row_unroll(plan.radius, plan.k_pad), **common)),
     ]
 
 
